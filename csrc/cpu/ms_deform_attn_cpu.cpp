@@ -1,0 +1,396 @@
+// CPU kernels of multi-scale deformable attention (forward and backward).
+//
+// Sampling follows grid_sample(bilinear, zeros, align_corners=False): pixel = location * size - 0.5,
+// corners outside the map read zero. Every sampling point computes its bilinear corners once, then
+// the loops over head_dim (contiguous in value) are vectorised. Reduced precision types
+// (bfloat16, float16) are read and written in their dtype and accumulated in float32 (opmath).
+//
+// Threading:
+//   forward   over (batch, query): each task owns its output rows.
+//   backward  over (batch, head[, query chunk]): each task owns grad_value[batch, :, head, :] (or a
+//             private copy of it per query chunk, summed afterwards), so the scatter into grad_value
+//             needs no atomics. grad_sampling_locations and grad_attention_weights are written once
+//             per sampling point by the task that owns it.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "ms_deform_attn.h"
+
+namespace ddetr {
+namespace {
+
+// The (up to) four pixels a bilinear sample reads: top-left, top-right, bottom-left, bottom-right.
+template <typename opmath_t>
+struct BilinearCorners {
+  int64_t pixel[4];    // row * width + column inside the level, 0 for corners outside the map
+  opmath_t weight[4];  // bilinear weight, 0 for corners outside the map
+  bool valid[4];
+  bool all_valid;
+  opmath_t frac_x;  // position inside the cell, in [0, 1)
+  opmath_t frac_y;
+};
+
+// Fills `corners` for a location (x, y) in [0, 1] on a height x width level. Returns false when the
+// sample only reads zeros (outside the map or NaN).
+template <typename opmath_t>
+inline bool bilinear_corners(opmath_t location_x, opmath_t location_y, int64_t height, int64_t width,
+                             BilinearCorners<opmath_t>& corners) {
+  const opmath_t x = location_x * static_cast<opmath_t>(width) - opmath_t(0.5);
+  const opmath_t y = location_y * static_cast<opmath_t>(height) - opmath_t(0.5);
+  // x == -1 still has a gradient through column 0 (as in grid_sample); the range test also rejects
+  // NaN and keeps floor() small enough for int64
+  if (!(x >= opmath_t(-1) && x < static_cast<opmath_t>(width) && y >= opmath_t(-1) &&
+        y < static_cast<opmath_t>(height))) {
+    return false;
+  }
+  const opmath_t x_floor = std::floor(x);
+  const opmath_t y_floor = std::floor(y);
+  const int64_t left = static_cast<int64_t>(x_floor);
+  const int64_t top = static_cast<int64_t>(y_floor);
+  corners.frac_x = x - x_floor;
+  corners.frac_y = y - y_floor;
+  const bool left_in = left >= 0, right_in = left + 1 < width;
+  const bool top_in = top >= 0, bottom_in = top + 1 < height;
+  corners.valid[0] = top_in && left_in;
+  corners.valid[1] = top_in && right_in;
+  corners.valid[2] = bottom_in && left_in;
+  corners.valid[3] = bottom_in && right_in;
+  corners.all_valid = corners.valid[0] && corners.valid[3];
+  const opmath_t one = 1;
+  const opmath_t weight[4] = {(one - corners.frac_y) * (one - corners.frac_x), (one - corners.frac_y) * corners.frac_x,
+                              corners.frac_y * (one - corners.frac_x), corners.frac_y * corners.frac_x};
+  const int64_t pixel[4] = {top * width + left, top * width + left + 1, (top + 1) * width + left,
+                            (top + 1) * width + left + 1};
+  for (int corner = 0; corner < 4; ++corner) {
+    corners.weight[corner] = corners.valid[corner] ? weight[corner] : opmath_t(0);
+    corners.pixel[corner] = corners.valid[corner] ? pixel[corner] : 0;
+  }
+  return true;
+}
+
+// accumulator[d] += sum over the four corners of weight_c * value_c[d]
+template <typename scalar_t, typename opmath_t>
+inline void accumulate_four(opmath_t* __restrict__ accumulator, const scalar_t* __restrict__ value0,
+                            const scalar_t* __restrict__ value1, const scalar_t* __restrict__ value2,
+                            const scalar_t* __restrict__ value3, opmath_t weight0, opmath_t weight1, opmath_t weight2,
+                            opmath_t weight3, int64_t head_dim) {
+#pragma omp simd
+  for (int64_t channel = 0; channel < head_dim; ++channel) {
+    accumulator[channel] += weight0 * static_cast<opmath_t>(value0[channel]) +
+                            weight1 * static_cast<opmath_t>(value1[channel]) +
+                            weight2 * static_cast<opmath_t>(value2[channel]) +
+                            weight3 * static_cast<opmath_t>(value3[channel]);
+  }
+}
+
+// accumulator[d] += weight * value[d]
+template <typename scalar_t, typename opmath_t>
+inline void accumulate_one(opmath_t* __restrict__ accumulator, const scalar_t* __restrict__ value, opmath_t weight,
+                           int64_t head_dim) {
+#pragma omp simd
+  for (int64_t channel = 0; channel < head_dim; ++channel) {
+    accumulator[channel] += weight * static_cast<opmath_t>(value[channel]);
+  }
+}
+
+// For four corners at once: dot_c = <grad_output, value_c> and grad_value_c += scale_c * grad_output.
+template <typename scalar_t, typename opmath_t>
+inline void backward_four(const opmath_t* __restrict__ grad_output, const scalar_t* __restrict__ value0,
+                          const scalar_t* __restrict__ value1, const scalar_t* __restrict__ value2,
+                          const scalar_t* __restrict__ value3, opmath_t* __restrict__ grad_value0,
+                          opmath_t* __restrict__ grad_value1, opmath_t* __restrict__ grad_value2,
+                          opmath_t* __restrict__ grad_value3, const opmath_t scale[4], int64_t head_dim,
+                          opmath_t dot[4]) {
+  opmath_t dot0 = 0, dot1 = 0, dot2 = 0, dot3 = 0;
+  const opmath_t scale0 = scale[0], scale1 = scale[1], scale2 = scale[2], scale3 = scale[3];
+#pragma omp simd reduction(+ : dot0, dot1, dot2, dot3)
+  for (int64_t channel = 0; channel < head_dim; ++channel) {
+    const opmath_t grad = grad_output[channel];
+    dot0 += grad * static_cast<opmath_t>(value0[channel]);
+    dot1 += grad * static_cast<opmath_t>(value1[channel]);
+    dot2 += grad * static_cast<opmath_t>(value2[channel]);
+    dot3 += grad * static_cast<opmath_t>(value3[channel]);
+    grad_value0[channel] += scale0 * grad;
+    grad_value1[channel] += scale1 * grad;
+    grad_value2[channel] += scale2 * grad;
+    grad_value3[channel] += scale3 * grad;
+  }
+  dot[0] = dot0;
+  dot[1] = dot1;
+  dot[2] = dot2;
+  dot[3] = dot3;
+}
+
+// One corner: returns <grad_output, value> and adds scale * grad_output to grad_value.
+template <typename scalar_t, typename opmath_t>
+inline opmath_t backward_one(const opmath_t* __restrict__ grad_output, const scalar_t* __restrict__ value,
+                             opmath_t* __restrict__ grad_value, opmath_t scale, int64_t head_dim) {
+  opmath_t dot = 0;
+#pragma omp simd reduction(+ : dot)
+  for (int64_t channel = 0; channel < head_dim; ++channel) {
+    const opmath_t grad = grad_output[channel];
+    dot += grad * static_cast<opmath_t>(value[channel]);
+    grad_value[channel] += scale * grad;
+  }
+  return dot;
+}
+
+// Checks that every level lies inside value (the kernels index value with these numbers).
+void check_levels(const at::Tensor& spatial_shapes, const at::Tensor& level_start_index, int64_t num_values) {
+  TORCH_CHECK(spatial_shapes.is_cpu() && level_start_index.is_cpu(),
+              "ms_deform_attn (CPU): spatial_shapes and level_start_index must be CPU tensors");
+  const int64_t* shapes = spatial_shapes.data_ptr<int64_t>();
+  const int64_t* starts = level_start_index.data_ptr<int64_t>();
+  for (int64_t level = 0; level < spatial_shapes.size(0); ++level) {
+    const int64_t height = shapes[2 * level], width = shapes[2 * level + 1], start = starts[level];
+    TORCH_CHECK(height >= 0 && width >= 0 && start >= 0 && start + height * width <= num_values,
+                "ms_deform_attn: level ", level, " (height ", height, ", width ", width, ", start ", start,
+                ") does not fit in num_values = ", num_values);
+  }
+}
+
+template <typename scalar_t>
+void forward_kernel(const scalar_t* value, const int64_t* spatial_shapes, const int64_t* level_start_index,
+                    const scalar_t* sampling_locations, const scalar_t* attention_weights, scalar_t* output,
+                    const MSDeformAttnSizes& sizes) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t num_heads = sizes.num_heads, head_dim = sizes.head_dim, num_levels = sizes.num_levels,
+                num_points = sizes.num_points, num_queries = sizes.num_queries;
+  const int64_t pixel_stride = num_heads * head_dim;  // distance between neighbouring pixels in value
+  const int64_t work_per_query = std::max<int64_t>(1, num_heads * num_levels * num_points * head_dim);
+  const int64_t grain_size = std::max<int64_t>(1, 32768 / work_per_query);
+  at::parallel_for(0, sizes.batch_size * num_queries, grain_size, [&](int64_t begin, int64_t end) {
+    std::vector<opmath_t> accumulator_storage(head_dim);  // one per task, reused for every row
+    opmath_t* accumulator = accumulator_storage.data();
+    BilinearCorners<opmath_t> corners;
+    for (int64_t batch_query = begin; batch_query < end; ++batch_query) {
+      const int64_t batch = batch_query / num_queries;
+      const scalar_t* batch_value = value + batch * sizes.num_values * pixel_stride;
+      for (int64_t head = 0; head < num_heads; ++head) {
+        std::fill(accumulator, accumulator + head_dim, opmath_t(0));
+        const int64_t head_sample = (batch_query * num_heads + head) * num_levels * num_points;
+        for (int64_t level = 0; level < num_levels; ++level) {
+          const int64_t height = spatial_shapes[2 * level], width = spatial_shapes[2 * level + 1];
+          const scalar_t* level_value = batch_value + level_start_index[level] * pixel_stride + head * head_dim;
+          for (int64_t point = 0; point < num_points; ++point) {
+            const int64_t sample = head_sample + level * num_points + point;
+            if (!bilinear_corners(static_cast<opmath_t>(sampling_locations[2 * sample]),
+                                  static_cast<opmath_t>(sampling_locations[2 * sample + 1]), height, width,
+                                  corners)) {
+              continue;
+            }
+            const opmath_t weight = static_cast<opmath_t>(attention_weights[sample]);
+            if (corners.all_valid) {
+              accumulate_four(accumulator, level_value + corners.pixel[0] * pixel_stride,
+                              level_value + corners.pixel[1] * pixel_stride,
+                              level_value + corners.pixel[2] * pixel_stride,
+                              level_value + corners.pixel[3] * pixel_stride, weight * corners.weight[0],
+                              weight * corners.weight[1], weight * corners.weight[2], weight * corners.weight[3],
+                              head_dim);
+            } else {
+              for (int corner = 0; corner < 4; ++corner) {
+                if (corners.valid[corner]) {
+                  accumulate_one(accumulator, level_value + corners.pixel[corner] * pixel_stride,
+                                 weight * corners.weight[corner], head_dim);
+                }
+              }
+            }
+          }
+        }
+        scalar_t* output_row = output + (batch_query * num_heads + head) * head_dim;
+        for (int64_t channel = 0; channel < head_dim; ++channel) {
+          output_row[channel] = static_cast<scalar_t>(accumulator[channel]);
+        }
+      }
+    }
+  });
+}
+
+// grad_value_accumulator: (num_chunks, batch_size, num_values, num_heads, head_dim) in opmath_t;
+// chunk c holds the contributions of the queries in chunk c.
+template <typename scalar_t>
+void backward_kernel(const scalar_t* grad_output, const scalar_t* value, const int64_t* spatial_shapes,
+                     const int64_t* level_start_index, const scalar_t* sampling_locations,
+                     const scalar_t* attention_weights, at::opmath_type<scalar_t>* grad_value_accumulator,
+                     scalar_t* grad_sampling_locations, scalar_t* grad_attention_weights,
+                     const MSDeformAttnSizes& sizes, int64_t num_chunks) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t batch_size = sizes.batch_size, num_heads = sizes.num_heads, head_dim = sizes.head_dim,
+                num_levels = sizes.num_levels, num_points = sizes.num_points, num_queries = sizes.num_queries,
+                num_values = sizes.num_values;
+  const int64_t pixel_stride = num_heads * head_dim;
+  const int64_t queries_per_chunk = (num_queries + num_chunks - 1) / num_chunks;
+  at::parallel_for(0, batch_size * num_heads * num_chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<opmath_t> grad_output_storage(head_dim);  // grad_output row in opmath_t, one per task
+    BilinearCorners<opmath_t> corners;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t chunk = task % num_chunks;
+      const int64_t head = (task / num_chunks) % num_heads;
+      const int64_t batch = task / (num_chunks * num_heads);
+      const scalar_t* batch_value = value + batch * num_values * pixel_stride + head * head_dim;
+      opmath_t* batch_grad_value =
+          grad_value_accumulator + (chunk * batch_size + batch) * num_values * pixel_stride + head * head_dim;
+      const int64_t query_end = std::min(num_queries, (chunk + 1) * queries_per_chunk);
+      for (int64_t query = chunk * queries_per_chunk; query < query_end; ++query) {
+        const int64_t batch_query_head = (batch * num_queries + query) * num_heads + head;
+        const scalar_t* grad_output_row = grad_output + batch_query_head * head_dim;
+        const opmath_t* grad_row;
+        if constexpr (std::is_same_v<scalar_t, opmath_t>) {
+          grad_row = grad_output_row;
+        } else {
+          for (int64_t channel = 0; channel < head_dim; ++channel) {
+            grad_output_storage[channel] = static_cast<opmath_t>(grad_output_row[channel]);
+          }
+          grad_row = grad_output_storage.data();
+        }
+        for (int64_t level = 0; level < num_levels; ++level) {
+          const int64_t height = spatial_shapes[2 * level], width = spatial_shapes[2 * level + 1];
+          const int64_t level_offset = level_start_index[level] * pixel_stride;
+          const scalar_t* level_value = batch_value + level_offset;
+          opmath_t* level_grad_value = batch_grad_value + level_offset;
+          for (int64_t point = 0; point < num_points; ++point) {
+            const int64_t sample = (batch_query_head * num_levels + level) * num_points + point;
+            if (!bilinear_corners(static_cast<opmath_t>(sampling_locations[2 * sample]),
+                                  static_cast<opmath_t>(sampling_locations[2 * sample + 1]), height, width,
+                                  corners)) {
+              grad_sampling_locations[2 * sample] = scalar_t(0);
+              grad_sampling_locations[2 * sample + 1] = scalar_t(0);
+              grad_attention_weights[sample] = scalar_t(0);
+              continue;
+            }
+            const opmath_t weight = static_cast<opmath_t>(attention_weights[sample]);
+            const opmath_t scale[4] = {weight * corners.weight[0], weight * corners.weight[1],
+                                       weight * corners.weight[2], weight * corners.weight[3]};
+            opmath_t dot[4] = {0, 0, 0, 0};  // <grad_output, corner value>
+            if (corners.all_valid) {
+              backward_four(grad_row, level_value + corners.pixel[0] * pixel_stride,
+                            level_value + corners.pixel[1] * pixel_stride,
+                            level_value + corners.pixel[2] * pixel_stride,
+                            level_value + corners.pixel[3] * pixel_stride,
+                            level_grad_value + corners.pixel[0] * pixel_stride,
+                            level_grad_value + corners.pixel[1] * pixel_stride,
+                            level_grad_value + corners.pixel[2] * pixel_stride,
+                            level_grad_value + corners.pixel[3] * pixel_stride, scale, head_dim, dot);
+            } else {
+              for (int corner = 0; corner < 4; ++corner) {
+                if (corners.valid[corner]) {
+                  dot[corner] = backward_one(grad_row, level_value + corners.pixel[corner] * pixel_stride,
+                                             level_grad_value + corners.pixel[corner] * pixel_stride, scale[corner],
+                                             head_dim);
+                }
+              }
+            }
+            const opmath_t one = 1;
+            grad_attention_weights[sample] =
+                static_cast<scalar_t>(corners.weight[0] * dot[0] + corners.weight[1] * dot[1] +
+                                      corners.weight[2] * dot[2] + corners.weight[3] * dot[3]);
+            // d(bilinear sample)/d(frac_x), d/d(frac_y); pixel = location * size - 0.5
+            const opmath_t grad_x = (one - corners.frac_y) * (dot[1] - dot[0]) + corners.frac_y * (dot[3] - dot[2]);
+            const opmath_t grad_y = (one - corners.frac_x) * (dot[2] - dot[0]) + corners.frac_x * (dot[3] - dot[1]);
+            grad_sampling_locations[2 * sample] = static_cast<scalar_t>(weight * grad_x * static_cast<opmath_t>(width));
+            grad_sampling_locations[2 * sample + 1] =
+                static_cast<scalar_t>(weight * grad_y * static_cast<opmath_t>(height));
+          }
+        }
+      }
+    }
+  });
+}
+
+at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                                      const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+                                      const at::Tensor& attention_weights) {
+  const MSDeformAttnSizes sizes =
+      check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  TORCH_CHECK(value.is_cpu(), "ms_deform_attn (CPU): value must be a CPU tensor");
+  const at::Tensor spatial_shapes_c = spatial_shapes.contiguous();
+  const at::Tensor level_start_index_c = level_start_index.contiguous();
+  check_levels(spatial_shapes_c, level_start_index_c, sizes.num_values);
+  const at::Tensor value_c = value.contiguous();
+  const at::Tensor sampling_locations_c = sampling_locations.contiguous();
+  const at::Tensor attention_weights_c = attention_weights.contiguous();
+  at::Tensor output = at::empty({sizes.batch_size, sizes.num_queries, sizes.num_heads * sizes.head_dim},
+                                value.options());
+  if (output.numel() == 0) {
+    return output;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
+    forward_kernel<scalar_t>(value_c.const_data_ptr<scalar_t>(), spatial_shapes_c.const_data_ptr<int64_t>(),
+                             level_start_index_c.const_data_ptr<int64_t>(),
+                             sampling_locations_c.const_data_ptr<scalar_t>(),
+                             attention_weights_c.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(),
+                             sizes);
+  });
+  return output;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& spatial_shapes,
+    const at::Tensor& level_start_index, const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
+  const MSDeformAttnSizes sizes =
+      check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  check_ms_deform_attn_grad_output(grad_output, sizes);
+  TORCH_CHECK(value.is_cpu() && grad_output.is_cpu(), "ms_deform_attn_backward (CPU): tensors must be on the CPU");
+  TORCH_CHECK(grad_output.scalar_type() == value.scalar_type(), "ms_deform_attn_backward: grad_output dtype ",
+              grad_output.scalar_type(), " differs from value dtype ", value.scalar_type());
+  const at::Tensor spatial_shapes_c = spatial_shapes.contiguous();
+  const at::Tensor level_start_index_c = level_start_index.contiguous();
+  check_levels(spatial_shapes_c, level_start_index_c, sizes.num_values);
+  const at::Tensor grad_output_c = grad_output.contiguous();
+  const at::Tensor value_c = value.contiguous();
+  const at::Tensor sampling_locations_c = sampling_locations.contiguous();
+  const at::Tensor attention_weights_c = attention_weights.contiguous();
+
+  at::Tensor grad_sampling_locations = at::empty(sampling_locations.sizes(), value.options());
+  at::Tensor grad_attention_weights = at::empty(attention_weights.sizes(), value.options());
+  const int64_t num_row_tasks = sizes.batch_size * sizes.num_heads;
+  if (num_row_tasks == 0 || sizes.num_queries == 0 || sizes.head_dim == 0) {
+    grad_sampling_locations.zero_();
+    grad_attention_weights.zero_();
+    return {at::zeros(value.sizes(), value.options()), grad_sampling_locations, grad_attention_weights};
+  }
+  // Few (batch, head) rows for many threads: split the queries into chunks, each with a private
+  // grad_value, summed afterwards.
+  const int64_t num_threads = at::get_num_threads();
+  const int64_t num_chunks =
+      std::min(sizes.num_queries, std::max<int64_t>(1, (num_threads + num_row_tasks - 1) / num_row_tasks));
+  const at::ScalarType opmath_dtype = at::toOpMathType(value.scalar_type());
+  const bool accumulate_in_place = num_chunks == 1 && opmath_dtype == value.scalar_type();
+  at::Tensor grad_value_accumulator =
+      accumulate_in_place
+          ? at::zeros(value.sizes(), value.options())
+          : at::zeros({num_chunks, sizes.batch_size, sizes.num_values, sizes.num_heads, sizes.head_dim},
+                      value.options().dtype(opmath_dtype));
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    backward_kernel<scalar_t>(
+        grad_output_c.const_data_ptr<scalar_t>(), value_c.const_data_ptr<scalar_t>(),
+        spatial_shapes_c.const_data_ptr<int64_t>(), level_start_index_c.const_data_ptr<int64_t>(),
+        sampling_locations_c.const_data_ptr<scalar_t>(), attention_weights_c.const_data_ptr<scalar_t>(),
+        grad_value_accumulator.mutable_data_ptr<opmath_t>(), grad_sampling_locations.mutable_data_ptr<scalar_t>(),
+        grad_attention_weights.mutable_data_ptr<scalar_t>(), sizes, num_chunks);
+  });
+  at::Tensor grad_value = accumulate_in_place
+                              ? grad_value_accumulator
+                              : grad_value_accumulator.sum(0).to(value.scalar_type());  // (N, S, M, D)
+  return {grad_value, grad_sampling_locations, grad_attention_weights};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ddetr, CPU, m) {
+  m.impl("ms_deform_attn_forward", &ms_deform_attn_forward_cpu);
+  m.impl("ms_deform_attn_backward", &ms_deform_attn_backward_cpu);
+}
+
+}  // namespace ddetr

@@ -1,0 +1,165 @@
+"""Lightning callbacks and plugins for long, interruptible, inspectable runs."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from ddetr.visualize import denormalize, draw_detections
+
+log = logging.getLogger(__name__)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes every checkpoint to a temporary file in the same folder, syncs it, then renames it into
+    place, so a kill while saving leaves the previous checkpoint intact and loadable."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(handle, "wb") as tmp:
+                torch.save(checkpoint, tmp)
+                tmp.flush()
+                os.fsync(tmp.fileno())
+            os.replace(tmp_name, path)
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
+
+
+class RNGStateCallback(L.Callback):
+    """Saves the Python, NumPy and torch (CPU and CUDA) random states in every checkpoint and restores
+    them on resume, so a resumed run draws the same random numbers as an uninterrupted one."""
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        checkpoint["rng_states"] = {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("rng_states")
+        if states is None:
+            log.warning("the checkpoint holds no random states; the resumed run will draw other random numbers")
+            return
+        random.setstate(states["python"])
+        np.random.set_state(states["numpy"])
+        torch.set_rng_state(states["torch"])
+        if torch.cuda.is_available() and states["cuda"]:
+            torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class Preempted(SystemExit):
+    """Raised after a preemption signal was handled and a checkpoint written (exit status 0)."""
+
+    def __init__(self, checkpoint: str, signal_name: str) -> None:
+        super().__init__(0)
+        self.checkpoint = checkpoint
+        self.signal_name = signal_name
+
+    def __str__(self) -> str:
+        return f"stopped by {self.signal_name}; resume with ckpt_path={self.checkpoint}"
+
+
+class PreemptionCheckpoint(L.Callback):
+    """On SIGTERM or SIGUSR1 (what schedulers send before preempting a job), finishes the current step,
+    writes ``<dirpath>/<filename>.ckpt`` on every rank's agreement and exits cleanly with status 0.
+
+    Run the same command again with ``ckpt_path=`` that file to resume.
+    """
+
+    def __init__(self, dirpath: str, filename: str = "preempted", signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1")):
+        self.dirpath = Path(dirpath)
+        self.filename = filename
+        self.signals = [getattr(signal, name) for name in signals]
+        self.received: signal.Signals | None = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.dirpath / f"{self.filename}.ckpt"
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signal.Signals(signum)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # installed after Lightning's own SIGTERM handler, which this one replaces for the run
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        stop = trainer.strategy.reduce_boolean_decision(self.received is not None, all=False)
+        if not stop:
+            return
+        name = self.received.name if self.received is not None else "a signal on another rank"
+        trainer.save_checkpoint(self.ckpt_path)
+        log.warning("received %s: wrote %s at global step %d", name, self.ckpt_path, trainer.global_step)
+        raise Preempted(str(self.ckpt_path), name)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+class ValidationImages(L.Callback):
+    """Draws the predicted boxes of the first ``num_images`` validation images at every validation and
+    saves them as PNG under ``<dirpath>/epoch_XXX/``; also sends them to a Weights & Biases or
+    TensorBoard logger when one is attached."""
+
+    def __init__(self, dirpath: str, num_images: int = 4, score_threshold: float = 0.3) -> None:
+        self.dirpath = Path(dirpath)
+        self.num_images = num_images
+        self.score_threshold = score_threshold
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0):
+        if batch_idx != 0 or trainer.sanity_checking or not trainer.is_global_zero or not outputs:
+            return
+        images, mask, targets = batch
+        pictures = []
+        for image, image_mask, target, detection in list(zip(images, mask, targets, outputs["detections"]))[: self.num_images]:
+            valid_height = int((~image_mask[:, 0]).sum())
+            valid_width = int((~image_mask[0, :]).sum())
+            pixels = denormalize(image[:, :valid_height, :valid_width])
+            keep = detection["scores"] >= self.score_threshold
+            # detections are in original-image coordinates; draw them on the resized image
+            orig_height, orig_width = (int(v) for v in target["orig_size"])
+            scale = torch.tensor([valid_width / orig_width, valid_height / orig_height] * 2)
+            boxes = detection["boxes"][keep].cpu() * scale
+            pictures.append(
+                draw_detections(
+                    pixels,
+                    boxes,
+                    detection["labels"][keep].tolist(),
+                    detection["scores"][keep].tolist(),
+                    pl_module.category_names,
+                )
+            )
+        folder = self.dirpath / f"epoch_{trainer.current_epoch:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for target, picture in zip(targets, pictures):
+            picture.save(folder / f"{int(target['image_id'])}.png")
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_image"):  # WandbLogger
+                logger.log_image("val/predictions", [np.asarray(p) for p in pictures], step=trainer.global_step)
+            elif hasattr(getattr(logger, "experiment", None), "add_image"):  # TensorBoardLogger
+                for index, picture in enumerate(pictures):
+                    logger.experiment.add_image(
+                        f"val/predictions_{index}", np.asarray(picture), trainer.global_step, dataformats="HWC"
+                    )

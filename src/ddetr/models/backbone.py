@@ -1,0 +1,145 @@
+"""ResNet backbone with frozen batch norm, returning the feature levels Deformable DETR uses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torchvision.models._utils import IntermediateLayerGetter
+
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
+STAGES = ("layer2", "layer3", "layer4")
+STAGE_STRIDES = (8, 16, 32)
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """Batch norm with fixed statistics and affine parameters (all buffers, none trained).
+
+    ``y = x * scale + (bias - running_mean * scale)`` with ``scale = weight * rsqrt(running_var + eps)``.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        state_dict.pop(prefix + "num_batches_tracked", None)  # present in checkpoints of nn.BatchNorm2d
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)  # broadcast over (B, C, H, W)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+def _out_channels(stage: nn.Module) -> int:
+    """Output channels of a ResNet stage: those of its last convolution."""
+    convolutions = [module for module in stage.modules() if isinstance(module, nn.Conv2d)]
+    return convolutions[-1].out_channels
+
+
+def load_resnet_weights(resnet: nn.Module, path: str | Path) -> None:
+    """Loads a torchvision ResNet state dict file into ``resnet``; ``fc.*`` may be absent.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: naming the file, when keys are missing, unexpected or of another shape.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"backbone weights file not found: {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    state = {key: value for key, value in state.items() if not key.endswith("num_batches_tracked")}
+    own = resnet.state_dict()
+    missing = sorted(key for key in own if key not in state and not key.startswith("fc."))
+    unexpected = sorted(key for key in state if key not in own)
+    mismatched = sorted(
+        f"{key}: file {tuple(state[key].shape)} vs model {tuple(own[key].shape)}"
+        for key in state
+        if key in own and state[key].shape != own[key].shape
+    )
+    if missing or unexpected or mismatched:
+        raise ValueError(
+            f"backbone weights {path} do not fit the torchvision ResNet: missing {missing[:8]} "
+            f"({len(missing)}), unexpected {unexpected[:8]} ({len(unexpected)}), "
+            f"shape mismatches {mismatched[:8]} ({len(mismatched)})"
+        )
+    resnet.load_state_dict(state, strict=False)
+
+
+class Backbone(nn.Module):
+    """A torchvision ResNet with frozen batch norm that returns its last ``num_levels`` stages.
+
+    ``num_levels`` of 1, 2 or 3 returns ``layer4``; ``layer3, layer4``; ``layer2, layer3, layer4``
+    (strides 8, 16, 32; 16 for ``layer4`` with ``dilation``, the DC5 variant). The stem and ``layer1``
+    never train; ``layer2..4`` train when ``train_backbone``.
+
+    Attributes:
+        strides: stride of every returned level.
+        num_channels: channels of every returned level, read from the network.
+    """
+
+    def __init__(
+        self,
+        name: str = "resnet50",
+        num_levels: int = 3,
+        dilation: bool = False,
+        train_backbone: bool = True,
+        weights: str | Path | None = None,
+    ) -> None:
+        super().__init__()
+        if name not in RESNETS:
+            raise ValueError(f"unknown backbone {name!r}; expected one of {RESNETS}")
+        if not 1 <= num_levels <= len(STAGES):
+            raise ValueError(f"a ResNet backbone returns 1 to {len(STAGES)} levels, got {num_levels}")
+        if dilation and name in ("resnet18", "resnet34"):
+            raise ValueError(f"dilation (DC5) needs a bottleneck ResNet (resnet50/101); {name} has basic blocks")
+        resnet = getattr(torchvision.models, name)(
+            weights=None, replace_stride_with_dilation=[False, False, dilation], norm_layer=FrozenBatchNorm2d
+        )
+        if weights is not None:
+            load_resnet_weights(resnet, weights)
+        for parameter_name, parameter in resnet.named_parameters():
+            trainable = train_backbone and parameter_name.startswith(STAGES)
+            parameter.requires_grad_(trainable)
+        stages = STAGES[len(STAGES) - num_levels :]
+        self.body = IntermediateLayerGetter(resnet, return_layers={stage: stage for stage in stages})
+        self.stage_names = list(stages)
+        self.num_channels = [_out_channels(getattr(resnet, stage)) for stage in stages]
+        strides = dict(zip(STAGES, STAGE_STRIDES))
+        if dilation:
+            strides["layer4"] = 16
+        self.strides = [strides[stage] for stage in stages]
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Runs the ResNet.
+
+        Args:
+            images: (batch_size, 3, height, width).
+            mask: (batch_size, height, width) bool, True on padding.
+
+        Returns:
+            One ``(features, mask)`` pair per level, finest first: features
+            (batch_size, num_channels[level], height_l, width_l) and mask (batch_size, height_l, width_l)
+            bool, the image mask resized with nearest interpolation.
+        """
+        features = self.body(images)
+        levels = []
+        for stage in self.stage_names:
+            feature = features[stage]
+            # (B, H, W) -> (1, B, H, W) so that interpolate resizes the two spatial dims
+            level_mask = F.interpolate(mask[None].float(), size=feature.shape[-2:]).to(torch.bool)[0]
+            levels.append((feature, level_mask))
+        return levels

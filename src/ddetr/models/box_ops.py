@@ -1,0 +1,88 @@
+"""Box conversions and pairwise (generalised) intersection over union.
+
+Formats: ``cxcywh`` is (centre x, centre y, width, height); ``xyxy`` is (x0, y0, x1, y1) with
+x0 <= x1 and y0 <= y1. Every function works on normalised or absolute coordinates alike.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def box_cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
+    """(..., 4) (cx, cy, w, h) -> (..., 4) (x0, y0, x1, y1)."""
+    center_x, center_y, width, height = boxes.unbind(-1)
+    return torch.stack(
+        [center_x - 0.5 * width, center_y - 0.5 * height, center_x + 0.5 * width, center_y + 0.5 * height], dim=-1
+    )
+
+
+def box_xyxy_to_cxcywh(boxes: torch.Tensor) -> torch.Tensor:
+    """(..., 4) (x0, y0, x1, y1) -> (..., 4) (cx, cy, w, h)."""
+    x0, y0, x1, y1 = boxes.unbind(-1)
+    return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
+
+
+def box_area(boxes: torch.Tensor) -> torch.Tensor:
+    """(..., 4) xyxy -> (...,) area ``(x1 - x0) * (y1 - y0)``."""
+    return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+
+
+def box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pairwise IoU of two sets of xyxy boxes.
+
+    Args:
+        boxes1: (num_boxes1, 4) xyxy.
+        boxes2: (num_boxes2, 4) xyxy.
+
+    Returns:
+        iou: (num_boxes1, num_boxes2).
+        union: (num_boxes1, num_boxes2), area of the union of every pair (used by the GIoU).
+    """
+    area1 = box_area(boxes1)  # (N,)
+    area2 = box_area(boxes2)  # (M,)
+    intersection_top_left = torch.max(boxes1[:, None, :2], boxes2[None, :, :2])  # (N, M, 2)
+    intersection_bottom_right = torch.min(boxes1[:, None, 2:], boxes2[None, :, 2:])  # (N, M, 2)
+    intersection_size = (intersection_bottom_right - intersection_top_left).clamp(min=0)  # (N, M, 2)
+    intersection = intersection_size[..., 0] * intersection_size[..., 1]  # (N, M)
+    union = area1[:, None] + area2[None, :] - intersection  # (N, M)
+    return intersection / union, union
+
+
+def _check_not_degenerate(boxes: torch.Tensor, name: str) -> None:
+    """Raise if any box has x1 < x0 or y1 < y0 (NaN passes: callers detect non-finite values themselves)."""
+    degenerate = (boxes[:, 2:] < boxes[:, :2]).any(dim=1)  # (N,)
+    if degenerate.any():
+        first = int(degenerate.nonzero()[0, 0])
+        raise ValueError(
+            f"generalized_box_iou: {name} has {int(degenerate.sum())} degenerate box(es) with x1 < x0 or y1 < y0 "
+            f"(expected xyxy corners; a negative width/height in cxcywh also causes this), "
+            f"e.g. index {first}: {boxes[first].tolist()}"
+        )
+
+
+def generalized_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+    """Pairwise generalised IoU (Rezatofighi et al. 2019) of two sets of xyxy boxes.
+
+    ``giou = iou - (enclosing_area - union) / enclosing_area`` where the enclosing box is the smallest
+    box holding both. Values lie in [-1, 1].
+
+    Args:
+        boxes1: (num_boxes1, 4) xyxy.
+        boxes2: (num_boxes2, 4) xyxy.
+
+    Returns:
+        (num_boxes1, num_boxes2).
+
+    Raises:
+        ValueError: a box has x1 < x0 or y1 < y0 (it would give meaningless or infinite values).
+            Boxes from a sigmoid in cxcywh are never degenerate; this catches format mix-ups.
+    """
+    _check_not_degenerate(boxes1, "boxes1")
+    _check_not_degenerate(boxes2, "boxes2")
+    iou, union = box_iou(boxes1, boxes2)
+    enclosing_top_left = torch.min(boxes1[:, None, :2], boxes2[None, :, :2])  # (N, M, 2)
+    enclosing_bottom_right = torch.max(boxes1[:, None, 2:], boxes2[None, :, 2:])  # (N, M, 2)
+    enclosing_size = (enclosing_bottom_right - enclosing_top_left).clamp(min=0)  # (N, M, 2)
+    enclosing_area = enclosing_size[..., 0] * enclosing_size[..., 1]  # (N, M)
+    return iou - (enclosing_area - union) / enclosing_area

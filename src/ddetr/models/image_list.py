@@ -1,0 +1,33 @@
+"""Batching images of different sizes: zero padding at the bottom and right, plus the padding mask."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def pad_images(images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pads CHW images to the largest height and width of the batch.
+
+    Args:
+        images: tensors of shape (channels, height_i, width_i), all with the same channels and dtype.
+
+    Returns:
+        images: (batch_size, channels, max_height, max_width), the originals at the top left, zeros elsewhere.
+        mask: (batch_size, max_height, max_width) bool, True on padding.
+    """
+    if len(images) == 0:
+        raise ValueError("pad_images needs at least one image")
+    channels = images[0].shape[0]
+    if any(image.dim() != 3 or image.shape[0] != channels for image in images):
+        raise ValueError(f"expected CHW images with {channels} channels, got shapes {[tuple(i.shape) for i in images]}")
+    max_height = max(image.shape[1] for image in images)
+    max_width = max(image.shape[2] for image in images)
+    batch = images[0].new_zeros((len(images), channels, max_height, max_width))
+    mask = torch.ones((len(images), max_height, max_width), dtype=torch.bool, device=images[0].device)
+    for index, image in enumerate(images):
+        height, width = image.shape[1:]
+        batch[index, :, :height, :width] = image
+        mask[index, :height, :width] = False
+    return batch, mask

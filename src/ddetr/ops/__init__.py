@@ -1,0 +1,95 @@
+"""Multi-scale deformable attention.
+
+``ms_deform_attn`` is the one entry point; ``backend`` chooses the implementation:
+``"auto"`` (compiled kernel for the tensors' device when it is available, else PyTorch),
+``"pytorch"``, ``"cpu"`` or ``"cuda"``.
+
+The compiled kernels live in ``csrc/`` and are built on first use (see ``ddetr.ops._build``) or with
+``python -m ddetr.ops build``. Importing this package never needs a compiler.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ddetr.ops import _build
+from ddetr.ops.reference import ms_deform_attn_pytorch
+
+BACKENDS = ("auto", "pytorch", "cpu", "cuda")
+
+__all__ = ["BACKENDS", "compiled_op_available", "ms_deform_attn", "ms_deform_attn_pytorch"]
+
+
+@torch.compiler.assume_constant_result
+def compiled_op_available(device_type: str) -> bool:
+    """Whether the compiled op can run on ``device_type`` ("cpu", "cuda"); builds/loads it on first call.
+
+    A failed build warns once and returns False from then on. ``torch.compile`` treats the answer as
+    a constant.
+    """
+    if not _build.load_library():
+        return False
+    from ddetr.ops import _registration
+
+    _registration.register()
+    return device_type in _build.compiled_devices()
+
+
+def _unavailable_reason(device_type: str) -> str:
+    error = _build.load_error()
+    if error is not None:
+        return f"the compiled library failed to build or load: {error}"
+    return (
+        f"the compiled library has no {device_type} kernels (CUDA kernels are built only where "
+        "torch.cuda.is_available() at build time)"
+    )
+
+
+def ms_deform_attn(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Multi-scale deformable attention: bilinear samples (zero padding, align_corners=False) weighted and summed.
+
+    Args:
+        value: (batch_size, num_values, num_heads, head_dim), the flattened levels one after another.
+        spatial_shapes: (num_levels, 2) int64, (height, width) of every level.
+        level_start_index: (num_levels,) int64, where every level starts in ``num_values``.
+        sampling_locations: (batch_size, num_queries, num_heads, num_levels, num_points, 2), (x, y)
+            in [0, 1]; samples outside the map read zeros.
+        attention_weights: (batch_size, num_queries, num_heads, num_levels, num_points).
+        backend: "auto" (compiled kernel for the tensors' device if available, else PyTorch),
+            "pytorch", "cpu" or "cuda" (the compiled kernel; raises if it cannot be used).
+
+    Returns:
+        (batch_size, num_queries, num_heads * head_dim), differentiable in value,
+        sampling_locations and attention_weights. Mixed floating dtypes are promoted to a common one.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
+    dtype = torch.promote_types(value.dtype, torch.promote_types(sampling_locations.dtype, attention_weights.dtype))
+    value, sampling_locations, attention_weights = (
+        value.to(dtype),
+        sampling_locations.to(dtype),
+        attention_weights.to(dtype),
+    )
+    if backend == "pytorch":
+        return ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    device_type = value.device.type
+    if backend == "auto":
+        if not compiled_op_available(device_type):
+            return ms_deform_attn_pytorch(
+                value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+            )
+    else:
+        if device_type != backend:
+            raise ValueError(f"attention backend {backend!r} needs {backend} tensors, got value on {value.device}")
+        if not compiled_op_available(device_type):
+            raise RuntimeError(f"attention backend {backend!r} is unavailable: {_unavailable_reason(device_type)}")
+    return torch.ops.ddetr.ms_deform_attn_forward(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+    )

@@ -1,0 +1,200 @@
+"""Just-in-time build and loading of the compiled multi-scale deformable attention library.
+
+The C++/CUDA sources in ``csrc/`` are compiled with ``torch.utils.cpp_extension.load`` (ninja) the
+first time a compiled backend is asked for, or ahead of time with ``python -m ddetr.ops build``.
+The library lands in a cache directory keyed on the torch version, the CUDA toolkit (when CUDA
+sources are included), the Python version and a hash of the sources and flags, so a changed source
+or a new torch rebuilds into a fresh directory and old builds are never reused by mistake.
+
+Concurrent first use (several pytest workers, DDP ranks) is safe: ``cpp_extension`` holds an OS
+file lock (``<build dir>/lock``) while it builds, other processes wait on it, and whoever gets the
+lock next finds the build up to date. A ``ready`` marker, written atomically after a successful
+load, lets later processes load the library directly without ninja.
+
+Importing this module never needs a compiler: ``torch.utils.cpp_extension`` is imported on first
+build only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+EXTENSION_NAME = "ddetr_ms_deform_attn"
+# bump to force a rebuild when the way the library is built changes
+_BUILD_RECIPE_VERSION = "1"
+
+_CPU_SOURCES = ("ms_deform_attn.cpp", "cpu/ms_deform_attn_cpu.cpp")
+_CUDA_SOURCES = ("cuda/ms_deform_attn_cuda.cu",)
+_HEADERS = ("ms_deform_attn.h",)
+_CXX_FLAGS = ["-O3", "-fopenmp-simd"]
+_CUDA_FLAGS = ["-O3"]
+
+
+def csrc_dir() -> Path:
+    """The ``csrc/`` directory of the source tree (src layout, editable install).
+
+    ``DDETR_CSRC_DIR`` overrides it. Raises ``FileNotFoundError`` when the sources are absent, e.g.
+    in a non-editable install.
+    """
+    override = os.environ.get("DDETR_CSRC_DIR")
+    directory = Path(override) if override else Path(__file__).resolve().parents[3] / "csrc"
+    if not (directory / "ms_deform_attn.cpp").is_file():
+        raise FileNotFoundError(
+            f"the C++/CUDA sources of ddetr's deformable attention op were not found in {directory}; "
+            "install ddetr from a source checkout (pip install -e .) or set DDETR_CSRC_DIR to its csrc/ directory"
+        )
+    return directory
+
+
+def _cxx_flags() -> list[str]:
+    flags = list(_CXX_FLAGS)
+    # the library is built on the machine that runs it; the CPU model is part of the cache key
+    if platform.machine() in ("x86_64", "AMD64") and os.environ.get("DDETR_NO_NATIVE", "0") != "1":
+        flags.append("-march=native")
+    return flags
+
+
+def _cpu_fingerprint() -> str:
+    """Identifies the CPU's instruction set, so a shared home directory never mixes -march=native builds."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith(("flags", "Features")):
+                    return hashlib.sha256(line.encode()).hexdigest()[:8]
+    except OSError:
+        pass
+    return platform.machine()
+
+
+def build_directory(with_cuda: bool) -> Path:
+    """Cache directory of the build, e.g. ``~/.cache/ddetr/ops/torch2.14.1-cuda13.0-py311-<hash>``.
+
+    The root is ``$DDETR_BUILD_DIR`` if set, else ``$XDG_CACHE_HOME/ddetr/ops`` (``~/.cache``).
+    """
+    root = os.environ.get("DDETR_BUILD_DIR")
+    if root is None:
+        cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.path.join(cache_home, "ddetr", "ops")
+    sources = csrc_dir()
+    digest = hashlib.sha256()
+    names = _CPU_SOURCES + _HEADERS + (_CUDA_SOURCES if with_cuda else ())
+    for name in names:
+        digest.update(name.encode())
+        digest.update((sources / name).read_bytes())
+    digest.update(" ".join(_cxx_flags() + (_CUDA_FLAGS if with_cuda else [])).encode())
+    digest.update(f"{_BUILD_RECIPE_VERSION} {_cpu_fingerprint()} {os.environ.get('TORCH_CUDA_ARCH_LIST', '')}".encode())
+    device = f"cuda{torch.version.cuda}" if with_cuda else "cpu"
+    python = f"py{sys.version_info.major}{sys.version_info.minor}"
+    return Path(root) / f"torch{torch.__version__.replace('+', '_')}-{device}-{python}-{digest.hexdigest()[:16]}"
+
+
+def _library_path(directory: Path) -> Path:
+    suffix = ".dll" if sys.platform == "win32" else ".so"
+    return directory / f"{EXTENSION_NAME}{suffix}"
+
+
+def build(with_cuda: bool | None = None, verbose: bool = False) -> Path:
+    """Compiles (if needed) and loads the library into ``torch.ops.ddetr``; returns its path.
+
+    Args:
+        with_cuda: include the CUDA kernels; default: when ``torch.cuda.is_available()``.
+        verbose: show the compiler commands and output.
+    """
+    if with_cuda is None:
+        with_cuda = torch.cuda.is_available()
+    sources = csrc_dir()
+    directory = build_directory(with_cuda)
+    library = _library_path(directory)
+    ready_marker = directory / "ready"
+    if ready_marker.is_file() and library.is_file():
+        torch.ops.load_library(str(library))
+        return library
+
+    from torch.utils import cpp_extension  # needs a compiler only from here on
+
+    directory.mkdir(parents=True, exist_ok=True)
+    print(
+        f"ddetr: compiling the deformable attention op ({'CPU+CUDA' if with_cuda else 'CPU'}) into {directory}, "
+        "once per torch version and source change (about a minute)...",
+        file=sys.stderr,
+        flush=True,
+    )
+    names = _CPU_SOURCES + (_CUDA_SOURCES if with_cuda else ())
+    cpp_extension.load(
+        name=EXTENSION_NAME,
+        sources=[str(sources / name) for name in names],
+        extra_cflags=_cxx_flags(),
+        extra_cuda_cflags=list(_CUDA_FLAGS),
+        extra_include_paths=[str(sources)],
+        build_directory=str(directory),
+        with_cuda=with_cuda,
+        is_python_module=False,
+        verbose=verbose,
+    )
+    # atomic: a process that sees the marker sees a complete library
+    temporary = directory / f"ready.{os.getpid()}.tmp"
+    temporary.write_text(f"{library.name}\n")
+    os.replace(temporary, ready_marker)
+    return library
+
+
+@dataclass
+class _LoadState:
+    attempted: bool = False
+    error: str | None = None
+    devices: set[str] = field(default_factory=set)  # device types with compiled kernels
+
+
+_STATE = _LoadState()
+
+
+def load_library(with_cuda: bool | None = None) -> bool:
+    """Builds/loads the library once per process; returns whether it is usable.
+
+    A failure is remembered (see :func:`load_error`) and reported with one warning; callers then use
+    the PyTorch path.
+    """
+    if _STATE.attempted:
+        return _STATE.error is None
+    _STATE.attempted = True
+    if with_cuda is None:
+        with_cuda = torch.cuda.is_available()
+    try:
+        build(with_cuda=with_cuda)
+    except Exception as error:  # noqa: BLE001 - any build failure means: use the fallback
+        _STATE.error = _describe(error)
+        warnings.warn(
+            "ddetr: the compiled deformable attention op is unavailable, using the slower PyTorch path "
+            f"(run `python -m ddetr.ops build --verbose` for the full log). Reason: {_STATE.error}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False
+    _STATE.devices = {"cpu", "cuda"} if with_cuda else {"cpu"}
+    return True
+
+
+def load_error() -> str | None:
+    """Why the compiled library could not be loaded (None if it loaded or was not tried yet)."""
+    return _STATE.error
+
+
+def compiled_devices() -> set[str]:
+    """Device types that have compiled kernels in the loaded library."""
+    return set(_STATE.devices)
+
+
+def _describe(error: BaseException, max_chars: int = 1500) -> str:
+    """Short reason of a build failure: the exception type and the end of its message (compiler errors)."""
+    message = str(error).strip()
+    if len(message) > max_chars:
+        message = "..." + message[-max_chars:]
+    return f"{type(error).__name__}: {message}"

@@ -1,0 +1,54 @@
+"""Pure-PyTorch multi-scale deformable attention (the reference and fallback path).
+
+It samples every level with ``grid_sample`` and sums the samples weighted by the attention weights.
+It materialises ``batch_size * num_heads * head_dim * num_queries * num_levels * num_points`` values,
+which is why the compiled kernels exist; it stays as the oracle that tests compare them against.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def ms_deform_attn_pytorch(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    """Multi-scale deformable attention with ``grid_sample``.
+
+    Args:
+        value: (batch_size, num_values, num_heads, head_dim), the flattened levels one after another.
+        spatial_shapes: (num_levels, 2) int64, (height, width) of every level.
+        level_start_index: (num_levels,) int64, where every level starts in ``num_values``
+            (unused here: the levels are split by their sizes).
+        sampling_locations: (batch_size, num_queries, num_heads, num_levels, num_points, 2),
+            (x, y) normalised to [0, 1]; outside that range samples read zeros.
+        attention_weights: (batch_size, num_queries, num_heads, num_levels, num_points).
+
+    Returns:
+        (batch_size, num_queries, num_heads * head_dim).
+    """
+    del level_start_index
+    batch_size, _, num_heads, head_dim = value.shape
+    _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
+    sizes = [int(h) * int(w) for h, w in spatial_shapes.tolist()]
+    value_per_level = value.split(sizes, dim=1)
+    # grid_sample wants coordinates in [-1, 1]; align_corners=False makes -1 the left edge of pixel 0
+    grids = 2 * sampling_locations - 1
+    sampled = []
+    for level, (height, width) in enumerate(spatial_shapes.tolist()):
+        level_value = value_per_level[level].flatten(2).transpose(1, 2)  # (B, M*D, H*W)
+        level_value = level_value.reshape(batch_size * num_heads, head_dim, height, width)  # (B*M, D, H, W)
+        level_grid = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)  # (B*M, Lq, P, 2)
+        sampled.append(
+            F.grid_sample(level_value, level_grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        )  # (B*M, D, Lq, P)
+    # (B, Lq, M, L, P) -> (B*M, 1, Lq, L*P)
+    weights = attention_weights.transpose(1, 2).reshape(batch_size * num_heads, 1, num_queries, num_levels * num_points)
+    output = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1)  # (B*M, D, Lq)
+    output = output.view(batch_size, num_heads * head_dim, num_queries)  # (B, M*D, Lq)
+    return output.transpose(1, 2).contiguous()  # (B, Lq, M*D)
