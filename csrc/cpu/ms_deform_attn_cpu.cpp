@@ -11,9 +11,11 @@
 //             private copy of it per query chunk, summed afterwards), so the scatter into grad_value
 //             needs no atomics. grad_sampling_locations and grad_attention_weights are written once
 //             per sampling point by the task that owns it.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 

@@ -29,10 +29,10 @@ def register_resolvers() -> None:
 
 
 def compose(overrides: list[str] | None = None, config_name: str = "train"):
-    """Composes the project's config outside ``@hydra.main`` (tests, notebooks), with ``hydra`` keys resolved."""
+    """Composes the project's config outside ``@hydra.main`` (tests, notebooks); set ``paths.output_dir``."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     register_resolvers()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=overrides or [], return_hydra_config=True)
+        return hydra_compose(config_name=config_name, overrides=overrides or [])

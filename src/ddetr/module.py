@@ -16,7 +16,14 @@ from ddetr.models.postprocess import PostProcess
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BACKBONE = {"name": "resnet50", "dilation": False, "weights": None, "train_backbone": True}
+DEFAULT_BACKBONE = {
+    "name": "resnet50",
+    "dilation": False,
+    "weights": None,
+    "train_backbone": True,
+    "norm": "frozen",
+    "freeze_stem": True,
+}
 DEFAULT_LOSS = {
     "set_cost_class": 2.0,
     "set_cost_bbox": 5.0,
@@ -94,6 +101,8 @@ class DeformableDETRModule(L.LightningModule):
             dilation=backbone_cfg["dilation"],
             backbone_weights=backbone_cfg["weights"],
             train_backbone=backbone_cfg["train_backbone"],
+            backbone_norm=backbone_cfg["norm"],
+            freeze_stem=backbone_cfg["freeze_stem"],
             num_feature_levels=num_feature_levels,
             hidden_dim=hidden_dim,
             nheads=nheads,

@@ -33,8 +33,10 @@ one.
 from __future__ import annotations
 
 import colorsys
+import functools
 import json
 import math
+import multiprocessing
 import os
 import shutil
 import uuid
@@ -42,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+from scipy import ndimage
 from tqdm import tqdm
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "ring")
@@ -62,6 +65,7 @@ def ensure_synthetic_dataset(
     max_object_frac: float = 0.5,
     min_visible_frac: float = 0.6,
     progress: bool = True,
+    num_workers: int | None = None,
 ) -> Path:
     """Generate the synthetic dataset under `root` unless a complete one with these parameters exists.
 
@@ -75,6 +79,8 @@ def ensure_synthetic_dataset(
         min_object_frac, max_object_frac: object extent as a fraction of the image side.
         min_visible_frac: smallest visible fraction of an annotated object.
         progress: show a tqdm progress bar.
+        num_workers: processes drawing images (default: CPU count, at most 8; 0 draws in this
+            process). The result does not depend on it.
 
     Returns:
         `root` as a Path.
@@ -99,7 +105,9 @@ def ensure_synthetic_dataset(
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.parent / f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        _generate(tmp, params, progress)
+        if num_workers is None:
+            num_workers = min(os.cpu_count() or 1, 8)
+        _generate(tmp, params, progress, num_workers)
         _move_into_place(tmp, root, params)
     finally:
         if tmp.exists():
@@ -144,38 +152,48 @@ def _move_into_place(tmp: Path, root: Path, params: dict) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _generate(out: Path, params: dict, progress: bool) -> None:
+def _generate(out: Path, params: dict, progress: bool, num_workers: int) -> None:
     (out / "annotations").mkdir(parents=True)
-    categories = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(SHAPES)]
+    categories = [
+        {"id": i + 1, "name": name, "supercategory": "shape"}
+        for i, name in enumerate(SHAPES)
+    ]
     counts = {"train": params["num_train"], "val": params["num_val"]}
-    bar = tqdm(total=sum(counts.values()), desc="synthetic dataset", disable=not progress, unit="img")
-    stats = {}
-    for split, num in counts.items():
+    tasks = [
+        (out, split, index, params)
+        for split, num in counts.items()
+        for index in range(num)
+    ]
+    for split in counts:
         (out / split).mkdir()
+    bar = tqdm(
+        total=len(tasks), desc="synthetic dataset", disable=not progress, unit="img"
+    )
+    records: dict[str, list] = {split: [] for split in counts}
+    for split, objects in _run_tasks(tasks, num_workers):
+        records[split].append(objects)
+        bar.update(1)
+    bar.close()
+
+    stats = {}
+    for split, per_image in records.items():
         images, annotations = [], []
-        for index in range(num):
-            rng = np.random.default_rng((params["seed"], _SPLIT_CODES[split], index))
-            pixels, objects = render_image(rng, params)
+        for index, objects in enumerate(per_image):
             image_id = index + 1
-            file_name = f"{image_id:06d}.jpg"
-            Image.fromarray(pixels).save(out / split / file_name, quality=92)
             images.append(
-                {"id": image_id, "file_name": file_name, "width": params["image_size"], "height": params["image_size"]}
-            )
+                {"id": image_id, "file_name": _file_name(index), "width": params["image_size"],
+                 "height": params["image_size"]}
+            )  # fmt: skip
             for category_index, bbox, area in objects:
                 annotations.append(
-                    {
-                        "id": len(annotations) + 1,
-                        "image_id": image_id,
-                        "category_id": category_index + 1,
-                        "bbox": bbox,
-                        "area": area,
-                        "iscrowd": 0,
-                    }
-                )
-            bar.update(1)
+                    {"id": len(annotations) + 1, "image_id": image_id, "category_id": category_index + 1,
+                     "bbox": bbox, "area": area, "iscrowd": 0}
+                )  # fmt: skip
         coco = {
-            "info": {"description": f"ddetr synthetic shapes ({split})", "version": str(FORMAT_VERSION)},
+            "info": {
+                "description": f"ddetr synthetic shapes ({split})",
+                "version": str(FORMAT_VERSION),
+            },
             "images": images,
             "annotations": annotations,
             "categories": categories,
@@ -183,16 +201,44 @@ def _generate(out: Path, params: dict, progress: bool) -> None:
         with open(out / "annotations" / f"instances_{split}.json", "w") as f:
             json.dump(coco, f)
         stats[split] = {"images": len(images), "annotations": len(annotations)}
-    bar.close()
-    with open(out / MANIFEST, "w") as f:
+    with open(
+        out / MANIFEST, "w"
+    ) as f:  # written last: its presence marks a complete dataset
         json.dump({"params": params, "stats": stats}, f, indent=2)
+
+
+def _file_name(index: int) -> str:
+    return f"{index + 1:06d}.jpg"
+
+
+def _run_tasks(tasks: list, num_workers: int):
+    """Yield (split, objects) per task in order, in worker processes when `num_workers` > 0 and fork exists."""
+    if (
+        num_workers > 0
+        and "fork" in multiprocessing.get_all_start_methods()
+        and len(tasks) > 64
+    ):
+        with multiprocessing.get_context("fork").Pool(num_workers) as pool:
+            yield from pool.imap(_render_and_save, tasks, chunksize=32)
+    else:
+        yield from map(_render_and_save, tasks)
+
+
+def _render_and_save(task: tuple) -> tuple[str, list]:
+    out, split, index, params = task
+    rng = np.random.default_rng((params["seed"], _SPLIT_CODES[split], index))
+    pixels, objects = render_image(rng, params)
+    Image.fromarray(pixels).save(out / split / _file_name(index), quality=92)
+    return split, objects
 
 
 # ----------------------------------------------------------------------------------------------
 # rendering
 
 
-def render_image(rng: np.random.Generator, params: dict) -> tuple[np.ndarray, list[tuple[int, list[int], int]]]:
+def render_image(
+    rng: np.random.Generator, params: dict
+) -> tuple[np.ndarray, list[tuple[int, list[int], int]]]:
     """Draw one image.
 
     Returns:
@@ -200,15 +246,25 @@ def render_image(rng: np.random.Generator, params: dict) -> tuple[np.ndarray, li
     """
     size = params["image_size"]
     image = _background(rng, size)
-    owner = np.full((size, size), -1, dtype=np.int32)  # index of the object on top of each pixel
+    owner = np.full(
+        (size, size), -1, dtype=np.int32
+    )  # index of the object on top of each pixel
     full_areas: list[int] = []
     kinds: list[int] = []
     target = int(rng.integers(1, params["max_objects"] + 1))
     for _ in range(target):
         for _try in range(_PLACEMENT_TRIES):
             kind = int(rng.integers(len(SHAPES)))
-            mask = _shape_mask(rng, SHAPES[kind], size, params["min_object_frac"], params["max_object_frac"])
-            if _keeps_others_visible(owner, mask, full_areas, params["min_visible_frac"]):
+            mask = _shape_mask(
+                rng,
+                SHAPES[kind],
+                size,
+                params["min_object_frac"],
+                params["max_object_frac"],
+            )
+            if _keeps_others_visible(
+                owner, mask, full_areas, params["min_visible_frac"]
+            ):
                 break
         else:
             continue
@@ -217,25 +273,35 @@ def render_image(rng: np.random.Generator, params: dict) -> tuple[np.ndarray, li
         kinds.append(kind)
         full_areas.append(int(mask.sum()))
         _paint(rng, image, mask)
-    if not kinds:  # cannot happen on an empty canvas, kept as a guard for the 1..max contract
+    if (
+        not kinds
+    ):  # cannot happen on an empty canvas, kept as a guard for the 1..max contract
         raise RuntimeError("synthetic generator placed no object")
 
-    pixel_noise = rng.normal(0.0, rng.uniform(2.0, 8.0), size=image.shape)
-    pixels = np.clip(image + pixel_noise, 0, 255).astype(np.uint8)
+    noise_std = rng.uniform(2.0, 8.0)
+    image += rng.standard_normal(image.shape, dtype=np.float32) * noise_std
+    pixels = np.clip(image, 0, 255).astype(np.uint8)
 
+    slices = ndimage.find_objects(
+        owner + 1, max_label=len(kinds)
+    )  # tight box of each object's visible pixels
+    areas = np.bincount(owner[owner >= 0], minlength=len(kinds))  # (num_objects,)
     objects = []
-    for index, kind in enumerate(kinds):
-        ys, xs = np.nonzero(owner == index)
-        x0, x1, y0, y1 = int(xs.min()), int(xs.max()), int(ys.min()), int(ys.max())
-        objects.append((kind, [x0, y0, x1 - x0 + 1, y1 - y0 + 1], int(xs.size)))
+    for kind, (rows, cols), area in zip(kinds, slices, areas):
+        box = [cols.start, rows.start, cols.stop - cols.start, rows.stop - rows.start]
+        objects.append((kind, [int(v) for v in box], int(area)))
     return pixels, objects
 
 
-def _keeps_others_visible(owner: np.ndarray, mask: np.ndarray, full_areas: list[int], min_visible: float) -> bool:
+def _keeps_others_visible(
+    owner: np.ndarray, mask: np.ndarray, full_areas: list[int], min_visible: float
+) -> bool:
     """Whether every earlier object keeps `min_visible` of its pixels once `mask` is drawn on top."""
     if not full_areas:
         return True
-    covered = np.bincount(owner[mask & (owner >= 0)], minlength=len(full_areas))  # (num_objects,)
+    covered = np.bincount(
+        owner[mask & (owner >= 0)], minlength=len(full_areas)
+    )  # (num_objects,)
     visible = np.bincount(owner[owner >= 0], minlength=len(full_areas)) - covered
     return bool(np.all(visible >= min_visible * np.asarray(full_areas)))
 
@@ -251,15 +317,23 @@ def _random_color(rng: np.random.Generator, saturated: bool) -> np.ndarray:
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     """Desaturated gradient + low-frequency noise + thin lines and soft blobs, float (size, size, 3)."""
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    yy, xx = _unit_grid(size)
     angle = rng.uniform(0, 2 * math.pi)
-    t = (np.cos(angle) * xx + np.sin(angle) * yy)[..., None]  # (size, size, 1)
+    t = (np.float32(math.cos(angle)) * xx + np.float32(math.sin(angle)) * yy)[
+        ..., None
+    ]  # (size, size, 1)
     t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
-    image = (1 - t) * _random_color(rng, False) + t * _random_color(rng, False)  # (size, size, 3)
+    low, high = (
+        _random_color(rng, False).astype(np.float32),
+        _random_color(rng, False).astype(np.float32),
+    )
+    image = low + t * (high - low)  # (size, size, 3)
 
     cells = int(rng.integers(3, 8))
     coarse = rng.normal(0.0, 18.0, size=(cells, cells)).astype(np.float32)
-    noise = Image.fromarray(coarse).resize((size, size), Image.BICUBIC)  # smooth (size, size) luminance noise
+    noise = Image.fromarray(coarse).resize(
+        (size, size), Image.BICUBIC
+    )  # smooth (size, size) luminance noise
     image += np.asarray(noise, dtype=np.float32)[..., None]
 
     clutter = Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
@@ -273,11 +347,24 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
         rx, ry = rng.uniform(0.02, 0.12, size=2) * size
         color = tuple(int(c) for c in _random_color(rng, False))
         draw.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=color)
-    clutter = clutter.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.8, 2.0))))
+    clutter = clutter.filter(
+        ImageFilter.GaussianBlur(radius=float(rng.uniform(0.8, 2.0)))
+    )
     return np.asarray(clutter, dtype=np.float32).copy()
 
 
-def _rotated(points: np.ndarray, angle: float, cx: float, cy: float) -> list[tuple[float, float]]:
+@functools.lru_cache(maxsize=4)
+def _unit_grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column coordinates divided by `size`, float32 (size, size) each (read-only)."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    yy.flags.writeable = False
+    xx.flags.writeable = False
+    return yy, xx
+
+
+def _rotated(
+    points: np.ndarray, angle: float, cx: float, cy: float
+) -> list[tuple[float, float]]:
     """Rotate unit-scale `points` (N, 2) by `angle` and move them to (cx, cy)."""
     c, s = math.cos(angle), math.sin(angle)
     rot = np.array([[c, -s], [s, c]])
@@ -290,7 +377,9 @@ def _regular_polygon(num: int, radius: float, phase: float = 0.0) -> np.ndarray:
     return radius * np.stack([np.cos(angles), np.sin(angles)], axis=1)  # (num, 2)
 
 
-def _shape_mask(rng: np.random.Generator, shape: str, size: int, min_frac: float, max_frac: float) -> np.ndarray:
+def _shape_mask(
+    rng: np.random.Generator, shape: str, size: int, min_frac: float, max_frac: float
+) -> np.ndarray:
     """Boolean (size, size) mask of one shape of extent ~`frac * size`, fully inside the image."""
     extent = max(rng.uniform(min_frac, max_frac) * size, 3.0)
     half = extent / 2
@@ -305,13 +394,17 @@ def _shape_mask(rng: np.random.Generator, shape: str, size: int, min_frac: float
         draw.ellipse([cx - half, cy - half, cx + half, cy + half], fill=1)
         draw.ellipse([cx - inner, cy - inner, cx + inner, cy + inner], fill=0)
     elif shape == "square":
-        draw.polygon(_rotated(_regular_polygon(4, half, math.pi / 4), angle, cx, cy), fill=1)
+        draw.polygon(
+            _rotated(_regular_polygon(4, half, math.pi / 4), angle, cx, cy), fill=1
+        )
     elif shape == "triangle":
         draw.polygon(_rotated(_regular_polygon(3, half), angle, cx, cy), fill=1)
     elif shape == "star":
         outer = _regular_polygon(5, half)
         inner = _regular_polygon(5, half * 0.42, math.pi / 5)
-        points = np.stack([outer, inner], axis=1).reshape(10, 2)  # alternate outer/inner vertices
+        points = np.stack([outer, inner], axis=1).reshape(
+            10, 2
+        )  # alternate outer/inner vertices
         draw.polygon(_rotated(points, angle, cx, cy), fill=1)
     elif shape == "cross":
         a = 1 / 6  # half the bar width, as a fraction of the extent
@@ -319,7 +412,9 @@ def _shape_mask(rng: np.random.Generator, shape: str, size: int, min_frac: float
             [[-a, -0.5], [a, -0.5], [a, -a], [0.5, -a], [0.5, a], [a, a],
              [a, 0.5], [-a, 0.5], [-a, a], [-0.5, a], [-0.5, -a], [-a, -a]]
         )  # fmt: skip
-        scale = half / math.hypot(0.5, a)  # the arm corners lie on the circle of radius `half`
+        scale = half / math.hypot(
+            0.5, a
+        )  # the arm corners lie on the circle of radius `half`
         draw.polygon(_rotated(unit * scale, angle, cx, cy), fill=1)
     else:
         raise ValueError(f"unknown shape {shape!r}")
@@ -332,8 +427,8 @@ def _shape_mask(rng: np.random.Generator, shape: str, size: int, min_frac: float
 
 def _paint(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray) -> None:
     """Fill `mask` in `image` (float, in place) with a random saturated texture."""
-    ys, xs = np.nonzero(mask)
-    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
     yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)  # (h, w) each
     first, second = _random_color(rng, True), _random_color(rng, True)
     texture = rng.integers(5)

@@ -79,12 +79,18 @@ def load_resnet_weights(resnet: nn.Module, path: str | Path) -> None:
     resnet.load_state_dict(state, strict=False)
 
 
+NORM_LAYERS = {"frozen": FrozenBatchNorm2d, "batch": nn.BatchNorm2d}
+
+
 class Backbone(nn.Module):
     """A torchvision ResNet with frozen batch norm that returns its last ``num_levels`` stages.
 
     ``num_levels`` of 1, 2 or 3 returns ``layer4``; ``layer3, layer4``; ``layer2, layer3, layer4``
-    (strides 8, 16, 32; 16 for ``layer4`` with ``dilation``, the DC5 variant). The stem and ``layer1``
-    never train; ``layer2..4`` train when ``train_backbone``.
+    (strides 8, 16, 32; 16 for ``layer4`` with ``dilation``, the DC5 variant). As in the official
+    model (``norm="frozen"``, ``freeze_stem=True``) batch norm is frozen, the stem and ``layer1``
+    never train and ``layer2..4`` train when ``train_backbone``. For training from scratch without
+    pretrained weights, ``norm="batch"`` uses ordinary (trainable) batch norm and ``freeze_stem=False``
+    trains the stem and ``layer1`` too.
 
     Attributes:
         strides: stride of every returned level.
@@ -98,8 +104,12 @@ class Backbone(nn.Module):
         dilation: bool = False,
         train_backbone: bool = True,
         weights: str | Path | None = None,
+        norm: str = "frozen",
+        freeze_stem: bool = True,
     ) -> None:
         super().__init__()
+        if norm not in NORM_LAYERS:
+            raise ValueError(f"unknown backbone norm {norm!r}; expected one of {sorted(NORM_LAYERS)}")
         if name not in RESNETS:
             raise ValueError(f"unknown backbone {name!r}; expected one of {RESNETS}")
         if not 1 <= num_levels <= len(STAGES):
@@ -107,18 +117,18 @@ class Backbone(nn.Module):
         if dilation and name in ("resnet18", "resnet34"):
             raise ValueError(f"dilation (DC5) needs a bottleneck ResNet (resnet50/101); {name} has basic blocks")
         resnet = getattr(torchvision.models, name)(
-            weights=None, replace_stride_with_dilation=[False, False, dilation], norm_layer=FrozenBatchNorm2d
+            weights=None, replace_stride_with_dilation=[False, False, dilation], norm_layer=NORM_LAYERS[norm]
         )
         if weights is not None:
             load_resnet_weights(resnet, weights)
         for parameter_name, parameter in resnet.named_parameters():
-            trainable = train_backbone and parameter_name.startswith(STAGES)
+            trainable = train_backbone and (parameter_name.startswith(STAGES) or not freeze_stem)
             parameter.requires_grad_(trainable)
         stages = STAGES[len(STAGES) - num_levels :]
         self.body = IntermediateLayerGetter(resnet, return_layers={stage: stage for stage in stages})
         self.stage_names = list(stages)
         self.num_channels = [_out_channels(getattr(resnet, stage)) for stage in stages]
-        strides = dict(zip(STAGES, STAGE_STRIDES))
+        strides = dict(zip(STAGES, STAGE_STRIDES, strict=True))
         if dilation:
             strides["layer4"] = 16
         self.strides = [strides[stage] for stage in stages]

@@ -119,16 +119,21 @@ class SetCriterion(nn.Module):
         return batch_index, query_index
 
     def loss_labels(
-        self, outputs: dict[str, torch.Tensor], targets: Targets, indices: Indices, num_boxes: torch.Tensor,
+        self,
+        outputs: dict[str, torch.Tensor],
+        targets: Targets,
+        indices: Indices,
+        num_boxes: torch.Tensor,
         log: bool = True,
     ) -> dict[str, torch.Tensor]:
         """``loss_ce`` (and ``class_error`` when ``log``)."""
         logits = outputs["pred_logits"].float()  # (B, Q, C)
-        batch_size, num_queries, num_classes = logits.shape
+        num_queries = logits.shape[1]
         batch_index, query_index = self.matched_query_index(indices)
         batch_index, query_index = batch_index.to(logits.device), query_index.to(logits.device)
-        matched_labels = torch.cat([target["labels"][target_index] for target, (_, target_index) in zip(targets, indices)])
-        matched_labels = matched_labels.to(logits.device)
+        matched_labels = torch.cat(
+            [target["labels"][target_index] for target, (_, target_index) in zip(targets, indices)]
+        ).to(logits.device)  # (num_matched,)
 
         one_hot = torch.zeros_like(logits)  # (B, Q, C)
         one_hot[batch_index, query_index, matched_labels] = 1
@@ -172,7 +177,11 @@ class SetCriterion(nn.Module):
         return {"loss_bbox": loss_bbox, "loss_giou": loss_giou}
 
     def layer_losses(
-        self, outputs: dict[str, torch.Tensor], targets: Targets, num_boxes: torch.Tensor, suffix: str = "",
+        self,
+        outputs: dict[str, torch.Tensor],
+        targets: Targets,
+        num_boxes: torch.Tensor,
+        suffix: str = "",
         log: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Match one layer's predictions and compute its losses, names suffixed with ``suffix``."""

@@ -39,7 +39,8 @@ class PostProcess(nn.Module):
         batch_size, num_queries, num_classes = logits.shape
         if target_sizes.shape != (batch_size, 2):
             raise ValueError(
-                f"PostProcess: target_sizes must be (batch_size={batch_size}, 2) as (h, w), got {tuple(target_sizes.shape)}"
+                f"PostProcess: target_sizes must be (batch_size={batch_size}, 2) as (h, w), "
+                f"got {tuple(target_sizes.shape)}"
             )
         num_select = min(self.num_select, num_queries * num_classes)
         scores = logits.sigmoid().reshape(batch_size, num_queries * num_classes)  # (B, Q*C)

@@ -1,0 +1,217 @@
+"""COCO-format detection dataset producing samples in the model's target contract."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+from collections.abc import Callable
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .annotations import CleanAnnotations, ImageRecord, clean_annotations
+from .category_mapping import CategoryMapping, MappingMode
+from .errors import DatasetError, ImageLoadError
+from .image_loading import DEFAULT_MAX_IMAGE_PIXELS, ExifMode, load_rgb_image
+from .skips import SKIPPED_KEY, SkipRecord
+from .transforms import make_plain_transforms
+from .validation import load_coco_json
+
+log = logging.getLogger(__name__)
+
+Transform = Callable[
+    [np.ndarray, np.ndarray, np.ndarray],
+    tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+]
+
+
+class CocoDetection(Dataset):
+    """Images and boxes from a COCO detection annotation file.
+
+    Each item is `(image, target)`: `image` float32 (3, height, width) normalised, `target` a dict
+    with `labels` int64 (num_boxes,) head indices, `boxes` float32 (num_boxes, 4) normalised
+    (cx, cy, w, h) w.r.t. the augmented unpadded image, `image_id` int, `orig_size` int64 (2,)
+    (h, w) of the file and `size` int64 (2,) (h, w) after the transforms. A target may also hold
+    `"skipped"`: a list of `SkipRecord` for bad images replaced by this sample (see `skips.py`).
+
+    At construction the annotation file is validated (`validation.load_coco_json`, which raises a
+    single `DatasetError` naming the file and the offending ids) and cleaned
+    (`annotations.clean_annotations`); the cleaning counts are logged in one line and kept in
+    `annotation_counts`.
+
+    A bad image (missing, corrupt, truncated, too large, size not matching the JSON) is, with
+    `skip_bad_images=True`, replaced by the next loadable image (wrapping around) and the skip is
+    logged and recorded in the replacement's target; with `skip_bad_images=False` it raises a
+    `DatasetError` naming the file and image id.
+
+    Args:
+        image_dir: folder the `file_name`s are relative to.
+        ann_file: COCO detection JSON.
+        transforms: `DetectionTransform` (or a callable with its signature); None only normalises.
+        category_mapping: "contiguous" (sorted ids -> 0..K-1) or "coco91" (head index == id).
+        skip_bad_images: replace bad images (True) or raise (False).
+        keep_empty: keep images without boxes as negatives.
+        exif_transpose: "auto", "always" or "never" (see `image_loading`).
+        max_image_pixels: larger images count as bad (decompression-bomb guard); None: no limit.
+        max_replacement_tries: consecutive bad images tolerated before giving up with an error.
+    """
+
+    def __init__(
+        self,
+        image_dir: str | os.PathLike,
+        ann_file: str | os.PathLike,
+        transforms: Transform | None = None,
+        category_mapping: MappingMode = "contiguous",
+        skip_bad_images: bool = True,
+        keep_empty: bool = True,
+        exif_transpose: ExifMode = "auto",
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+        max_replacement_tries: int = 20,
+    ):
+        self.image_dir = Path(image_dir)
+        self.ann_file = Path(ann_file)
+        self.transforms: Transform = (
+            transforms if transforms is not None else make_plain_transforms()
+        )
+        self.skip_bad_images = skip_bad_images
+        self.exif_transpose = exif_transpose
+        self.max_image_pixels = max_image_pixels
+        self.max_replacement_tries = max_replacement_tries
+
+        self._data = load_coco_json(self.ann_file)
+        self.mapping = CategoryMapping(self._data["categories"], category_mapping)
+        cleaned: CleanAnnotations = clean_annotations(self._data, keep_empty=keep_empty)
+        self.records: list[ImageRecord] = cleaned.images
+        self.annotation_counts: dict[str, int] = cleaned.counts
+        changed = any(
+            cleaned.counts[k]
+            for k in ("degenerate", "outside", "clipped", "dropped_empty_images")
+        )
+        log.log(
+            logging.WARNING if changed else logging.INFO,
+            cleaned.summary(str(self.ann_file)),
+        )
+        if not self.records:
+            raise DatasetError(f"{self.ann_file}: no images left to use")
+
+    # ------------------------------------------------------------------ category information
+    @property
+    def num_classes(self) -> int:
+        return self.mapping.num_classes
+
+    @property
+    def label_to_category_id(self) -> list[int]:
+        return self.mapping.label_to_category_id
+
+    @property
+    def category_names(self) -> list[str]:
+        return self.mapping.category_names
+
+    @property
+    def image_ids(self) -> list[int]:
+        return [r.image_id for r in self.records]
+
+    @cached_property
+    def coco(self):
+        """pycocotools `COCO` of the annotation file (all annotations, crowd included), for evaluation.
+
+        Annotations lacking `iscrowd` or `area` (optional for training, required by COCOeval) get
+        `iscrowd=0` and `area = w * h`. Only available in the process that built the dataset.
+        """
+        from pycocotools.coco import COCO
+
+        if self._data is None:
+            raise RuntimeError(
+                "the COCO index is not available in a DataLoader worker copy of the dataset"
+            )
+        annotations = [
+            {
+                **a,
+                "iscrowd": a.get("iscrowd", 0),
+                "area": a.get("area", float(a["bbox"][2] * a["bbox"][3])),
+            }
+            for a in self._data["annotations"]
+        ]
+        coco = COCO()
+        coco.dataset = {**self._data, "annotations": annotations}
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco.createIndex()
+        return coco
+
+    def __getstate__(self) -> dict:
+        """Pickled copies (DataLoader workers under spawn) leave out the raw JSON and COCO index."""
+        state = self.__dict__.copy()
+        state["_data"] = None
+        state.pop("coco", None)
+        return state
+
+    # ------------------------------------------------------------------ loading
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
+        skipped: list[SkipRecord] = []
+        for attempt in range(min(self.max_replacement_tries, len(self.records))):
+            record = self.records[(index + attempt) % len(self.records)]
+            path = self.image_dir / record.file_name
+            try:
+                pixels = load_rgb_image(
+                    path,
+                    (record.width, record.height),
+                    self.exif_transpose,
+                    self.max_image_pixels,
+                )
+            except ImageLoadError as exc:
+                if not self.skip_bad_images:
+                    raise DatasetError(
+                        f"{path} (image id {record.image_id}): {exc.reason}"
+                    ) from exc
+                log.warning(
+                    "skipping %s (image id %d): %s", path, record.image_id, exc.reason
+                )
+                skipped.append(SkipRecord(record.image_id, str(path), exc.reason))
+                continue
+            image, target = self._make_sample(record, pixels)
+            if skipped:
+                target[SKIPPED_KEY] = skipped
+            return image, target
+        raise DatasetError(
+            f"{self.ann_file}: {len(skipped)} consecutive bad images from index {index} "
+            f"(first: {skipped[0].file}, image id {skipped[0].image_id}: {skipped[0].reason})"
+        )
+
+    def _make_sample(
+        self, record: ImageRecord, pixels: np.ndarray
+    ) -> tuple[torch.Tensor, dict]:
+        labels = np.array(
+            [self.mapping.category_id_to_label[c] for c in record.category_ids],
+            dtype=np.int64,
+        )
+        image, boxes, labels = self.transforms(pixels, record.boxes, labels)
+        height, width = image.shape[-2:]
+        boxes = boxes.to(torch.float32).reshape(-1, 4)
+        scale = torch.tensor([width, height, width, height], dtype=torch.float32)
+        cxcywh = torch.cat(
+            [(boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]], dim=1
+        )  # (num_boxes, 4)
+        target = {
+            "labels": labels.to(torch.int64),
+            "boxes": cxcywh / scale,
+            "image_id": int(record.image_id),
+            "orig_size": torch.tensor(
+                [pixels.shape[0], pixels.shape[1]], dtype=torch.int64
+            ),
+            "size": torch.tensor([height, width], dtype=torch.int64),
+        }
+        return image, target
+
+    def __repr__(self) -> str:
+        return (
+            f"CocoDetection({self.ann_file}, images={len(self)}, num_classes={self.num_classes}, "
+            f"mapping={self.mapping.mode!r})"
+        )

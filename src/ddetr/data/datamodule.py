@@ -1,0 +1,303 @@
+"""LightningDataModules for COCO-format detection data: any files, the COCO layout, the synthetic set."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader
+
+from .category_mapping import MappingMode
+from .coco import CocoDetection
+from .collate import collate_detection
+from .errors import DatasetError
+from .image_loading import DEFAULT_MAX_IMAGE_PIXELS, ExifMode
+from .samplers import UnpaddedDistributedSampler
+from .skips import SkipReport, pop_batch_skips
+from .synthetic import ensure_synthetic_dataset
+from .transforms import DetectionTransform, make_train_transforms, make_val_transforms
+
+log = logging.getLogger(__name__)
+
+
+class DetectionDataModule(LightningDataModule):
+    """Train/val COCO-format detection data given file by file.
+
+    Batches are `(images (B, 3, H, W), mask (B, H, W) bool True = padding, targets list[dict])`
+    (see `CocoDetection` for the target keys). Category information (`num_classes`,
+    `label_to_category_id`, `category_names`) is available right after construction: it builds the
+    val dataset on first use (parsing its annotation file); train and val must declare the same
+    categories.
+
+    Skipped images: `on_before_batch_transfer` removes the skip records carried by each batch and
+    adds them to `skip_reports[stage]` ("train" or "val"); `pop_skip_report(stage)` returns and
+    resets it (`SkipReportCallback` logs it at the end of every train/val epoch).
+
+    Distributed: Lightning injects its `DistributedSampler` for training (shuffled, seeded); the val
+    loader uses `UnpaddedDistributedSampler`, so every val image is seen exactly once over all
+    ranks (ranks may get different batch counts: do not sync per val step).
+
+    Args:
+        train_images, train_annotations, val_images, val_annotations: image folders and COCO JSONs.
+        batch_size: per-device train batch size; `val_batch_size` defaults to it.
+        num_workers: DataLoader workers (0 = load in the main process).
+        category_mapping: "contiguous" or "coco91" (see `CategoryMapping`).
+        train_transforms, val_transforms: `DetectionTransform`s (default: the official recipe).
+        skip_bad_images, keep_empty, exif_transpose, max_image_pixels: see `CocoDetection`.
+        seed: seeds the train shuffling (non-distributed).
+        pin_memory, persistent_workers: DataLoader options.
+    """
+
+    def __init__(
+        self,
+        train_images: str | os.PathLike,
+        train_annotations: str | os.PathLike,
+        val_images: str | os.PathLike,
+        val_annotations: str | os.PathLike,
+        batch_size: int = 2,
+        val_batch_size: int | None = None,
+        num_workers: int = 2,
+        category_mapping: MappingMode = "contiguous",
+        train_transforms: DetectionTransform | None = None,
+        val_transforms: DetectionTransform | None = None,
+        skip_bad_images: bool = True,
+        keep_empty: bool = True,
+        exif_transpose: ExifMode = "auto",
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+        seed: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+    ):
+        super().__init__()
+        self.save_hyperparameters(
+            ignore=["train_transforms", "val_transforms"], logger=False
+        )
+        self.train_images, self.train_annotations = (
+            Path(train_images),
+            Path(train_annotations),
+        )
+        self.val_images, self.val_annotations = Path(val_images), Path(val_annotations)
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.num_workers = num_workers
+        self.category_mapping = category_mapping
+        self.train_transforms = (
+            train_transforms
+            if train_transforms is not None
+            else make_train_transforms()
+        )
+        self.val_transforms = (
+            val_transforms if val_transforms is not None else make_val_transforms()
+        )
+        self.dataset_options = {
+            "category_mapping": category_mapping,
+            "skip_bad_images": skip_bad_images,
+            "exif_transpose": exif_transpose,
+            "max_image_pixels": max_image_pixels,
+        }
+        self.keep_empty = keep_empty
+        self.seed = seed
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers and num_workers > 0
+        self.skip_reports: dict[str, SkipReport] = {}
+        self._train_dataset: CocoDetection | None = None
+        self._val_dataset: CocoDetection | None = None
+
+    # ------------------------------------------------------------------ datasets
+    def ensure_files(self) -> None:
+        """Make sure the data files exist (a no-op here; the synthetic variant generates them)."""
+
+    def prepare_data(self) -> None:
+        self.ensure_files()
+
+    @property
+    def train_dataset(self) -> CocoDetection:
+        if self._train_dataset is None:
+            self.ensure_files()
+            self._train_dataset = CocoDetection(
+                self.train_images, self.train_annotations, self.train_transforms, keep_empty=self.keep_empty,
+                **self.dataset_options,
+            )  # fmt: skip
+            self._check_same_categories(self._train_dataset, self.val_dataset)
+        return self._train_dataset
+
+    @property
+    def val_dataset(self) -> CocoDetection:
+        # val keeps every image (negatives included) so that evaluation covers the whole split
+        if self._val_dataset is None:
+            self.ensure_files()
+            self._val_dataset = CocoDetection(
+                self.val_images,
+                self.val_annotations,
+                self.val_transforms,
+                keep_empty=True,
+                **self.dataset_options,
+            )
+        return self._val_dataset
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the datasets the stage needs ("fit": train and val; otherwise val)."""
+        if stage in (None, "fit"):
+            _ = self.train_dataset
+        _ = self.val_dataset
+
+    @staticmethod
+    def _check_same_categories(train: CocoDetection, val: CocoDetection) -> None:
+        if train.label_to_category_id != val.label_to_category_id:
+            only_train = sorted(
+                set(train.label_to_category_id) - set(val.label_to_category_id)
+            )[:5]
+            only_val = sorted(
+                set(val.label_to_category_id) - set(train.label_to_category_id)
+            )[:5]
+            raise DatasetError(
+                f"{train.ann_file} and {val.ann_file} declare different categories "
+                f"(only in train: {only_train}, only in val: {only_val})"
+            )
+
+    # ------------------------------------------------------------------ category information
+    @property
+    def num_classes(self) -> int:
+        return self.val_dataset.num_classes
+
+    @property
+    def label_to_category_id(self) -> list[int]:
+        return self.val_dataset.label_to_category_id
+
+    @property
+    def category_names(self) -> list[str]:
+        return self.val_dataset.category_names
+
+    @property
+    def val_coco(self):
+        """pycocotools `COCO` of the val annotations (ground truth for `CocoEvaluator`)."""
+        return self.val_dataset.coco
+
+    # ------------------------------------------------------------------ loaders
+    def train_dataloader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            self.train_dataset,
+            batch_size=self.batch_size,
+            shuffle=True,
+            generator=generator,
+            drop_last=False,
+            **self._loader_options(),
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        sampler = (
+            UnpaddedDistributedSampler(self.val_dataset) if _is_distributed() else None
+        )
+        return DataLoader(
+            self.val_dataset,
+            batch_size=self.val_batch_size,
+            sampler=sampler,
+            **self._loader_options(),
+        )
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def _loader_options(self) -> dict[str, Any]:
+        return {
+            "num_workers": self.num_workers,
+            "collate_fn": collate_detection,
+            "pin_memory": self.pin_memory,
+            "persistent_workers": self.persistent_workers,
+        }
+
+    # ------------------------------------------------------------------ skipped images
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Move the skip records out of the batch into the report of the current stage (main process)."""
+        records = pop_batch_skips(batch)
+        if records:
+            trainer = getattr(self, "trainer", None)
+            stage = "train" if trainer is not None and trainer.training else "val"
+            self.skip_reports.setdefault(stage, SkipReport()).add(records)
+        return batch
+
+    def pop_skip_report(self, stage: str | None = None) -> SkipReport:
+        """Return the skips seen since the last call for `stage` ("train"/"val"; None: all) and reset them."""
+        stages = list(self.skip_reports) if stage is None else [stage]
+        report = SkipReport()
+        for name in stages:
+            report.add(self.skip_reports.pop(name, SkipReport()).records)
+        return report
+
+
+class CocoDataModule(DetectionDataModule):
+    """The official COCO layout under `data_dir`: `train2017/`, `val2017/`,
+    `annotations/instances_{train,val}2017.json`. Defaults to the 91-slot "coco91" mapping so that
+    official checkpoints apply; other arguments as `DetectionDataModule`."""
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike,
+        category_mapping: MappingMode = "coco91",
+        **kwargs: Any,
+    ):
+        data_dir = Path(data_dir)
+        super().__init__(
+            train_images=data_dir / "train2017",
+            train_annotations=data_dir / "annotations" / "instances_train2017.json",
+            val_images=data_dir / "val2017",
+            val_annotations=data_dir / "annotations" / "instances_val2017.json",
+            category_mapping=category_mapping,
+            **kwargs,
+        )
+
+
+class SyntheticDataModule(DetectionDataModule):
+    """The built-in synthetic shapes dataset (generated on first use under `root`, then cached).
+
+    Args:
+        root: dataset folder.
+        num_train, num_val, image_size, synthetic_seed, max_objects, min_object_frac,
+            max_object_frac: see `ensure_synthetic_dataset` (`synthetic_seed` is its `seed`).
+        **kwargs: `DetectionDataModule` options (batch_size, transforms, ...); the mapping is contiguous.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike = "data/synthetic",
+        num_train: int = 2000,
+        num_val: int = 200,
+        image_size: int = 128,
+        synthetic_seed: int = 0,
+        max_objects: int = 10,
+        min_object_frac: float = 0.04,
+        max_object_frac: float = 0.5,
+        **kwargs: Any,
+    ):
+        root = Path(root)
+        self.root = root
+        self.generation = {
+            "num_train": num_train,
+            "num_val": num_val,
+            "image_size": image_size,
+            "seed": synthetic_seed,
+            "max_objects": max_objects,
+            "min_object_frac": min_object_frac,
+            "max_object_frac": max_object_frac,
+        }
+        kwargs.setdefault("category_mapping", "contiguous")
+        super().__init__(
+            train_images=root / "train",
+            train_annotations=root / "annotations" / "instances_train.json",
+            val_images=root / "val",
+            val_annotations=root / "annotations" / "instances_val.json",
+            **kwargs,
+        )
+
+    def ensure_files(self) -> None:
+        ensure_synthetic_dataset(self.root, **self.generation)
+
+
+def _is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1

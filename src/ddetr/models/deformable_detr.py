@@ -1,0 +1,201 @@
+"""DeformableDETR: backbone levels -> input projections -> deformable transformer -> class and box heads."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ddetr.models.backbone import Backbone
+from ddetr.models.deformable_transformer import DeformableTransformer, boxes_from_reference
+from ddetr.models.image_list import pad_images
+from ddetr.models.position_encoding import PositionEmbeddingSine
+
+Images = Sequence[torch.Tensor] | tuple[torch.Tensor, torch.Tensor]
+
+
+class MLP(nn.Module):
+    """``num_layers`` linear layers with ReLU between them (the box head)."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int) -> None:
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
+        self.layers = nn.ModuleList([nn.Linear(dims[i], dims[i + 1]) for i in range(num_layers)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for index, layer in enumerate(self.layers):
+            x = layer(x)
+            if index < len(self.layers) - 1:
+                x = F.relu(x)
+        return x
+
+
+def _input_projection(in_channels: int, hidden_dim: int, kernel_size: int, stride: int) -> nn.Sequential:
+    """Conv (xavier weight, zero bias) + GroupNorm(32) bringing a level to ``hidden_dim`` channels."""
+    conv = nn.Conv2d(in_channels, hidden_dim, kernel_size=kernel_size, stride=stride, padding=kernel_size // 2)
+    nn.init.xavier_uniform_(conv.weight, gain=1)
+    nn.init.zeros_(conv.bias)
+    return nn.Sequential(conv, nn.GroupNorm(32, hidden_dim))
+
+
+class DeformableDETR(nn.Module):
+    """Deformable DETR (Zhu et al., ICLR 2021).
+
+    Backbone levels are projected to ``hidden_dim`` by a 1x1 conv + GroupNorm each; levels beyond the
+    backbone's come from a 3x3 stride-2 conv + GroupNorm, the first on the raw last backbone output,
+    the next ones on the previous projected level.
+
+    Heads: without ``with_box_refine`` one class head and one box head (``class_embed.0``,
+    ``bbox_embed.0``) serve every decoder layer; with it each layer has its own, and layer ``l``'s box
+    head also refines the references for layer ``l + 1``. With ``two_stage`` separate heads
+    ``enc_class_embed`` / ``enc_bbox_embed`` score the encoder proposals, and there is no
+    ``query_embed`` (the queries come from the top proposals).
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        transformer: DeformableTransformer,
+        num_classes: int,
+        num_queries: int = 300,
+        num_feature_levels: int = 4,
+        aux_loss: bool = True,
+        with_box_refine: bool = False,
+        two_stage: bool = False,
+        position_encoding: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        hidden_dim = transformer.hidden_dim
+        if transformer.level_embed.shape[0] != num_feature_levels:
+            raise ValueError(
+                f"num_feature_levels={num_feature_levels} but the transformer has {transformer.level_embed.shape[0]}"
+            )
+        if transformer.two_stage != two_stage:
+            raise ValueError(
+                f"two_stage={two_stage} but the transformer was built with two_stage={transformer.two_stage}"
+            )
+        if len(backbone.num_channels) > num_feature_levels:
+            raise ValueError(
+                f"the backbone returns {len(backbone.num_channels)} levels, more than {num_feature_levels}"
+            )
+        self.backbone = backbone
+        self.position_encoding = position_encoding or PositionEmbeddingSine(hidden_dim // 2, normalize=True)
+        self.transformer = transformer
+        self.num_classes = num_classes
+        self.num_queries = num_queries
+        self.num_feature_levels = num_feature_levels
+        self.aux_loss = aux_loss
+        self.with_box_refine = with_box_refine
+        self.two_stage = two_stage
+
+        num_backbone_levels = len(backbone.num_channels)
+        projections = [_input_projection(channels, hidden_dim, 1, 1) for channels in backbone.num_channels]
+        projections += [
+            _input_projection(
+                backbone.num_channels[-1] if level == num_backbone_levels else hidden_dim, hidden_dim, 3, 2
+            )
+            for level in range(num_backbone_levels, num_feature_levels)
+        ]
+        self.input_proj = nn.ModuleList(projections)
+        if not two_stage:
+            self.query_embed = nn.Embedding(num_queries, hidden_dim * 2)
+
+        num_heads = transformer.decoder.num_layers if with_box_refine else 1
+        self.class_embed = nn.ModuleList([nn.Linear(hidden_dim, num_classes) for _ in range(num_heads)])
+        self.bbox_embed = nn.ModuleList([MLP(hidden_dim, hidden_dim, 4, 3) for _ in range(num_heads)])
+        if two_stage:
+            self.enc_class_embed = nn.Linear(hidden_dim, num_classes)
+            self.enc_bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
+        self._reset_head_parameters()
+
+    def _reset_head_parameters(self) -> None:
+        """The official head initialisation: class bias for a 0.01 prior; box heads output 0 except a
+        bias of -2 on the size of the first (or shared) head when not two-stage."""
+        prior_prob = 0.01
+        bias_value = -math.log((1 - prior_prob) / prior_prob)
+        class_heads = list(self.class_embed) + ([self.enc_class_embed] if self.two_stage else [])
+        box_heads = list(self.bbox_embed) + ([self.enc_bbox_embed] if self.two_stage else [])
+        for head in class_heads:
+            nn.init.constant_(head.bias, bias_value)
+        for head in box_heads:
+            nn.init.zeros_(head.layers[-1].weight)
+            nn.init.zeros_(head.layers[-1].bias)
+        if not self.two_stage:
+            with torch.no_grad():
+                self.bbox_embed[0].layers[-1].bias[2:] = -2.0
+
+    def class_head(self, layer: int) -> nn.Module:
+        """The class head of decoder layer ``layer``."""
+        return self.class_embed[layer if self.with_box_refine else 0]
+
+    def box_head(self, layer: int) -> nn.Module:
+        """The box head of decoder layer ``layer``."""
+        return self.bbox_embed[layer if self.with_box_refine else 0]
+
+    def _levels(self, images: torch.Tensor, mask: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Projected features (batch_size, hidden_dim, height_l, width_l) and their padding masks
+        (batch_size, height_l, width_l) for all ``num_feature_levels`` levels."""
+        features = self.backbone(images, mask)
+        srcs = [
+            projection(feature)
+            for projection, (feature, _) in zip(self.input_proj[: len(features)], features, strict=True)
+        ]
+        masks = [level_mask for _, level_mask in features]
+        for level in range(len(features), self.num_feature_levels):
+            source = features[-1][0] if level == len(features) else srcs[-1]
+            src = self.input_proj[level](source)
+            # (B, H, W) -> (1, B, H, W) so that interpolate resizes the two spatial dims
+            masks.append(F.interpolate(mask[None].float(), size=src.shape[-2:]).to(torch.bool)[0])
+            srcs.append(src)
+        return srcs, masks
+
+    def forward(self, images: Images) -> dict[str, object]:
+        """Detects objects.
+
+        Args:
+            images: a list of normalised (3, height_i, width_i) tensors, or a padded batch
+                ``(images (batch_size, 3, height, width), mask (batch_size, height, width) bool, True on padding)``.
+
+        Returns:
+            dict with
+            - ``pred_logits``: (batch_size, num_queries, num_classes) class logits of the last layer.
+            - ``pred_boxes``: (batch_size, num_queries, 4) boxes (cx, cy, w, h) in [0, 1] of the unpadded image.
+            - ``aux_outputs`` (when ``aux_loss``): list of dec_layers - 1 dicts with ``pred_logits`` and
+              ``pred_boxes`` of the earlier layers, first layer first.
+            - ``enc_outputs`` (two-stage): dict with ``pred_logits`` (batch_size, num_values, num_classes)
+              and ``pred_boxes`` (batch_size, num_values, 4) of every encoder proposal.
+        """
+        if isinstance(images, (list, tuple)) and len(images) == 2 and images[0].dim() == 4:
+            batch, mask = images
+        else:
+            batch, mask = pad_images(list(images))
+        srcs, masks = self._levels(batch, mask)
+        pos_embeds = [
+            self.position_encoding(level_mask).to(src.dtype) for src, level_mask in zip(srcs, masks, strict=True)
+        ]
+        decoded = self.transformer(
+            srcs,
+            masks,
+            pos_embeds,
+            query_embed=None if self.two_stage else self.query_embed.weight,
+            box_heads=list(self.bbox_embed) if self.with_box_refine else None,
+            proposal_heads=(self.enc_class_embed, self.enc_bbox_embed) if self.two_stage else None,
+        )
+        layer_outputs = [
+            {
+                "pred_logits": self.class_head(layer)(hidden),
+                "pred_boxes": boxes_from_reference(self.box_head(layer)(hidden), reference),
+            }
+            for layer, (hidden, reference) in enumerate(
+                zip(decoded["hidden_states"], decoded["references"], strict=True)
+            )
+        ]
+        outputs: dict[str, object] = dict(layer_outputs[-1])
+        if self.aux_loss:
+            outputs["aux_outputs"] = layer_outputs[:-1]
+        if self.two_stage:
+            outputs["enc_outputs"] = {"pred_logits": decoded["enc_logits"], "pred_boxes": decoded["enc_boxes"]}
+        return outputs

@@ -1,0 +1,493 @@
+"""The deformable transformer: encoder over the flattened levels, two-stage proposals, decoder.
+
+Shapes use ``batch_size`` (B), ``num_values`` (S, all levels flattened), ``num_queries`` (Q),
+``num_levels`` (L) and ``hidden_dim`` (D).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ddetr.models.ms_deform_attn import MSDeformAttn
+
+
+def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """``log(x / (1 - x))`` with x clamped to [0, 1] and both terms clamped to at least ``eps``."""
+    x = x.clamp(min=0, max=1)
+    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+
+
+def boxes_from_reference(box_delta: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Applies a box head's output to a reference in logit space.
+
+    Args:
+        box_delta: (..., 4) raw output of a box head.
+        reference: (..., 4) reference boxes, or (..., 2) reference points, in [0, 1].
+
+    Returns:
+        (..., 4) ``sigmoid(box_delta + inverse_sigmoid(reference))``; for 2-d references only the
+        centre gets the reference added.
+    """
+    if reference.shape[-1] == 4:
+        return (box_delta + inverse_sigmoid(reference)).sigmoid()
+    if reference.shape[-1] == 2:
+        centre = box_delta[..., :2] + inverse_sigmoid(reference)
+        return torch.cat([centre, box_delta[..., 2:]], dim=-1).sigmoid()
+    raise ValueError(f"reference must end in 2 or 4 coordinates, got {reference.shape[-1]}")
+
+
+def valid_ratios(mask: torch.Tensor) -> torch.Tensor:
+    """Fraction of every image that is not padding.
+
+    Args:
+        mask: (batch_size, height, width) bool, True on padding (bottom/right).
+
+    Returns:
+        (batch_size, 2) float32 as (valid_width / width, valid_height / height).
+    """
+    _, height, width = mask.shape
+    valid_height = (~mask[:, :, 0]).sum(1)
+    valid_width = (~mask[:, 0, :]).sum(1)
+    return torch.stack([valid_width.float() / width, valid_height.float() / height], -1)
+
+
+def encoder_reference_points(spatial_shapes: Sequence[tuple[int, int]], ratios: torch.Tensor) -> torch.Tensor:
+    """Reference point of every encoder position: its pixel centre, normalised by the valid extent of
+    its own level, then expressed in the coordinates of every level.
+
+    Args:
+        spatial_shapes: (height, width) of every level.
+        ratios: (batch_size, num_levels, 2) valid ratios as (x, y).
+
+    Returns:
+        (batch_size, num_values, num_levels, 2) as (x, y).
+    """
+    references = []
+    for level, (height, width) in enumerate(spatial_shapes):
+        ref_y, ref_x = torch.meshgrid(
+            torch.linspace(0.5, height - 0.5, height, dtype=torch.float32, device=ratios.device),
+            torch.linspace(0.5, width - 0.5, width, dtype=torch.float32, device=ratios.device),
+            indexing="ij",
+        )  # (H, W) each
+        ref_y = ref_y.reshape(-1)[None] / (ratios[:, None, level, 1] * height)  # (B, H*W)
+        ref_x = ref_x.reshape(-1)[None] / (ratios[:, None, level, 0] * width)  # (B, H*W)
+        references.append(torch.stack((ref_x, ref_y), -1))  # (B, H*W, 2)
+    reference_points = torch.cat(references, 1)  # (B, S, 2)
+    return reference_points[:, :, None] * ratios[:, None]  # (B, S, L, 2)
+
+
+def proposal_position_embedding(
+    proposals: torch.Tensor, num_pos_feats: int, temperature: float = 10000.0
+) -> torch.Tensor:
+    """Sine embedding of proposal boxes given in logit space.
+
+    Args:
+        proposals: (batch_size, num_queries, 4) box logits (before the sigmoid).
+        num_pos_feats: features per coordinate.
+
+    Returns:
+        (batch_size, num_queries, 4 * num_pos_feats) float32.
+    """
+    dim_t = torch.arange(num_pos_feats, dtype=torch.float32, device=proposals.device)
+    dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_pos_feats)
+    proposals = proposals.float().sigmoid() * (2 * math.pi)
+    position = proposals[:, :, :, None] / dim_t  # (B, Q, 4, F)
+    # interleave sin and cos: (B, Q, 4, F/2, 2) -> (B, Q, 4 * F)
+    return torch.stack((position[..., 0::2].sin(), position[..., 1::2].cos()), dim=4).flatten(2)
+
+
+def encoder_output_proposals(
+    memory: torch.Tensor, padding_mask: torch.Tensor, spatial_shapes: Sequence[tuple[int, int]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One proposal per encoder position: a box at the pixel centre of side ``0.05 * 2**level``.
+
+    Proposals on padding or with a coordinate outside (0.01, 0.99) are invalid: their logits are +inf
+    and their memory is zeroed.
+
+    Args:
+        memory: (batch_size, num_values, hidden_dim) encoder output.
+        padding_mask: (batch_size, num_values) bool, True on padding.
+        spatial_shapes: (height, width) of every level.
+
+    Returns:
+        memory: (batch_size, num_values, hidden_dim) with invalid positions zeroed.
+        proposals: (batch_size, num_values, 4) box logits (inverse sigmoid of (cx, cy, w, h)).
+    """
+    batch_size = memory.shape[0]
+    proposals = []
+    start = 0
+    for level, (height, width) in enumerate(spatial_shapes):
+        level_mask = padding_mask[:, start : start + height * width].view(batch_size, height, width)  # (B, H, W)
+        valid_height = (~level_mask[:, :, 0]).sum(1)
+        valid_width = (~level_mask[:, 0, :]).sum(1)
+        grid_y, grid_x = torch.meshgrid(
+            torch.linspace(0, height - 1, height, dtype=torch.float32, device=memory.device),
+            torch.linspace(0, width - 1, width, dtype=torch.float32, device=memory.device),
+            indexing="ij",
+        )  # (H, W) each
+        grid = torch.stack([grid_x, grid_y], -1)  # (H, W, 2)
+        scale = torch.stack([valid_width, valid_height], -1).view(batch_size, 1, 1, 2)  # (B, 1, 1, 2)
+        centres = (grid[None].expand(batch_size, -1, -1, -1) + 0.5) / scale  # (B, H, W, 2)
+        sizes = torch.ones_like(centres) * 0.05 * (2.0**level)
+        proposals.append(torch.cat((centres, sizes), -1).view(batch_size, height * width, 4))  # (B, H*W, 4)
+        start += height * width
+    proposals = torch.cat(proposals, 1)  # (B, S, 4)
+    valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True)  # (B, S, 1)
+    proposals = torch.log(proposals / (1 - proposals))
+    invalid = padding_mask.unsqueeze(-1) | ~valid
+    proposals = proposals.masked_fill(invalid, float("inf"))
+    memory = memory.masked_fill(invalid, 0.0)
+    return memory, proposals
+
+
+class DeformableEncoderLayer(nn.Module):
+    """Post-norm layer: deformable self-attention (query = src + pos), then a ReLU FFN."""
+
+    def __init__(
+        self,
+        hidden_dim: int = 256,
+        dim_feedforward: int = 1024,
+        dropout: float = 0.1,
+        num_levels: int = 4,
+        num_heads: int = 8,
+        num_points: int = 4,
+        attn_backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.self_attn = MSDeformAttn(hidden_dim, num_levels, num_heads, num_points, backend=attn_backend)
+        self.dropout1 = nn.Dropout(dropout)
+        self.self_attn_norm = nn.LayerNorm(hidden_dim)
+        self.linear1 = nn.Linear(hidden_dim, dim_feedforward)
+        self.dropout2 = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, hidden_dim)
+        self.dropout3 = nn.Dropout(dropout)
+        self.ffn_norm = nn.LayerNorm(hidden_dim)
+        nn.init.xavier_uniform_(self.linear1.weight)
+        nn.init.xavier_uniform_(self.linear2.weight)
+
+    def forward(
+        self,
+        src: torch.Tensor,
+        pos: torch.Tensor,
+        reference_points: torch.Tensor,
+        spatial_shapes: torch.Tensor,
+        level_start_index: torch.Tensor,
+        padding_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """src, pos: (B, S, D); reference_points: (B, S, L, 2); padding_mask (B, S). Returns (B, S, D)."""
+        attended = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask)
+        src = self.self_attn_norm(src + self.dropout1(attended))
+        hidden = self.linear2(self.dropout2(F.relu(self.linear1(src))))
+        return self.ffn_norm(src + self.dropout3(hidden))
+
+
+class DeformableEncoder(nn.Module):
+    """A stack of ``num_layers`` deformable encoder layers."""
+
+    def __init__(
+        self,
+        num_layers: int = 6,
+        hidden_dim: int = 256,
+        dim_feedforward: int = 1024,
+        dropout: float = 0.1,
+        num_levels: int = 4,
+        num_heads: int = 8,
+        num_points: int = 4,
+        attn_backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.hidden_dim = hidden_dim
+        self.layers = nn.ModuleList(
+            [
+                DeformableEncoderLayer(
+                    hidden_dim, dim_feedforward, dropout, num_levels, num_heads, num_points, attn_backend
+                )
+                for _ in range(num_layers)
+            ]
+        )
+
+    def forward(
+        self,
+        src: torch.Tensor,
+        pos: torch.Tensor,
+        spatial_shapes: torch.Tensor,
+        level_start_index: torch.Tensor,
+        ratios: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Encodes the flattened levels.
+
+        Args:
+            src: (batch_size, num_values, hidden_dim) projected features, levels one after another.
+            pos: (batch_size, num_values, hidden_dim) position + level embeddings.
+            spatial_shapes: (num_levels, 2) int64 (height, width).
+            level_start_index: (num_levels,) int64.
+            ratios: (batch_size, num_levels, 2) valid ratios (x, y).
+            padding_mask: (batch_size, num_values) bool, True on padding.
+
+        Returns:
+            memory: (batch_size, num_values, hidden_dim).
+        """
+        reference_points = encoder_reference_points([tuple(s) for s in spatial_shapes.tolist()], ratios)
+        output = src
+        for layer in self.layers:
+            output = layer(output, pos, reference_points, spatial_shapes, level_start_index, padding_mask)
+        return output
+
+
+class DeformableDecoderLayer(nn.Module):
+    """Post-norm layer: multi-head self-attention among the queries, deformable cross-attention to the
+    encoder memory around the reference points, ReLU FFN."""
+
+    def __init__(
+        self,
+        hidden_dim: int = 256,
+        dim_feedforward: int = 1024,
+        dropout: float = 0.1,
+        num_levels: int = 4,
+        num_heads: int = 8,
+        num_points: int = 4,
+        attn_backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(hidden_dim, num_heads, dropout=dropout, batch_first=True)
+        self.dropout1 = nn.Dropout(dropout)
+        self.self_attn_norm = nn.LayerNorm(hidden_dim)
+        self.cross_attn = MSDeformAttn(hidden_dim, num_levels, num_heads, num_points, backend=attn_backend)
+        self.dropout2 = nn.Dropout(dropout)
+        self.cross_attn_norm = nn.LayerNorm(hidden_dim)
+        self.linear1 = nn.Linear(hidden_dim, dim_feedforward)
+        self.dropout3 = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, hidden_dim)
+        self.dropout4 = nn.Dropout(dropout)
+        self.ffn_norm = nn.LayerNorm(hidden_dim)
+        for weight in (
+            self.self_attn.in_proj_weight,
+            self.self_attn.out_proj.weight,
+            self.linear1.weight,
+            self.linear2.weight,
+        ):
+            nn.init.xavier_uniform_(weight)
+
+    def forward(
+        self,
+        tgt: torch.Tensor,
+        query_pos: torch.Tensor,
+        reference_points: torch.Tensor,
+        memory: torch.Tensor,
+        spatial_shapes: torch.Tensor,
+        level_start_index: torch.Tensor,
+        memory_padding_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """tgt, query_pos: (B, Q, D); reference_points: (B, Q, L, 2 or 4) scaled by the valid ratios;
+        memory: (B, S, D); memory_padding_mask: (B, S). Returns (B, Q, D)."""
+        query = tgt + query_pos
+        attended = self.self_attn(query, query, tgt, need_weights=False)[0]
+        tgt = self.self_attn_norm(tgt + self.dropout1(attended))
+        attended = self.cross_attn(
+            tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index, memory_padding_mask
+        )
+        tgt = self.cross_attn_norm(tgt + self.dropout2(attended))
+        hidden = self.linear2(self.dropout3(F.relu(self.linear1(tgt))))
+        return self.ffn_norm(tgt + self.dropout4(hidden))
+
+
+class DeformableDecoder(nn.Module):
+    """A stack of ``num_layers`` decoder layers, optionally refining the references after every layer."""
+
+    def __init__(
+        self,
+        num_layers: int = 6,
+        hidden_dim: int = 256,
+        dim_feedforward: int = 1024,
+        dropout: float = 0.1,
+        num_levels: int = 4,
+        num_heads: int = 8,
+        num_points: int = 4,
+        attn_backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.num_layers = num_layers
+        self.layers = nn.ModuleList(
+            [
+                DeformableDecoderLayer(
+                    hidden_dim, dim_feedforward, dropout, num_levels, num_heads, num_points, attn_backend
+                )
+                for _ in range(num_layers)
+            ]
+        )
+
+    def forward(
+        self,
+        tgt: torch.Tensor,
+        query_pos: torch.Tensor,
+        reference_points: torch.Tensor,
+        memory: torch.Tensor,
+        spatial_shapes: torch.Tensor,
+        level_start_index: torch.Tensor,
+        ratios: torch.Tensor,
+        memory_padding_mask: torch.Tensor | None = None,
+        box_heads: Sequence[nn.Module] | None = None,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Decodes the queries.
+
+        Args:
+            tgt: (batch_size, num_queries, hidden_dim) initial query content.
+            query_pos: (batch_size, num_queries, hidden_dim) query position embedding.
+            reference_points: (batch_size, num_queries, 2 or 4) initial references in [0, 1].
+            memory: (batch_size, num_values, hidden_dim) encoder output.
+            spatial_shapes, level_start_index: as in the encoder.
+            ratios: (batch_size, num_levels, 2) valid ratios (x, y).
+            memory_padding_mask: (batch_size, num_values) bool, True on padding.
+            box_heads: one box head per layer for iterative refinement: after layer ``l`` the
+                reference becomes ``boxes_from_reference(box_heads[l](hidden), reference)``, detached
+                (2-d references become boxes after the first layer). None keeps the references fixed.
+
+        Returns:
+            hidden_states: num_layers tensors (batch_size, num_queries, hidden_dim), one per layer.
+            references: num_layers tensors (batch_size, num_queries, 2 or 4), the reference each layer
+                used (in [0, 1], not scaled by the valid ratios).
+        """
+        if box_heads is not None and len(box_heads) != self.num_layers:
+            raise ValueError(f"need one box head per decoder layer ({self.num_layers}), got {len(box_heads)}")
+        output = tgt
+        hidden_states, references = [], []
+        for index, layer in enumerate(self.layers):
+            if reference_points.shape[-1] == 4:
+                scale = torch.cat([ratios, ratios], -1)  # (B, L, 4)
+            else:
+                scale = ratios  # (B, L, 2)
+            reference_input = reference_points[:, :, None] * scale[:, None]  # (B, Q, L, 2 or 4)
+            output = layer(
+                output, query_pos, reference_input, memory, spatial_shapes, level_start_index, memory_padding_mask
+            )
+            hidden_states.append(output)
+            references.append(reference_points)
+            if box_heads is not None:
+                reference_points = boxes_from_reference(box_heads[index](output), reference_points).detach()
+        return hidden_states, references
+
+
+class DeformableTransformer(nn.Module):
+    """Flattens the levels, encodes them, builds the queries (learned or two-stage), decodes.
+
+    Owns the learned ``level_embed`` and, without two-stage, the ``reference_points`` projection of the
+    query position embedding; with two-stage ``enc_output`` + ``enc_output_norm`` (memory to proposal
+    features) and ``pos_trans`` + ``pos_trans_norm`` (proposal embedding to queries).
+    """
+
+    def __init__(
+        self,
+        encoder: DeformableEncoder,
+        decoder: DeformableDecoder,
+        num_feature_levels: int = 4,
+        two_stage: bool = False,
+        num_queries: int = 300,
+    ) -> None:
+        super().__init__()
+        hidden_dim = encoder.hidden_dim
+        self.hidden_dim = hidden_dim
+        self.encoder = encoder
+        self.decoder = decoder
+        self.two_stage = two_stage
+        self.num_queries = num_queries
+        self.level_embed = nn.Parameter(torch.empty(num_feature_levels, hidden_dim))
+        nn.init.normal_(self.level_embed)
+        if two_stage:
+            self.enc_output = nn.Linear(hidden_dim, hidden_dim)
+            self.enc_output_norm = nn.LayerNorm(hidden_dim)
+            self.pos_trans = nn.Linear(hidden_dim * 2, hidden_dim * 2)
+            self.pos_trans_norm = nn.LayerNorm(hidden_dim * 2)
+            nn.init.xavier_uniform_(self.enc_output.weight)
+            nn.init.xavier_uniform_(self.pos_trans.weight)
+        else:
+            self.reference_points = nn.Linear(hidden_dim, 2)
+            nn.init.xavier_uniform_(self.reference_points.weight)
+            nn.init.zeros_(self.reference_points.bias)
+
+    def forward(
+        self,
+        srcs: Sequence[torch.Tensor],
+        masks: Sequence[torch.Tensor],
+        pos_embeds: Sequence[torch.Tensor],
+        query_embed: torch.Tensor | None = None,
+        box_heads: Sequence[nn.Module] | None = None,
+        proposal_heads: tuple[nn.Module, nn.Module] | None = None,
+    ) -> dict[str, object]:
+        """Runs encoder and decoder.
+
+        Args:
+            srcs: per level (batch_size, hidden_dim, height_l, width_l) projected features.
+            masks: per level (batch_size, height_l, width_l) bool, True on padding.
+            pos_embeds: per level (batch_size, hidden_dim, height_l, width_l).
+            query_embed: (num_queries, 2 * hidden_dim) learned queries (position | content), required
+                without two-stage.
+            box_heads: per decoder layer box heads for iterative refinement, or None.
+            proposal_heads: (class_head, box_head) scoring the encoder proposals, required with two-stage.
+
+        Returns:
+            dict with ``hidden_states`` (list of dec_layers tensors (batch_size, num_queries, hidden_dim)),
+            ``references`` (list of dec_layers tensors (batch_size, num_queries, 2 or 4), the reference of
+            each layer in [0, 1]) and, with two-stage, ``enc_logits`` (batch_size, num_values, num_classes)
+            and ``enc_boxes`` (batch_size, num_values, 4) for every proposal.
+        """
+        src_flatten, mask_flatten, pos_flatten, shapes = [], [], [], []
+        for level, (src, mask, pos) in enumerate(zip(srcs, masks, pos_embeds, strict=True)):
+            height, width = src.shape[-2:]
+            shapes.append((height, width))
+            src_flatten.append(src.flatten(2).transpose(1, 2))  # (B, D, H, W) -> (B, H*W, D)
+            mask_flatten.append(mask.flatten(1))  # (B, H, W) -> (B, H*W)
+            pos = pos.flatten(2).transpose(1, 2)  # (B, D, H, W) -> (B, H*W, D)
+            pos_flatten.append(pos + self.level_embed[level].view(1, 1, -1))  # (D,) -> (1, 1, D)
+        if len(shapes) != self.level_embed.shape[0]:
+            raise ValueError(f"got {len(shapes)} feature levels, the transformer has {self.level_embed.shape[0]}")
+        src_flatten = torch.cat(src_flatten, 1)  # (B, S, D)
+        mask_flatten = torch.cat(mask_flatten, 1)  # (B, S)
+        pos_flatten = torch.cat(pos_flatten, 1)  # (B, S, D)
+        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src_flatten.device)  # (L, 2)
+        level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
+        ratios = torch.stack([valid_ratios(mask) for mask in masks], 1)  # (B, L, 2)
+
+        memory = self.encoder(src_flatten, pos_flatten, spatial_shapes, level_start_index, ratios, mask_flatten)
+
+        batch_size = memory.shape[0]
+        outputs: dict[str, object] = {}
+        if self.two_stage:
+            if proposal_heads is None:
+                raise ValueError("two-stage needs proposal_heads (class_head, box_head)")
+            if memory.shape[1] < self.num_queries:
+                raise ValueError(
+                    f"two-stage selects {self.num_queries} proposals but the feature maps hold only {memory.shape[1]}"
+                )
+            class_head, box_head = proposal_heads
+            proposal_memory, proposals = encoder_output_proposals(memory, mask_flatten, shapes)
+            proposal_memory = self.enc_output_norm(self.enc_output(proposal_memory))
+            enc_logits = class_head(proposal_memory)  # (B, S, C)
+            enc_box_logits = box_head(proposal_memory) + proposals  # (B, S, 4)
+            top = torch.topk(enc_logits[..., 0], self.num_queries, dim=1)[1]  # (B, Q)
+            top_box_logits = torch.gather(enc_box_logits, 1, top.unsqueeze(-1).repeat(1, 1, 4)).detach()  # (B, Q, 4)
+            reference_points = top_box_logits.sigmoid()
+            embedding = proposal_position_embedding(top_box_logits, self.hidden_dim // 2).to(memory.dtype)  # (B, Q, 2D)
+            query = self.pos_trans_norm(self.pos_trans(embedding))
+            query_pos, tgt = torch.split(query, self.hidden_dim, dim=2)  # (B, Q, D) each
+            outputs["enc_logits"] = enc_logits
+            outputs["enc_boxes"] = enc_box_logits.sigmoid()
+        else:
+            if query_embed is None:
+                raise ValueError("query_embed is required without two-stage")
+            query_pos, tgt = torch.split(query_embed, self.hidden_dim, dim=1)  # (Q, D) each
+            query_pos = query_pos.unsqueeze(0).expand(batch_size, -1, -1)  # (B, Q, D)
+            tgt = tgt.unsqueeze(0).expand(batch_size, -1, -1)  # (B, Q, D)
+            reference_points = self.reference_points(query_pos).sigmoid()  # (B, Q, 2)
+
+        hidden_states, references = self.decoder(
+            tgt, query_pos, reference_points, memory, spatial_shapes, level_start_index, ratios, mask_flatten, box_heads
+        )
+        outputs["hidden_states"] = hidden_states
+        outputs["references"] = references
+        return outputs

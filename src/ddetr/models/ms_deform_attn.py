@@ -1,0 +1,126 @@
+"""Multi-scale deformable attention as an nn.Module: projections, sampling locations, the op, output."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ddetr.ops import ms_deform_attn
+
+
+class MSDeformAttn(nn.Module):
+    """Every query attends to ``num_points`` sampled locations per head and level around its reference.
+
+    Sampling offsets and attention weights are linear functions of the query; the weights are a
+    softmax over ``num_levels * num_points`` per head. Values are sampled bilinearly (zeros outside).
+    """
+
+    def __init__(
+        self,
+        hidden_dim: int = 256,
+        num_levels: int = 4,
+        num_heads: int = 8,
+        num_points: int = 4,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if hidden_dim % num_heads:
+            raise ValueError(f"hidden_dim ({hidden_dim}) must be divisible by num_heads ({num_heads})")
+        self.hidden_dim = hidden_dim
+        self.num_levels = num_levels
+        self.num_heads = num_heads
+        self.num_points = num_points
+        self.head_dim = hidden_dim // num_heads
+        self.backend = backend
+        self.sampling_offsets = nn.Linear(hidden_dim, num_heads * num_levels * num_points * 2)
+        self.attention_weights = nn.Linear(hidden_dim, num_heads * num_levels * num_points)
+        self.value_proj = nn.Linear(hidden_dim, hidden_dim)
+        self.output_proj = nn.Linear(hidden_dim, hidden_dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The official initialisation: offsets start on rings of radius 1..num_points, one direction
+        per head; uniform attention; xavier projections."""
+        nn.init.zeros_(self.sampling_offsets.weight)
+        thetas = torch.arange(self.num_heads, dtype=torch.float32) * (2.0 * math.pi / self.num_heads)
+        directions = torch.stack([thetas.cos(), thetas.sin()], -1)  # (num_heads, 2)
+        directions = directions / directions.abs().max(-1, keepdim=True)[0]
+        # (num_heads, 2) -> (num_heads, num_levels, num_points, 2), point p scaled by p + 1
+        grid = directions[:, None, None, :].repeat(1, self.num_levels, self.num_points, 1)
+        grid = grid * torch.arange(1, self.num_points + 1, dtype=torch.float32)[None, None, :, None]
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(grid.flatten())  # (num_heads * num_levels * num_points * 2,)
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+        nn.init.xavier_uniform_(self.value_proj.weight)
+        nn.init.zeros_(self.value_proj.bias)
+        nn.init.xavier_uniform_(self.output_proj.weight)
+        nn.init.zeros_(self.output_proj.bias)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        reference_points: torch.Tensor,
+        value_input: torch.Tensor,
+        spatial_shapes: torch.Tensor,
+        level_start_index: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        return_attention: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Attends from the queries to the flattened multi-level values.
+
+        Args:
+            query: (batch_size, num_queries, hidden_dim), position embedding already added.
+            reference_points: (batch_size, num_queries, num_levels, 2) as (x, y) in [0, 1], or
+                (batch_size, num_queries, num_levels, 4) as (cx, cy, w, h): offsets are then relative
+                to the box size (``offset / num_points * wh / 2``).
+            value_input: (batch_size, num_values, hidden_dim), the levels flattened one after another.
+            spatial_shapes: (num_levels, 2) int64 (height, width) of every level.
+            level_start_index: (num_levels,) int64 offset of every level in ``num_values``.
+            padding_mask: (batch_size, num_values) bool, True on padding (those values are zeroed).
+            return_attention: also return the sampling locations and attention weights.
+
+        Returns:
+            output (batch_size, num_queries, hidden_dim); with ``return_attention`` also
+            sampling_locations (batch_size, num_queries, num_heads, num_levels, num_points, 2) and
+            attention_weights (batch_size, num_queries, num_heads, num_levels, num_points).
+        """
+        batch_size, num_queries, _ = query.shape
+        num_values = value_input.shape[1]
+        value = self.value_proj(value_input)
+        if padding_mask is not None:
+            value = value.masked_fill(padding_mask[..., None], 0.0)
+        value = value.view(batch_size, num_values, self.num_heads, self.head_dim)  # (B, S, M, D)
+        sampling_offsets = self.sampling_offsets(query).view(
+            batch_size, num_queries, self.num_heads, self.num_levels, self.num_points, 2
+        )  # (B, Lq, M, L, P, 2)
+        attention_weights = self.attention_weights(query).view(
+            batch_size, num_queries, self.num_heads, self.num_levels * self.num_points
+        )  # (B, Lq, M, L*P)
+        attention_weights = F.softmax(attention_weights, -1).view(
+            batch_size, num_queries, self.num_heads, self.num_levels, self.num_points
+        )  # (B, Lq, M, L, P)
+        if reference_points.shape[-1] == 2:
+            # offsets are in pixels of each level: divide x by its width and y by its height
+            offset_normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1)  # (L, 2) as (W, H)
+            sampling_locations = (
+                reference_points[:, :, None, :, None, :]
+                + sampling_offsets / offset_normalizer[None, None, None, :, None, :]
+            )
+        elif reference_points.shape[-1] == 4:
+            sampling_locations = (
+                reference_points[:, :, None, :, None, :2]
+                + sampling_offsets / self.num_points * reference_points[:, :, None, :, None, 2:] * 0.5
+            )
+        else:
+            raise ValueError(f"reference_points must end in 2 or 4 coordinates, got {reference_points.shape[-1]}")
+        output = ms_deform_attn(
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights, backend=self.backend
+        )  # (B, Lq, M*D)
+        output = self.output_proj(output)
+        if return_attention:
+            return output, sampling_locations, attention_weights
+        return output

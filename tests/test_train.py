@@ -1,0 +1,130 @@
+"""End-to-end training through the real configs: a tiny run, resume, a sweep and DDP on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddetr.config import compose
+from ddetr.module import DeformableDETRModule
+from ddetr.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_overrides(tmp_path: Path, data_root: Path) -> list[str]:
+    """A few small images and a very small model, so a run takes seconds on a CPU."""
+    return [
+        f"data.root={data_root}",
+        "data.num_train=12",
+        "data.num_val=6",
+        "data.image_size=64",
+        "data.num_workers=0",
+        "data.batch_size=4",
+        "data.train_transforms.scales=[48,64]",
+        "data.train_transforms.max_size=96",
+        "data.train_transforms.crop_resize_scales=[48,64]",
+        "data.train_transforms.crop_min_size=32",
+        "data.train_transforms.crop_max_size=64",
+        "data.val_transforms.size=64",
+        "data.val_transforms.max_size=96",
+        "model.hidden_dim=32",
+        "model.nheads=2",
+        "model.enc_layers=1",
+        "model.dec_layers=2",
+        "model.dim_feedforward=32",
+        "model.num_queries=10",
+        "trainer.accelerator=cpu",
+        "trainer.max_epochs=1",
+        "trainer.log_every_n_steps=1",
+        "callbacks.progress_bar.refresh_rate=0",
+        f"paths.output_dir={tmp_path}",
+        f"paths.data_dir={tmp_path}/data",
+        f"paths.log_dir={tmp_path}/logs",
+    ]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("synthetic")
+
+
+def test_default_run_trains_evaluates_and_writes_metrics(tmp_path, data_root):
+    cfg = compose(tiny_overrides(tmp_path, data_root) + ["trainer.max_epochs=2"])
+    metrics = train(cfg)
+    for name in ("val/AP", "val/AP50", "val/AP75", "val/APs", "val/APm", "val/APl"):
+        assert name in metrics and 0.0 <= metrics[name] <= 1.0
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written["val/AP50"] == pytest.approx(metrics["val/AP50"])
+    assert written["epochs"] == 2
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert list((tmp_path / "val_images").glob("epoch_*/*.png")), "validation pictures are written"
+    log = (tmp_path / "csv" / "metrics.csv").read_text()
+    assert "train/loss" in log and "val/AP" in log and "train/loss_giou" in log
+    # the checkpoint rebuilds the model without any config
+    module = DeformableDETRModule.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu")
+    assert module.hparams.hidden_dim == 32 and module.category_names == cfg_category_names(data_root)
+
+
+def cfg_category_names(data_root: Path) -> list[str]:
+    annotations = json.loads((data_root / "annotations" / "instances_val.json").read_text())
+    return [c["name"] for c in sorted(annotations["categories"], key=lambda c: c["id"])]
+
+
+def test_resume_continues_from_the_checkpoint(tmp_path, data_root):
+    first = tmp_path / "first"
+    train(compose(tiny_overrides(first, data_root)))
+    ckpt = first / "checkpoints" / "last.ckpt"
+    second = tmp_path / "second"
+    metrics = train(compose(tiny_overrides(second, data_root) + ["trainer.max_epochs=2", f"ckpt_path={ckpt}"]))
+    state = torch.load(second / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert state["epoch"] == 1  # one more epoch, not two from scratch
+    assert "val/AP" in metrics
+
+
+def run_cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline"}
+    result = subprocess.run(
+        [sys.executable, "-m", "ddetr.train", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+@pytest.mark.slow
+def test_sweep_runs_every_combination(tmp_path, data_root):
+    overrides = [o for o in tiny_overrides(tmp_path, data_root) if not o.startswith("paths.output_dir")]
+    run_cli(["-m", "model.enc_n_points=1,2", "model.dec_n_points=1,2", "trainer.limit_train_batches=1",
+             "trainer.limit_val_batches=1", f"hydra.sweep.dir={tmp_path}/sweep", *overrides], cwd=tmp_path)
+    runs = sorted((tmp_path / "sweep").glob("*/metrics.json"))
+    assert len(runs) == 4
+    seen = set()
+    for run in runs:
+        config = (run.parent / ".hydra" / "overrides.yaml").read_text()
+        seen.add(tuple(p for p in ("enc_n_points=1", "enc_n_points=2", "dec_n_points=1", "dec_n_points=2") if p in config))
+    assert len(seen) == 4
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes(tmp_path, data_root):
+    overrides = [o for o in tiny_overrides(tmp_path, data_root) if not o.startswith("paths.output_dir")]
+    run_cli(["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "+trainer.strategy.process_group_backend=gloo",
+             f"hydra.run.dir={tmp_path}/ddp", *overrides], cwd=tmp_path)
+    metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert 0.0 <= metrics["val/AP"] <= 1.0
+
+
+@pytest.mark.slow
+def test_wandb_logger_runs_offline(tmp_path, data_root):
+    cfg = compose(tiny_overrides(tmp_path, data_root) + ["logger=wandb"])
+    train(cfg)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert runs, "an offline wandb run directory is written"
+    files = {p.name for p in runs[0].rglob("*")}
+    assert any(name.endswith(".wandb") for name in files)
