@@ -43,12 +43,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 class RNGStateCallback(L.Callback):
     """Saves the Python, NumPy and torch (CPU and CUDA) random states in every checkpoint and restores
-    them on resume, so a resumed run draws the same random numbers as an uninterrupted one."""
+    them on resume, so a resumed run draws the same random numbers as an uninterrupted one.
+
+    The states are stored as tensors and plain Python values, so checkpoints stay loadable with
+    ``torch.load(..., weights_only=True)``."""
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
         checkpoint["rng_states"] = {
             "python": random.getstate(),
-            "numpy": np.random.get_state(),
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached_gaussian)],
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
@@ -59,7 +63,8 @@ class RNGStateCallback(L.Callback):
             log.warning("the checkpoint holds no random states; the resumed run will draw other random numbers")
             return
         random.setstate(states["python"])
-        np.random.set_state(states["numpy"])
+        kind, keys, position, has_gauss, cached_gaussian = states["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
         torch.set_rng_state(states["torch"])
         if torch.cuda.is_available() and states["cuda"]:
             torch.cuda.set_rng_state_all(states["cuda"])

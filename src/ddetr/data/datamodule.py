@@ -74,6 +74,9 @@ class DetectionDataModule(LightningDataModule):
         persistent_workers: bool = False,
     ):
         super().__init__()
+        # plain strings, so checkpoints holding these hyper-parameters load with weights_only=True
+        train_images, train_annotations = str(train_images), str(train_annotations)
+        val_images, val_annotations = str(val_images), str(val_annotations)
         self.save_hyperparameters(
             ignore=["train_transforms", "val_transforms"], logger=False
         )
@@ -242,12 +245,13 @@ class CocoDataModule(DetectionDataModule):
         category_mapping: MappingMode = "coco91",
         **kwargs: Any,
     ):
-        data_dir = Path(data_dir)
+        data_dir = str(data_dir)  # a plain string in the saved hyper-parameters (weights_only loading)
+        root = Path(data_dir)
         super().__init__(
-            train_images=data_dir / "train2017",
-            train_annotations=data_dir / "annotations" / "instances_train2017.json",
-            val_images=data_dir / "val2017",
-            val_annotations=data_dir / "annotations" / "instances_val2017.json",
+            train_images=root / "train2017",
+            train_annotations=root / "annotations" / "instances_train2017.json",
+            val_images=root / "val2017",
+            val_annotations=root / "annotations" / "instances_val2017.json",
             category_mapping=category_mapping,
             **kwargs,
         )
@@ -275,8 +279,8 @@ class SyntheticDataModule(DetectionDataModule):
         max_object_frac: float = 0.5,
         **kwargs: Any,
     ):
-        root = Path(root)
-        self.root = root
+        root = str(root)  # a plain string in the saved hyper-parameters (weights_only loading)
+        self.root = Path(root)
         self.generation = {
             "num_train": num_train,
             "num_val": num_val,
@@ -288,10 +292,10 @@ class SyntheticDataModule(DetectionDataModule):
         }
         kwargs.setdefault("category_mapping", "contiguous")
         super().__init__(
-            train_images=root / "train",
-            train_annotations=root / "annotations" / "instances_train.json",
-            val_images=root / "val",
-            val_annotations=root / "annotations" / "instances_val.json",
+            train_images=self.root / "train",
+            train_annotations=self.root / "annotations" / "instances_train.json",
+            val_images=self.root / "val",
+            val_annotations=self.root / "annotations" / "instances_val.json",
             **kwargs,
         )
 
