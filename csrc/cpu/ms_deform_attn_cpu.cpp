@@ -9,7 +9,8 @@
 //   forward   over (batch, query): each task owns its output rows.
 //   backward  over (batch, head[, query chunk]): each task owns grad_value[batch, :, head, :] (or a
 //             private copy of it per query chunk, summed afterwards), so the scatter into grad_value
-//             needs no atomics. grad_sampling_locations and grad_attention_weights are written once
+//             needs no atomics. It works on a (batch, head, value, channel) copy of value and
+//             grad_value, so a task's slice is contiguous, and prefetches its strided per-query rows. grad_sampling_locations and grad_attention_weights are written once
 //             per sampling point by the task that owns it.
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
@@ -146,6 +147,29 @@ inline opmath_t backward_one(const opmath_t* __restrict__ grad_output, const sca
   return dot;
 }
 
+// How many queries ahead the backward prefetches its per-query rows.
+constexpr int64_t kPrefetchDistance = 4;
+
+// Prefetches the cache lines of data[0, count).
+template <typename T>
+inline void prefetch_range(const T* data, int64_t count, bool for_write) {
+#if defined(__GNUC__) || defined(__clang__)
+  const char* begin = reinterpret_cast<const char*>(data);
+  const char* end = reinterpret_cast<const char*>(data + count);
+  for (const char* line = begin; line < end; line += 64) {
+    if (for_write) {
+      __builtin_prefetch(line, 1);
+    } else {
+      __builtin_prefetch(line, 0);
+    }
+  }
+#else
+  (void)data;
+  (void)count;
+  (void)for_write;
+#endif
+}
+
 // Checks that every level lies inside value (the kernels index value with these numbers).
 void check_levels(const at::Tensor& spatial_shapes, const at::Tensor& level_start_index, int64_t num_values) {
   TORCH_CHECK(spatial_shapes.is_cpu() && level_start_index.is_cpu(),
@@ -217,10 +241,12 @@ void forward_kernel(const scalar_t* value, const int64_t* spatial_shapes, const 
   });
 }
 
-// grad_value_accumulator: (num_chunks, batch_size, num_values, num_heads, head_dim) in opmath_t;
+// value_by_head: (batch_size, num_heads, num_values, head_dim), value with the heads moved before
+// the pixels, so the slice a task works on is contiguous (fewer cache and TLB misses).
+// grad_value_accumulator: (num_chunks, batch_size, num_heads, num_values, head_dim) in opmath_t;
 // chunk c holds the contributions of the queries in chunk c.
 template <typename scalar_t>
-void backward_kernel(const scalar_t* grad_output, const scalar_t* value, const int64_t* spatial_shapes,
+void backward_kernel(const scalar_t* grad_output, const scalar_t* value_by_head, const int64_t* spatial_shapes,
                      const int64_t* level_start_index, const scalar_t* sampling_locations,
                      const scalar_t* attention_weights, at::opmath_type<scalar_t>* grad_value_accumulator,
                      scalar_t* grad_sampling_locations, scalar_t* grad_attention_weights,
@@ -229,7 +255,7 @@ void backward_kernel(const scalar_t* grad_output, const scalar_t* value, const i
   const int64_t batch_size = sizes.batch_size, num_heads = sizes.num_heads, head_dim = sizes.head_dim,
                 num_levels = sizes.num_levels, num_points = sizes.num_points, num_queries = sizes.num_queries,
                 num_values = sizes.num_values;
-  const int64_t pixel_stride = num_heads * head_dim;
+  const int64_t pixel_stride = head_dim;  // distance between neighbouring pixels in value_by_head
   const int64_t queries_per_chunk = (num_queries + num_chunks - 1) / num_chunks;
   at::parallel_for(0, batch_size * num_heads * num_chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<opmath_t> grad_output_storage(head_dim);  // grad_output row in opmath_t, one per task
@@ -238,12 +264,23 @@ void backward_kernel(const scalar_t* grad_output, const scalar_t* value, const i
       const int64_t chunk = task % num_chunks;
       const int64_t head = (task / num_chunks) % num_heads;
       const int64_t batch = task / (num_chunks * num_heads);
-      const scalar_t* batch_value = value + batch * num_values * pixel_stride + head * head_dim;
+      const scalar_t* batch_value = value_by_head + (batch * num_heads + head) * num_values * head_dim;
       opmath_t* batch_grad_value =
-          grad_value_accumulator + (chunk * batch_size + batch) * num_values * pixel_stride + head * head_dim;
+          grad_value_accumulator + ((chunk * batch_size + batch) * num_heads + head) * num_values * head_dim;
       const int64_t query_end = std::min(num_queries, (chunk + 1) * queries_per_chunk);
       for (int64_t query = chunk * queries_per_chunk; query < query_end; ++query) {
         const int64_t batch_query_head = (batch * num_queries + query) * num_heads + head;
+        if (query + kPrefetchDistance < query_end) {
+          // the per-query rows of this head are num_heads rows apart: too far for the hardware
+          // prefetcher, so fetch the rows of a later query now
+          const int64_t ahead = batch_query_head + kPrefetchDistance * num_heads;
+          const int64_t samples = num_levels * num_points;
+          prefetch_range(sampling_locations + 2 * ahead * samples, 2 * samples, false);
+          prefetch_range(attention_weights + ahead * samples, samples, false);
+          prefetch_range(grad_output + ahead * head_dim, head_dim, false);
+          prefetch_range(grad_sampling_locations + 2 * ahead * samples, 2 * samples, true);
+          prefetch_range(grad_attention_weights + ahead * samples, samples, true);
+        }
         const scalar_t* grad_output_row = grad_output + batch_query_head * head_dim;
         const opmath_t* grad_row;
         if constexpr (std::is_same_v<scalar_t, opmath_t>) {
@@ -348,7 +385,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   const at::Tensor level_start_index_c = level_start_index.contiguous();
   check_levels(spatial_shapes_c, level_start_index_c, sizes.num_values);
   const at::Tensor grad_output_c = grad_output.contiguous();
-  const at::Tensor value_c = value.contiguous();
+  const at::Tensor value_by_head = value.permute({0, 2, 1, 3}).contiguous();  // (N, M, S, D)
   const at::Tensor sampling_locations_c = sampling_locations.contiguous();
   const at::Tensor attention_weights_c = attention_weights.contiguous();
 
@@ -366,25 +403,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   const int64_t num_chunks =
       std::min(sizes.num_queries, std::max<int64_t>(1, (num_threads + num_row_tasks - 1) / num_row_tasks));
   const at::ScalarType opmath_dtype = at::toOpMathType(value.scalar_type());
-  const bool accumulate_in_place = num_chunks == 1 && opmath_dtype == value.scalar_type();
   at::Tensor grad_value_accumulator =
-      accumulate_in_place
-          ? at::zeros(value.sizes(), value.options())
-          : at::zeros({num_chunks, sizes.batch_size, sizes.num_values, sizes.num_heads, sizes.head_dim},
-                      value.options().dtype(opmath_dtype));
+      at::zeros({num_chunks, sizes.batch_size, sizes.num_heads, sizes.num_values, sizes.head_dim},
+                value.options().dtype(opmath_dtype));
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     backward_kernel<scalar_t>(
-        grad_output_c.const_data_ptr<scalar_t>(), value_c.const_data_ptr<scalar_t>(),
+        grad_output_c.const_data_ptr<scalar_t>(), value_by_head.const_data_ptr<scalar_t>(),
         spatial_shapes_c.const_data_ptr<int64_t>(), level_start_index_c.const_data_ptr<int64_t>(),
         sampling_locations_c.const_data_ptr<scalar_t>(), attention_weights_c.const_data_ptr<scalar_t>(),
         grad_value_accumulator.mutable_data_ptr<opmath_t>(), grad_sampling_locations.mutable_data_ptr<scalar_t>(),
         grad_attention_weights.mutable_data_ptr<scalar_t>(), sizes, num_chunks);
   });
-  at::Tensor grad_value = accumulate_in_place
-                              ? grad_value_accumulator
-                              : grad_value_accumulator.sum(0).to(value.scalar_type());  // (N, S, M, D)
+  // (chunks, N, M, S, D) -> (N, M, S, D) -> (N, S, M, D)
+  const at::Tensor grad_value_by_head =
+      num_chunks == 1 ? grad_value_accumulator.select(0, 0) : grad_value_accumulator.sum(0);
+  at::Tensor grad_value = at::empty(value.sizes(), value.options());  // contiguous
+  grad_value.copy_(grad_value_by_head.permute({0, 2, 1, 3}));
   return {grad_value, grad_sampling_locations, grad_attention_weights};
 }
 

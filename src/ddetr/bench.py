@@ -13,8 +13,8 @@ forward+backward is counted as 3x forward.
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during the call; on the CPU the
 high-water mark of the resident set size (VmHWM, reset through /proc/self/clear_refs) in a fresh
-subprocess per case during a second call, minus the resident size right before it (inputs and the
-first call's freed memory that the allocator kept are in that baseline).
+subprocess per case during a second call, minus the resident size right before it (inputs are in
+that baseline; glibc's mmap threshold is fixed so freed blocks leave the resident set).
 
 Sampling locations are realistic: the pixel centre of every query (encoder) or a random reference
 point (decoder) plus offsets of a few pixels, as a trained model produces.
@@ -219,6 +219,9 @@ def available_backends(device: torch.device) -> list[str]:
 
 def bench_op(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # for the memory subprocesses
     images = args.images.split(",")
     batches = [int(b) for b in args.batch.split(",")]
     parts = args.parts.split(",")
@@ -261,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     op.add_argument("--backends", default=None, help="comma list (default: all available)")
     op.add_argument("--repeat", type=int, default=5, help="timed rounds per case (best is reported)")
     op.add_argument("--budget", type=float, default=5.0, help="stop repeating a case after this many seconds")
+    op.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     op.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     op.add_argument("--quick", action="store_true", help="512x512, batch 1, 3 repeats")
     memory = commands.add_parser("_memory", help=argparse.SUPPRESS)

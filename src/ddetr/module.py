@@ -154,7 +154,16 @@ class DeformableDETRModule(L.LightningModule):
         return total, loss_dict, outputs
 
     def training_step(self, batch, batch_idx: int):
-        total, loss_dict, _ = self._losses(batch)
+        images, mask, targets = batch
+        # a skipped step must leave no trace, also in the running statistics of batch norm
+        buffers = {k: v.clone() for k, v in self.model.named_buffers()} if self.on_nonfinite_loss == "skip" else None
+        outputs = self.model((images, mask))
+        if _all_finite(outputs):
+            loss_dict = self.criterion(outputs, targets)
+            total = self.criterion.weighted_total(loss_dict)
+        else:  # the matcher cannot match non-finite predictions: report them as the bad terms
+            total = torch.full((), float("nan"), device=images.device)
+            loss_dict = {name: total for name in ("pred_logits", "pred_boxes")}
         if not self._all_ranks_finite(total):
             bad = sorted(k for k, v in loss_dict.items() if not torch.isfinite(v).all())
             message = (
@@ -163,10 +172,13 @@ class DeformableDETRModule(L.LightningModule):
             )
             if self.on_nonfinite_loss == "skip":
                 log.warning("%s; skipping the step", message)
+                with torch.no_grad():
+                    for name, value in self.model.named_buffers():
+                        value.copy_(buffers[name])
                 self.log("train/skipped_nonfinite", 1.0, reduce_fx="sum", on_step=False, on_epoch=True)
                 return None
             raise NonFiniteLossError(message)
-        batch_size = batch[0].shape[0]
+        batch_size = images.shape[0]
         self.log("train/loss", total, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch_size)
         main_terms = {f"train/{k}": v for k, v in loss_dict.items() if "_" not in k.removeprefix("loss_")}
         self.log_dict(main_terms, on_step=False, on_epoch=True, batch_size=batch_size)
@@ -239,6 +251,12 @@ class DeformableDETRModule(L.LightningModule):
         optimizer = torch.optim.AdamW(self.param_groups(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg["lr_drop"], gamma=cfg["lr_drop_gamma"])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+
+def _all_finite(outputs: dict[str, Any]) -> bool:
+    """Whether every predicted logit and box (final, auxiliary and encoder outputs) is finite."""
+    heads = [outputs, *outputs.get("aux_outputs", []), outputs.get("enc_outputs", {})]
+    return all(bool(torch.isfinite(head[key]).all()) for head in heads for key in ("pred_logits", "pred_boxes") if key in head)
 
 
 CLASS_HEAD_MARKERS = ("class_embed",)

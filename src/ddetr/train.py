@@ -18,6 +18,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from ddetr.callbacks import Preempted
 from ddetr.config import CONFIG_DIR, register_resolvers
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    except Preempted as stop:
+        log.warning("%s", stop)
+        print(f"\nTraining {stop}")
+        return {}
 
     metrics = {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith("val/")}
     if trainer.is_global_zero and cfg.get("metrics_file"):

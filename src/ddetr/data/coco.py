@@ -24,10 +24,8 @@ from .validation import load_coco_json
 
 log = logging.getLogger(__name__)
 
-Transform = Callable[
-    [np.ndarray, np.ndarray, np.ndarray],
-    tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-]
+# (image, boxes, labels, seed=None) -> (image tensor, boxes, labels); see DetectionTransform
+Transform = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 class CocoDetection(Dataset):
@@ -154,7 +152,9 @@ class CocoDetection(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, dict]:
+        """Sample ``item``: an index, or ``(index, seed)`` to fix the augmentation's randomness."""
+        index, seed = item if isinstance(item, tuple) else (item, None)
         skipped: list[SkipRecord] = []
         for attempt in range(min(self.max_replacement_tries, len(self.records))):
             record = self.records[(index + attempt) % len(self.records)]
@@ -176,7 +176,7 @@ class CocoDetection(Dataset):
                 )
                 skipped.append(SkipRecord(record.image_id, str(path), exc.reason))
                 continue
-            image, target = self._make_sample(record, pixels)
+            image, target = self._make_sample(record, pixels, seed)
             if skipped:
                 target[SKIPPED_KEY] = skipped
             return image, target
@@ -186,13 +186,13 @@ class CocoDetection(Dataset):
         )
 
     def _make_sample(
-        self, record: ImageRecord, pixels: np.ndarray
+        self, record: ImageRecord, pixels: np.ndarray, seed: int | None = None
     ) -> tuple[torch.Tensor, dict]:
         labels = np.array(
             [self.mapping.category_id_to_label[c] for c in record.category_ids],
             dtype=np.int64,
         )
-        image, boxes, labels = self.transforms(pixels, record.boxes, labels)
+        image, boxes, labels = self.transforms(pixels, record.boxes, labels, seed=seed)
         height, width = image.shape[-2:]
         boxes = boxes.to(torch.float32).reshape(-1, 4)
         scale = torch.tensor([width, height, width, height], dtype=torch.float32)

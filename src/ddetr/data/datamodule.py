@@ -17,7 +17,7 @@ from .coco import CocoDetection
 from .collate import collate_detection
 from .errors import DatasetError
 from .image_loading import DEFAULT_MAX_IMAGE_PIXELS, ExifMode
-from .samplers import UnpaddedDistributedSampler
+from .samplers import ResumableDistributedSampler, UnpaddedDistributedSampler
 from .skips import SkipReport, pop_batch_skips
 from .synthetic import ensure_synthetic_dataset
 from .transforms import DetectionTransform, make_train_transforms, make_val_transforms
@@ -38,9 +38,11 @@ class DetectionDataModule(LightningDataModule):
     adds them to `skip_reports[stage]` ("train" or "val"); `pop_skip_report(stage)` returns and
     resets it (`SkipReportCallback` logs it at the end of every train/val epoch).
 
-    Distributed: Lightning injects its `DistributedSampler` for training (shuffled, seeded); the val
-    loader uses `UnpaddedDistributedSampler`, so every val image is seen exactly once over all
-    ranks (ranks may get different batch counts: do not sync per val step).
+    Training uses `ResumableDistributedSampler` (shuffled per epoch from `seed`, sharded over ranks,
+    a fixed augmentation seed per sample); `state_dict()` records the position in the epoch in
+    every checkpoint, so a run resumed mid-epoch sees exactly the samples and augmentations that an
+    uninterrupted run would. The val loader uses `UnpaddedDistributedSampler`, so every val image is
+    seen exactly once over all ranks (ranks may get different batch counts: do not sync per val step).
 
     Args:
         train_images, train_annotations, val_images, val_annotations: image folders and COCO JSONs.
@@ -109,6 +111,8 @@ class DetectionDataModule(LightningDataModule):
         self.persistent_workers = persistent_workers and num_workers > 0
         self.skip_reports: dict[str, SkipReport] = {}
         self._train_dataset: CocoDetection | None = None
+        self._train_sampler: ResumableDistributedSampler | None = None
+        self._resume_state: dict[str, int] | None = None
         self._val_dataset: CocoDetection | None = None
 
     # ------------------------------------------------------------------ datasets
@@ -183,15 +187,32 @@ class DetectionDataModule(LightningDataModule):
 
     # ------------------------------------------------------------------ loaders
     def train_dataloader(self) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed)
+        self._train_sampler = ResumableDistributedSampler(self.train_dataset, seed=self.seed)
+        if self._resume_state is not None:
+            self._train_sampler.resume(self._resume_state["epoch"], self._resume_state["consumed_samples"])
+            self._resume_state = None
         return DataLoader(
             self.train_dataset,
             batch_size=self.batch_size,
-            shuffle=True,
-            generator=generator,
+            sampler=self._train_sampler,
+            # its own generator: creating the loader's iterator draws nothing from the global RNG
+            generator=torch.Generator().manual_seed(self.seed),
             drop_last=False,
             **self._loader_options(),
         )
+
+    # ------------------------------------------------------------------ exact resume
+    def state_dict(self) -> dict[str, Any]:
+        """The position in the training epoch, saved in every checkpoint (Lightning calls this)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return {}
+        consumed_batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": trainer.current_epoch, "consumed_samples": consumed_batches * self.batch_size}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """On resume: the next training epoch iteration continues after the samples already used."""
+        self._resume_state = dict(state_dict) if state_dict else None
 
     def val_dataloader(self) -> DataLoader:
         sampler = (

@@ -149,7 +149,9 @@ class DetectionTransform:
     share. Each call reseeds the pipeline with a number drawn from torch's global generator, so the
     augmentation follows torch's seeding: DataLoader workers (seeded per worker and epoch by
     PyTorch) draw different augmentations, and `torch.manual_seed` /
-    `lightning.seed_everything(..., workers=True)` make them reproducible.
+    `lightning.seed_everything(..., workers=True)` make them reproducible. A `seed` given to the
+    call (the training sampler gives one per sample, see `ResumableDistributedSampler`) decides the
+    augmentation alone, whatever process or worker runs it: that makes resumed runs exact.
 
     Args:
         transforms: the geometric/photometric transforms (without Normalize/ToTensor).
@@ -183,8 +185,10 @@ class DetectionTransform:
                 ),
             )
 
-    def __call__(self, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray):
-        self.pipeline.set_random_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+    def __call__(self, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, seed: int | None = None):
+        if seed is None:
+            seed = int(torch.randint(0, 2**31 - 1, ()).item())
+        self.pipeline.set_random_seed(seed)
         out = self.pipeline(
             image=image,
             bboxes=np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
