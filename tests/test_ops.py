@@ -44,10 +44,11 @@ def make_inputs(
     num_values, num_levels = int(sizes.sum()), len(shapes)
     value = torch.randn(batch_size, num_values, num_heads, head_dim, generator=generator, dtype=torch.float64)
     sampling_locations = (
-        torch.rand(batch_size, num_queries, num_heads, num_levels, num_points, 2, generator=generator, dtype=torch.float64)
+        torch.rand(batch_size, num_queries, num_heads, num_levels, num_points, 2, generator=generator,
+                   dtype=torch.float64)
         * (high - low)
         + low
-    )
+    )  # (B, Lq, M, L, P, 2)
     attention_weights = torch.rand(
         batch_size, num_queries, num_heads, num_levels, num_points, generator=generator, dtype=torch.float64
     )
@@ -86,6 +87,8 @@ CONFIGS = {
     "two_points_two_levels_batch3": dict(batch_size=3, num_heads=1, head_dim=8, shapes=((4, 9), (9, 4)), num_points=2),
     "far_outside": dict(low=-3.0, high=4.0, num_queries=16),
     "inside_only": dict(low=0.0, high=1.0, num_points=3, shapes=((8, 8), (4, 4))),
+    # >= 4 samples per pixel and head: the CPU backward switches to its heads-outer layout
+    "many_samples_per_pixel": dict(shapes=((3, 2), (1, 2)), num_queries=12, num_heads=3, head_dim=6),
 }
 
 
@@ -108,15 +111,36 @@ def test_backward_with_more_threads_than_heads(dtype):
     torch.set_num_threads(4)
     try:
         inputs = make_inputs(batch_size=1, num_heads=1, num_queries=9, dtype=dtype)
-        if dtype == torch.float64:
-            assert_matches_reference(inputs)
-        else:
-            _, grads = output_and_grads(inputs, "cpu")
-            rounded = [t.double() if t.is_floating_point() else t for t in inputs]
-            _, expected = output_and_grads(rounded, "pytorch")
-            torch.testing.assert_close(grads[0].double(), expected[0], atol=3e-2, rtol=2e-2)
+        assert_close_to_reference_in(inputs, dtype)
+        # two heads, many samples per pixel: the heads-outer layout with chunks
+        inputs = make_inputs(batch_size=1, num_heads=2, num_queries=12, shapes=((3, 2), (1, 2)), dtype=dtype)
+        assert_close_to_reference_in(inputs, dtype)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("num_queries", [300, 1000])
+def test_multithreaded_matches_reference(num_queries):
+    """Enough queries that the forward splits them over threads (and the backward over heads)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        assert_matches_reference(
+            make_inputs(batch_size=2, shapes=((6, 5), (3, 3)), num_heads=2, head_dim=8, num_queries=num_queries)
+        )
+    finally:
+        torch.set_num_threads(threads)
+
+
+def assert_close_to_reference_in(inputs, dtype):
+    """float64: output and gradients within 1e-10; bfloat16: grad_value within bfloat16 tolerance."""
+    if dtype == torch.float64:
+        assert_matches_reference(inputs)
+        return
+    _, grads = output_and_grads(inputs, "cpu")
+    rounded = [t.double() if t.is_floating_point() else t for t in inputs]
+    _, expected = output_and_grads(rounded, "pytorch")
+    torch.testing.assert_close(grads[0].double(), expected[0], atol=3e-2, rtol=2e-2)
 
 
 def test_border_locations():
@@ -213,7 +237,8 @@ def test_torch_compile_fullgraph():
 
     def attend(value, sampling_locations, attention_weights):
         output = ms_deform_attn(
-            value * 2, spatial_shapes, level_start_index, sampling_locations.sigmoid(), attention_weights, backend="auto"
+            value * 2, spatial_shapes, level_start_index, sampling_locations.sigmoid(), attention_weights,
+            backend="auto",
         )
         return output.tanh()
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from ddetr.config import compose
+from ddetr.data import ensure_synthetic_dataset
 from ddetr.module import DeformableDETRModule
 from ddetr.train import train
 
@@ -114,7 +115,7 @@ def test_sweep_runs_every_combination(tmp_path, data_root):
 @pytest.mark.slow
 def test_ddp_on_two_cpu_processes(tmp_path, data_root):
     overrides = [o for o in tiny_overrides(tmp_path, data_root) if not o.startswith("paths.output_dir")]
-    run_cli(["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "+trainer.strategy.process_group_backend=gloo",
+    run_cli(["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
              f"hydra.run.dir={tmp_path}/ddp", *overrides], cwd=tmp_path)
     metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert 0.0 <= metrics["val/AP"] <= 1.0
@@ -128,3 +129,44 @@ def test_wandb_logger_runs_offline(tmp_path, data_root):
     assert runs, "an offline wandb run directory is written"
     files = {p.name for p in runs[0].rglob("*")}
     assert any(name.endswith(".wandb") for name in files)
+
+
+def data_with_empty_images(data_root: Path, out: Path, keep_boxes_of: int = 1) -> Path:
+    """A copy of the synthetic train annotations in which only the first ``keep_boxes_of`` images have boxes."""
+    annotations = json.loads((data_root / "annotations" / "instances_train.json").read_text())
+    keep = {image["id"] for image in annotations["images"][:keep_boxes_of]}
+    annotations["images"] = annotations["images"][:4]
+    annotations["annotations"] = [a for a in annotations["annotations"] if a["image_id"] in keep]
+    out.write_text(json.dumps(annotations))
+    return out
+
+
+@pytest.mark.slow
+def test_ddp_empty_rank_and_odd_val_set(tmp_path, data_root):
+    """2 ranks, batch 1, 4 train images of which 3 have no boxes: in every step some rank has no boxes,
+    and no rank hangs. 5 val images (odd) evaluated on 2 ranks give the AP of 1 process."""
+    data_root = ensure_synthetic_dataset(tmp_path / "synthetic", num_train=4, num_val=5, image_size=64, progress=False)
+    train_json = data_with_empty_images(data_root, tmp_path / "train.json")
+    data = ["data=custom", f"data.train_images={data_root}/train", f"data.train_annotations={train_json}",
+            f"data.val_images={data_root}/val", f"data.val_annotations={data_root}/annotations/instances_val.json",
+            "data.batch_size=1", "data.num_workers=0", "data.val_transforms.size=64", "data.val_transforms.max_size=96",
+            "data.train_transforms.scales=[48,64]", "data.train_transforms.max_size=96",
+            "data.train_transforms.crop_resize_scales=[48,64]", "data.train_transforms.crop_min_size=32",
+            "data.train_transforms.crop_max_size=64"]
+    model = [o for o in tiny_overrides(tmp_path, data_root) if o.startswith(("model.", "callbacks.", "trainer.log"))]
+    run_cli(["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_epochs=2",
+             f"hydra.run.dir={tmp_path}/ddp", *model, *data], cwd=tmp_path)
+    metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert all(v == v for v in metrics["all"].values()), "no NaN metric"  # finite losses on both ranks
+
+    import lightning as L
+    from hydra.utils import instantiate
+
+    cfg = compose([*model, *data, f"paths.output_dir={tmp_path}/single"])
+    datamodule = instantiate(cfg.data)
+    module = DeformableDETRModule.load_from_checkpoint(tmp_path / "ddp" / "checkpoints" / "last.ckpt", map_location="cpu")
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    single = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+    assert len(datamodule.val_dataset) == 5
+    for name in ("val/AP", "val/AP50", "val/AR100"):
+        assert single[name] == pytest.approx(metrics["all"][name], abs=1e-9), name

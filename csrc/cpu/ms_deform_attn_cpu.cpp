@@ -9,8 +9,9 @@
 //   forward   over (batch, query): each task owns its output rows.
 //   backward  over (batch, head[, query chunk]): each task owns grad_value[batch, :, head, :] (or a
 //             private copy of it per query chunk, summed afterwards), so the scatter into grad_value
-//             needs no atomics. It works on a (batch, head, value, channel) copy of value and
-//             grad_value, so a task's slice is contiguous, and prefetches its strided per-query rows. grad_sampling_locations and grad_attention_weights are written once
+//             needs no atomics. With many samples per pixel (encoder) it works on (batch, head, value,
+//             channel) copies of value and grad_value, so a task's slice is contiguous; it
+//             prefetches its strided per-query rows. grad_sampling_locations and grad_attention_weights are written once
 //             per sampling point by the task that owns it.
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
@@ -241,21 +242,31 @@ void forward_kernel(const scalar_t* value, const int64_t* spatial_shapes, const 
   });
 }
 
-// value_by_head: (batch_size, num_heads, num_values, head_dim), value with the heads moved before
-// the pixels, so the slice a task works on is contiguous (fewer cache and TLB misses).
-// grad_value_accumulator: (num_chunks, batch_size, num_heads, num_values, head_dim) in opmath_t;
-// chunk c holds the contributions of the queries in chunk c.
+// Where the (batch, head) slices of value and grad_value lie: element (batch, pixel, head, channel)
+// is at batch * batch_stride + head * head_stride + pixel * pixel_stride + channel.
+//   heads inner  (batch_size, num_values, num_heads, head_dim): value as given
+//   heads outer  (batch_size, num_heads, num_values, head_dim): a task's slice is contiguous (fewer
+//                cache and TLB misses), worth a transposed copy when there are many samples per pixel
+struct ValueLayout {
+  int64_t batch_stride;
+  int64_t head_stride;
+  int64_t pixel_stride;
+};
+
+// grad_value_accumulator: num_chunks copies of grad_value in `layout`, in opmath_t; chunk c holds
+// the contributions of the queries in chunk c.
 template <typename scalar_t>
-void backward_kernel(const scalar_t* grad_output, const scalar_t* value_by_head, const int64_t* spatial_shapes,
+void backward_kernel(const scalar_t* grad_output, const scalar_t* value, const int64_t* spatial_shapes,
                      const int64_t* level_start_index, const scalar_t* sampling_locations,
                      const scalar_t* attention_weights, at::opmath_type<scalar_t>* grad_value_accumulator,
                      scalar_t* grad_sampling_locations, scalar_t* grad_attention_weights,
-                     const MSDeformAttnSizes& sizes, int64_t num_chunks) {
+                     const MSDeformAttnSizes& sizes, const ValueLayout& layout, int64_t num_chunks) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t batch_size = sizes.batch_size, num_heads = sizes.num_heads, head_dim = sizes.head_dim,
                 num_levels = sizes.num_levels, num_points = sizes.num_points, num_queries = sizes.num_queries,
                 num_values = sizes.num_values;
-  const int64_t pixel_stride = head_dim;  // distance between neighbouring pixels in value_by_head
+  const int64_t pixel_stride = layout.pixel_stride;
+  const int64_t chunk_stride = batch_size * num_values * num_heads * head_dim;
   const int64_t queries_per_chunk = (num_queries + num_chunks - 1) / num_chunks;
   at::parallel_for(0, batch_size * num_heads * num_chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<opmath_t> grad_output_storage(head_dim);  // grad_output row in opmath_t, one per task
@@ -264,9 +275,9 @@ void backward_kernel(const scalar_t* grad_output, const scalar_t* value_by_head,
       const int64_t chunk = task % num_chunks;
       const int64_t head = (task / num_chunks) % num_heads;
       const int64_t batch = task / (num_chunks * num_heads);
-      const scalar_t* batch_value = value_by_head + (batch * num_heads + head) * num_values * head_dim;
-      opmath_t* batch_grad_value =
-          grad_value_accumulator + ((chunk * batch_size + batch) * num_heads + head) * num_values * head_dim;
+      const int64_t slice_offset = batch * layout.batch_stride + head * layout.head_stride;
+      const scalar_t* batch_value = value + slice_offset;
+      opmath_t* batch_grad_value = grad_value_accumulator + chunk * chunk_stride + slice_offset;
       const int64_t query_end = std::min(num_queries, (chunk + 1) * queries_per_chunk);
       for (int64_t query = chunk * queries_per_chunk; query < query_end; ++query) {
         const int64_t batch_query_head = (batch * num_queries + query) * num_heads + head;
@@ -385,7 +396,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   const at::Tensor level_start_index_c = level_start_index.contiguous();
   check_levels(spatial_shapes_c, level_start_index_c, sizes.num_values);
   const at::Tensor grad_output_c = grad_output.contiguous();
-  const at::Tensor value_by_head = value.permute({0, 2, 1, 3}).contiguous();  // (N, M, S, D)
   const at::Tensor sampling_locations_c = sampling_locations.contiguous();
   const at::Tensor attention_weights_c = attention_weights.contiguous();
 
@@ -402,25 +412,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   const int64_t num_threads = at::get_num_threads();
   const int64_t num_chunks =
       std::min(sizes.num_queries, std::max<int64_t>(1, (num_threads + num_row_tasks - 1) / num_row_tasks));
+  // heads outer when every pixel of a head is read by several samples on average (the encoder),
+  // heads inner when the transposed copies would cost more than they save (the decoder)
+  const int64_t samples_per_head = sizes.num_queries * sizes.num_levels * sizes.num_points;
+  const bool heads_outer = samples_per_head >= 4 * sizes.num_values && sizes.num_heads > 1;
+  const int64_t S = sizes.num_values, M = sizes.num_heads, D = sizes.head_dim;
+  const ValueLayout layout = heads_outer ? ValueLayout{M * S * D, S * D, D} : ValueLayout{S * M * D, D, M * D};
+  const at::Tensor value_c =
+      heads_outer ? value.permute({0, 2, 1, 3}).contiguous() : value.contiguous();  // (N, M, S, D) or (N, S, M, D)
   const at::ScalarType opmath_dtype = at::toOpMathType(value.scalar_type());
+  const bool accumulate_in_place = !heads_outer && num_chunks == 1 && opmath_dtype == value.scalar_type();
   at::Tensor grad_value_accumulator =
-      at::zeros({num_chunks, sizes.batch_size, sizes.num_heads, sizes.num_values, sizes.head_dim},
-                value.options().dtype(opmath_dtype));
+      accumulate_in_place ? at::zeros(value.sizes(), value.options())
+                          : at::zeros({num_chunks, value_c.size(0), value_c.size(1), value_c.size(2), D},
+                                      value.options().dtype(opmath_dtype));  // (chunks, *value_c.shape)
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     backward_kernel<scalar_t>(
-        grad_output_c.const_data_ptr<scalar_t>(), value_by_head.const_data_ptr<scalar_t>(),
+        grad_output_c.const_data_ptr<scalar_t>(), value_c.const_data_ptr<scalar_t>(),
         spatial_shapes_c.const_data_ptr<int64_t>(), level_start_index_c.const_data_ptr<int64_t>(),
         sampling_locations_c.const_data_ptr<scalar_t>(), attention_weights_c.const_data_ptr<scalar_t>(),
         grad_value_accumulator.mutable_data_ptr<opmath_t>(), grad_sampling_locations.mutable_data_ptr<scalar_t>(),
-        grad_attention_weights.mutable_data_ptr<scalar_t>(), sizes, num_chunks);
+        grad_attention_weights.mutable_data_ptr<scalar_t>(), sizes, layout, num_chunks);
   });
-  // (chunks, N, M, S, D) -> (N, M, S, D) -> (N, S, M, D)
-  const at::Tensor grad_value_by_head =
+  if (accumulate_in_place) {
+    return {grad_value_accumulator, grad_sampling_locations, grad_attention_weights};
+  }
+  // (chunks, *value_c.shape) -> value_c.shape -> (N, S, M, D)
+  const at::Tensor grad_value_summed =
       num_chunks == 1 ? grad_value_accumulator.select(0, 0) : grad_value_accumulator.sum(0);
   at::Tensor grad_value = at::empty(value.sizes(), value.options());  // contiguous
-  grad_value.copy_(grad_value_by_head.permute({0, 2, 1, 3}));
+  grad_value.copy_(heads_outer ? grad_value_summed.permute({0, 2, 1, 3}) : grad_value_summed);
   return {grad_value, grad_sampling_locations, grad_attention_weights};
 }
 

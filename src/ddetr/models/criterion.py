@@ -46,18 +46,19 @@ def sigmoid_focal_loss(
     return loss.mean(1).sum() / num_boxes
 
 
-def average_num_boxes(targets: Targets, device: torch.device) -> torch.Tensor:
+def average_num_boxes(targets: Targets, device: torch.device, sync: bool = True) -> torch.Tensor:
     """Number of targets in the batch, averaged over ranks, at least 1.
 
-    Sums over every rank (``all_reduce`` SUM) when ``torch.distributed`` is initialised and divides by
-    the world size, so every rank normalises by the same number.
+    With ``sync``, sums over every rank (``all_reduce`` SUM) when ``torch.distributed`` is initialised
+    and divides by the world size, so every rank normalises by the same number. Without it (e.g. in
+    evaluation, where ranks may run different numbers of steps) it counts this rank's targets only.
 
     Returns:
         Scalar float32 tensor on ``device``.
     """
     num_boxes = torch.tensor(float(sum(len(target["labels"]) for target in targets)), device=device)
     world_size = 1
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if sync and torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(num_boxes, op=torch.distributed.ReduceOp.SUM)
         world_size = torch.distributed.get_world_size()
     return torch.clamp(num_boxes / world_size, min=1)
@@ -192,8 +193,12 @@ class SetCriterion(nn.Module):
             losses.update(self.loss_table[loss](outputs, targets, indices, num_boxes, **kwargs))
         return {name + suffix: value for name, value in losses.items()}
 
-    def forward(self, outputs: dict, targets: Targets) -> dict[str, torch.Tensor]:
+    def forward(self, outputs: dict, targets: Targets, sync_num_boxes: bool = True) -> dict[str, torch.Tensor]:
         """Unweighted loss terms.
+
+        ``sync_num_boxes``: average the normaliser ``num_boxes`` over ranks (the official training
+        behaviour, a collective call on every rank); pass False where ranks may run different
+        numbers of steps, as in distributed evaluation.
 
         Args:
             outputs: ``pred_logits`` (batch_size, num_queries, num_classes), ``pred_boxes``
@@ -213,7 +218,7 @@ class SetCriterion(nn.Module):
                 f"SetCriterion: pred_logits has {outputs['pred_logits'].shape[-1]} classes, "
                 f"the criterion was built for num_classes={self.num_classes}"
             )
-        num_boxes = average_num_boxes(targets, outputs["pred_logits"].device)
+        num_boxes = average_num_boxes(targets, outputs["pred_logits"].device, sync=sync_num_boxes)
         losses = self.layer_losses(outputs, targets, num_boxes, log=True)
         for layer, aux_outputs in enumerate(outputs.get("aux_outputs") or []):
             losses.update(self.layer_losses(aux_outputs, targets, num_boxes, suffix=f"_{layer}"))

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddetr.models.ms_deform_attn import MSDeformAttn
+from ddetr.ops.reference import spatial_shapes_list
 
 
 def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -70,8 +71,9 @@ def encoder_reference_points(spatial_shapes: Sequence[tuple[int, int]], ratios: 
     references = []
     for level, (height, width) in enumerate(spatial_shapes):
         ref_y, ref_x = torch.meshgrid(
-            torch.linspace(0.5, height - 0.5, height, dtype=torch.float32, device=ratios.device),
-            torch.linspace(0.5, width - 0.5, width, dtype=torch.float32, device=ratios.device),
+            # arange + 0.5 equals linspace(0.5, size - 0.5, size) and exports to ONNX also for size 1
+            torch.arange(height, dtype=torch.float32, device=ratios.device) + 0.5,
+            torch.arange(width, dtype=torch.float32, device=ratios.device) + 0.5,
             indexing="ij",
         )  # (H, W) each
         ref_y = ref_y.reshape(-1)[None] / (ratios[:, None, level, 1] * height)  # (B, H*W)
@@ -126,8 +128,8 @@ def encoder_output_proposals(
         valid_height = (~level_mask[:, :, 0]).sum(1)
         valid_width = (~level_mask[:, 0, :]).sum(1)
         grid_y, grid_x = torch.meshgrid(
-            torch.linspace(0, height - 1, height, dtype=torch.float32, device=memory.device),
-            torch.linspace(0, width - 1, width, dtype=torch.float32, device=memory.device),
+            torch.arange(height, dtype=torch.float32, device=memory.device),
+            torch.arange(width, dtype=torch.float32, device=memory.device),
             indexing="ij",
         )  # (H, W) each
         grid = torch.stack([grid_x, grid_y], -1)  # (H, W, 2)
@@ -233,7 +235,7 @@ class DeformableEncoder(nn.Module):
         Returns:
             memory: (batch_size, num_values, hidden_dim).
         """
-        reference_points = encoder_reference_points([tuple(s) for s in spatial_shapes.tolist()], ratios)
+        reference_points = encoder_reference_points(spatial_shapes_list(spatial_shapes), ratios)
         output = src
         for layer in self.layers:
             output = layer(output, pos, reference_points, spatial_shapes, level_start_index, padding_mask)

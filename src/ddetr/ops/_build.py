@@ -56,6 +56,10 @@ def csrc_dir() -> Path:
 
 def _cxx_flags() -> list[str]:
     flags = list(_CXX_FLAGS)
+    if sys.platform.startswith("linux"):
+        # at::parallel_for is inline: without OpenMP it would run the kernels on one thread. The
+        # library then binds to the libgomp that torch already loaded (same soname).
+        flags.append("-fopenmp")
     # the library is built on the machine that runs it; the CPU model is part of the cache key
     if platform.machine() in ("x86_64", "AMD64") and os.environ.get("DDETR_NO_NATIVE", "0") != "1":
         flags.append("-march=native")
@@ -133,6 +137,7 @@ def build(with_cuda: bool | None = None, verbose: bool = False) -> Path:
         sources=[str(sources / name) for name in names],
         extra_cflags=_cxx_flags(),
         extra_cuda_cflags=list(_CUDA_FLAGS),
+        extra_ldflags=["-fopenmp"] if sys.platform.startswith("linux") else [],
         extra_include_paths=[str(sources)],
         build_directory=str(directory),
         with_cuda=with_cuda,

@@ -11,6 +11,23 @@ import torch
 import torch.nn.functional as F
 
 
+@torch.compiler.assume_constant_result
+def _constant_shapes_list(spatial_shapes: torch.Tensor) -> list[tuple[int, int]]:
+    return [(int(height), int(width)) for height, width in spatial_shapes.tolist()]
+
+
+def spatial_shapes_list(spatial_shapes: torch.Tensor) -> list[tuple[int, int]]:
+    """The (height, width) of every level as Python ints.
+
+    Under ``torch.export`` (strict) the shapes are taken as constants of the exported program (its
+    input size is fixed), since ``tolist()`` would otherwise make them data-dependent; elsewhere
+    (eager, ``torch.compile``, TorchScript tracing) it is a plain ``tolist()``.
+    """
+    if torch.compiler.is_exporting():
+        return _constant_shapes_list(spatial_shapes)
+    return [(int(height), int(width)) for height, width in spatial_shapes.tolist()]
+
+
 def ms_deform_attn_pytorch(
     value: torch.Tensor,
     spatial_shapes: torch.Tensor,
@@ -35,12 +52,13 @@ def ms_deform_attn_pytorch(
     del level_start_index
     batch_size, _, num_heads, head_dim = value.shape
     _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
-    sizes = [int(h) * int(w) for h, w in spatial_shapes.tolist()]
+    shapes = spatial_shapes_list(spatial_shapes)
+    sizes = [height * width for height, width in shapes]
     value_per_level = value.split(sizes, dim=1)
     # grid_sample wants coordinates in [-1, 1]; align_corners=False makes -1 the left edge of pixel 0
     grids = 2 * sampling_locations - 1
     sampled = []
-    for level, (height, width) in enumerate(spatial_shapes.tolist()):
+    for level, (height, width) in enumerate(shapes):
         level_value = value_per_level[level].flatten(2).transpose(1, 2)  # (B, M*D, H*W)
         level_value = level_value.reshape(batch_size * num_heads, head_dim, height, width)  # (B*M, D, H, W)
         level_grid = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)  # (B*M, Lq, P, 2)
