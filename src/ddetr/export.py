@@ -38,14 +38,15 @@ class ExportableDetector(nn.Module):
     """``DeformableDETR`` with tensor inputs and a tuple output, as exporters want.
 
     Args:
-        model: a ``DeformableDETR`` (put in eval mode here).
+        model: a ``DeformableDETR`` (put in eval mode, with the wrapper).
         with_mask: ``forward(images, mask)``; without it ``forward(images)`` assumes no padding.
     """
 
     def __init__(self, model: nn.Module, with_mask: bool = False) -> None:
         super().__init__()
-        self.model = model.eval()
+        self.model = model
         self.with_mask = with_mask
+        self.eval()  # the wrapper too: exporters restore the wrapper's mode, recursively
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """images: (batch_size, 3, height, width); mask: (batch_size, height, width) bool, True on padding.

@@ -48,17 +48,49 @@ def _out_channels(stage: nn.Module) -> int:
     return convolutions[-1].out_channels
 
 
+TORCHVISION_WEIGHT_NAMES = {"DEFAULT", "IMAGENET1K_V1", "IMAGENET1K_V2"}
+
+
+def download_resnet_weights(resnet: nn.Module, weight_name: str) -> dict[str, torch.Tensor]:
+    """torchvision's ImageNet weights for this ResNet (cached by torch.hub); a clear error offline."""
+    blocks_per_stage = tuple(len(getattr(resnet, f"layer{stage}")) for stage in range(1, 5))
+    bottleneck = isinstance(resnet.layer1[0], torchvision.models.resnet.Bottleneck)
+    name = {
+        ((2, 2, 2, 2), False): "ResNet18",
+        ((3, 4, 6, 3), False): "ResNet34",
+        ((3, 4, 6, 3), True): "ResNet50",
+        ((3, 4, 23, 3), True): "ResNet101",
+    }[(blocks_per_stage, bottleneck)]
+    weights = torchvision.models.get_weight(f"{name}_Weights.{weight_name}")
+    try:
+        return weights.get_state_dict(progress=True)
+    except OSError as error:  # URLError and socket errors
+        raise RuntimeError(
+            f"cannot download torchvision's {name} {weight_name} weights from {weights.url} ({error}). "
+            f"Offline, download that file elsewhere and pass its path: model.backbone.weights=/path/to/file.pth"
+        ) from error
+
+
 def load_resnet_weights(resnet: nn.Module, path: str | Path) -> None:
     """Loads a torchvision ResNet state dict file into ``resnet``; ``fc.*`` may be absent.
+
+    ``path`` may also name torchvision's ImageNet weights (``DEFAULT``, ``IMAGENET1K_V1``,
+    ``IMAGENET1K_V2``), which are downloaded (and cached) where a network is available.
 
     Raises:
         FileNotFoundError: no file at ``path``.
         ValueError: naming the file, when keys are missing, unexpected or of another shape.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"backbone weights file not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not path.is_file() and str(path) in TORCHVISION_WEIGHT_NAMES:
+        state = download_resnet_weights(resnet, str(path))
+    elif not path.is_file():
+        raise FileNotFoundError(
+            f"backbone weights file not found: {path} (a torchvision ResNet state dict file, or one of "
+            f"{sorted(TORCHVISION_WEIGHT_NAMES)} to download torchvision's ImageNet weights)"
+        )
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     state = {key: value for key, value in state.items() if not key.endswith("num_batches_tracked")}
