@@ -346,3 +346,29 @@ class TestCuda:
             torch.ops.ddetr.ms_deform_attn_forward.default,
             (leaves[0], spatial_shapes, level_start_index, leaves[1], leaves[2]),
         )
+
+
+@pytest.mark.parametrize("fault", ["nan_weight", "nan_location", "nan_weight_outside", "inf_weight_outside"])
+def test_non_finite_inputs_propagate_like_the_reference(fault):
+    """A diverged model must show up as NaN output, never be masked by skipped sample points."""
+    from ddetr.ops import ms_deform_attn
+
+    generator = torch.Generator().manual_seed(0)
+    shapes = torch.tensor([[4, 5], [2, 3]])
+    starts = torch.tensor([0, 20])
+    value = torch.randn(1, 26, 2, 4, dtype=torch.float64, generator=generator)
+    locations = torch.rand(1, 3, 2, 2, 2, 2, dtype=torch.float64, generator=generator)
+    weights = torch.rand(1, 3, 2, 2, 2, dtype=torch.float64, generator=generator)
+    if fault == "nan_weight":
+        weights[0, 0, 0, 0, 0] = float("nan")
+    elif fault == "nan_location":
+        locations[0, 1, 0, 0, 0, 0] = float("nan")
+    else:
+        locations[0, 2, 1, 1, 1] = 5.0  # far outside the map
+        weights[0, 2, 1, 1, 1] = float("nan") if fault == "nan_weight_outside" else float("inf")
+    reference = ms_deform_attn(value, shapes, starts, locations, weights, backend="pytorch")
+    compiled = ms_deform_attn(value, shapes, starts, locations, weights, backend="cpu")
+    assert torch.isnan(reference).any()
+    assert torch.equal(torch.isnan(compiled), torch.isnan(reference))
+    finite = ~torch.isnan(reference)
+    assert torch.allclose(compiled[finite], reference[finite], atol=1e-10)

@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -210,12 +211,17 @@ void forward_kernel(const scalar_t* value, const int64_t* spatial_shapes, const 
           const scalar_t* level_value = batch_value + level_start_index[level] * pixel_stride + head * head_dim;
           for (int64_t point = 0; point < num_points; ++point) {
             const int64_t sample = head_sample + level * num_points + point;
-            if (!bilinear_corners(static_cast<opmath_t>(sampling_locations[2 * sample]),
-                                  static_cast<opmath_t>(sampling_locations[2 * sample + 1]), height, width,
-                                  corners)) {
+            const opmath_t weight = static_cast<opmath_t>(attention_weights[sample]);
+            const opmath_t x = static_cast<opmath_t>(sampling_locations[2 * sample]);
+            const opmath_t y = static_cast<opmath_t>(sampling_locations[2 * sample + 1]);
+            if (!bilinear_corners(x, y, height, width, corners)) {
+              // reads zeros; as in the reference, a NaN location or non-finite weight still poisons
+              // the output, so a diverged model is seen instead of silently masked
+              if (std::isnan(x) || std::isnan(y) || !std::isfinite(weight)) {
+                std::fill(accumulator, accumulator + head_dim, std::numeric_limits<opmath_t>::quiet_NaN());
+              }
               continue;
             }
-            const opmath_t weight = static_cast<opmath_t>(attention_weights[sample]);
             if (corners.all_valid) {
               accumulate_four(accumulator, level_value + corners.pixel[0] * pixel_stride,
                               level_value + corners.pixel[1] * pixel_stride,

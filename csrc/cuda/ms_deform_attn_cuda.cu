@@ -110,11 +110,16 @@ __global__ void forward_kernel(const scalar_t* __restrict__ value, const int64_t
       const scalar_t* level_value = head_value + level_start_index[level] * pixel_stride;
       for (int64_t point = 0; point < num_points; ++point) {
         const int64_t sample = head_sample + level * num_points + point;
-        if (!bilinear_corners(static_cast<opmath_t>(sampling_locations[2 * sample]),
-                              static_cast<opmath_t>(sampling_locations[2 * sample + 1]), height, width, corners)) {
+        const opmath_t weight = static_cast<opmath_t>(attention_weights[sample]);
+        const opmath_t x = static_cast<opmath_t>(sampling_locations[2 * sample]);
+        const opmath_t y = static_cast<opmath_t>(sampling_locations[2 * sample + 1]);
+        if (!bilinear_corners(x, y, height, width, corners)) {
+          // reads zeros; as in the reference, a NaN location or non-finite weight poisons the output
+          if (isnan(x) || isnan(y) || !isfinite(weight)) {
+            accumulator += weight * opmath_t(NAN);
+          }
           continue;
         }
-        const opmath_t weight = static_cast<opmath_t>(attention_weights[sample]);
         opmath_t sampled = 0;
 #pragma unroll
         for (int corner = 0; corner < 4; ++corner) {

@@ -1,0 +1,89 @@
+"""Evaluation: `python -m ddetr.eval` validates a checkpoint and writes COCO results and metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddetr.config import compose
+from ddetr.convert import save_checkpoint
+from ddetr.data import ensure_synthetic_dataset
+from ddetr.eval import evaluate
+from ddetr.module import DeformableDETRModule
+from ddetr.predict import predict
+
+TINY = {"hidden_dim": 32, "nheads": 2, "enc_layers": 1, "dec_layers": 2, "dim_feedforward": 32, "num_queries": 10}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("synthetic")
+    ensure_synthetic_dataset(root, num_train=2, num_val=4, image_size=64)
+    return root
+
+
+def write_checkpoint(path: Path, dataset: Path, num_classes: int | None = None) -> Path:
+    annotations = json.loads((dataset / "annotations" / "instances_val.json").read_text())
+    categories = sorted(annotations["categories"], key=lambda c: c["id"])
+    torch.manual_seed(0)
+    module = DeformableDETRModule(
+        num_classes=num_classes or len(categories), backbone={"name": "resnet18", "norm": "batch"}, **TINY,
+        label_to_category_id=None if num_classes else [c["id"] for c in categories],
+    )  # fmt: skip
+    save_checkpoint(module, path, "test")
+    return path
+
+
+def eval_config(checkpoint: Path, dataset: Path, output: Path):
+    return compose(
+        [f"ckpt_path={checkpoint}", f"data.root={dataset}", "data.num_train=2", "data.num_val=4",
+         "data.image_size=64", "data.num_workers=0", "data.batch_size=2", "data.val_transforms.size=96",
+         "data.val_transforms.max_size=144", "trainer.accelerator=cpu", "+trainer.enable_progress_bar=false",
+         f"paths.output_dir={output}", f"paths.log_dir={output}/logs"],
+        config_name="eval",
+    )  # fmt: skip
+
+
+def test_eval_writes_metrics_and_the_same_detections_as_predict(tmp_path, dataset):
+    checkpoint = write_checkpoint(tmp_path / "tiny.ckpt", dataset)
+    metrics = evaluate(eval_config(checkpoint, dataset, tmp_path / "eval"))
+    for name in ("val/AP", "val/AP50", "val/AP75", "val/APs", "val/APm", "val/APl", "val/AR100"):
+        assert 0.0 <= metrics[name] <= 1.0
+    written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert written["val/AP"] == pytest.approx(metrics["val/AP"])
+
+    # the pycocotools result of the written detections is the reported one
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    ground_truth = COCO(str(dataset / "annotations" / "instances_val.json"))
+    coco_eval = COCOeval(ground_truth, ground_truth.loadRes(results), iouType="bbox")
+    coco_eval.evaluate(), coco_eval.accumulate(), coco_eval.summarize()
+    assert metrics["val/AP50"] == pytest.approx(max(coco_eval.stats[1], 0.0), abs=1e-6)
+
+    # prediction on the same files with the same resize gives the same detections
+    predict(
+        compose(
+            [f"ckpt_path={checkpoint}", f"input={dataset / 'val'}", f"output={tmp_path / 'predict'}", "size=96",
+             "max_size=144", "threshold=0.0", "device=cpu", "progress_bar=false",
+             f"annotations={dataset / 'annotations' / 'instances_val.json'}", f"paths.log_dir={tmp_path}/logs"],
+            config_name="predict",
+        )
+    )  # fmt: skip
+    predicted = json.loads((tmp_path / "predict" / "detections.json").read_text())
+    key = lambda r: (r["image_id"], -round(r["score"], 5), r["category_id"])  # noqa: E731
+    assert len(predicted) == len(results)
+    for mine, theirs in zip(sorted(predicted, key=key), sorted(results, key=key)):
+        assert (mine["image_id"], mine["category_id"]) == (theirs["image_id"], theirs["category_id"])
+        assert mine["score"] == pytest.approx(theirs["score"], abs=1e-5)
+        assert mine["bbox"] == pytest.approx(theirs["bbox"], abs=1e-3)
+
+
+def test_class_count_mismatch_names_the_checkpoint(tmp_path, dataset):
+    checkpoint = write_checkpoint(tmp_path / "three_classes.ckpt", dataset, num_classes=3)
+    with pytest.raises(ValueError, match="three_classes.ckpt.*3 classes"):
+        evaluate(eval_config(checkpoint, dataset, tmp_path / "eval"))
