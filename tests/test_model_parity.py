@@ -121,3 +121,39 @@ def test_parity_with_transformers_from_official_names(case):
     ours = _ours(variant, official_to_ddetr(official, **flags))
     with torch.no_grad():
         assert_outputs_close(ours(images), reference)
+
+
+def _targets(seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    targets = []
+    for num_targets in (3, 2):
+        centres = torch.rand(num_targets, 2, generator=generator) * 0.6 + 0.2
+        sizes = torch.rand(num_targets, 2, generator=generator) * 0.3 + 0.05
+        labels = torch.randint(0, NUM_CLASSES, (num_targets,), generator=generator)
+        targets.append({"labels": labels, "boxes": torch.cat([centres, sizes], dim=1)})
+    return targets
+
+
+def test_loss_terms_match_transformers(case):
+    """The unweighted per-layer terms (focal, L1, GIoU) of the whole model equal transformers' own loss
+    with the official matcher costs (semantics.md: its other differences are weights and the missing
+    two-stage encoder loss, which are not compared)."""
+    from ddetr.models.criterion import build_criterion
+
+    variant, model, _, images, padded, mask = case
+    flags = ddetr_flags(variant)
+    ours = _ours(variant, hf_to_ddetr(model.state_dict(), model.config.to_dict()))
+    criterion = build_criterion(NUM_CLASSES, dec_layers=flags["dec_layers"], two_stage=flags.get("two_stage", False))
+    targets = _targets()
+    model.config.auxiliary_loss = True
+    model.config.class_cost, model.config.bbox_cost, model.config.giou_cost = 2, 5, 2
+    hf_labels = [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]
+    with torch.no_grad():
+        theirs = model(pixel_values=padded, pixel_mask=(~mask).long(), labels=hf_labels).loss_dict
+        mine = criterion(ours((padded, mask)), targets)
+    compared = [key for key in theirs if key.startswith(("loss_ce", "loss_bbox", "loss_giou"))]
+    expected_keys = {f"{name}{suffix}" for name in ("loss_ce", "loss_bbox", "loss_giou")
+                     for suffix in ["", *(f"_{layer}" for layer in range(flags["dec_layers"] - 1))]}
+    assert expected_keys <= set(compared)
+    for key in compared:
+        _assert_close(mine[key], theirs[key].to(mine[key].dtype), 1e-4, key)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -213,6 +214,9 @@ class DetectionDataModule(LightningDataModule):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """On resume: the next training epoch iteration continues after the samples already used."""
         self._resume_state = dict(state_dict) if state_dict else None
+        if self._resume_state:
+            # the sampler resumes mid-epoch, which Lightning cannot see from the DataLoader itself
+            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
 
     def val_dataloader(self) -> DataLoader:
         sampler = (
