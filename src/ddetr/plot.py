@@ -17,7 +17,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
+import matplotlib.pyplot as plt  # after choosing the headless backend
 
 CSV_PATH = Path("csv") / "metrics.csv"
 # the first of these present in the log is the train loss
