@@ -252,7 +252,8 @@ class DeformableDETRModule(L.LightningModule):
 def _all_finite(outputs: dict[str, Any]) -> bool:
     """Whether every predicted logit and box (final, auxiliary and encoder outputs) is finite."""
     heads = [outputs, *outputs.get("aux_outputs", []), outputs.get("enc_outputs", {})]
-    return all(bool(torch.isfinite(head[key]).all()) for head in heads for key in ("pred_logits", "pred_boxes") if key in head)
+    checks = [torch.isfinite(head[key]).all() for head in heads for key in ("pred_logits", "pred_boxes") if key in head]
+    return bool(torch.stack(checks).all())  # one device sync per step, not one per tensor
 
 
 CLASS_HEAD_MARKERS = ("class_embed",)
