@@ -47,19 +47,7 @@ class SignalAtStep(L.Callback):
 
 def run(cfg, *extra_callbacks):
     """train(cfg) with extra callbacks placed before the configured ones."""
-    import ddetr.train as train_module
-
-    original = train_module.instantiate_group
-
-    def with_extra(group):
-        items = original(group)
-        return [*extra_callbacks, *items] if group is cfg.get("callbacks") else items
-
-    train_module.instantiate_group = with_extra
-    try:
-        return train(cfg)
-    finally:
-        train_module.instantiate_group = original
+    return train(cfg, extra_callbacks=extra_callbacks)
 
 
 @pytest.fixture(scope="module")

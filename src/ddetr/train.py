@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,14 +53,16 @@ def format_metrics(metrics: dict[str, float]) -> str:
     return "\n".join(lines + ["-" * (width + 12)])
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Trains (and validates every epoch) as ``cfg`` says; returns the final validation metrics."""
+def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str, float]:
+    """Trains (and validates every epoch) as ``cfg`` says; returns the final validation metrics.
+
+    ``extra_callbacks`` run before the configured ones (notebooks, tests)."""
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.data)
     module = build_module(cfg, datamodule)
-    callbacks = instantiate_group(cfg.get("callbacks"))
+    callbacks = [*extra_callbacks, *instantiate_group(cfg.get("callbacks"))]
     loggers = instantiate_group(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in loggers:
