@@ -10,7 +10,8 @@ import torch
 from ddetr import ops
 from ddetr.config import compose
 from ddetr.convert import save_checkpoint
-from ddetr.export import ExportableDetector, example_inputs, export, set_attention_backend
+from ddetr.export import ExportableDetector, example_inputs, export
+from ddetr.models.ms_deform_attn import set_attention_backend
 from ddetr.module import DeformableDETRModule
 from ddetr.predict import load_module
 

@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 from ddetr.config import CONFIG_DIR, register_resolvers
 from ddetr.evaluation import METRIC_NAMES
+from ddetr.models.ms_deform_attn import set_attention_backend
 from ddetr.predict import load_module
 from ddetr.train import format_metrics
 
@@ -39,15 +40,6 @@ def check_categories(module, datamodule, ckpt_path: str) -> None:
             "%s: the checkpoint's category ids differ from the data's; evaluating with the data's mapping",
             ckpt_path,
         )
-
-
-def set_attention_backend(model, backend: str) -> None:
-    """Sets the backend of every deformable attention module of ``model``."""
-    from ddetr.models.ms_deform_attn import MSDeformAttn
-
-    for submodule in model.modules():
-        if isinstance(submodule, MSDeformAttn):
-            submodule.backend = backend
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:

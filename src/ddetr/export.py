@@ -27,6 +27,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from ddetr.config import CONFIG_DIR, register_resolvers
+from ddetr.models.ms_deform_attn import set_attention_backend
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +60,6 @@ class ExportableDetector(nn.Module):
             mask = torch.zeros((batch_size, height, width), dtype=torch.bool, device=images.device)
         outputs = self.model((images, mask))
         return outputs["pred_logits"], outputs["pred_boxes"]
-
-
-def set_attention_backend(model: nn.Module, backend: str) -> None:
-    """Sets the backend of every ``MSDeformAttn`` in ``model`` ("auto", "pytorch", "cpu", "cuda")."""
-    from ddetr.models.ms_deform_attn import MSDeformAttn
-
-    for submodule in model.modules():
-        if isinstance(submodule, MSDeformAttn):
-            submodule.backend = backend
 
 
 def example_inputs(

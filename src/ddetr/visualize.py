@@ -9,8 +9,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from ddetr.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
 def label_color(label: int) -> tuple[int, int, int]:

@@ -124,3 +124,10 @@ class MSDeformAttn(nn.Module):
         if return_attention:
             return output, sampling_locations, attention_weights
         return output
+
+
+def set_attention_backend(model: nn.Module, backend: str) -> None:
+    """Sets the backend of every ``MSDeformAttn`` in ``model`` ("auto", "pytorch", "cpu", "cuda")."""
+    for submodule in model.modules():
+        if isinstance(submodule, MSDeformAttn):
+            submodule.backend = backend
