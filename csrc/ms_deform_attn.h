@@ -10,9 +10,12 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <string>
+#include <type_traits>
 
 namespace ddetr {
 
@@ -25,6 +28,77 @@ struct MSDeformAttnSizes {
   int64_t num_levels;
   int64_t num_points;
 };
+
+// Whether value's dtype goes with the dtype of sampling_locations and attention_weights: they share
+// one dtype, value's or, for a float16/bfloat16 value, float32 (autocast gives the value projection in
+// half precision and the locations, from float32 reference points, in float32).
+inline bool is_reduced_precision(at::ScalarType dtype) {
+  return dtype == at::kHalf || dtype == at::kBFloat16;
+}
+
+inline void check_location_dtype(at::ScalarType value, at::ScalarType locations, at::ScalarType weights) {
+  TORCH_CHECK(locations == weights,
+              "ms_deform_attn: sampling_locations and attention_weights must share one dtype, got ", locations,
+              " and ", weights);
+  TORCH_CHECK(locations == value || (is_reduced_precision(value) && locations == at::kFloat),
+              "ms_deform_attn: sampling_locations and attention_weights must be ", value,
+              " like value (or float32 for a float16/bfloat16 value), got ", locations);
+}
+
+// Calls body(scalar_t(), float()) for a float16/bfloat16 scalar_t; other value types take no float32
+// locations (tag dispatch rather than `if constexpr`, which nvcc rejects inside the dispatch lambda).
+template <typename scalar_t, typename Body>
+void call_with_float_locations(Body& body, std::true_type /*reduced precision*/) {
+  body(scalar_t(), float());
+}
+
+template <typename scalar_t, typename Body>
+void call_with_float_locations(Body& /*body*/, std::false_type /*reduced precision*/) {
+  TORCH_CHECK(false, "ms_deform_attn: float32 locations need a float16 or bfloat16 value");
+}
+
+// Calls body(value_tag, location_tag) with default-constructed values of the C++ types of value and
+// of the locations/weights (see check_location_dtype for the combinations).
+template <typename Body>
+void dispatch_value_and_location_types(at::ScalarType value, at::ScalarType locations, const char* name,
+                                       Body&& body) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value, "ms_deform_attn", [&] {
+    if (locations == value) {
+      body(scalar_t(), scalar_t());
+    } else {
+      TORCH_CHECK(locations == at::kFloat, name, ": unsupported locations dtype ", locations, " for value dtype ",
+                  value);
+      using reduced = std::integral_constant<bool, std::is_same<scalar_t, at::Half>::value ||
+                                                       std::is_same<scalar_t, at::BFloat16>::value>;
+      call_with_float_locations<scalar_t>(body, reduced());
+    }
+  });
+}
+
+// Why the levels do not lie inside value ("" when they do); the kernels index value with these
+// numbers. spatial_shapes (num_levels, 2) and level_start_index (num_levels,) are int64 CPU tensors.
+//
+// Callers throw the message themselves, from a frame that holds no tensor yet: on torch 2.11 (H100
+// machine, Python 3.12) an exception thrown while a local at::Tensor of ours was alive killed the
+// process with SIGSEGV during unwinding instead of raising (issue 14). The message is built with
+// std::to_string, not streams, for the same reason.
+inline std::string levels_error(const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
+                                int64_t num_values) {
+  if (!spatial_shapes.is_cpu() || !level_start_index.is_cpu()) {
+    return "ms_deform_attn: spatial_shapes and level_start_index must be read on the CPU here";
+  }
+  const auto shapes = spatial_shapes.accessor<int64_t, 2>();
+  const auto starts = level_start_index.accessor<int64_t, 1>();
+  for (int64_t level = 0; level < spatial_shapes.size(0); ++level) {
+    const int64_t height = shapes[level][0], width = shapes[level][1], start = starts[level];
+    if (!(height >= 0 && width >= 0 && start >= 0 && start + height * width <= num_values)) {
+      return "ms_deform_attn: level " + std::to_string(level) + " (height " + std::to_string(height) + ", width " +
+             std::to_string(width) + ", start " + std::to_string(start) + ") does not fit in num_values = " +
+             std::to_string(num_values);
+    }
+  }
+  return "";
+}
 
 // Checks ranks, sizes, dtypes and devices of the op's inputs and returns their sizes.
 inline MSDeformAttnSizes check_ms_deform_attn_inputs(
@@ -65,10 +139,7 @@ inline MSDeformAttnSizes check_ms_deform_attn_inputs(
   TORCH_CHECK(spatial_shapes.scalar_type() == at::kLong && level_start_index.scalar_type() == at::kLong,
               "ms_deform_attn: spatial_shapes and level_start_index must be int64");
   TORCH_CHECK(value.is_floating_point(), "ms_deform_attn: value must be floating point, got ", value.scalar_type());
-  TORCH_CHECK(sampling_locations.scalar_type() == value.scalar_type() &&
-                  attention_weights.scalar_type() == value.scalar_type(),
-              "ms_deform_attn: value, sampling_locations and attention_weights must share one dtype, got ",
-              value.scalar_type(), ", ", sampling_locations.scalar_type(), ", ", attention_weights.scalar_type());
+  check_location_dtype(value.scalar_type(), sampling_locations.scalar_type(), attention_weights.scalar_type());
   TORCH_CHECK(sampling_locations.device() == value.device() && attention_weights.device() == value.device(),
               "ms_deform_attn: value, sampling_locations and attention_weights must be on one device");
   return sizes;

@@ -265,14 +265,57 @@ def test_backend_selection_and_errors():
         ms_deform_attn(*inputs, backend="cuda")
 
 
-def test_mixed_dtypes_are_promoted():
+@pytest.mark.parametrize(
+    "dtypes, expected",
+    [
+        # (value, sampling_locations, attention_weights) -> (value's, locations' and weights')
+        ((torch.bfloat16, torch.float32, torch.float32), (torch.bfloat16, torch.float32)),  # autocast
+        ((torch.float16, torch.float32, torch.float16), (torch.float16, torch.float32)),
+        ((torch.bfloat16, torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.bfloat16)),
+        ((torch.float16, torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)),
+        ((torch.bfloat16, torch.float64, torch.float32), (torch.float64, torch.float64)),
+        ((torch.float32, torch.float64, torch.float32), (torch.float64, torch.float64)),
+        ((torch.float32, torch.bfloat16, torch.float32), (torch.float32, torch.float32)),
+    ],
+)
+def test_op_dtypes_rule(dtypes, expected):
+    assert ops.op_dtypes(*dtypes) == expected
+
+
+@pytest.mark.parametrize("backend", ["cpu", "pytorch"])
+@pytest.mark.parametrize("value_dtype", [torch.bfloat16, torch.float16])
+def test_half_value_with_float32_locations(backend, value_dtype):
+    """Autocast's mix: the output and grad_value in value's dtype, the other gradients in float32, and
+    the numbers those of float64 on the same (rounded) inputs, within half-precision rounding."""
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights = make_inputs(
+        head_dim=32, num_queries=9, shapes=((8, 6), (4, 3))
+    )
+    inputs = (value.to(value_dtype), spatial_shapes, level_start_index, sampling_locations.float(),
+              attention_weights.float())
+    output, grads = output_and_grads(inputs, backend)
+    assert output.dtype == value_dtype
+    assert [grad.dtype for grad in grads] == [value_dtype, torch.float32, torch.float32]
+    rounded = [t.to(torch.float64) if t.is_floating_point() else t for t in inputs]
+    expected_output, expected_grads = output_and_grads(rounded, "pytorch")
+    tolerance = {torch.bfloat16: 2e-2, torch.float16: 3e-3}[value_dtype]
+    for name, actual, expected in zip(("output", "value", "sampling_locations", "attention_weights"),
+                                      (output, *grads), (expected_output, *expected_grads)):
+        scale = expected.abs().max().clamp_min(1.0)
+        # the float32 gradients only see value's rounding through grad_output: same tolerance
+        torch.testing.assert_close(actual.double(), expected, atol=tolerance * scale, rtol=tolerance,
+                                   msg=lambda m: f"{name}: {m}")
+
+
+def test_unsupported_dtype_mix_raises():
     value, spatial_shapes, level_start_index, sampling_locations, attention_weights = make_inputs()
-    output = ms_deform_attn(value.bfloat16(), spatial_shapes, level_start_index, sampling_locations,
-                            attention_weights.float(), backend="cpu")
-    assert output.dtype == torch.float64
-    expected = ms_deform_attn_pytorch(value.bfloat16().double(), spatial_shapes, level_start_index,
-                                      sampling_locations, attention_weights.float().double())
-    torch.testing.assert_close(output, expected, atol=1e-6, rtol=0)
+    with pytest.raises(RuntimeError, match="float32 for a float16/bfloat16 value"):
+        torch.ops.ddetr.ms_deform_attn_forward(
+            value.float(), spatial_shapes, level_start_index, sampling_locations, attention_weights
+        )
+    with pytest.raises(RuntimeError, match="share one dtype"):
+        torch.ops.ddetr.ms_deform_attn_forward(
+            value.bfloat16(), spatial_shapes, level_start_index, sampling_locations.float(), attention_weights
+        )
 
 
 def test_invalid_levels_raise():
@@ -346,6 +389,80 @@ class TestCuda:
             torch.ops.ddetr.ms_deform_attn_forward.default,
             (leaves[0], spatial_shapes, level_start_index, leaves[1], leaves[2]),
         )
+
+    @pytest.mark.parametrize("value_dtype", [torch.bfloat16, torch.float16])
+    def test_half_value_with_float32_locations(self, value_dtype):
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights = make_inputs(
+            device="cuda", head_dim=32, num_queries=9, shapes=((8, 6), (4, 3))
+        )
+        inputs = (value.to(value_dtype), spatial_shapes.cpu(), level_start_index.cpu(), sampling_locations.float(),
+                  attention_weights.float())
+        output, grads = output_and_grads(inputs, "cuda")
+        assert output.dtype == value_dtype
+        assert [grad.dtype for grad in grads] == [value_dtype, torch.float32, torch.float32]
+        # the CPU kernel follows the same rule: the same numbers up to float32 summation order
+        cpu_output, cpu_grads = output_and_grads([t.cpu() for t in inputs], "cpu")
+        for actual, expected in zip((output, *grads), (cpu_output, *cpu_grads)):
+            scale = expected.abs().max().clamp_min(1.0).item()
+            torch.testing.assert_close(actual.cpu().double(), expected.double(), atol=1e-2 * scale, rtol=1e-2)
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+    def test_encoder_like_shape_many_samples_per_pixel(self, dtype):
+        """head_dim 32, 8 heads: the vectorised paths (float4 / 8 x 16 bit) and their atomics."""
+        inputs = make_inputs(device="cuda", batch_size=2, shapes=((12, 17), (6, 9), (3, 5), (2, 3)), num_heads=8,
+                             head_dim=32, num_queries=300, num_points=4, low=-0.1, high=1.1)
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights = inputs
+        typed = (value.to(dtype), spatial_shapes.cpu(), level_start_index.cpu(), sampling_locations.float(),
+                 attention_weights.float())
+        output, grads = output_and_grads(typed, "cuda")
+        rounded = [t.to(torch.float64) if t.is_floating_point() else t for t in typed]
+        expected_output, expected_grads = output_and_grads(rounded, "pytorch")
+        tolerance = {torch.bfloat16: 2e-2, torch.float32: 1e-5}[dtype]
+        for actual, expected in zip((output, *grads), (expected_output, *expected_grads)):
+            scale = expected.abs().max().clamp_min(1.0).item()
+            torch.testing.assert_close(actual.double(), expected.to(actual.device), atol=tolerance * scale,
+                                       rtol=tolerance)
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+    def test_misaligned_value_uses_the_scalar_path(self, dtype):
+        """A contiguous value that starts 1 element into its storage cannot use 16-byte loads."""
+        inputs = make_inputs(device="cuda", dtype=dtype, head_dim=32, num_queries=9, shapes=((8, 6), (4, 3)))
+        value = inputs[0]
+        storage = torch.empty(value.numel() + 1, dtype=dtype, device="cuda")
+        misaligned = storage[1:].view(value.shape)
+        misaligned.copy_(value)
+        assert misaligned.data_ptr() % 16 != 0
+        output, grads = output_and_grads((misaligned, *inputs[1:]), "cuda")
+        aligned_output, aligned_grads = output_and_grads(inputs, "cuda")
+        torch.testing.assert_close(output, aligned_output)
+        for grad, expected in zip(grads, aligned_grads):
+            torch.testing.assert_close(grad, expected)
+
+    @pytest.mark.parametrize("shapes_on", ["cpu", "cuda"])
+    def test_invalid_levels_raise(self, shapes_on):
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights = make_inputs(device="cuda")
+        with pytest.raises(RuntimeError, match="does not fit"):
+            torch.ops.ddetr.ms_deform_attn_forward(
+                value, (spatial_shapes * 2).to(shapes_on), level_start_index.to(shapes_on), sampling_locations,
+                attention_weights,
+            )
+        grad_output = torch.ones(value.shape[0], sampling_locations.shape[1], value.shape[2] * value.shape[3],
+                                 dtype=value.dtype, device="cuda")
+        with pytest.raises(RuntimeError, match="does not fit"):
+            torch.ops.ddetr.ms_deform_attn_backward(
+                grad_output, value, spatial_shapes.to(shapes_on), (level_start_index + 50).to(shapes_on),
+                sampling_locations, attention_weights,
+            )
+
+    def test_deterministic_mode_alerts(self):
+        inputs = make_inputs(device="cuda", dtype=torch.float32)
+        previous = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+        try:
+            with pytest.raises(RuntimeError, match="does not have a deterministic implementation"):
+                output_and_grads(inputs, "cuda")
+        finally:
+            torch.use_deterministic_algorithms(previous)
 
 
 @pytest.mark.parametrize("fault", ["nan_weight", "nan_location", "nan_weight_outside", "inf_weight_outside"])

@@ -172,23 +172,9 @@ inline void prefetch_range(const T* data, int64_t count, bool for_write) {
 #endif
 }
 
-// Checks that every level lies inside value (the kernels index value with these numbers).
-void check_levels(const at::Tensor& spatial_shapes, const at::Tensor& level_start_index, int64_t num_values) {
-  TORCH_CHECK(spatial_shapes.is_cpu() && level_start_index.is_cpu(),
-              "ms_deform_attn (CPU): spatial_shapes and level_start_index must be CPU tensors");
-  const int64_t* shapes = spatial_shapes.data_ptr<int64_t>();
-  const int64_t* starts = level_start_index.data_ptr<int64_t>();
-  for (int64_t level = 0; level < spatial_shapes.size(0); ++level) {
-    const int64_t height = shapes[2 * level], width = shapes[2 * level + 1], start = starts[level];
-    TORCH_CHECK(height >= 0 && width >= 0 && start >= 0 && start + height * width <= num_values,
-                "ms_deform_attn: level ", level, " (height ", height, ", width ", width, ", start ", start,
-                ") does not fit in num_values = ", num_values);
-  }
-}
-
-template <typename scalar_t>
+template <typename scalar_t, typename loc_t>
 void forward_kernel(const scalar_t* value, const int64_t* spatial_shapes, const int64_t* level_start_index,
-                    const scalar_t* sampling_locations, const scalar_t* attention_weights, scalar_t* output,
+                    const loc_t* sampling_locations, const loc_t* attention_weights, scalar_t* output,
                     const MSDeformAttnSizes& sizes) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t num_heads = sizes.num_heads, head_dim = sizes.head_dim, num_levels = sizes.num_levels,
@@ -261,11 +247,11 @@ struct ValueLayout {
 
 // grad_value_accumulator: num_chunks copies of grad_value in `layout`, in opmath_t; chunk c holds
 // the contributions of the queries in chunk c.
-template <typename scalar_t>
+template <typename scalar_t, typename loc_t>
 void backward_kernel(const scalar_t* grad_output, const scalar_t* value, const int64_t* spatial_shapes,
-                     const int64_t* level_start_index, const scalar_t* sampling_locations,
-                     const scalar_t* attention_weights, at::opmath_type<scalar_t>* grad_value_accumulator,
-                     scalar_t* grad_sampling_locations, scalar_t* grad_attention_weights,
+                     const int64_t* level_start_index, const loc_t* sampling_locations,
+                     const loc_t* attention_weights, at::opmath_type<scalar_t>* grad_value_accumulator,
+                     loc_t* grad_sampling_locations, loc_t* grad_attention_weights,
                      const MSDeformAttnSizes& sizes, const ValueLayout& layout, int64_t num_chunks) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t batch_size = sizes.batch_size, num_heads = sizes.num_heads, head_dim = sizes.head_dim,
@@ -318,9 +304,9 @@ void backward_kernel(const scalar_t* grad_output, const scalar_t* value, const i
             if (!bilinear_corners(static_cast<opmath_t>(sampling_locations[2 * sample]),
                                   static_cast<opmath_t>(sampling_locations[2 * sample + 1]), height, width,
                                   corners)) {
-              grad_sampling_locations[2 * sample] = scalar_t(0);
-              grad_sampling_locations[2 * sample + 1] = scalar_t(0);
-              grad_attention_weights[sample] = scalar_t(0);
+              grad_sampling_locations[2 * sample] = loc_t(0);
+              grad_sampling_locations[2 * sample + 1] = loc_t(0);
+              grad_attention_weights[sample] = loc_t(0);
               continue;
             }
             const opmath_t weight = static_cast<opmath_t>(attention_weights[sample]);
@@ -347,14 +333,14 @@ void backward_kernel(const scalar_t* grad_output, const scalar_t* value, const i
             }
             const opmath_t one = 1;
             grad_attention_weights[sample] =
-                static_cast<scalar_t>(corners.weight[0] * dot[0] + corners.weight[1] * dot[1] +
+                static_cast<loc_t>(corners.weight[0] * dot[0] + corners.weight[1] * dot[1] +
                                       corners.weight[2] * dot[2] + corners.weight[3] * dot[3]);
             // d(bilinear sample)/d(frac_x), d/d(frac_y); pixel = location * size - 0.5
             const opmath_t grad_x = (one - corners.frac_y) * (dot[1] - dot[0]) + corners.frac_y * (dot[3] - dot[2]);
             const opmath_t grad_y = (one - corners.frac_x) * (dot[2] - dot[0]) + corners.frac_x * (dot[3] - dot[1]);
-            grad_sampling_locations[2 * sample] = static_cast<scalar_t>(weight * grad_x * static_cast<opmath_t>(width));
+            grad_sampling_locations[2 * sample] = static_cast<loc_t>(weight * grad_x * static_cast<opmath_t>(width));
             grad_sampling_locations[2 * sample + 1] =
-                static_cast<scalar_t>(weight * grad_y * static_cast<opmath_t>(height));
+                static_cast<loc_t>(weight * grad_y * static_cast<opmath_t>(height));
           }
         }
       }
@@ -368,9 +354,10 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor&
   const MSDeformAttnSizes sizes =
       check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
   TORCH_CHECK(value.is_cpu(), "ms_deform_attn (CPU): value must be a CPU tensor");
+  const std::string error = levels_error(spatial_shapes, level_start_index, sizes.num_values);
+  TORCH_CHECK(error.empty(), error);  // before any tensor of ours exists (see levels_error)
   const at::Tensor spatial_shapes_c = spatial_shapes.contiguous();
   const at::Tensor level_start_index_c = level_start_index.contiguous();
-  check_levels(spatial_shapes_c, level_start_index_c, sizes.num_values);
   const at::Tensor value_c = value.contiguous();
   const at::Tensor sampling_locations_c = sampling_locations.contiguous();
   const at::Tensor attention_weights_c = attention_weights.contiguous();
@@ -379,13 +366,17 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor&
   if (output.numel() == 0) {
     return output;
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
-    forward_kernel<scalar_t>(value_c.const_data_ptr<scalar_t>(), spatial_shapes_c.const_data_ptr<int64_t>(),
-                             level_start_index_c.const_data_ptr<int64_t>(),
-                             sampling_locations_c.const_data_ptr<scalar_t>(),
-                             attention_weights_c.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(),
-                             sizes);
-  });
+  dispatch_value_and_location_types(
+      value.scalar_type(), sampling_locations.scalar_type(), "ms_deform_attn_forward_cpu",
+      [&](auto value_tag, auto location_tag) {
+        using scalar_t = decltype(value_tag);
+        using loc_t = decltype(location_tag);
+        forward_kernel<scalar_t, loc_t>(value_c.const_data_ptr<scalar_t>(), spatial_shapes_c.const_data_ptr<int64_t>(),
+                                        level_start_index_c.const_data_ptr<int64_t>(),
+                                        sampling_locations_c.const_data_ptr<loc_t>(),
+                                        attention_weights_c.const_data_ptr<loc_t>(),
+                                        output.mutable_data_ptr<scalar_t>(), sizes);
+      });
   return output;
 }
 
@@ -398,15 +389,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   TORCH_CHECK(value.is_cpu() && grad_output.is_cpu(), "ms_deform_attn_backward (CPU): tensors must be on the CPU");
   TORCH_CHECK(grad_output.scalar_type() == value.scalar_type(), "ms_deform_attn_backward: grad_output dtype ",
               grad_output.scalar_type(), " differs from value dtype ", value.scalar_type());
+  const std::string error = levels_error(spatial_shapes, level_start_index, sizes.num_values);
+  TORCH_CHECK(error.empty(), error);  // before any tensor of ours exists (see levels_error)
   const at::Tensor spatial_shapes_c = spatial_shapes.contiguous();
   const at::Tensor level_start_index_c = level_start_index.contiguous();
-  check_levels(spatial_shapes_c, level_start_index_c, sizes.num_values);
   const at::Tensor grad_output_c = grad_output.contiguous();
   const at::Tensor sampling_locations_c = sampling_locations.contiguous();
   const at::Tensor attention_weights_c = attention_weights.contiguous();
 
-  at::Tensor grad_sampling_locations = at::empty(sampling_locations.sizes(), value.options());
-  at::Tensor grad_attention_weights = at::empty(attention_weights.sizes(), value.options());
+  at::Tensor grad_sampling_locations = at::empty(sampling_locations.sizes(), sampling_locations.options());
+  at::Tensor grad_attention_weights = at::empty(attention_weights.sizes(), attention_weights.options());
   const int64_t num_row_tasks = sizes.batch_size * sizes.num_heads;
   if (num_row_tasks == 0 || sizes.num_queries == 0 || sizes.head_dim == 0) {
     grad_sampling_locations.zero_();
@@ -433,15 +425,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
                           : at::zeros({num_chunks, value_c.size(0), value_c.size(1), value_c.size(2), D},
                                       value.options().dtype(opmath_dtype));  // (chunks, *value_c.shape)
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
-    using opmath_t = at::opmath_type<scalar_t>;
-    backward_kernel<scalar_t>(
-        grad_output_c.const_data_ptr<scalar_t>(), value_c.const_data_ptr<scalar_t>(),
-        spatial_shapes_c.const_data_ptr<int64_t>(), level_start_index_c.const_data_ptr<int64_t>(),
-        sampling_locations_c.const_data_ptr<scalar_t>(), attention_weights_c.const_data_ptr<scalar_t>(),
-        grad_value_accumulator.mutable_data_ptr<opmath_t>(), grad_sampling_locations.mutable_data_ptr<scalar_t>(),
-        grad_attention_weights.mutable_data_ptr<scalar_t>(), sizes, layout, num_chunks);
-  });
+  dispatch_value_and_location_types(
+      value.scalar_type(), sampling_locations.scalar_type(), "ms_deform_attn_backward_cpu",
+      [&](auto value_tag, auto location_tag) {
+        using scalar_t = decltype(value_tag);
+        using loc_t = decltype(location_tag);
+        using opmath_t = at::opmath_type<scalar_t>;
+        backward_kernel<scalar_t, loc_t>(
+            grad_output_c.const_data_ptr<scalar_t>(), value_c.const_data_ptr<scalar_t>(),
+            spatial_shapes_c.const_data_ptr<int64_t>(), level_start_index_c.const_data_ptr<int64_t>(),
+            sampling_locations_c.const_data_ptr<loc_t>(), attention_weights_c.const_data_ptr<loc_t>(),
+            grad_value_accumulator.mutable_data_ptr<opmath_t>(), grad_sampling_locations.mutable_data_ptr<loc_t>(),
+            grad_attention_weights.mutable_data_ptr<loc_t>(), sizes, layout, num_chunks);
+      });
   if (accumulate_in_place) {
     return {grad_value_accumulator, grad_sampling_locations, grad_attention_weights};
   }

@@ -1,30 +1,45 @@
 // CUDA kernels of multi-scale deformable attention (forward and backward).
 //
 // Sampling follows grid_sample(bilinear, zeros, align_corners=False): pixel = location * size - 0.5,
-// corners outside the map read zero. All indices are 64-bit. The whole batch is processed in one
-// launch (no im2col_step). Reduced precision types (float16, bfloat16) are read and written in their
-// dtype and accumulated in float32 (opmath), including grad_value, which is accumulated in a float32
-// buffer and converted at the end.
+// corners outside the map read zero. The whole batch is processed in one launch (no im2col_step).
 //
-// forward   one thread per output element (batch, query, head, channel); consecutive threads read
-//           consecutive channels of a pixel, so the loads coalesce.
-// backward  one group of G lanes (G = head_dim rounded up to a power of two, at most 32) per
-//           (batch, query, head); lanes stride over the channels, scatter into grad_value with
-//           atomicAdd, and reduce their partial grad_attention_weights / grad_sampling_locations with
-//           warp shuffles inside the group; lane 0 writes them, so those need no atomics.
+// Work split (both kernels): one group of G threads per (batch, query, head); every thread owns a
+// vector of VEC consecutive channels (float4 for float32, 8 values for float16/bfloat16, so one
+// corner of one head is one 128-byte line for head_dim 32). The corner arithmetic of a sample is done
+// once per thread, not once per channel. G = head_dim / VEC rounded up to a power of two, at most 32;
+// larger heads loop over channel chunks.
+//
+// forward   each thread accumulates its channels over the levels and points in float32 (opmath) and
+//           writes them once.
+// backward  each thread scatters weight * corner_weight * grad_output into a float32 grad_value with
+//           vector atomics (float4 atomicAdd on compute capability >= 9.0, scalar before), and keeps
+//           its partial <grad_output, corner> dot products; the group reduces them with warp shuffles
+//           into grad_attention_weights and grad_sampling_locations, which one lane writes (no atomics).
+//
+// Dtypes: value (and output, grad_output, grad_value) in float64, float32, float16 or bfloat16;
+// sampling_locations and attention_weights in value's dtype, or in float32 when value is float16 or
+// bfloat16 (autocast); their gradients come back in their own dtype. Accumulation is float32 (float64
+// for float64).
+//
+// Levels are passed by value as kernel parameters (validated on the host), so the op reads no shape
+// tensor on the device and, given spatial_shapes / level_start_index on the CPU, makes no copy and no
+// synchronisation. Given on the GPU, they are copied to the host once per call (a synchronisation).
 #include <ATen/core/Tensor.h>
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
-#include <ATen/cuda/Atomic.cuh>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <string>
 #include <tuple>
+#include <utility>
 
 #include "ms_deform_attn.h"
 
@@ -32,37 +47,112 @@ namespace ddetr {
 namespace {
 
 constexpr int kThreadsPerBlock = 256;  // a multiple of the warp size
-constexpr int64_t kMaxBlocks = 65535;  // more work is covered by grid-stride loops
+constexpr int kMaxLevels = 16;
+
+// Heights, widths and start offsets of the levels, as kernel parameters.
+struct Levels {
+  int height[kMaxLevels];
+  int width[kMaxLevels];
+  int start[kMaxLevels];
+};
+
+// Fills `levels`; returns why they are invalid ("" when valid). The caller throws, with no tensor
+// alive (see levels_error in ms_deform_attn.h).
+std::string fill_levels(const at::Tensor& spatial_shapes, const at::Tensor& level_start_index, int64_t num_values,
+                        Levels& levels) {
+  if (spatial_shapes.size(0) > kMaxLevels) {
+    return "ms_deform_attn (CUDA): at most " + std::to_string(kMaxLevels) + " levels are supported, got " +
+           std::to_string(spatial_shapes.size(0));
+  }
+  // only shape tensors on the GPU cost a copy (and a synchronisation); the model passes them on the CPU
+  const at::Tensor shapes = spatial_shapes.to(at::kCPU);
+  const at::Tensor starts = level_start_index.to(at::kCPU);
+  std::string error = levels_error(shapes, starts, num_values);
+  if (!error.empty()) {
+    return error;
+  }
+  const auto shape = shapes.accessor<int64_t, 2>();
+  const auto start = starts.accessor<int64_t, 1>();
+  for (int64_t level = 0; level < shapes.size(0); ++level) {
+    levels.height[level] = static_cast<int>(shape[level][0]);
+    levels.width[level] = static_cast<int>(shape[level][1]);
+    levels.start[level] = static_cast<int>(start[level]);
+  }
+  return error;
+}
+
+// VEC values of type T, loaded and stored as one aligned access.
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T data[VEC];
+};
+
+template <typename acc_t, typename T, int VEC>
+__device__ __forceinline__ void load_pack(const T* __restrict__ address, acc_t (&values)[VEC]) {
+  const Pack<T, VEC> pack = *reinterpret_cast<const Pack<T, VEC>*>(address);
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) {
+    values[k] = static_cast<acc_t>(pack.data[k]);
+  }
+}
+
+template <typename acc_t, typename T, int VEC>
+__device__ __forceinline__ void store_pack(T* __restrict__ address, const acc_t (&values)[VEC]) {
+  Pack<T, VEC> pack;
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) {
+    pack.data[k] = static_cast<T>(values[k]);
+  }
+  *reinterpret_cast<Pack<T, VEC>*>(address) = pack;
+}
+
+// address[k] += scale * values[k] for k < VEC, atomically per element (vectorised where possible).
+template <typename acc_t, int VEC>
+__device__ __forceinline__ void atomic_add_scaled(acc_t* address, acc_t scale, const acc_t (&values)[VEC]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if constexpr (std::is_same_v<acc_t, float> && VEC % 4 == 0) {
+#pragma unroll
+    for (int k = 0; k < VEC; k += 4) {
+      atomicAdd(reinterpret_cast<float4*>(address + k),
+                make_float4(scale * values[k], scale * values[k + 1], scale * values[k + 2], scale * values[k + 3]));
+    }
+    return;
+  }
+#endif
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) {
+    atomicAdd(address + k, scale * values[k]);
+  }
+}
 
 // The (up to) four pixels a bilinear sample reads: top-left, top-right, bottom-left, bottom-right.
-template <typename opmath_t>
+template <typename acc_t>
 struct BilinearCorners {
-  int64_t pixel[4];    // row * width + column inside the level, 0 for corners outside the map
-  opmath_t weight[4];  // bilinear weight, 0 for corners outside the map
+  int pixel[4];      // row * width + column inside the level
+  acc_t weight[4];   // bilinear weight, 0 for corners outside the map
   bool valid[4];
-  opmath_t frac_x;  // position inside the cell, in [0, 1)
-  opmath_t frac_y;
+  acc_t frac_x;  // position inside the cell, in [0, 1)
+  acc_t frac_y;
 };
 
 // Fills `corners` for a location (x, y) in [0, 1] on a height x width level. Returns false when the
 // sample only reads zeros (outside the map or NaN).
-template <typename opmath_t>
-__device__ __forceinline__ bool bilinear_corners(opmath_t location_x, opmath_t location_y, int64_t height,
-                                                 int64_t width, BilinearCorners<opmath_t>& corners) {
-  const opmath_t x = location_x * static_cast<opmath_t>(width) - opmath_t(0.5);
-  const opmath_t y = location_y * static_cast<opmath_t>(height) - opmath_t(0.5);
+template <typename acc_t>
+__device__ __forceinline__ bool bilinear_corners(acc_t location_x, acc_t location_y, int height, int width,
+                                                 BilinearCorners<acc_t>& corners) {
+  const acc_t x = location_x * static_cast<acc_t>(width) - acc_t(0.5);
+  const acc_t y = location_y * static_cast<acc_t>(height) - acc_t(0.5);
   // x == -1 still has a gradient through column 0 (as in grid_sample); the range test also rejects
-  // NaN and keeps floor() small enough for int64
-  if (!(x >= opmath_t(-1) && x < static_cast<opmath_t>(width) && y >= opmath_t(-1) &&
-        y < static_cast<opmath_t>(height))) {
+  // NaN and keeps floor() inside int range
+  if (!(x >= acc_t(-1) && x < static_cast<acc_t>(width) && y >= acc_t(-1) && y < static_cast<acc_t>(height))) {
     return false;
   }
-  const opmath_t x_floor = floor(x);
-  const opmath_t y_floor = floor(y);
-  const int64_t left = static_cast<int64_t>(x_floor);
-  const int64_t top = static_cast<int64_t>(y_floor);
-  const opmath_t frac_x = x - x_floor;
-  const opmath_t frac_y = y - y_floor;
+  const acc_t x_floor = floor(x);
+  const acc_t y_floor = floor(y);
+  const int left = static_cast<int>(x_floor);
+  const int top = static_cast<int>(y_floor);
+  const acc_t frac_x = x - x_floor;
+  const acc_t frac_y = y - y_floor;
   corners.frac_x = frac_x;
   corners.frac_y = frac_y;
   const bool left_in = left >= 0, right_in = left + 1 < width;
@@ -71,152 +161,233 @@ __device__ __forceinline__ bool bilinear_corners(opmath_t location_x, opmath_t l
   corners.valid[1] = top_in && right_in;
   corners.valid[2] = bottom_in && left_in;
   corners.valid[3] = bottom_in && right_in;
-  const opmath_t one = 1;
-  const opmath_t weight[4] = {(one - frac_y) * (one - frac_x), (one - frac_y) * frac_x, frac_y * (one - frac_x),
-                              frac_y * frac_x};
-  const int64_t pixel[4] = {top * width + left, top * width + left + 1, (top + 1) * width + left,
-                            (top + 1) * width + left + 1};
+  const acc_t one = 1;
+  const acc_t weight[4] = {(one - frac_y) * (one - frac_x), (one - frac_y) * frac_x, frac_y * (one - frac_x),
+                           frac_y * frac_x};
+  const int top_left = top * width + left;
+  const int pixel[4] = {top_left, top_left + 1, top_left + width, top_left + width + 1};
 #pragma unroll
   for (int corner = 0; corner < 4; ++corner) {
-    corners.weight[corner] = corners.valid[corner] ? weight[corner] : opmath_t(0);
-    corners.pixel[corner] = corners.valid[corner] ? pixel[corner] : 0;
+    corners.weight[corner] = corners.valid[corner] ? weight[corner] : acc_t(0);
+    corners.pixel[corner] = pixel[corner];
   }
   return true;
 }
 
-template <typename scalar_t>
-__global__ void forward_kernel(const scalar_t* __restrict__ value, const int64_t* __restrict__ spatial_shapes,
-                               const int64_t* __restrict__ level_start_index,
-                               const scalar_t* __restrict__ sampling_locations,
-                               const scalar_t* __restrict__ attention_weights, scalar_t* __restrict__ output,
-                               int64_t num_outputs, int64_t num_values, int64_t num_queries, int64_t num_heads,
-                               int64_t head_dim, int64_t num_levels, int64_t num_points) {
-  using opmath_t = at::opmath_type<scalar_t>;
-  const int64_t pixel_stride = num_heads * head_dim;  // distance between neighbouring pixels in value
-  const int64_t grid_stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t index = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; index < num_outputs;
-       index += grid_stride) {
-    // index = ((batch * num_queries + query) * num_heads + head) * head_dim + channel
-    const int64_t channel = index % head_dim;
-    const int64_t batch_query_head = index / head_dim;
-    const int64_t head = batch_query_head % num_heads;
-    const int64_t batch = batch_query_head / (num_heads * num_queries);
-    const scalar_t* head_value = value + batch * num_values * pixel_stride + head * head_dim + channel;
-    const int64_t head_sample = batch_query_head * num_levels * num_points;
-    opmath_t accumulator = 0;
-    BilinearCorners<opmath_t> corners;
-    for (int64_t level = 0; level < num_levels; ++level) {
-      const int64_t height = spatial_shapes[2 * level], width = spatial_shapes[2 * level + 1];
-      const scalar_t* level_value = head_value + level_start_index[level] * pixel_stride;
-      for (int64_t point = 0; point < num_points; ++point) {
-        const int64_t sample = head_sample + level * num_points + point;
-        const opmath_t weight = static_cast<opmath_t>(attention_weights[sample]);
-        const opmath_t x = static_cast<opmath_t>(sampling_locations[2 * sample]);
-        const opmath_t y = static_cast<opmath_t>(sampling_locations[2 * sample + 1]);
+// Sizes shared by both kernels. Offsets inside one image's value (num_values * num_heads * head_dim)
+// fit in 32 bits (checked on the host); batch offsets are 64-bit.
+struct KernelSizes {
+  int64_t num_groups;  // batch_size * num_queries * num_heads
+  int num_values;
+  int num_queries;
+  int num_heads;
+  int head_dim;
+  int num_levels;
+  int num_points;
+  int group_shift;  // log2(G)
+};
+
+template <typename scalar_t, typename loc_t, int VEC>
+__global__ void __launch_bounds__(kThreadsPerBlock)
+    forward_kernel(const scalar_t* __restrict__ value, const __grid_constant__ Levels levels,
+                   const loc_t* __restrict__ sampling_locations, const loc_t* __restrict__ attention_weights,
+                   scalar_t* __restrict__ output, const KernelSizes sizes) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t thread = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t group = thread >> sizes.group_shift;  // (batch * num_queries + query) * num_heads + head
+  if (group >= sizes.num_groups) {
+    return;
+  }
+  const int group_size = 1 << sizes.group_shift;
+  const int lane = static_cast<int>(thread) & (group_size - 1);
+  const int head = static_cast<int>(group % sizes.num_heads);
+  const int64_t batch = group / (static_cast<int64_t>(sizes.num_heads) * sizes.num_queries);
+  const int pixel_stride = sizes.num_heads * sizes.head_dim;  // distance between neighbouring pixels
+  const scalar_t* head_value =
+      value + batch * sizes.num_values * static_cast<int64_t>(pixel_stride) + head * sizes.head_dim;
+  const int num_samples = sizes.num_levels * sizes.num_points;
+  const loc_t* group_locations = sampling_locations + group * num_samples * 2;
+  const loc_t* group_weights = attention_weights + group * num_samples;
+  for (int channel = lane * VEC; channel < sizes.head_dim; channel += group_size * VEC) {
+    acc_t accumulator[VEC];
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      accumulator[k] = 0;
+    }
+    BilinearCorners<acc_t> corners;
+    int sample = 0;
+    for (int level = 0; level < sizes.num_levels; ++level) {
+      const int height = levels.height[level], width = levels.width[level];
+      const scalar_t* level_value = head_value + levels.start[level] * pixel_stride + channel;
+#pragma unroll 4
+      for (int point = 0; point < sizes.num_points; ++point, ++sample) {
+        const acc_t x = static_cast<acc_t>(group_locations[2 * sample]);
+        const acc_t y = static_cast<acc_t>(group_locations[2 * sample + 1]);
+        const acc_t weight = static_cast<acc_t>(group_weights[sample]);
         if (!bilinear_corners(x, y, height, width, corners)) {
           // reads zeros; as in the reference, a NaN location or non-finite weight poisons the output
           if (isnan(x) || isnan(y) || !isfinite(weight)) {
-            accumulator += weight * opmath_t(NAN);
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) {
+              accumulator[k] += weight * acc_t(NAN);
+            }
           }
           continue;
         }
-        opmath_t sampled = 0;
 #pragma unroll
         for (int corner = 0; corner < 4; ++corner) {
           if (corners.valid[corner]) {
-            sampled += corners.weight[corner] * static_cast<opmath_t>(level_value[corners.pixel[corner] * pixel_stride]);
+            acc_t corner_value[VEC];
+            load_pack(level_value + corners.pixel[corner] * pixel_stride, corner_value);
+            const acc_t scale = weight * corners.weight[corner];
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) {
+              accumulator[k] += scale * corner_value[k];
+            }
           }
         }
-        accumulator += weight * sampled;
       }
     }
-    output[index] = static_cast<scalar_t>(accumulator);
+    store_pack(output + group * sizes.head_dim + channel, accumulator);
   }
 }
 
-// grad_value: (batch_size, num_values, num_heads, head_dim) in opmath_t, zero-initialised.
-template <typename scalar_t>
-__global__ void backward_kernel(const scalar_t* __restrict__ grad_output, const scalar_t* __restrict__ value,
-                                const int64_t* __restrict__ spatial_shapes,
-                                const int64_t* __restrict__ level_start_index,
-                                const scalar_t* __restrict__ sampling_locations,
-                                const scalar_t* __restrict__ attention_weights,
-                                at::opmath_type<scalar_t>* __restrict__ grad_value,
-                                scalar_t* __restrict__ grad_sampling_locations,
-                                scalar_t* __restrict__ grad_attention_weights, int64_t num_groups, int64_t num_values,
-                                int64_t num_queries, int64_t num_heads, int64_t head_dim, int64_t num_levels,
-                                int64_t num_points, int group_size) {
-  using opmath_t = at::opmath_type<scalar_t>;
-  const int64_t pixel_stride = num_heads * head_dim;
-  const int lane = threadIdx.x % group_size;
-  const unsigned warp_lane = threadIdx.x % 32;
-  // the lanes of this group inside its warp (group_size divides 32, groups are aligned)
+// grad_value: (batch_size, num_values, num_heads, head_dim) in acc_t, zero-initialised.
+// One group per (batch, query, head, level): the samples of different levels are independent here
+// (no output to sum), and 4x more groups keep the GPU busy at decoder sizes.
+template <typename scalar_t, typename loc_t, int VEC>
+__global__ void __launch_bounds__(kThreadsPerBlock)
+    backward_kernel(const scalar_t* __restrict__ grad_output, const scalar_t* __restrict__ value,
+                    const __grid_constant__ Levels levels, const loc_t* __restrict__ sampling_locations,
+                    const loc_t* __restrict__ attention_weights, at::opmath_type<scalar_t>* __restrict__ grad_value,
+                    loc_t* __restrict__ grad_sampling_locations, loc_t* __restrict__ grad_attention_weights,
+                    const KernelSizes sizes) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t thread = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t group = thread >> sizes.group_shift;  // ((batch * num_queries + query) * num_heads + head) * num_levels + level
+  // groups are aligned inside a warp and leave together, so the shuffles below only ever name the
+  // lanes of their own group
+  if (group >= sizes.num_groups) {
+    return;
+  }
+  const int group_size = 1 << sizes.group_shift;
+  const int lane = static_cast<int>(thread) & (group_size - 1);
+  const unsigned warp_lane = threadIdx.x & 31u;
   const unsigned group_mask =
       group_size == 32 ? 0xffffffffu : (((1u << group_size) - 1u) << (warp_lane & ~unsigned(group_size - 1)));
-  const int64_t groups_per_grid = static_cast<int64_t>(gridDim.x) * (blockDim.x / group_size);
-  const opmath_t one = 1;
-  BilinearCorners<opmath_t> corners;
-  // the loop condition is uniform within a group, so the shuffles below see all of its lanes
-  for (int64_t group = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / group_size;
-       group < num_groups; group += groups_per_grid) {
-    // group = (batch * num_queries + query) * num_heads + head
-    const int64_t head = group % num_heads;
-    const int64_t batch = group / (num_heads * num_queries);
-    const scalar_t* grad_row = grad_output + group * head_dim;
-    const int64_t head_offset = batch * num_values * pixel_stride + head * head_dim;
-    for (int64_t level = 0; level < num_levels; ++level) {
-      const int64_t height = spatial_shapes[2 * level], width = spatial_shapes[2 * level + 1];
-      const int64_t level_offset = head_offset + level_start_index[level] * pixel_stride;
-      const scalar_t* level_value = value + level_offset;
-      opmath_t* level_grad_value = grad_value + level_offset;
-      for (int64_t point = 0; point < num_points; ++point) {
-        const int64_t sample = (group * num_levels + level) * num_points + point;
-        const bool inside =
-            bilinear_corners(static_cast<opmath_t>(sampling_locations[2 * sample]),
-                             static_cast<opmath_t>(sampling_locations[2 * sample + 1]), height, width, corners);
-        const opmath_t weight = static_cast<opmath_t>(attention_weights[sample]);
-        opmath_t partial_weight = 0, partial_x = 0, partial_y = 0;  // this lane's channels
-        if (inside) {
-          for (int64_t channel = lane; channel < head_dim; channel += group_size) {
-            const opmath_t grad = static_cast<opmath_t>(grad_row[channel]);
-            opmath_t corner_value[4];
+  const int level = static_cast<int>(group % sizes.num_levels);
+  const int64_t query_head = group / sizes.num_levels;  // (batch * num_queries + query) * num_heads + head
+  const int head = static_cast<int>(query_head % sizes.num_heads);
+  const int64_t batch = query_head / (static_cast<int64_t>(sizes.num_heads) * sizes.num_queries);
+  const int pixel_stride = sizes.num_heads * sizes.head_dim;
+  const int height = levels.height[level], width = levels.width[level];
+  const int64_t level_offset = batch * sizes.num_values * static_cast<int64_t>(pixel_stride) +
+                               static_cast<int64_t>(levels.start[level]) * pixel_stride + head * sizes.head_dim;
+  const scalar_t* level_value = value + level_offset;
+  acc_t* level_grad_value = grad_value + level_offset;
+  const scalar_t* grad_row = grad_output + query_head * sizes.head_dim;
+  const int64_t first_sample = group * sizes.num_points;  // samples are (query_head, level, point) row-major
+  const acc_t one = 1;
+  BilinearCorners<acc_t> corners;
+#pragma unroll 2
+  for (int point = 0; point < sizes.num_points; ++point) {
+    const int64_t sample = first_sample + point;
+    const bool inside = bilinear_corners(static_cast<acc_t>(sampling_locations[2 * sample]),
+                                         static_cast<acc_t>(sampling_locations[2 * sample + 1]), height, width,
+                                         corners);
+    const acc_t weight = static_cast<acc_t>(attention_weights[sample]);
+    acc_t partial_weight = 0, partial_x = 0, partial_y = 0;  // over this thread's channels
+    if (inside) {
+      for (int channel = lane * VEC; channel < sizes.head_dim; channel += group_size * VEC) {
+        acc_t grad[VEC];
+        load_pack(grad_row + channel, grad);
+        acc_t dot[4] = {0, 0, 0, 0};  // <grad_output, corner value>
 #pragma unroll
-            for (int corner = 0; corner < 4; ++corner) {
-              const int64_t offset = corners.pixel[corner] * pixel_stride + channel;
-              corner_value[corner] = corners.valid[corner] ? static_cast<opmath_t>(level_value[offset]) : opmath_t(0);
-              if (corners.valid[corner]) {
-                gpuAtomicAdd(level_grad_value + offset, weight * corners.weight[corner] * grad);
-              }
+        for (int corner = 0; corner < 4; ++corner) {
+          if (corners.valid[corner]) {
+            const int offset = corners.pixel[corner] * pixel_stride + channel;
+            acc_t corner_value[VEC];
+            load_pack(level_value + offset, corner_value);
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) {
+              dot[corner] += grad[k] * corner_value[k];
             }
-            partial_weight += grad * (corners.weight[0] * corner_value[0] + corners.weight[1] * corner_value[1] +
-                                      corners.weight[2] * corner_value[2] + corners.weight[3] * corner_value[3]);
-            // d(bilinear sample)/d(frac_x) and d/d(frac_y)
-            partial_x += grad * ((one - corners.frac_y) * (corner_value[1] - corner_value[0]) +
-                                 corners.frac_y * (corner_value[3] - corner_value[2]));
-            partial_y += grad * ((one - corners.frac_x) * (corner_value[2] - corner_value[0]) +
-                                 corners.frac_x * (corner_value[3] - corner_value[1]));
+            atomic_add_scaled(level_grad_value + offset, weight * corners.weight[corner], grad);
           }
         }
-        for (int offset = group_size / 2; offset > 0; offset /= 2) {
-          partial_weight += __shfl_xor_sync(group_mask, partial_weight, offset, group_size);
-          partial_x += __shfl_xor_sync(group_mask, partial_x, offset, group_size);
-          partial_y += __shfl_xor_sync(group_mask, partial_y, offset, group_size);
-        }
-        if (lane == 0) {
-          grad_attention_weights[sample] = static_cast<scalar_t>(partial_weight);
-          // pixel = location * size - 0.5
-          grad_sampling_locations[2 * sample] =
-              static_cast<scalar_t>(inside ? weight * partial_x * static_cast<opmath_t>(width) : opmath_t(0));
-          grad_sampling_locations[2 * sample + 1] =
-              static_cast<scalar_t>(inside ? weight * partial_y * static_cast<opmath_t>(height) : opmath_t(0));
-        }
+        partial_weight += corners.weight[0] * dot[0] + corners.weight[1] * dot[1] + corners.weight[2] * dot[2] +
+                          corners.weight[3] * dot[3];
+        // d(bilinear sample)/d(frac_x) and d/d(frac_y)
+        partial_x += (one - corners.frac_y) * (dot[1] - dot[0]) + corners.frac_y * (dot[3] - dot[2]);
+        partial_y += (one - corners.frac_x) * (dot[2] - dot[0]) + corners.frac_x * (dot[3] - dot[1]);
       }
+    }
+    for (int offset = group_size / 2; offset > 0; offset /= 2) {
+      partial_weight += __shfl_xor_sync(group_mask, partial_weight, offset, group_size);
+      partial_x += __shfl_xor_sync(group_mask, partial_x, offset, group_size);
+      partial_y += __shfl_xor_sync(group_mask, partial_y, offset, group_size);
+    }
+    // every lane holds the sums; the writes rotate over the lanes
+    if (lane == (point & (group_size - 1))) {
+      grad_attention_weights[sample] = static_cast<loc_t>(partial_weight);
+      // pixel = location * size - 0.5
+      grad_sampling_locations[2 * sample] =
+          static_cast<loc_t>(inside ? weight * partial_x * static_cast<acc_t>(width) : acc_t(0));
+      grad_sampling_locations[2 * sample + 1] =
+          static_cast<loc_t>(inside ? weight * partial_y * static_cast<acc_t>(height) : acc_t(0));
     }
   }
 }
 
-int64_t num_blocks(int64_t num_threads) {
-  return std::min<int64_t>(kMaxBlocks, (num_threads + kThreadsPerBlock - 1) / kThreadsPerBlock);
+// Channels per thread in the forward: 16 bytes of value (4 x float32, 8 x float16/bfloat16), so a
+// group of 8 or 4 lanes reads one head's corner (head_dim 32) as one 128-byte line.
+template <typename scalar_t>
+constexpr int kForwardVec = std::is_same_v<scalar_t, double> ? 1 : static_cast<int>(16 / sizeof(scalar_t));
+
+// Channels per thread in the backward: 4, one float4 atomic into the float32 grad_value, so the
+// atomics of a group cover whole 128-byte lines (8 lanes for head_dim 32) whatever value's dtype.
+template <typename scalar_t>
+constexpr int kBackwardVec = std::is_same_v<scalar_t, double> ? 1 : 4;
+
+// `wide` when head_dim and the alignment of every pointer allow it, else 1.
+int vector_width(int wide, int64_t head_dim, std::initializer_list<std::pair<const void*, int>> pointers) {
+  if (wide == 1 || head_dim % wide != 0) {
+    return 1;
+  }
+  for (const auto& [pointer, element_size] : pointers) {
+    if (reinterpret_cast<uintptr_t>(pointer) % (wide * element_size) != 0) {
+      return 1;
+    }
+  }
+  return wide;
+}
+
+// num_groups: groups of G lanes in the launch (queries x heads, times levels in the backward).
+KernelSizes kernel_sizes(const MSDeformAttnSizes& sizes, int vec, int64_t num_groups) {
+  TORCH_CHECK(sizes.num_values * sizes.num_heads * sizes.head_dim < std::numeric_limits<int>::max() &&
+                  sizes.num_queries < std::numeric_limits<int>::max(),
+              "ms_deform_attn (CUDA): one image's value has ", sizes.num_values * sizes.num_heads * sizes.head_dim,
+              " elements; at most 2^31 - 1 are supported");
+  KernelSizes kernel{};
+  kernel.num_groups = num_groups;
+  kernel.num_values = static_cast<int>(sizes.num_values);
+  kernel.num_queries = static_cast<int>(sizes.num_queries);
+  kernel.num_heads = static_cast<int>(sizes.num_heads);
+  kernel.head_dim = static_cast<int>(sizes.head_dim);
+  kernel.num_levels = static_cast<int>(sizes.num_levels);
+  kernel.num_points = static_cast<int>(sizes.num_points);
+  const int64_t lanes_needed = (sizes.head_dim + vec - 1) / vec;
+  int shift = 0;
+  while (shift < 5 && (int64_t{1} << shift) < lanes_needed) {
+    ++shift;
+  }
+  kernel.group_shift = shift;
+  return kernel;
+}
+
+int64_t num_blocks(const KernelSizes& kernel) {
+  const int64_t threads = kernel.num_groups << kernel.group_shift;
+  return (threads + kThreadsPerBlock - 1) / kThreadsPerBlock;
 }
 
 at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value, const at::Tensor& spatial_shapes,
@@ -225,27 +396,41 @@ at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value, const at::Tensor
   const MSDeformAttnSizes sizes =
       check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
   TORCH_CHECK(value.is_cuda(), "ms_deform_attn (CUDA): value must be a CUDA tensor");
+  Levels levels{};
+  const std::string error = fill_levels(spatial_shapes, level_start_index, sizes.num_values, levels);
+  TORCH_CHECK(error.empty(), error);
   const c10::cuda::OptionalCUDAGuard device_guard(value.device());
-  const at::Tensor spatial_shapes_c = spatial_shapes.to(value.device()).contiguous();
-  const at::Tensor level_start_index_c = level_start_index.to(value.device()).contiguous();
   const at::Tensor value_c = value.contiguous();
   const at::Tensor sampling_locations_c = sampling_locations.contiguous();
   const at::Tensor attention_weights_c = attention_weights.contiguous();
   at::Tensor output = at::empty({sizes.batch_size, sizes.num_queries, sizes.num_heads * sizes.head_dim},
                                 value.options());
-  const int64_t num_outputs = output.numel();
-  if (num_outputs == 0) {
+  if (output.numel() == 0) {
     return output;
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_forward_cuda", [&] {
-    forward_kernel<scalar_t><<<num_blocks(num_outputs), kThreadsPerBlock, 0, stream>>>(
-        value_c.const_data_ptr<scalar_t>(), spatial_shapes_c.const_data_ptr<int64_t>(),
-        level_start_index_c.const_data_ptr<int64_t>(), sampling_locations_c.const_data_ptr<scalar_t>(),
-        attention_weights_c.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), num_outputs,
-        sizes.num_values, sizes.num_queries, sizes.num_heads, sizes.head_dim, sizes.num_levels, sizes.num_points);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  dispatch_value_and_location_types(
+      value.scalar_type(), sampling_locations.scalar_type(), "ms_deform_attn_forward_cuda",
+      [&](auto value_tag, auto location_tag) {
+        using scalar_t = decltype(value_tag);
+        using loc_t = decltype(location_tag);
+        constexpr int wide = kForwardVec<scalar_t>;
+        const int vec = vector_width(wide, sizes.head_dim, {{value_c.const_data_ptr(), sizeof(scalar_t)},
+                                                            {output.const_data_ptr(), sizeof(scalar_t)}});
+        const KernelSizes kernel =
+            kernel_sizes(sizes, vec, sizes.batch_size * sizes.num_queries * sizes.num_heads);
+        auto launch = [&](auto kernel_function) {
+          kernel_function<<<num_blocks(kernel), kThreadsPerBlock, 0, stream>>>(
+              value_c.const_data_ptr<scalar_t>(), levels, sampling_locations_c.const_data_ptr<loc_t>(),
+              attention_weights_c.const_data_ptr<loc_t>(), output.mutable_data_ptr<scalar_t>(), kernel);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        };
+        if (vec == wide) {
+          launch(forward_kernel<scalar_t, loc_t, wide>);
+        } else {
+          launch(forward_kernel<scalar_t, loc_t, 1>);
+        }
+      });
   return output;
 }
 
@@ -259,9 +444,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
               "ms_deform_attn_backward (CUDA): grad_output and value must be on one CUDA device");
   TORCH_CHECK(grad_output.scalar_type() == value.scalar_type(), "ms_deform_attn_backward: grad_output dtype ",
               grad_output.scalar_type(), " differs from value dtype ", value.scalar_type());
+  // the float atomics into grad_value make the summation order vary from run to run
+  at::globalContext().alertNotDeterministic("ms_deform_attn_backward_cuda");
+  Levels levels{};
+  const std::string error = fill_levels(spatial_shapes, level_start_index, sizes.num_values, levels);
+  TORCH_CHECK(error.empty(), error);
   const c10::cuda::OptionalCUDAGuard device_guard(value.device());
-  const at::Tensor spatial_shapes_c = spatial_shapes.to(value.device()).contiguous();
-  const at::Tensor level_start_index_c = level_start_index.to(value.device()).contiguous();
   const at::Tensor grad_output_c = grad_output.contiguous();
   const at::Tensor value_c = value.contiguous();
   const at::Tensor sampling_locations_c = sampling_locations.contiguous();
@@ -269,30 +457,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
 
   const at::ScalarType opmath_dtype = at::toOpMathType(value.scalar_type());
   at::Tensor grad_value_accumulator = at::zeros(value.sizes(), value.options().dtype(opmath_dtype));
-  at::Tensor grad_sampling_locations = at::empty(sampling_locations.sizes(), value.options());
-  at::Tensor grad_attention_weights = at::empty(attention_weights.sizes(), value.options());
-  const int64_t num_groups = sizes.batch_size * sizes.num_queries * sizes.num_heads;
-  if (num_groups == 0 || sizes.head_dim == 0) {
+  at::Tensor grad_sampling_locations = at::empty(sampling_locations.sizes(), sampling_locations.options());
+  at::Tensor grad_attention_weights = at::empty(attention_weights.sizes(), attention_weights.options());
+  if (sizes.batch_size * sizes.num_queries * sizes.num_heads == 0 || sizes.head_dim == 0) {
     grad_sampling_locations.zero_();
     grad_attention_weights.zero_();
     return {grad_value_accumulator.to(value.scalar_type()), grad_sampling_locations, grad_attention_weights};
   }
-  int group_size = 1;  // head_dim rounded up to a power of two, at most a warp
-  while (group_size < 32 && group_size < sizes.head_dim) {
-    group_size *= 2;
-  }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cuda", [&] {
-    using opmath_t = at::opmath_type<scalar_t>;
-    backward_kernel<scalar_t><<<num_blocks(num_groups * group_size), kThreadsPerBlock, 0, stream>>>(
-        grad_output_c.const_data_ptr<scalar_t>(), value_c.const_data_ptr<scalar_t>(),
-        spatial_shapes_c.const_data_ptr<int64_t>(), level_start_index_c.const_data_ptr<int64_t>(),
-        sampling_locations_c.const_data_ptr<scalar_t>(), attention_weights_c.const_data_ptr<scalar_t>(),
-        grad_value_accumulator.mutable_data_ptr<opmath_t>(), grad_sampling_locations.mutable_data_ptr<scalar_t>(),
-        grad_attention_weights.mutable_data_ptr<scalar_t>(), num_groups, sizes.num_values, sizes.num_queries,
-        sizes.num_heads, sizes.head_dim, sizes.num_levels, sizes.num_points, group_size);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  dispatch_value_and_location_types(
+      value.scalar_type(), sampling_locations.scalar_type(), "ms_deform_attn_backward_cuda",
+      [&](auto value_tag, auto location_tag) {
+        using scalar_t = decltype(value_tag);
+        using loc_t = decltype(location_tag);
+        using acc_t = at::opmath_type<scalar_t>;
+        constexpr int wide = kBackwardVec<scalar_t>;
+        const int vec = vector_width(wide, sizes.head_dim, {{value_c.const_data_ptr(), sizeof(scalar_t)},
+                                                            {grad_output_c.const_data_ptr(), sizeof(scalar_t)},
+                                                            {grad_value_accumulator.const_data_ptr(), sizeof(acc_t)}});
+        const KernelSizes kernel = kernel_sizes(
+            sizes, vec, sizes.batch_size * sizes.num_queries * sizes.num_heads * sizes.num_levels);
+        auto launch = [&](auto kernel_function) {
+          kernel_function<<<num_blocks(kernel), kThreadsPerBlock, 0, stream>>>(
+              grad_output_c.const_data_ptr<scalar_t>(), value_c.const_data_ptr<scalar_t>(), levels,
+              sampling_locations_c.const_data_ptr<loc_t>(), attention_weights_c.const_data_ptr<loc_t>(),
+              grad_value_accumulator.mutable_data_ptr<acc_t>(), grad_sampling_locations.mutable_data_ptr<loc_t>(),
+              grad_attention_weights.mutable_data_ptr<loc_t>(), kernel);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        };
+        if (vec == wide) {
+          launch(backward_kernel<scalar_t, loc_t, wide>);
+        } else {
+          launch(backward_kernel<scalar_t, loc_t, 1>);
+        }
+      });
   at::Tensor grad_value = grad_value_accumulator.scalar_type() == value.scalar_type()
                               ? grad_value_accumulator
                               : grad_value_accumulator.to(value.scalar_type());

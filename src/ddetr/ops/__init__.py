@@ -45,6 +45,30 @@ def _unavailable_reason(device_type: str) -> str:
     )
 
 
+_REDUCED = (torch.float16, torch.bfloat16)
+
+
+def op_dtypes(
+    value: torch.dtype, sampling_locations: torch.dtype, attention_weights: torch.dtype
+) -> tuple[torch.dtype, torch.dtype]:
+    """The dtypes the op runs in: (value's, that of sampling_locations and attention_weights).
+
+    A float16/bfloat16 value keeps its dtype (autocast: the value projection runs in half
+    precision) while float32 locations and weights stay float32, since rounding locations to half
+    precision moves samples by up to a pixel on large levels; locations and weights of another dtype
+    go to float32. Otherwise everything is promoted to one dtype. The output and grad_value come in
+    value's dtype, the other gradients in the locations' dtype; kernels accumulate in float32.
+    """
+    locations = torch.promote_types(sampling_locations, attention_weights)
+    if value in _REDUCED:
+        if locations == value:
+            return value, value
+        if locations != torch.float64:
+            return value, torch.float32
+    common = torch.promote_types(value, locations)
+    return common, common
+
+
 def ms_deform_attn(
     value: torch.Tensor,
     spatial_shapes: torch.Tensor,
@@ -66,16 +90,16 @@ def ms_deform_attn(
             "pytorch", "cpu" or "cuda" (the compiled kernel; raises if it cannot be used).
 
     Returns:
-        (batch_size, num_queries, num_heads * head_dim), differentiable in value,
-        sampling_locations and attention_weights. Mixed floating dtypes are promoted to a common one.
+        (batch_size, num_queries, num_heads * head_dim) in value's dtype, differentiable in value,
+        sampling_locations and attention_weights (see :func:`op_dtypes` for mixed dtypes).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
-    dtype = torch.promote_types(value.dtype, torch.promote_types(sampling_locations.dtype, attention_weights.dtype))
+    value_dtype, location_dtype = op_dtypes(value.dtype, sampling_locations.dtype, attention_weights.dtype)
     value, sampling_locations, attention_weights = (
-        value.to(dtype),
-        sampling_locations.to(dtype),
-        attention_weights.to(dtype),
+        value.to(value_dtype),
+        sampling_locations.to(location_dtype),
+        attention_weights.to(location_dtype),
     )
     if backend == "pytorch":
         return ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)

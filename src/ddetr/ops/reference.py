@@ -47,9 +47,15 @@ def ms_deform_attn_pytorch(
         attention_weights: (batch_size, num_queries, num_heads, num_levels, num_points).
 
     Returns:
-        (batch_size, num_queries, num_heads * head_dim).
+        (batch_size, num_queries, num_heads * head_dim) in value's dtype. Mixed dtypes are sampled
+        in the highest of them (``grid_sample`` takes one dtype); see ``ddetr.ops.op_dtypes``.
     """
     del level_start_index
+    output_dtype = value.dtype
+    compute_dtype = torch.promote_types(value.dtype, torch.promote_types(sampling_locations.dtype, attention_weights.dtype))
+    value, sampling_locations, attention_weights = (
+        t.to(compute_dtype) for t in (value, sampling_locations, attention_weights)
+    )
     batch_size, _, num_heads, head_dim = value.shape
     _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
     shapes = spatial_shapes_list(spatial_shapes)
@@ -69,4 +75,4 @@ def ms_deform_attn_pytorch(
     weights = attention_weights.transpose(1, 2).reshape(batch_size * num_heads, 1, num_queries, num_levels * num_points)
     output = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1)  # (B*M, D, Lq)
     output = output.view(batch_size, num_heads * head_dim, num_queries)  # (B, M*D, Lq)
-    return output.transpose(1, 2).contiguous()  # (B, Lq, M*D)
+    return output.transpose(1, 2).contiguous().to(output_dtype)  # (B, Lq, M*D)
