@@ -8,8 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from _hf_oracle import NUM_CLASSES, ddetr_flags, hf_model, hf_outputs, padded_batch
-from test_model_parity import assert_outputs_close, official_names_from_hf
+from _hf_oracle import (
+    NUM_CLASSES,
+    assert_outputs_close,
+    ddetr_flags,
+    hf_model,
+    hf_outputs,
+    official_names_from_hf,
+    padded_batch,
+)
 
 from ddetr.convert import (
     hf_to_official,
@@ -38,7 +45,7 @@ def _official_checkpoint(path: Path, model, flags: dict | None) -> Path:
 
 
 def test_cli_official_writes_a_checkpoint_that_loads_back(tmp_path, two_stage_case):
-    from ddetr.module import DeformableDETRModule
+    from ddetr.training.module import DeformableDETRModule
 
     model, reference, images = two_stage_case
     source = _official_checkpoint(tmp_path / "official.pth", model, flags=ddetr_flags("two_stage"))

@@ -13,11 +13,11 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 
+from ddetr.training.callbacks import SkipReportCallback
 from ddetr.data import (
     CocoDataModule,
     DatasetError,
     DetectionDataModule,
-    SkipReportCallback,
     SyntheticDataModule,
     UnpaddedDistributedSampler,
     make_train_transforms,
@@ -166,7 +166,7 @@ def test_skips_reach_the_epoch_report_through_lightning(tmp_path, caplog):
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
         callbacks=[SkipReportCallback()], default_root_dir=tmp_path,
     )  # fmt: skip
-    with caplog.at_level("WARNING", logger="ddetr.data.skip_callback"):
+    with caplog.at_level("WARNING", logger="ddetr.training.callbacks"):
         trainer.fit(_TinyModule(), datamodule=dm)
     assert trainer.callback_metrics["train/skipped_images"] == 1
     assert trainer.callback_metrics["val/skipped_images"] == 1

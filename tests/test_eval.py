@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddetr.config import compose
-from ddetr.convert import save_checkpoint
+from ddetr.app import compose
+from ddetr.training.checkpoints import save_checkpoint
 from ddetr.data import ensure_synthetic_dataset
-from ddetr.eval import evaluate
-from ddetr.module import DeformableDETRModule
-from ddetr.predict import predict
+from ddetr.training.run import evaluate
+from ddetr.training.module import DeformableDETRModule
+from ddetr.inference.predict import predict
 
 TINY = {"hidden_dim": 32, "nheads": 2, "enc_layers": 1, "dec_layers": 2, "dim_feedforward": 32, "num_queries": 10}
 

@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from ddetr.evaluation import METRIC_NAMES, CocoEvaluator
+from ddetr.training.evaluation import METRIC_NAMES, CocoEvaluator
 
 LABEL_TO_CATEGORY = [3, 7]  # head index -> category id
 

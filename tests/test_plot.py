@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from ddetr.plot import main, plot_learning_curves, read_epoch_series
+from ddetr.pictures.plots import main, plot_learning_curves, read_epoch_series
 
 # sparse rows as Lightning's CSVLogger writes them: step values, train epoch values, val values
 METRICS_CSV = """\

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ddetr.models.config import LayerConfig
 from ddetr.models.ms_deform_attn import MSDeformAttn
 from ddetr.ops.reference import spatial_shapes_list
 
@@ -147,30 +148,36 @@ def encoder_output_proposals(
     return memory, proposals
 
 
+def _deformable_attention(config: LayerConfig) -> MSDeformAttn:
+    return MSDeformAttn(
+        config.hidden_dim, config.num_levels, config.num_heads, config.num_points, backend=config.attn_backend
+    )
+
+
+def _feed_forward(config: LayerConfig) -> tuple[nn.Module, ...]:
+    """(linear1, dropout, linear2, dropout, norm) of a layer's ReLU FFN; the caller xavier-initialises."""
+    linear1 = nn.Linear(config.hidden_dim, config.dim_feedforward)
+    linear2 = nn.Linear(config.dim_feedforward, config.hidden_dim)
+    return linear1, nn.Dropout(config.dropout), linear2, nn.Dropout(config.dropout), nn.LayerNorm(config.hidden_dim)
+
+
+def _feed_forward_residual(layer: nn.Module, x: torch.Tensor, inner: nn.Module, outer: nn.Module) -> torch.Tensor:
+    """``ffn_norm(x + outer(linear2(inner(relu(linear1(x))))))`` with the layer's FFN parts."""
+    hidden = layer.linear2(inner(F.relu(layer.linear1(x))))
+    return layer.ffn_norm(x + outer(hidden))
+
+
 class DeformableEncoderLayer(nn.Module):
     """Post-norm layer: deformable self-attention (query = src + pos), then a ReLU FFN."""
 
-    def __init__(
-        self,
-        hidden_dim: int = 256,
-        dim_feedforward: int = 1024,
-        dropout: float = 0.1,
-        num_levels: int = 4,
-        num_heads: int = 8,
-        num_points: int = 4,
-        attn_backend: str = "auto",
-    ) -> None:
+    def __init__(self, config: LayerConfig) -> None:
         super().__init__()
-        self.self_attn = MSDeformAttn(hidden_dim, num_levels, num_heads, num_points, backend=attn_backend)
-        self.dropout1 = nn.Dropout(dropout)
-        self.self_attn_norm = nn.LayerNorm(hidden_dim)
-        self.linear1 = nn.Linear(hidden_dim, dim_feedforward)
-        self.dropout2 = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(dim_feedforward, hidden_dim)
-        self.dropout3 = nn.Dropout(dropout)
-        self.ffn_norm = nn.LayerNorm(hidden_dim)
-        nn.init.xavier_uniform_(self.linear1.weight)
-        nn.init.xavier_uniform_(self.linear2.weight)
+        self.self_attn = _deformable_attention(config)
+        self.dropout1 = nn.Dropout(config.dropout)
+        self.self_attn_norm = nn.LayerNorm(config.hidden_dim)
+        self.linear1, self.dropout2, self.linear2, self.dropout3, self.ffn_norm = _feed_forward(config)
+        for weight in (self.linear1.weight, self.linear2.weight):
+            nn.init.xavier_uniform_(weight)
 
     def forward(
         self,
@@ -184,34 +191,16 @@ class DeformableEncoderLayer(nn.Module):
         """src, pos: (B, S, D); reference_points: (B, S, L, 2); padding_mask (B, S). Returns (B, S, D)."""
         attended = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask)
         src = self.self_attn_norm(src + self.dropout1(attended))
-        hidden = self.linear2(self.dropout2(F.relu(self.linear1(src))))
-        return self.ffn_norm(src + self.dropout3(hidden))
+        return _feed_forward_residual(self, src, self.dropout2, self.dropout3)
 
 
 class DeformableEncoder(nn.Module):
-    """A stack of ``num_layers`` deformable encoder layers."""
+    """A stack of ``num_layers`` deformable encoder layers built from one layer config."""
 
-    def __init__(
-        self,
-        num_layers: int = 6,
-        hidden_dim: int = 256,
-        dim_feedforward: int = 1024,
-        dropout: float = 0.1,
-        num_levels: int = 4,
-        num_heads: int = 8,
-        num_points: int = 4,
-        attn_backend: str = "auto",
-    ) -> None:
+    def __init__(self, config: LayerConfig, num_layers: int) -> None:
         super().__init__()
-        self.hidden_dim = hidden_dim
-        self.layers = nn.ModuleList(
-            [
-                DeformableEncoderLayer(
-                    hidden_dim, dim_feedforward, dropout, num_levels, num_heads, num_points, attn_backend
-                )
-                for _ in range(num_layers)
-            ]
-        )
+        self.hidden_dim = config.hidden_dim
+        self.layers = nn.ModuleList([DeformableEncoderLayer(config) for _ in range(num_layers)])
 
     def forward(
         self,
@@ -246,34 +235,18 @@ class DeformableDecoderLayer(nn.Module):
     """Post-norm layer: multi-head self-attention among the queries, deformable cross-attention to the
     encoder memory around the reference points, ReLU FFN."""
 
-    def __init__(
-        self,
-        hidden_dim: int = 256,
-        dim_feedforward: int = 1024,
-        dropout: float = 0.1,
-        num_levels: int = 4,
-        num_heads: int = 8,
-        num_points: int = 4,
-        attn_backend: str = "auto",
-    ) -> None:
+    def __init__(self, config: LayerConfig) -> None:
         super().__init__()
-        self.self_attn = nn.MultiheadAttention(hidden_dim, num_heads, dropout=dropout, batch_first=True)
-        self.dropout1 = nn.Dropout(dropout)
+        hidden_dim = config.hidden_dim
+        self.self_attn = nn.MultiheadAttention(hidden_dim, config.num_heads, dropout=config.dropout, batch_first=True)
+        self.dropout1 = nn.Dropout(config.dropout)
         self.self_attn_norm = nn.LayerNorm(hidden_dim)
-        self.cross_attn = MSDeformAttn(hidden_dim, num_levels, num_heads, num_points, backend=attn_backend)
-        self.dropout2 = nn.Dropout(dropout)
+        self.cross_attn = _deformable_attention(config)
+        self.dropout2 = nn.Dropout(config.dropout)
         self.cross_attn_norm = nn.LayerNorm(hidden_dim)
-        self.linear1 = nn.Linear(hidden_dim, dim_feedforward)
-        self.dropout3 = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(dim_feedforward, hidden_dim)
-        self.dropout4 = nn.Dropout(dropout)
-        self.ffn_norm = nn.LayerNorm(hidden_dim)
-        for weight in (
-            self.self_attn.in_proj_weight,
-            self.self_attn.out_proj.weight,
-            self.linear1.weight,
-            self.linear2.weight,
-        ):
+        self.linear1, self.dropout3, self.linear2, self.dropout4, self.ffn_norm = _feed_forward(config)
+        attn = self.self_attn
+        for weight in (attn.in_proj_weight, attn.out_proj.weight, self.linear1.weight, self.linear2.weight):
             nn.init.xavier_uniform_(weight)
 
     def forward(
@@ -295,34 +268,16 @@ class DeformableDecoderLayer(nn.Module):
             tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index, memory_padding_mask
         )
         tgt = self.cross_attn_norm(tgt + self.dropout2(attended))
-        hidden = self.linear2(self.dropout3(F.relu(self.linear1(tgt))))
-        return self.ffn_norm(tgt + self.dropout4(hidden))
+        return _feed_forward_residual(self, tgt, self.dropout3, self.dropout4)
 
 
 class DeformableDecoder(nn.Module):
     """A stack of ``num_layers`` decoder layers, optionally refining the references after every layer."""
 
-    def __init__(
-        self,
-        num_layers: int = 6,
-        hidden_dim: int = 256,
-        dim_feedforward: int = 1024,
-        dropout: float = 0.1,
-        num_levels: int = 4,
-        num_heads: int = 8,
-        num_points: int = 4,
-        attn_backend: str = "auto",
-    ) -> None:
+    def __init__(self, config: LayerConfig, num_layers: int) -> None:
         super().__init__()
         self.num_layers = num_layers
-        self.layers = nn.ModuleList(
-            [
-                DeformableDecoderLayer(
-                    hidden_dim, dim_feedforward, dropout, num_levels, num_heads, num_points, attn_backend
-                )
-                for _ in range(num_layers)
-            ]
-        )
+        self.layers = nn.ModuleList([DeformableDecoderLayer(config) for _ in range(num_layers)])
 
     def forward(
         self,
@@ -387,9 +342,9 @@ class DeformableTransformer(nn.Module):
         self,
         encoder: DeformableEncoder,
         decoder: DeformableDecoder,
-        num_feature_levels: int = 4,
-        two_stage: bool = False,
-        num_queries: int = 300,
+        num_feature_levels: int,
+        two_stage: bool,
+        num_queries: int,
     ) -> None:
         super().__init__()
         hidden_dim = encoder.hidden_dim
