@@ -8,16 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _hf_oracle import (
-    NUM_CLASSES,
-    VARIANTS,
-    assert_outputs_close,
-    ddetr_flags,
-    hf_model,
-    hf_outputs,
-    official_names_from_hf,
-    padded_batch,
-)
+from _hf_oracle import NUM_CLASSES, VARIANTS, _assert_close, assert_outputs_close
+from _hf_oracle import ddetr_flags, hf_model, hf_outputs, official_names_from_hf, padded_batch
 
 from ddetr.convert import hf_to_ddetr, official_to_ddetr
 from ddetr.models import build_deformable_detr

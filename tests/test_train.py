@@ -86,7 +86,16 @@ def test_ddp_on_two_cpu_processes(tmp_path, data_root, debug_overrides):
     run_cli(["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
              f"hydra.run.dir={tmp_path}/ddp", *overrides], cwd=tmp_path)
     metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
-    assert 0.0 <= metrics["val/AP"] <= 1.0
+    # the metrics gathered over two ranks are those of one process validating the same checkpoint
+    import lightning as L
+    from hydra.utils import instantiate
+
+    cfg = compose([*overrides, f"paths.output_dir={tmp_path}/single"])
+    module = DeformableDETRModule.load_from_checkpoint(tmp_path / "ddp" / "checkpoints" / "last.ckpt", map_location="cpu")
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    single = trainer.validate(module, datamodule=instantiate(cfg.data), verbose=False)[0]
+    for name in ("val/AP", "val/AP50", "val/AR100"):
+        assert single[name] == pytest.approx(metrics["all"][name], abs=1e-9), name
 
 
 @pytest.mark.slow
@@ -138,3 +147,31 @@ def test_ddp_empty_rank_and_odd_val_set(tmp_path, data_root, debug_overrides):
     assert len(datamodule.val_dataset) == 5
     for name in ("val/AP", "val/AP50", "val/AR100"):
         assert single[name] == pytest.approx(metrics["all"][name], abs=1e-9), name
+
+
+def test_checkpoint_from_init_from_loads_evaluates_and_resumes_without_the_init_file(tmp_path, data_root, debug_overrides):
+    import shutil
+
+    import lightning as L
+    from hydra.utils import instantiate
+
+    train(compose(debug_overrides(tmp_path / "pretrain", data_root)))
+    init_file = tmp_path / "init.ckpt"
+    shutil.copy(tmp_path / "pretrain" / "checkpoints" / "last.ckpt", init_file)
+    shutil.rmtree(tmp_path / "pretrain")
+    finetune = debug_overrides(tmp_path / "finetune", data_root) + [f"model.init_from={init_file}"]
+    train(compose(finetune))
+    init_file.unlink()  # gone: another machine, or the file moved
+
+    ckpt = tmp_path / "finetune" / "checkpoints" / "last.ckpt"
+    assert "init_from" not in torch.load(ckpt, map_location="cpu", weights_only=True)["hyper_parameters"]
+    module = DeformableDETRModule.load_from_checkpoint(ckpt, map_location="cpu")
+    cfg = compose(finetune)
+    datamodule = instantiate(cfg.data)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    metrics = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+    assert "val/AP" in metrics
+    steps = torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
+    resumed = train(compose(finetune + ["trainer.max_epochs=2", f"ckpt_path={ckpt}"]))
+    assert "val/AP" in resumed
+    assert torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"] == 2 * steps  # one more epoch
