@@ -170,7 +170,7 @@ def assert_outputs_close(ours: dict, reference: dict, atol: float = ATOL) -> Non
 
 def official_names_from_hf(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """An official-format state dict built from transformers 5.x names, written independently of
-    ddetr.convert from the name list in docs/semantics.md and the official source."""
+    ddetr.convert from the name list in docs/semantics.md and src/ddetr/convert/official.py."""
     replacements = [
         ("model.backbone.model.", "backbone.0.body."),
         ("model.input_proj.", "input_proj."),

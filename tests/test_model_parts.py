@@ -11,7 +11,7 @@ from torch import nn
 
 from ddetr.models import build_deformable_detr
 from ddetr.models.backbone import Backbone, FrozenBatchNorm2d
-from ddetr.models.deformable_transformer import (
+from ddetr.models.geometry import (
     encoder_output_proposals,
     encoder_reference_points,
     inverse_sigmoid,

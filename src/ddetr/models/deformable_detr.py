@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddetr.models.backbone import Backbone
-from ddetr.models.deformable_transformer import DeformableTransformer, boxes_from_reference
+from ddetr.models.deformable_transformer import DeformableTransformer
+from ddetr.models.geometry import boxes_from_reference
 from ddetr.models.image_list import pad_images
 from ddetr.models.position_encoding import PositionEmbeddingSine
 
