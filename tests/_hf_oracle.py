@@ -143,3 +143,68 @@ def hf_outputs(model, padded: torch.Tensor, mask: torch.Tensor) -> dict:
             "pred_boxes": output.enc_outputs_coord_logits.sigmoid(),
         }
     return result
+
+
+ATOL = 1e-4
+
+
+def _assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, what: str) -> None:
+    torch.testing.assert_close(actual, expected, rtol=0, atol=atol, msg=lambda message: f"{what}: {message}")
+
+
+def assert_outputs_close(ours: dict, reference: dict, atol: float = ATOL) -> None:
+    """Final, every auxiliary and (two-stage) the encoder outputs agree within ``atol``."""
+    assert len(ours["aux_outputs"]) == len(reference["aux_outputs"])
+    assert ("enc_outputs" in ours) == ("enc_outputs" in reference)
+    pairs = [("final", ours, reference)]
+    pairs += [
+        (f"aux {layer}", mine, theirs)
+        for layer, (mine, theirs) in enumerate(zip(ours["aux_outputs"], reference["aux_outputs"], strict=True))
+    ]
+    if "enc_outputs" in reference:
+        pairs.append(("enc", ours["enc_outputs"], reference["enc_outputs"]))
+    for what, mine, theirs in pairs:
+        for key in ("pred_logits", "pred_boxes"):
+            _assert_close(mine[key], theirs[key], atol, f"{what} {key}")
+
+
+def official_names_from_hf(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An official-format state dict built from transformers 5.x names, written independently of
+    ddetr.convert from the name list in docs/semantics.md and src/ddetr/convert/official.py."""
+    replacements = [
+        ("model.backbone.model.", "backbone.0.body."),
+        ("model.input_proj.", "input_proj."),
+        ("model.level_embed", "transformer.level_embed"),
+        ("model.reference_points.", "transformer.reference_points."),
+        ("model.enc_output_norm.", "transformer.enc_output_norm."),
+        ("model.enc_output.", "transformer.enc_output."),
+        ("model.pos_trans_norm.", "transformer.pos_trans_norm."),
+        ("model.pos_trans.", "transformer.pos_trans."),
+        ("model.query_position_embeddings.", "query_embed."),
+        ("model.encoder.", "transformer.encoder."),
+        ("model.decoder.", "transformer.decoder."),
+        (".mlp.fc1.", ".linear1."),
+        (".mlp.fc2.", ".linear2."),
+        (".encoder_attn.", ".cross_attn."),
+        (".self_attn.o_proj.", ".self_attn.out_proj."),
+    ]
+    official = {}
+    qkv: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state_dict.items():
+        for old, new in replacements:
+            key = key.replace(old, new)
+        if key.startswith("transformer.encoder."):
+            key = key.replace(".self_attn_layer_norm.", ".norm1.").replace(".final_layer_norm.", ".norm2.")
+        elif key.startswith("transformer.decoder."):
+            key = key.replace(".encoder_attn_layer_norm.", ".norm1.")
+            key = key.replace(".self_attn_layer_norm.", ".norm2.").replace(".final_layer_norm.", ".norm3.")
+        for projection in ("q_proj", "k_proj", "v_proj"):
+            if f".self_attn.{projection}." in key:
+                prefix, kind = key.split(f".{projection}.")
+                qkv.setdefault(f"{prefix}.in_proj_{kind}", {})[projection[0]] = value
+                break
+        else:
+            official[key] = value
+    for key, parts in qkv.items():
+        official[key] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    return official

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ddetr.attention import (
+from ddetr.pictures.attention import (
     DecoderAttention,
     DecoderAttentionRecorder,
     attention_in_pixels,
@@ -15,7 +15,7 @@ from ddetr.attention import (
     level_strides,
     select_queries,
 )
-from ddetr.module import DeformableDETRModule
+from ddetr.training.module import DeformableDETRModule
 
 
 def tiny_model(with_box_refine: bool = False, seed: int = 0):

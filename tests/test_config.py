@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from hydra.utils import instantiate
 
-from ddetr.config import CONFIG_DIR, compose
-from ddetr.train import instantiate_group
+from ddetr.app import CONFIG_DIR, compose
+from ddetr.training.run import instantiate_group
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 OFFICIAL = {

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from _hf_oracle import NUM_CLASSES, ddetr_flags, hf_model, hf_outputs, padded_batch
-from test_model_parity import assert_outputs_close, official_names_from_hf
+from _hf_oracle import NUM_CLASSES, assert_outputs_close, ddetr_flags
+from _hf_oracle import hf_model, hf_outputs, official_names_from_hf, padded_batch
 
+from ddetr.models.config import BackboneConfig
 from ddetr.convert import (
     hf_to_official,
     infer_official_flags,
@@ -38,7 +40,7 @@ def _official_checkpoint(path: Path, model, flags: dict | None) -> Path:
 
 
 def test_cli_official_writes_a_checkpoint_that_loads_back(tmp_path, two_stage_case):
-    from ddetr.module import DeformableDETRModule
+    from ddetr.training.module import DeformableDETRModule
 
     model, reference, images = two_stage_case
     source = _official_checkpoint(tmp_path / "official.pth", model, flags=ddetr_flags("two_stage"))
@@ -49,7 +51,9 @@ def test_cli_official_writes_a_checkpoint_that_loads_back(tmp_path, two_stage_ca
     assert checkpoint["ddetr_converted_from"] == "official"
     hyper_parameters = checkpoint["hyper_parameters"]
     assert hyper_parameters["num_classes"] == NUM_CLASSES
-    assert hyper_parameters["backbone"] == {"name": "resnet18", "dilation": False, "weights": None}
+    backbone = hyper_parameters["backbone"]
+    assert {k: backbone[k] for k in ("name", "dilation", "weights")} == {"name": "resnet18", "dilation": False, "weights": None}
+    assert backbone == dataclasses.asdict(BackboneConfig(name="resnet18"))  # the rest: the official defaults
     assert hyper_parameters["two_stage"] and hyper_parameters["with_box_refine"] and hyper_parameters["dropout"] == 0.0
     loaded = DeformableDETRModule.load_from_checkpoint(target, map_location="cpu").eval()
     with torch.no_grad():

@@ -10,9 +10,9 @@ import torch.multiprocessing
 from ddetr.models.criterion import (
     SetCriterion,
     average_num_boxes,
-    build_criterion,
     sigmoid_focal_loss,
 )
+from ddetr.models.build import build_criterion
 from ddetr.models.matcher import HungarianMatcher
 
 LN2 = math.log(2)

@@ -10,21 +10,19 @@ import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from PIL import Image
 
+from ddetr.training.callbacks import SkipReportCallback
 from ddetr.data import (
     CocoDataModule,
     DatasetError,
     DetectionDataModule,
-    SkipReportCallback,
     SyntheticDataModule,
     UnpaddedDistributedSampler,
     make_train_transforms,
     make_val_transforms,
 )
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "data"
 
 
 def _small_transforms() -> dict:
@@ -166,7 +164,7 @@ def test_skips_reach_the_epoch_report_through_lightning(tmp_path, caplog):
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
         callbacks=[SkipReportCallback()], default_root_dir=tmp_path,
     )  # fmt: skip
-    with caplog.at_level("WARNING", logger="ddetr.data.skip_callback"):
+    with caplog.at_level("WARNING", logger="ddetr.training.callbacks"):
         trainer.fit(_TinyModule(), datamodule=dm)
     assert trainer.callback_metrics["train/skipped_images"] == 1
     assert trainer.callback_metrics["val/skipped_images"] == 1
@@ -179,6 +177,13 @@ def test_skips_reach_the_epoch_report_through_lightning(tmp_path, caplog):
     assert len(dm.pop_skip_report()) == 0  # reported and reset
 
 
+def _data_config(name: str):
+    """The composed ``data`` group ``name`` (with its transforms group)."""
+    from ddetr.app import compose
+
+    return compose([f"data={name}"]).data
+
+
 def test_coco_layout_and_configs(tmp_path):
     dm = CocoDataModule(tmp_path / "coco", num_workers=0)
     assert dm.train_images == tmp_path / "coco" / "train2017"
@@ -189,17 +194,17 @@ def test_coco_layout_and_configs(tmp_path):
     assert dm.category_mapping == "coco91"
 
     for name in ("synthetic", "coco", "custom"):
-        cfg = OmegaConf.load(CONF / f"{name}.yaml")
+        cfg = _data_config(name)
         assert cfg._target_.startswith("ddetr.data.")
-    synthetic = OmegaConf.load(CONF / "synthetic.yaml")
+    synthetic = _data_config("synthetic")
     synthetic.root = str(tmp_path / "syn")
     synthetic.num_train, synthetic.num_val, synthetic.num_workers = 6, 3, 0
     dm = instantiate(synthetic)
     assert isinstance(dm, SyntheticDataModule) and dm.num_classes == 6
-    coco = OmegaConf.load(CONF / "coco.yaml")
+    coco = _data_config("coco")
     coco.data_dir = str(tmp_path / "coco")
     assert isinstance(instantiate(coco), CocoDataModule)
-    custom = OmegaConf.load(CONF / "custom.yaml")
+    custom = _data_config("custom")
     train = _write_split(tmp_path, "train", 3, CATS)
     val = _write_split(tmp_path, "val", 3, CATS)
     custom.train_images, custom.train_annotations = str(train[0]), str(train[1])

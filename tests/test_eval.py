@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddetr.config import compose
-from ddetr.convert import save_checkpoint
+from ddetr.app import compose
+from ddetr.training.checkpoints import save_checkpoint
 from ddetr.data import ensure_synthetic_dataset
-from ddetr.eval import evaluate
-from ddetr.module import DeformableDETRModule
-from ddetr.predict import predict
+from ddetr.training.run import evaluate
+from ddetr.training.module import DeformableDETRModule
+from ddetr.inference.predict import predict
 
 TINY = {"hidden_dim": 32, "nheads": 2, "enc_layers": 1, "dec_layers": 2, "dim_feedforward": 32, "num_queries": 10}
 
@@ -64,6 +64,15 @@ def test_eval_writes_metrics_and_the_same_detections_as_predict(tmp_path, datase
     coco_eval = COCOeval(ground_truth, ground_truth.loadRes(results), iouType="bbox")
     coco_eval.evaluate(), coco_eval.accumulate(), coco_eval.summarize()
     assert metrics["val/AP50"] == pytest.approx(max(coco_eval.stats[1], 0.0), abs=1e-6)
+    # every reported metric is pycocotools' on the written detections (-1: no ground truth of that size)
+    for name, index in (("AP", 0), ("AP50", 1), ("AP75", 2), ("APs", 3), ("APm", 4), ("APl", 5), ("AR100", 8)):
+        assert metrics[f"val/{name}"] == pytest.approx(max(coco_eval.stats[index], 0.0), abs=1e-6), name
+    # and the evaluation is not blind: the ground truth as detections scores a perfect AP
+    perfect = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
+               for a in ground_truth.dataset["annotations"]]
+    exact = COCOeval(ground_truth, ground_truth.loadRes(perfect), iouType="bbox")
+    exact.evaluate(), exact.accumulate(), exact.summarize()
+    assert exact.stats[0] == pytest.approx(1.0)
 
     # prediction on the same files with the same resize gives the same detections
     predict(

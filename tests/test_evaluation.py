@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from ddetr.evaluation import METRIC_NAMES, CocoEvaluator
+from ddetr.training.evaluation import METRIC_NAMES, CocoEvaluator
 
 LABEL_TO_CATEGORY = [3, 7]  # head index -> category id
 
@@ -76,17 +76,7 @@ def test_perfect_predictions_give_one(capsys):
     evaluator = CocoEvaluator(coco, LABEL_TO_CATEGORY)
     evaluator.update(_perfect(coco))
     metrics = evaluator.compute()
-    assert set(metrics) >= {
-        "AP",
-        "AP50",
-        "AP75",
-        "APs",
-        "APm",
-        "APl",
-        "AR1",
-        "AR10",
-        "AR100",
-    }
+    assert set(metrics) >= {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100"}
     assert all(isinstance(v, float) for v in metrics.values())
     assert metrics["AP"] == pytest.approx(1.0) and metrics["AP50"] == pytest.approx(1.0)
     assert metrics["AR100"] == pytest.approx(1.0)

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from ddetr import ops
-from ddetr.config import compose
-from ddetr.convert import save_checkpoint
-from ddetr.export import ExportableDetector, example_inputs, export
+from ddetr.app import compose
+from ddetr.training.checkpoints import save_checkpoint
+from ddetr.inference.export import ExportableDetector, example_inputs, export
 from ddetr.models.ms_deform_attn import set_attention_backend
-from ddetr.module import DeformableDETRModule
-from ddetr.predict import load_module
+from ddetr.training.module import DeformableDETRModule
+from ddetr.training.checkpoints import load_module
 
 TINY = {"hidden_dim": 32, "nheads": 2, "enc_layers": 1, "dec_layers": 2, "dim_feedforward": 32, "num_queries": 10}
 HEIGHT, WIDTH = 64, 96

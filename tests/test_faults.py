@@ -13,12 +13,11 @@ import lightning as L
 import pytest
 import torch
 
-from ddetr.callbacks import AtomicCheckpointIO
-from ddetr.config import compose
-from ddetr.module import NonFiniteLossError
-from ddetr.train import train
+from ddetr.training.checkpoints import AtomicCheckpointIO
+from ddetr.app import compose
+from ddetr.training.module import NonFiniteLossError
+from ddetr.training.run import train
 
-from test_train import tiny_overrides
 
 EXACT = ["trainer.max_epochs=2", "data.num_train=20", "callbacks.model_checkpoint.save_top_k=0",
          "callbacks.validation_images.num_images=0"]
@@ -56,22 +55,22 @@ def data_root(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_resume_mid_epoch_is_exact(tmp_path, data_root):
+def test_resume_mid_epoch_is_exact(tmp_path, data_root, debug_overrides):
     """Stop at step 3 (of 10, mid-epoch, by SIGUSR1), resume, and every later loss equals the loss of an
     uninterrupted run; shuffling and augmentation (flip, multi-scale, crops) are on, and dropout too."""
-    base = tiny_overrides(tmp_path / "full", data_root) + EXACT + ["model.dropout=0.1"]
+    base = debug_overrides(tmp_path / "full", data_root) + EXACT + ["model.dropout=0.1"]
     full = RecordLosses()
     run(compose(base), full)
     assert len(full.losses) == 10
 
-    first = tiny_overrides(tmp_path / "first", data_root) + EXACT + ["model.dropout=0.1"]
+    first = debug_overrides(tmp_path / "first", data_root) + EXACT + ["model.dropout=0.1"]
     interrupted = RecordLosses()
     assert run(compose(first), SignalAtStep(3), interrupted) == {}
     assert max(interrupted.losses) == 3
     ckpt = tmp_path / "first" / "checkpoints" / "preempted.ckpt"
     assert ckpt.is_file()
 
-    second = tiny_overrides(tmp_path / "second", data_root) + EXACT + ["model.dropout=0.1", f"ckpt_path={ckpt}"]
+    second = debug_overrides(tmp_path / "second", data_root) + EXACT + ["model.dropout=0.1", f"ckpt_path={ckpt}"]
     resumed = RecordLosses()
     run(compose(second), resumed)
     assert sorted(resumed.losses) == list(range(4, 11))
@@ -80,8 +79,8 @@ def test_resume_mid_epoch_is_exact(tmp_path, data_root):
 
 
 @pytest.mark.slow
-def test_sigterm_from_outside_checkpoints_and_exits_cleanly(tmp_path, data_root):
-    overrides = tiny_overrides(tmp_path, data_root) + ["trainer.max_epochs=1000"]
+def test_sigterm_from_outside_checkpoints_and_exits_cleanly(tmp_path, data_root, debug_overrides):
+    overrides = debug_overrides(tmp_path, data_root) + ["trainer.max_epochs=1000"]
     overrides = [o for o in overrides if not o.startswith("paths.output_dir")] + [f"hydra.run.dir={tmp_path}/run"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen([sys.executable, "-m", "ddetr.train", *overrides], cwd=tmp_path, env=env,
@@ -117,8 +116,8 @@ class PoisonAtStep(L.Callback):
             batch[0].fill_(float("nan"))
 
 
-def test_nonfinite_loss_stops_naming_the_step_and_keeps_checkpoints_finite(tmp_path, data_root):
-    cfg = compose(tiny_overrides(tmp_path, data_root) + ["trainer.max_epochs=3"])
+def test_nonfinite_loss_stops_naming_the_step_and_keeps_checkpoints_finite(tmp_path, data_root, debug_overrides):
+    cfg = compose(debug_overrides(tmp_path, data_root) + ["trainer.max_epochs=3"])
     with pytest.raises(NonFiniteLossError, match=r"global step 4 .*pred_logits"):
         run(cfg, PoisonAtStep(4, "weights"))  # 3 steps per epoch: fails in the 2nd epoch
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
@@ -126,8 +125,8 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_checkpoints_finite(tmp_p
     assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
 
 
-def test_nonfinite_loss_can_skip_the_step(tmp_path, data_root):
-    cfg = compose(tiny_overrides(tmp_path, data_root) + ["trainer.max_epochs=2", "model.on_nonfinite_loss=skip"])
+def test_nonfinite_loss_can_skip_the_step(tmp_path, data_root, debug_overrides):
+    cfg = compose(debug_overrides(tmp_path, data_root) + ["trainer.max_epochs=2", "model.on_nonfinite_loss=skip"])
     run(cfg, PoisonAtStep(2, "pixels"))
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert state["global_step"] == 6  # Lightning counts the skipped step, which updated nothing
@@ -141,7 +140,7 @@ def test_nonfinite_loss_can_skip_the_step(tmp_path, data_root):
 
 KILL_DURING_SAVE = """
 import os, sys, torch
-from ddetr.callbacks import AtomicCheckpointIO
+from ddetr.training.checkpoints import AtomicCheckpointIO
 
 class KillWhilePickled:
     def __reduce__(self):

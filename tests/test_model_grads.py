@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ddetr.models import build_deformable_detr
-from ddetr.models.criterion import build_criterion
+from ddetr.models.build import build_criterion
 
 NUM_CLASSES = 4
 TINY = dict(

@@ -2,10 +2,11 @@
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
-from ddetr.plot import main, plot_learning_curves, read_epoch_series
+from ddetr.pictures.plots import main, plot_learning_curves, read_epoch_series
 
 # sparse rows as Lightning's CSVLogger writes them: step values, train epoch values, val values
 METRICS_CSV = """\
@@ -42,6 +43,11 @@ def test_plot_writes_a_valid_png(tmp_path):
         image.verify()
     with Image.open(out) as image:
         assert image.size[0] > 100 and image.size[1] > 100
+        pixels = np.asarray(image.convert("RGB"))
+    # not blank: the curves are drawn in colours that are neither white nor grey
+    coloured = (pixels.max(-1).astype(int) - pixels.min(-1).astype(int)) > 60
+    assert coloured.sum() > 200, "no coloured curve in the picture"
+    assert (pixels < 100).all(-1).sum() > 200, "no dark axes or text in the picture"
 
 
 def test_command_line_default_output(tmp_path, capsys):

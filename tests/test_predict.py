@@ -12,12 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from ddetr.config import compose
-from ddetr.convert import save_checkpoint
+from ddetr.app import compose
+from ddetr.training.checkpoints import save_checkpoint
 from ddetr.data import ensure_synthetic_dataset, make_val_transforms
 from ddetr.data.coco_names import COCO91_NAMES
-from ddetr.module import DeformableDETRModule
-from ddetr.predict import load_module, predict, resolve_class_names, resolve_resize
+from ddetr.training.module import DeformableDETRModule
+from ddetr.inference.predict import predict, resolve_class_names, resolve_resize
+from ddetr.training.checkpoints import load_module
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"hidden_dim": 32, "nheads": 2, "enc_layers": 1, "dec_layers": 2, "dim_feedforward": 32, "num_queries": 10}

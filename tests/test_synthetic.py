@@ -25,22 +25,9 @@ def _tree_bytes(root):
 
 
 def test_deterministic_and_independent_of_workers(tmp_path):
-    a = ensure_synthetic_dataset(
-        tmp_path / "a",
-        num_train=70,
-        num_val=8,
-        image_size=64,
-        progress=False,
-        num_workers=2,
-    )
-    b = ensure_synthetic_dataset(
-        tmp_path / "b",
-        num_train=70,
-        num_val=8,
-        image_size=64,
-        progress=False,
-        num_workers=0,
-    )
+    options = dict(num_train=70, num_val=8, image_size=64, progress=False)
+    a = ensure_synthetic_dataset(tmp_path / "a", num_workers=2, **options)
+    b = ensure_synthetic_dataset(tmp_path / "b", num_workers=0, **options)
     assert _tree_bytes(a) == _tree_bytes(b)
     c = ensure_synthetic_dataset(tmp_path / "c", seed=1, **SMALL)
     assert (c / "train" / "000001.jpg").read_bytes() != (

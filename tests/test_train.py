@@ -11,44 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddetr.config import compose
+from ddetr.app import compose
 from ddetr.data import ensure_synthetic_dataset
-from ddetr.module import DeformableDETRModule
-from ddetr.train import train
+from ddetr.training.module import DeformableDETRModule
+from ddetr.training.run import train
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def tiny_overrides(tmp_path: Path, data_root: Path) -> list[str]:
-    """A few small images and a very small model, so a run takes seconds on a CPU."""
-    return [
-        f"data.root={data_root}",
-        "data.num_train=12",
-        "data.num_val=6",
-        "data.image_size=64",
-        "data.num_workers=0",
-        "data.batch_size=4",
-        "data.train_transforms.scales=[48,64]",
-        "data.train_transforms.max_size=96",
-        "data.train_transforms.crop_resize_scales=[48,64]",
-        "data.train_transforms.crop_min_size=32",
-        "data.train_transforms.crop_max_size=64",
-        "data.val_transforms.size=64",
-        "data.val_transforms.max_size=96",
-        "model.hidden_dim=32",
-        "model.nheads=2",
-        "model.enc_layers=1",
-        "model.dec_layers=2",
-        "model.dim_feedforward=32",
-        "model.num_queries=10",
-        "trainer.accelerator=cpu",
-        "trainer.max_epochs=1",
-        "trainer.log_every_n_steps=1",
-        "callbacks.progress_bar.refresh_rate=0",
-        f"paths.output_dir={tmp_path}",
-        f"paths.data_dir={tmp_path}/data",
-        f"paths.log_dir={tmp_path}/logs",
-    ]
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +24,8 @@ def data_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("synthetic")
 
 
-def test_default_run_trains_evaluates_and_writes_metrics(tmp_path, data_root):
-    cfg = compose(tiny_overrides(tmp_path, data_root) + ["trainer.max_epochs=2"])
+def test_default_run_trains_evaluates_and_writes_metrics(tmp_path, data_root, debug_overrides):
+    cfg = compose(debug_overrides(tmp_path, data_root) + ["trainer.max_epochs=2"])
     metrics = train(cfg)
     for name in ("val/AP", "val/AP50", "val/AP75", "val/APs", "val/APm", "val/APl"):
         assert name in metrics and 0.0 <= metrics[name] <= 1.0
@@ -78,12 +46,12 @@ def cfg_category_names(data_root: Path) -> list[str]:
     return [c["name"] for c in sorted(annotations["categories"], key=lambda c: c["id"])]
 
 
-def test_resume_continues_from_the_checkpoint(tmp_path, data_root):
+def test_resume_continues_from_the_checkpoint(tmp_path, data_root, debug_overrides):
     first = tmp_path / "first"
-    train(compose(tiny_overrides(first, data_root)))
+    train(compose(debug_overrides(first, data_root)))
     ckpt = first / "checkpoints" / "last.ckpt"
     second = tmp_path / "second"
-    metrics = train(compose(tiny_overrides(second, data_root) + ["trainer.max_epochs=2", f"ckpt_path={ckpt}"]))
+    metrics = train(compose(debug_overrides(second, data_root) + ["trainer.max_epochs=2", f"ckpt_path={ckpt}"]))
     state = torch.load(second / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert state["epoch"] == 1  # one more epoch, not two from scratch
     assert "val/AP" in metrics
@@ -99,8 +67,8 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.Comple
 
 
 @pytest.mark.slow
-def test_sweep_runs_every_combination(tmp_path, data_root):
-    overrides = [o for o in tiny_overrides(tmp_path, data_root) if not o.startswith("paths.output_dir")]
+def test_sweep_runs_every_combination(tmp_path, data_root, debug_overrides):
+    overrides = [o for o in debug_overrides(tmp_path, data_root) if not o.startswith("paths.output_dir")]
     run_cli(["-m", "model.enc_n_points=1,2", "model.dec_n_points=1,2", "trainer.limit_train_batches=1",
              "trainer.limit_val_batches=1", f"hydra.sweep.dir={tmp_path}/sweep", *overrides], cwd=tmp_path)
     runs = sorted((tmp_path / "sweep").glob("*/metrics.json"))
@@ -113,17 +81,26 @@ def test_sweep_runs_every_combination(tmp_path, data_root):
 
 
 @pytest.mark.slow
-def test_ddp_on_two_cpu_processes(tmp_path, data_root):
-    overrides = [o for o in tiny_overrides(tmp_path, data_root) if not o.startswith("paths.output_dir")]
+def test_ddp_on_two_cpu_processes(tmp_path, data_root, debug_overrides):
+    overrides = [o for o in debug_overrides(tmp_path, data_root) if not o.startswith("paths.output_dir")]
     run_cli(["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
              f"hydra.run.dir={tmp_path}/ddp", *overrides], cwd=tmp_path)
     metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
-    assert 0.0 <= metrics["val/AP"] <= 1.0
+    # the metrics gathered over two ranks are those of one process validating the same checkpoint
+    import lightning as L
+    from hydra.utils import instantiate
+
+    cfg = compose([*overrides, f"paths.output_dir={tmp_path}/single"])
+    module = DeformableDETRModule.load_from_checkpoint(tmp_path / "ddp" / "checkpoints" / "last.ckpt", map_location="cpu")
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    single = trainer.validate(module, datamodule=instantiate(cfg.data), verbose=False)[0]
+    for name in ("val/AP", "val/AP50", "val/AR100"):
+        assert single[name] == pytest.approx(metrics["all"][name], abs=1e-9), name
 
 
 @pytest.mark.slow
-def test_wandb_logger_runs_offline(tmp_path, data_root):
-    cfg = compose(tiny_overrides(tmp_path, data_root) + ["logger=wandb"])
+def test_wandb_logger_runs_offline(tmp_path, data_root, debug_overrides):
+    cfg = compose(debug_overrides(tmp_path, data_root) + ["logger=wandb"])
     train(cfg)
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert runs, "an offline wandb run directory is written"
@@ -142,7 +119,7 @@ def data_with_empty_images(data_root: Path, out: Path, keep_boxes_of: int = 1) -
 
 
 @pytest.mark.slow
-def test_ddp_empty_rank_and_odd_val_set(tmp_path, data_root):
+def test_ddp_empty_rank_and_odd_val_set(tmp_path, data_root, debug_overrides):
     """2 ranks, batch 1, 4 train images of which 3 have no boxes: in every step some rank has no boxes,
     and no rank hangs. 5 val images (odd) evaluated on 2 ranks give the AP of 1 process."""
     data_root = ensure_synthetic_dataset(tmp_path / "synthetic", num_train=4, num_val=5, image_size=64, progress=False)
@@ -153,7 +130,7 @@ def test_ddp_empty_rank_and_odd_val_set(tmp_path, data_root):
             "data.train_transforms.scales=[48,64]", "data.train_transforms.max_size=96",
             "data.train_transforms.crop_resize_scales=[48,64]", "data.train_transforms.crop_min_size=32",
             "data.train_transforms.crop_max_size=64"]
-    model = [o for o in tiny_overrides(tmp_path, data_root) if o.startswith(("model.", "callbacks.", "trainer.log"))]
+    model = ["model=tiny", "callbacks.progress_bar.refresh_rate=0", "trainer.log_every_n_steps=1"]
     run_cli(["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_epochs=2",
              f"hydra.run.dir={tmp_path}/ddp", *model, *data], cwd=tmp_path)
     metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
@@ -170,3 +147,31 @@ def test_ddp_empty_rank_and_odd_val_set(tmp_path, data_root):
     assert len(datamodule.val_dataset) == 5
     for name in ("val/AP", "val/AP50", "val/AR100"):
         assert single[name] == pytest.approx(metrics["all"][name], abs=1e-9), name
+
+
+def test_checkpoint_from_init_from_loads_evaluates_and_resumes_without_the_init_file(tmp_path, data_root, debug_overrides):
+    import shutil
+
+    import lightning as L
+    from hydra.utils import instantiate
+
+    train(compose(debug_overrides(tmp_path / "pretrain", data_root)))
+    init_file = tmp_path / "init.ckpt"
+    shutil.copy(tmp_path / "pretrain" / "checkpoints" / "last.ckpt", init_file)
+    shutil.rmtree(tmp_path / "pretrain")
+    finetune = debug_overrides(tmp_path / "finetune", data_root) + [f"model.init_from={init_file}"]
+    train(compose(finetune))
+    init_file.unlink()  # gone: another machine, or the file moved
+
+    ckpt = tmp_path / "finetune" / "checkpoints" / "last.ckpt"
+    assert "init_from" not in torch.load(ckpt, map_location="cpu", weights_only=True)["hyper_parameters"]
+    module = DeformableDETRModule.load_from_checkpoint(ckpt, map_location="cpu")
+    cfg = compose(finetune)
+    datamodule = instantiate(cfg.data)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    metrics = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+    assert "val/AP" in metrics
+    steps = torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
+    resumed = train(compose(finetune + ["trainer.max_epochs=2", f"ckpt_path={ckpt}"]))
+    assert "val/AP" in resumed
+    assert torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"] == 2 * steps  # one more epoch

@@ -6,7 +6,6 @@ from .collate import collate_detection
 from .datamodule import CocoDataModule, DetectionDataModule, SyntheticDataModule
 from .errors import DatasetError, ImageLoadError
 from .samplers import UnpaddedDistributedSampler
-from .skip_callback import SkipReportCallback
 from .skips import SkipRecord, SkipReport, pop_batch_skips
 from .synthetic import SHAPES, ensure_synthetic_dataset
 from .transforms import (
@@ -27,7 +26,6 @@ __all__ = [
     "ImageLoadError",
     "SkipRecord",
     "SkipReport",
-    "SkipReportCallback",
     "SyntheticDataModule",
     "UnpaddedDistributedSampler",
     "collate_detection",

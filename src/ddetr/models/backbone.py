@@ -10,6 +10,8 @@ import torchvision
 from torch import nn
 from torchvision.models._utils import IntermediateLayerGetter
 
+from ddetr.models.config import BackboneConfig
+
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
 STAGES = ("layer2", "layer3", "layer4")
 STAGE_STRIDES = (8, 16, 32)
@@ -131,13 +133,13 @@ class Backbone(nn.Module):
 
     def __init__(
         self,
-        name: str = "resnet50",
+        name: str = BackboneConfig.name,
         num_levels: int = 3,
-        dilation: bool = False,
-        train_backbone: bool = True,
+        dilation: bool = BackboneConfig.dilation,
+        train_backbone: bool = BackboneConfig.train_backbone,
         weights: str | Path | None = None,
-        norm: str = "frozen",
-        freeze_stem: bool = True,
+        norm: str = BackboneConfig.norm,
+        freeze_stem: bool = BackboneConfig.freeze_stem,
     ) -> None:
         super().__init__()
         if norm not in NORM_LAYERS:

@@ -1,81 +1,77 @@
-"""Builds DeformableDETR from flat, official-named options."""
+"""Builds DeformableDETR and its SetCriterion from a ``DeformableDETRConfig``."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Any
 
 from ddetr.models.backbone import Backbone
+from ddetr.models.config import DeformableDETRConfig, LossConfig, split_options
+from ddetr.models.criterion import SetCriterion, build_weight_dict
 from ddetr.models.deformable_detr import DeformableDETR
 from ddetr.models.deformable_transformer import DeformableDecoder, DeformableEncoder, DeformableTransformer
+from ddetr.models.matcher import HungarianMatcher
 from ddetr.models.position_encoding import PositionEmbeddingSine
 
 
-def build_deformable_detr(
-    num_classes: int,
-    backbone: str = "resnet50",
-    dilation: bool = False,
-    backbone_weights: str | Path | None = None,
-    train_backbone: bool = True,
-    backbone_norm: str = "frozen",
-    freeze_stem: bool = True,
-    num_feature_levels: int = 4,
-    hidden_dim: int = 256,
-    nheads: int = 8,
-    enc_layers: int = 6,
-    dec_layers: int = 6,
-    dim_feedforward: int = 1024,
-    dropout: float = 0.1,
-    num_queries: int = 300,
-    enc_n_points: int = 4,
-    dec_n_points: int = 4,
-    with_box_refine: bool = False,
-    two_stage: bool = False,
-    aux_loss: bool = True,
-    attn_backend: str = "auto",
-) -> DeformableDETR:
-    """Deformable DETR with the official option names and defaults (multi-scale, R-50, 300 queries).
+def _as_config(config: DeformableDETRConfig | int | None, options: dict[str, Any]) -> DeformableDETRConfig:
+    if config is None:  # the class count given by name
+        config = options.pop("num_classes")
+    if isinstance(config, DeformableDETRConfig):
+        return DeformableDETRConfig.from_dict(config.to_dict(), **options) if options else config
+    return DeformableDETRConfig.from_official(num_classes=config, **options)
 
-    The variants of the paper: single-scale ``num_feature_levels=1``; DC5 ``+ dilation=True``;
-    multi-scale ``num_feature_levels=4``; ``with_box_refine=True``; two-stage ``two_stage=True``.
-    ``backbone_weights`` is an optional local torchvision ResNet state dict; nothing is downloaded.
-    ``backbone_norm="batch"`` and ``freeze_stem=False`` suit training the backbone from scratch.
+
+def build_deformable_detr(config: DeformableDETRConfig | int | None = None, **options: Any) -> DeformableDETR:
+    """Deformable DETR from ``config``, or from a class count and flat official options
+    (``build_deformable_detr(5, backbone="resnet18", with_box_refine=True)``), defaults from
+    ``DeformableDETRConfig``. Backbone weights are read only from ``config.backbone.weights``.
     """
-    if hidden_dim % 32:
+    config = _as_config(config, options)
+    if config.hidden_dim % 32:
         raise ValueError(
-            f"hidden_dim must be a multiple of 32 (GroupNorm(32) on the input projections), got {hidden_dim}"
+            f"hidden_dim must be a multiple of 32 (GroupNorm(32) on the input projections), got {config.hidden_dim}"
         )
-    if num_feature_levels < 1:
-        raise ValueError(f"num_feature_levels must be at least 1, got {num_feature_levels}")
+    if config.num_feature_levels < 1:
+        raise ValueError(f"num_feature_levels must be at least 1, got {config.num_feature_levels}")
+    backbone = config.backbone
     body = Backbone(
-        backbone,
-        num_levels=min(num_feature_levels, 3),
-        dilation=dilation,
-        train_backbone=train_backbone,
-        weights=backbone_weights,
-        norm=backbone_norm,
-        freeze_stem=freeze_stem,
+        backbone.name,
+        num_levels=min(config.num_feature_levels, 3),
+        dilation=backbone.dilation,
+        train_backbone=backbone.train_backbone,
+        weights=backbone.weights,
+        norm=backbone.norm,
+        freeze_stem=backbone.freeze_stem,
     )
-    layer_options = dict(
-        hidden_dim=hidden_dim,
-        dim_feedforward=dim_feedforward,
-        dropout=dropout,
-        num_levels=num_feature_levels,
-        num_heads=nheads,
-        attn_backend=attn_backend,
-    )
-    encoder = DeformableEncoder(enc_layers, num_points=enc_n_points, **layer_options)
-    decoder = DeformableDecoder(dec_layers, num_points=dec_n_points, **layer_options)
+    encoder = DeformableEncoder(config.layer(config.enc_n_points), config.enc_layers)
+    decoder = DeformableDecoder(config.layer(config.dec_n_points), config.dec_layers)
     transformer = DeformableTransformer(
-        encoder, decoder, num_feature_levels=num_feature_levels, two_stage=two_stage, num_queries=num_queries
+        encoder, decoder, num_feature_levels=config.num_feature_levels, two_stage=config.two_stage,
+        num_queries=config.num_queries,
     )
     return DeformableDETR(
         body,
         transformer,
-        num_classes=num_classes,
-        num_queries=num_queries,
-        num_feature_levels=num_feature_levels,
-        aux_loss=aux_loss,
-        with_box_refine=with_box_refine,
-        two_stage=two_stage,
-        position_encoding=PositionEmbeddingSine(hidden_dim // 2, normalize=True),
+        num_classes=config.num_classes,
+        num_queries=config.num_queries,
+        num_feature_levels=config.num_feature_levels,
+        aux_loss=config.aux_loss,
+        with_box_refine=config.with_box_refine,
+        two_stage=config.two_stage,
+        position_encoding=PositionEmbeddingSine(config.hidden_dim // 2, normalize=True),
     )
+
+
+def build_criterion(
+    config: DeformableDETRConfig | int | None = None, loss: LossConfig | None = None, **options: Any
+) -> SetCriterion:
+    """SetCriterion for the model of ``config`` with the costs and weights of ``loss``; or from a class
+    count and flat options of both (``build_criterion(3, dec_layers=2, cls_loss_coef=1)``)."""
+    architecture, loss_options = split_options(options)
+    config = _as_config(config, architecture)
+    if loss is None:
+        loss = LossConfig.from_dict(loss_options)
+    # the official matcher keeps its own alpha 0.25 whatever focal_alpha is
+    matcher = HungarianMatcher(cost_class=loss.set_cost_class, cost_bbox=loss.set_cost_bbox, cost_giou=loss.set_cost_giou)
+    weight_dict = build_weight_dict(config.dec_layers, config.aux_loss, config.two_stage, loss)
+    return SetCriterion(config.num_classes, matcher, weight_dict, focal_alpha=loss.focal_alpha)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddetr.models.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from ddetr.models.config import LossConfig
 from ddetr.models.matcher import HungarianMatcher
 
 Targets = list[dict[str, torch.Tensor]]
@@ -93,7 +94,7 @@ class SetCriterion(nn.Module):
         matcher: HungarianMatcher,
         weight_dict: dict[str, float],
         losses: Sequence[str] = ("labels", "boxes", "cardinality"),
-        focal_alpha: float = 0.25,
+        focal_alpha: float = LossConfig.focal_alpha,
         focal_gamma: float = 2.0,
     ) -> None:
         super().__init__()
@@ -237,39 +238,12 @@ class SetCriterion(nn.Module):
         return sum(loss_dict[name] * weight for name, weight in self.weight_dict.items())
 
 
-def build_weight_dict(
-    dec_layers: int = 6,
-    aux_loss: bool = True,
-    two_stage: bool = False,
-    cls_loss_coef: float = 2.0,
-    bbox_loss_coef: float = 5.0,
-    giou_loss_coef: float = 2.0,
-) -> dict[str, float]:
+def build_weight_dict(dec_layers: int, aux_loss: bool, two_stage: bool, loss: LossConfig) -> dict[str, float]:
     """Weights of the final-layer losses plus ``_0``..``_{dec_layers-2}`` (aux) and ``_enc`` copies."""
-    base = {"loss_ce": cls_loss_coef, "loss_bbox": bbox_loss_coef, "loss_giou": giou_loss_coef}
+    base = {"loss_ce": loss.cls_loss_coef, "loss_bbox": loss.bbox_loss_coef, "loss_giou": loss.giou_loss_coef}
     suffixes: Iterable[str] = [""]
     if aux_loss:
         suffixes = [*suffixes, *(f"_{layer}" for layer in range(dec_layers - 1))]
     if two_stage:
         suffixes = [*suffixes, "_enc"]
     return {name + suffix: weight for suffix in suffixes for name, weight in base.items()}
-
-
-def build_criterion(
-    num_classes: int,
-    dec_layers: int = 6,
-    aux_loss: bool = True,
-    two_stage: bool = False,
-    set_cost_class: float = 2.0,
-    set_cost_bbox: float = 5.0,
-    set_cost_giou: float = 2.0,
-    cls_loss_coef: float = 2.0,
-    bbox_loss_coef: float = 5.0,
-    giou_loss_coef: float = 2.0,
-    focal_alpha: float = 0.25,
-) -> SetCriterion:
-    """SetCriterion with the official options (names as in the official command line)."""
-    # the official matcher keeps its own alpha 0.25 whatever focal_alpha is
-    matcher = HungarianMatcher(cost_class=set_cost_class, cost_bbox=set_cost_bbox, cost_giou=set_cost_giou)
-    weight_dict = build_weight_dict(dec_layers, aux_loss, two_stage, cls_loss_coef, bbox_loss_coef, giou_loss_coef)
-    return SetCriterion(num_classes, matcher, weight_dict, focal_alpha=focal_alpha)

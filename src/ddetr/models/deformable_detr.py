@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddetr.models.backbone import Backbone
-from ddetr.models.deformable_transformer import DeformableTransformer, boxes_from_reference
+from ddetr.models.deformable_transformer import DeformableTransformer
+from ddetr.models.geometry import boxes_from_reference
 from ddetr.models.image_list import pad_images
 from ddetr.models.position_encoding import PositionEmbeddingSine
 
@@ -60,8 +61,8 @@ class DeformableDETR(nn.Module):
         backbone: Backbone,
         transformer: DeformableTransformer,
         num_classes: int,
-        num_queries: int = 300,
-        num_feature_levels: int = 4,
+        num_queries: int,
+        num_feature_levels: int,
         aux_loss: bool = True,
         with_box_refine: bool = False,
         two_stage: bool = False,

@@ -6,6 +6,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
+from ddetr.models.config import LossConfig
 from ddetr.models.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 
 # Added inside the logs of the focal class cost, as in the official matcher.
@@ -26,10 +27,10 @@ class HungarianMatcher(nn.Module):
 
     def __init__(
         self,
-        cost_class: float = 2.0,
-        cost_bbox: float = 5.0,
-        cost_giou: float = 2.0,
-        focal_alpha: float = 0.25,
+        cost_class: float = LossConfig.set_cost_class,
+        cost_bbox: float = LossConfig.set_cost_bbox,
+        cost_giou: float = LossConfig.set_cost_giou,
+        focal_alpha: float = LossConfig.focal_alpha,
         focal_gamma: float = 2.0,
     ) -> None:
         super().__init__()

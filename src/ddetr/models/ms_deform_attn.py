@@ -20,10 +20,10 @@ class MSDeformAttn(nn.Module):
 
     def __init__(
         self,
-        hidden_dim: int = 256,
-        num_levels: int = 4,
-        num_heads: int = 8,
-        num_points: int = 4,
+        hidden_dim: int,
+        num_levels: int,
+        num_heads: int,
+        num_points: int,
         backend: str = "auto",
     ) -> None:
         super().__init__()

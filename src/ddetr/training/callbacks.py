@@ -6,39 +6,16 @@ import logging
 import os
 import random
 import signal
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from ddetr.visualize import denormalize, draw_detections
+from ddetr.pictures.drawing import denormalize, draw_detections
 
 log = logging.getLogger(__name__)
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes every checkpoint to a temporary file in the same folder, syncs it, then renames it into
-    place, so a kill while saving leaves the previous checkpoint intact and loadable."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        if storage_options is not None:
-            raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(handle, "wb") as tmp:
-                torch.save(checkpoint, tmp)
-                tmp.flush()
-                os.fsync(tmp.fileno())
-            os.replace(tmp_name, path)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
 
 
 class RNGStateCallback(L.Callback):
@@ -168,3 +145,41 @@ class ValidationImages(L.Callback):
                     logger.experiment.add_image(
                         f"val/predictions_{index}", np.asarray(picture), trainer.global_step, dataformats="HWC"
                     )
+
+
+class SkipReportCallback(L.Callback):
+    """At the end of each train and val epoch, log the datamodule's skip report.
+
+    Logs one warning line per rank that skipped images and the metric `{stage}/skipped_images`
+    (summed over ranks). Needs a datamodule with `pop_skip_report()` (`DetectionDataModule`).
+    """
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._report(trainer, pl_module, "train")
+
+    def on_validation_epoch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule
+    ) -> None:
+        self._report(trainer, pl_module, "val")
+
+    @staticmethod
+    def _report(trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "pop_skip_report"):
+            return
+        report = datamodule.pop_skip_report(stage)
+        if len(report):
+            log.warning(
+                "rank %d, %s epoch %d: %s",
+                trainer.global_rank,
+                stage,
+                trainer.current_epoch,
+                report.summary(),
+            )
+        if not trainer.sanity_checking:
+            pl_module.log(
+                f"{stage}/skipped_images",
+                float(len(report)),
+                reduce_fx="sum",
+                sync_dist=True,
+            )

@@ -2,46 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import math
 from typing import Any
 
 import lightning as L
 import torch
 from torch import nn
 
-from ddetr.models.build import build_deformable_detr
-from ddetr.models.criterion import build_criterion
+from ddetr.models.build import build_criterion, build_deformable_detr
+from ddetr.models.config import DeformableDETRConfig, LossConfig, OptimConfig
 from ddetr.models.postprocess import PostProcess
 
 log = logging.getLogger(__name__)
-
-DEFAULT_BACKBONE = {
-    "name": "resnet50",
-    "dilation": False,
-    "weights": None,
-    "train_backbone": True,
-    "norm": "frozen",
-    "freeze_stem": True,
-}
-DEFAULT_LOSS = {
-    "set_cost_class": 2.0,
-    "set_cost_bbox": 5.0,
-    "set_cost_giou": 2.0,
-    "cls_loss_coef": 2.0,
-    "bbox_loss_coef": 5.0,
-    "giou_loss_coef": 2.0,
-    "focal_alpha": 0.25,
-}
-DEFAULT_OPTIM = {
-    "lr": 2e-4,
-    "lr_backbone": 2e-5,
-    "lr_linear_proj_mult": 0.1,
-    "lr_linear_proj_names": ["sampling_offsets", "reference_points"],
-    "weight_decay": 1e-4,
-    "lr_drop": 40,
-    "lr_drop_gamma": 0.1,
-}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -56,82 +29,55 @@ class DeformableDETRModule(L.LightningModule):
     pair) returns the model's output dict (``pred_logits``, ``pred_boxes``, ``aux_outputs`` and, for
     two-stage, ``enc_outputs``).
 
-    The architecture options use the official names. ``backbone``, ``loss`` and ``optim`` are dicts
-    whose missing keys take the official defaults (``DEFAULT_BACKBONE``, ``DEFAULT_LOSS``,
-    ``DEFAULT_OPTIM``). Every constructor argument is saved as a hyper-parameter, so
-    ``DeformableDETRModule.load_from_checkpoint(path)`` rebuilds the model without any config.
+    The architecture is a ``DeformableDETRConfig``, given whole (``config=``) or as its fields
+    (``num_classes=5, enc_layers=2, backbone={"name": "resnet18"}``); ``loss`` and ``optim`` are
+    ``LossConfig`` / ``OptimConfig`` or dicts of their fields. Missing values take the official
+    defaults of those dataclasses. The resolved values are saved as plain hyper-parameters, so
+    ``DeformableDETRModule.load_from_checkpoint(path)`` rebuilds the model without Hydra.
+    Initialising from another checkpoint (``model.init_from``) belongs to the start of training
+    (``ddetr.training.checkpoints.load_pretrained``), not to the module's identity.
     """
 
     def __init__(
         self,
-        num_classes: int,
-        backbone: dict[str, Any] | None = None,
-        num_feature_levels: int = 4,
-        hidden_dim: int = 256,
-        nheads: int = 8,
-        enc_layers: int = 6,
-        dec_layers: int = 6,
-        dim_feedforward: int = 1024,
-        dropout: float = 0.1,
-        num_queries: int = 300,
-        enc_n_points: int = 4,
-        dec_n_points: int = 4,
-        with_box_refine: bool = False,
-        two_stage: bool = False,
-        aux_loss: bool = True,
-        attn_backend: str = "auto",
-        loss: dict[str, Any] | None = None,
-        optim: dict[str, Any] | None = None,
+        config: DeformableDETRConfig | None = None,
+        loss: LossConfig | dict[str, Any] | None = None,
+        optim: OptimConfig | dict[str, Any] | None = None,
         num_select: int = 100,
         on_nonfinite_loss: str = "raise",
-        init_from: str | None = None,
         label_to_category_id: list[int] | None = None,
         category_names: list[str] | None = None,
+        **architecture: Any,
     ) -> None:
         super().__init__()
         if on_nonfinite_loss not in ("raise", "skip"):
             raise ValueError(f"on_nonfinite_loss must be 'raise' or 'skip', got {on_nonfinite_loss!r}")
-        self.save_hyperparameters()
-        backbone_cfg = {**DEFAULT_BACKBONE, **(backbone or {})}
-        self.loss_cfg = {**DEFAULT_LOSS, **(loss or {})}
-        self.optim_cfg = {**DEFAULT_OPTIM, **(optim or {})}
-        self.model = build_deformable_detr(
-            num_classes=num_classes,
-            backbone=backbone_cfg["name"],
-            dilation=backbone_cfg["dilation"],
-            backbone_weights=backbone_cfg["weights"],
-            train_backbone=backbone_cfg["train_backbone"],
-            backbone_norm=backbone_cfg["norm"],
-            freeze_stem=backbone_cfg["freeze_stem"],
-            num_feature_levels=num_feature_levels,
-            hidden_dim=hidden_dim,
-            nheads=nheads,
-            enc_layers=enc_layers,
-            dec_layers=dec_layers,
-            dim_feedforward=dim_feedforward,
-            dropout=dropout,
-            num_queries=num_queries,
-            enc_n_points=enc_n_points,
-            dec_n_points=dec_n_points,
-            with_box_refine=with_box_refine,
-            two_stage=two_stage,
-            aux_loss=aux_loss,
-            attn_backend=attn_backend,
+        if architecture.pop("init_from", None):  # saved by checkpoints before 0.2: the weights are in the checkpoint
+            log.debug("ignoring the init_from hyper-parameter of an older checkpoint")
+        base = config.to_dict() if config is not None else {}
+        self.config = DeformableDETRConfig.from_dict(base, **architecture)
+        self.loss_cfg = loss if isinstance(loss, LossConfig) else LossConfig.from_dict(loss)
+        self.optim_cfg = optim if isinstance(optim, OptimConfig) else OptimConfig.from_dict(optim)
+        num_classes = self.config.num_classes
+        self.label_to_category_id = list(label_to_category_id or range(num_classes))
+        self.category_names = list(category_names or [str(c) for c in self.label_to_category_id])
+        # plain values only: checkpoints stay loadable with weights_only=True and without Hydra
+        self.save_hyperparameters(
+            {
+                **self.config.to_dict(),
+                "loss": dataclasses.asdict(self.loss_cfg),
+                "optim": dataclasses.asdict(self.optim_cfg),
+                "num_select": num_select,
+                "on_nonfinite_loss": on_nonfinite_loss,
+                "label_to_category_id": self.label_to_category_id,
+                "category_names": self.category_names,
+            }
         )
-        self.criterion = build_criterion(
-            num_classes=num_classes,
-            dec_layers=dec_layers,
-            aux_loss=aux_loss,
-            two_stage=two_stage,
-            **self.loss_cfg,
-        )
+        self.model = build_deformable_detr(self.config)
+        self.criterion = build_criterion(self.config, self.loss_cfg)
         self.postprocess = PostProcess(num_select=num_select)
-        self.label_to_category_id = label_to_category_id or list(range(num_classes))
-        self.category_names = category_names or [str(c) for c in self.label_to_category_id]
         self.on_nonfinite_loss = on_nonfinite_loss
         self.evaluator = None  # a CocoEvaluator, attached in setup() from the data module
-        if init_from:
-            load_pretrained(self.model, init_from)
 
     # ------------------------------------------------------------------ inference
     def forward(self, images: list[torch.Tensor] | tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
@@ -188,7 +134,7 @@ class DeformableDETRModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is not None and stage in ("fit", "validate") and hasattr(datamodule, "val_coco"):
-            from ddetr.evaluation import CocoEvaluator
+            from ddetr.training.evaluation import CocoEvaluator
 
             self.evaluator = CocoEvaluator(datamodule.val_coco, datamodule.label_to_category_id)
 
@@ -231,21 +177,21 @@ class DeformableDETRModule(L.LightningModule):
                 continue
             if name.startswith("backbone."):
                 groups["backbone"].append(param)
-            elif any(key in name for key in cfg["lr_linear_proj_names"]):
+            elif any(key in name for key in cfg.lr_linear_proj_names):
                 groups["linear_proj"].append(param)
             else:
                 groups["rest"].append(param)
         lrs = {
-            "backbone": cfg["lr_backbone"],
-            "linear_proj": cfg["lr"] * cfg["lr_linear_proj_mult"],
-            "rest": cfg["lr"],
+            "backbone": cfg.lr_backbone,
+            "linear_proj": cfg.lr * cfg.lr_linear_proj_mult,
+            "rest": cfg.lr,
         }
         return [{"params": params, "lr": lrs[name], "name": name} for name, params in groups.items() if params]
 
     def configure_optimizers(self):
         cfg = self.optim_cfg
-        optimizer = torch.optim.AdamW(self.param_groups(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg["lr_drop"], gamma=cfg["lr_drop_gamma"])
+        optimizer = torch.optim.AdamW(self.param_groups(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_drop, gamma=cfg.lr_drop_gamma)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
 
@@ -254,42 +200,3 @@ def _all_finite(outputs: dict[str, Any]) -> bool:
     heads = [outputs, *outputs.get("aux_outputs", []), outputs.get("enc_outputs", {})]
     checks = [torch.isfinite(head[key]).all() for head in heads for key in ("pred_logits", "pred_boxes") if key in head]
     return bool(torch.stack(checks).all())  # one device sync per step, not one per tensor
-
-
-CLASS_HEAD_MARKERS = ("class_embed",)
-
-
-def load_pretrained(model: nn.Module, path: str) -> None:
-    """Initialises ``model`` from a ddetr checkpoint (e.g. one written by ``python -m ddetr.convert``).
-
-    Class-head weights whose shape differs (another number of classes) are left at their fresh
-    initialisation with a warning; any other missing or mismatched weight is an error naming it.
-    """
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"model.init_from: no checkpoint at {path}") from None
-    if "state_dict" in checkpoint:  # a Lightning checkpoint: keep the detector's weights
-        state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
-    else:  # a plain state dict of DeformableDETR
-        state = dict(checkpoint)
-    own = model.state_dict()
-    reinitialised = []
-    for key in list(state):
-        if key in own and own[key].shape != state[key].shape:
-            if any(marker in key for marker in CLASS_HEAD_MARKERS):
-                reinitialised.append(key)
-                del state[key]
-            else:
-                raise ValueError(
-                    f"{path}: weight {key} has shape {tuple(state[key].shape)}, the model expects {tuple(own[key].shape)}"
-                )
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k not in reinitialised]
-    if missing or unexpected:
-        raise ValueError(f"{path}: checkpoint does not fit the model: missing {missing[:10]}, unexpected {unexpected[:10]}")
-    if reinitialised:
-        log.warning(
-            "%s: the number of classes differs; re-initialised the class heads (%s)", path, ", ".join(reinitialised)
-        )
-

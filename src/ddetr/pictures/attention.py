@@ -272,7 +272,7 @@ def pictures_from_attention(
     class_names: Sequence[str] | None = None,
 ) -> list[list[tuple[dict[str, Any], Image.Image]]]:
     """The pictures of ``attention_pictures`` from an already recorded forward pass (see there)."""
-    from ddetr.visualize import denormalize
+    from ddetr.pictures.drawing import denormalize
 
     pictures = []
     for image_index, detections in enumerate(select_queries(outputs, top_k, threshold)):

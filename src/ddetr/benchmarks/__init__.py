@@ -1,0 +1,1 @@
+"""Benchmarks of the project's parts (``python -m ddetr.bench``)."""

@@ -1,0 +1,1 @@
+"""Inference: batch prediction on image files and export (ONNX, torch.export)."""

@@ -1,0 +1,163 @@
+"""The library side of ``python -m ddetr.export`` (see ``ddetr/export.py`` for what it writes)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from ddetr.models.ms_deform_attn import set_attention_backend
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("onnx", "torch_export")
+OUTPUT_NAMES = ("pred_logits", "pred_boxes")
+
+
+class ExportableDetector(nn.Module):
+    """``DeformableDETR`` with tensor inputs and a tuple output, as exporters want.
+
+    Args:
+        model: a ``DeformableDETR`` (put in eval mode, with the wrapper).
+        with_mask: ``forward(images, mask)``; without it ``forward(images)`` assumes no padding.
+    """
+
+    def __init__(self, model: nn.Module, with_mask: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self.with_mask = with_mask
+        self.eval()  # the wrapper too: exporters restore the wrapper's mode, recursively
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """images: (batch_size, 3, height, width); mask: (batch_size, height, width) bool, True on padding.
+
+        Returns:
+            pred_logits (batch_size, num_queries, num_classes), pred_boxes (batch_size, num_queries, 4).
+        """
+        if mask is None:
+            batch_size, _, height, width = images.shape
+            mask = torch.zeros((batch_size, height, width), dtype=torch.bool, device=images.device)
+        outputs = self.model((images, mask))
+        return outputs["pred_logits"], outputs["pred_boxes"]
+
+
+def example_inputs(
+    batch_size: int, height: int, width: int, with_mask: bool, seed: int = 0
+) -> tuple[torch.Tensor, ...]:
+    """A random normalised batch; with a mask, every image after the first is padded at the bottom/right."""
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn((batch_size, 3, height, width), generator=generator)
+    if not with_mask:
+        return (images,)
+    mask = torch.zeros((batch_size, height, width), dtype=torch.bool)
+    for index in range(1, batch_size):
+        valid_height, valid_width = max(1, height - 8 * index), max(1, width - 16 * index)
+        mask[index, valid_height:, :] = True
+        mask[index, :, valid_width:] = True
+        images[index, :, valid_height:, :] = 0
+        images[index, :, :, valid_width:] = 0
+    return images, mask
+
+
+def export_onnx(
+    detector: ExportableDetector,
+    inputs: tuple[torch.Tensor, ...],
+    path: str | os.PathLike,
+    opset: int = 18,
+    dynamo: bool = True,
+) -> str:
+    """Writes ``detector`` as ONNX; returns which exporter wrote it ("dynamo" or "torchscript").
+
+    The dynamo (``torch.export``-based) exporter is tried first when ``dynamo``; if it fails, the
+    TorchScript exporter is used, with a warning naming the error.
+    """
+    if opset < 16:
+        raise ValueError(f"opset must be >= 16 (GridSample), got {opset}")
+    input_names = ["images", "mask"][: len(inputs)]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if dynamo:
+        try:
+            program = torch.onnx.export(
+                detector, inputs, input_names=input_names, output_names=list(OUTPUT_NAMES), opset_version=opset,
+                dynamo=True, external_data=False, verbose=False,
+            )  # fmt: skip
+            program.save(str(path))
+            return "dynamo"
+        except Exception as error:  # noqa: BLE001 - any exporter failure falls back to TorchScript
+            log.warning("the dynamo ONNX exporter failed (%s: %s); using the TorchScript exporter",
+                        type(error).__name__, error)  # fmt: skip
+    torch.onnx.export(
+        detector, inputs, str(path), input_names=input_names, output_names=list(OUTPUT_NAMES), opset_version=opset,
+        dynamo=False,
+    )  # fmt: skip
+    return "torchscript"
+
+
+def run_onnx(path: str | os.PathLike, inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+    """Runs the ONNX model at ``path`` with onnxruntime (CPU) on ``inputs``."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feed = {arg.name: tensor.numpy() for arg, tensor in zip(session.get_inputs(), inputs)}
+    return [torch.from_numpy(array) for array in session.run(list(OUTPUT_NAMES), feed)]
+
+
+def export_program(
+    detector: ExportableDetector, inputs: tuple[torch.Tensor, ...], path: str | os.PathLike | None = None
+) -> torch.export.ExportedProgram:
+    """``torch.export.export`` of ``detector`` (saved to ``path`` when given).
+
+    Strict (dynamo) tracing, so that the feature-map sizes become constants of the program (see
+    ``ddetr.ops.reference.spatial_shapes_list``); the input size is fixed.
+    """
+    program = torch.export.export(detector, inputs, strict=True)
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        torch.export.save(program, str(path))
+    return program
+
+
+def max_abs_difference(expected: tuple[torch.Tensor, ...], actual: list[torch.Tensor]) -> float:
+    """The largest absolute difference over all outputs."""
+    return max(float((e.detach() - a.detach()).abs().max()) for e, a in zip(expected, actual, strict=True))
+
+
+def export(cfg: DictConfig) -> dict[str, Any]:
+    """Exports as ``cfg`` says; returns ``{"path", "format", "exporter", "max_abs_diff"}``."""
+    from ddetr.training.checkpoints import load_module
+
+    if cfg.format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {cfg.format!r}")
+    backend = cfg.get("attn_backend") or ("pytorch" if cfg.format == "onnx" else "auto")
+    if cfg.format == "onnx" and backend != "pytorch":
+        raise ValueError(f"ONNX export needs attn_backend=pytorch (standard ops), got {backend!r}")
+    module = load_module(cfg.ckpt_path, "cpu")
+    set_attention_backend(module.model, backend)
+    detector = ExportableDetector(module.model, with_mask=cfg.with_mask)
+    inputs = example_inputs(cfg.batch_size, cfg.height, cfg.width, cfg.with_mask)
+    path = Path(cfg.output)
+    summary: dict[str, Any] = {"path": str(path), "format": cfg.format, "max_abs_diff": None}
+    if cfg.format == "onnx":
+        summary["exporter"] = export_onnx(detector, inputs, path, opset=cfg.opset, dynamo=cfg.dynamo)
+        if cfg.check:
+            with torch.no_grad():
+                summary["max_abs_diff"] = max_abs_difference(detector(*inputs), run_onnx(path, inputs))
+    else:
+        program = export_program(detector, inputs, path)
+        summary["exporter"] = "torch.export"
+        if cfg.check:
+            with torch.no_grad():
+                summary["max_abs_diff"] = max_abs_difference(detector(*inputs), list(program.module()(*inputs)))
+    inputs_text = "images, mask" if cfg.with_mask else "images"
+    print(
+        f"wrote {path} ({cfg.format} via {summary['exporter']}, inputs ({inputs_text}) of "
+        f"{cfg.batch_size}x3x{cfg.height}x{cfg.width}, attention backend {backend})"
+    )
+    if summary["max_abs_diff"] is not None:
+        print(f"max abs difference to PyTorch on a random batch: {summary['max_abs_diff']:.3g}")
+    return summary

@@ -1,0 +1,276 @@
+"""The library side of ``python -m ddetr.predict`` (see ``ddetr/predict.py`` for what it writes)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from ddetr.data.errors import ImageLoadError
+from ddetr.data.image_loading import load_rgb_image
+from ddetr.data.transforms import make_val_transforms
+from ddetr.training.checkpoints import load_module
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+DEFAULT_SIZE = 800  # the official evaluation resize (shortest side)
+DEFAULT_MAX_SIZE = 1333  # ... and the cap on the longest side
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"``: the GPU when one is present, else the CPU; otherwise ``torch.device(name)``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def list_images(input_path: str | os.PathLike) -> tuple[Path, list[Path]]:
+    """The root folder and the sorted image files of ``input_path`` (one file, or a folder searched
+    recursively for ``IMAGE_SUFFIXES``)."""
+    path = Path(input_path)
+    if path.is_file():
+        return path.parent, [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f"input: no image or folder at {path}")
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"input: no images ({', '.join(IMAGE_SUFFIXES)}) under {path}")
+    return path, files
+
+
+def resolve_resize(size: int | None, max_size: int | None, ckpt_path: str | os.PathLike) -> tuple[int, int, str]:
+    """The evaluation resize (shortest side, longest-side cap) and where it came from.
+
+    Explicit values win; missing ones come from the training run's ``.hydra/config.yaml`` next to the
+    checkpoint (``<run>/checkpoints/x.ckpt`` -> ``<run>/.hydra/config.yaml``, key
+    ``data.val_transforms``) when there is one, else the official 800 / 1333.
+    """
+    run_config = Path(ckpt_path).resolve().parent.parent / ".hydra" / "config.yaml"
+    if (size is None or max_size is None) and run_config.is_file():
+        val_transforms = OmegaConf.load(run_config).get("data", {}).get("val_transforms", {}) or {}
+        if val_transforms.get("size") is not None:
+            return (
+                int(size if size is not None else val_transforms["size"]),
+                int(max_size if max_size is not None else val_transforms.get("max_size", DEFAULT_MAX_SIZE)),
+                str(run_config),
+            )
+    source = "config" if size is not None and max_size is not None else "official defaults"
+    return (
+        int(size if size is not None else DEFAULT_SIZE),
+        int(max_size if max_size is not None else DEFAULT_MAX_SIZE),
+        source,
+    )
+
+
+def resolve_class_names(module, option: str | Sequence[str] | None = "auto") -> list[str]:
+    """Class names per head index.
+
+    ``"auto"``: the module's ``category_names``, except that a 91-class model without names (e.g. a
+    converted official COCO checkpoint) gets COCO's 91-slot names. ``"coco"``: COCO's names. A list:
+    those names (one per head index).
+    """
+    from ddetr.data.coco_names import COCO91_NAMES
+
+    num_classes = int(module.hparams.num_classes)
+    if option is None or option == "auto":
+        names = list(module.category_names)
+        unnamed = names == [str(c) for c in module.label_to_category_id]
+        return list(COCO91_NAMES) if unnamed and num_classes == len(COCO91_NAMES) else names
+    if option == "coco":
+        return list(COCO91_NAMES)
+    if isinstance(option, str):
+        raise ValueError(f"class_names must be 'auto', 'coco' or a list of names, got {option!r}")
+    names = [str(name) for name in option]
+    if len(names) != num_classes:
+        raise ValueError(f"class_names has {len(names)} names, the model has {num_classes} classes")
+    return names
+
+
+def image_ids(root: Path, files: Sequence[Path], annotations: str | os.PathLike | None) -> list[int]:
+    """Image ids: 1..N, or the ids of the COCO ``annotations`` file whose ``file_name`` (relative to
+    the input folder, or the bare name) matches every file."""
+    if annotations is None:
+        return list(range(1, len(files) + 1))
+    path = Path(annotations)
+    if not path.is_file():
+        raise FileNotFoundError(f"annotations: no COCO file at {path}")
+    entries = json.loads(path.read_text()).get("images", [])
+    by_name = {str(entry["file_name"]): int(entry["id"]) for entry in entries}
+    ids, unknown = [], []
+    for file in files:
+        relative = file.relative_to(root).as_posix()
+        image_id = by_name.get(relative, by_name.get(file.name))
+        ids.append(-1 if image_id is None else image_id)
+        if image_id is None:
+            unknown.append(relative)
+    if unknown:
+        raise ValueError(f"{path}: no image entry for {len(unknown)} input file(s), e.g. {unknown[:5]}")
+    return ids
+
+
+class ImageFiles(Dataset):
+    """The input images, read and resized for the network.
+
+    Each item is a dict with ``index``, ``image`` (3, height, width) normalised float32 (None when
+    the file cannot be read), ``pixels`` (orig_height, orig_width, 3) uint8 and ``error`` (the reason
+    the file could not be read, else None).
+    """
+
+    def __init__(self, files: Sequence[Path], size: int, max_size: int) -> None:
+        self.files = list(files)
+        self.transform = make_val_transforms(size=size, max_size=max_size)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        try:
+            pixels = load_rgb_image(self.files[index])
+        except ImageLoadError as error:
+            return {"index": index, "image": None, "pixels": None, "error": error.reason}
+        image, _, _ = self.transform(pixels, np.zeros((0, 4), np.float32), np.zeros((0,), np.int64), seed=0)
+        return {"index": index, "image": image, "pixels": pixels, "error": None}
+
+
+def output_name(root: Path, file: Path, taken: set[str]) -> str:
+    """A unique output stem for ``file``: its path below ``root`` without suffix (the suffix kept when
+    another input has the same stem)."""
+    relative = file.relative_to(root)
+    name = relative.with_suffix("").as_posix()
+    if name in taken:
+        name = relative.as_posix()
+    taken.add(name)
+    return name
+
+
+def coco_results(
+    image_id: int, detection: dict[str, torch.Tensor], label_to_category_id: Sequence[int]
+) -> list[dict[str, Any]]:
+    """COCO results entries for one image's detections (absolute xyxy boxes -> xywh)."""
+    results = []
+    for box, score, label in zip(
+        detection["boxes"].tolist(), detection["scores"].tolist(), detection["labels"].tolist()
+    ):
+        x0, y0, x1, y1 = box
+        results.append(
+            {
+                "image_id": int(image_id),
+                "category_id": int(label_to_category_id[label]),
+                "bbox": [x0, y0, x1 - x0, y1 - y0],
+                "score": float(score),
+            }
+        )
+    return results
+
+
+def predict(cfg: DictConfig) -> dict[str, Any]:
+    """Runs prediction as ``cfg`` says (see the module docstring); returns a summary dict with
+    ``num_images``, ``num_detections``, ``skipped`` (list of (file, reason)) and the written paths."""
+    from ddetr.pictures.attention import DecoderAttentionRecorder, level_strides, pictures_from_attention
+    from ddetr.pictures.drawing import draw_detections
+
+    device = resolve_device(cfg.device)
+    module = load_module(cfg.ckpt_path, device)
+    model = module.model
+    root, files = list_images(cfg.input)
+    ids = image_ids(root, files, cfg.get("annotations"))
+    size, max_size, resize_source = resolve_resize(cfg.get("size"), cfg.get("max_size"), cfg.ckpt_path)
+    class_names = resolve_class_names(module, cfg.get("class_names", "auto"))
+    log.info("resize: shortest side %d, longest at most %d (%s)", size, max_size, resize_source)
+
+    output = Path(cfg.output)
+    (output / "images").mkdir(parents=True, exist_ok=True)
+    if cfg.attention:
+        (output / "attention").mkdir(parents=True, exist_ok=True)
+    loader = DataLoader(
+        ImageFiles(files, size, max_size),
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        collate_fn=list,
+    )
+    results: list[dict[str, Any]] = []
+    images_json: list[dict[str, Any]] = []
+    skipped: list[tuple[str, str]] = []
+    taken: set[str] = set()
+    recorder = DecoderAttentionRecorder(model)
+    for batch in tqdm(loader, desc="predict", unit="batch", disable=not cfg.progress_bar):
+        for item in batch:
+            if item["error"] is not None:
+                skipped.append((str(files[item["index"]]), item["error"]))
+                log.warning("skipping %s: %s", files[item["index"]], item["error"])
+        batch = [item for item in batch if item["error"] is None]
+        if not batch:
+            continue
+        images = [item["image"].to(device) for item in batch]
+        orig_sizes = torch.tensor([item["pixels"].shape[:2] for item in batch], device=device)  # (B, 2) as (h, w)
+        with torch.no_grad():
+            if cfg.attention:
+                with recorder:
+                    outputs = model(images)
+            else:
+                outputs = model(images)
+            detections = module.postprocess(outputs, orig_sizes)
+        for item, detection in zip(batch, detections):
+            file = files[item["index"]]
+            keep = detection["scores"] >= cfg.threshold
+            detection = {key: value[keep].cpu() for key, value in detection.items()}
+            image_id = ids[item["index"]]
+            height, width = item["pixels"].shape[:2]
+            images_json.append(
+                {"id": image_id, "file_name": file.relative_to(root).as_posix(), "width": width, "height": height}
+            )
+            results += coco_results(image_id, detection, module.label_to_category_id)
+            name = output_name(root, file, taken)
+            picture_path = output / "images" / f"{name}.png"
+            picture_path.parent.mkdir(parents=True, exist_ok=True)
+            draw_detections(
+                item["pixels"], detection["boxes"], detection["labels"].tolist(), detection["scores"].tolist(),
+                class_names,
+            ).save(picture_path)  # fmt: skip
+            item["name"] = name
+        if cfg.attention:
+            pictures = pictures_from_attention(
+                recorder.attention,
+                {key: outputs[key].cpu() for key in ("pred_logits", "pred_boxes")},
+                level_strides(model),
+                [item["image"] for item in batch],
+                [item["pixels"] for item in batch],
+                top_k=cfg.attention_top_k,
+                threshold=cfg.threshold,
+                class_names=class_names,
+            )
+            for item, image_pictures in zip(batch, pictures):
+                for rank, (_, picture) in enumerate(image_pictures):
+                    path = output / "attention" / f"{item['name']}_{rank}.png"
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    picture.save(path)
+
+    detections_path = output / cfg.results_file
+    detections_path.write_text(json.dumps(results))
+    (output / "images.json").write_text(json.dumps(images_json, indent=1))
+    summary = {
+        "num_images": len(images_json),
+        "num_detections": len(results),
+        "skipped": skipped,
+        "detections": str(detections_path),
+        "images": str(output / "images"),
+    }
+    print(
+        f"\n{len(images_json)} image(s), {len(results)} detection(s) with score >= {cfg.threshold}; "
+        f"pictures in {output / 'images'}, COCO results in {detections_path}"
+    )
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable image(s):")
+        for file, reason in skipped:
+            print(f"  {file}: {reason}")
+    return summary

@@ -1,0 +1,180 @@
+"""The typed configuration of Deformable DETR: the single source of the official defaults.
+
+``DeformableDETRConfig`` describes the detector (architecture, option names as in the official
+command line), ``LossConfig`` the matcher costs and loss weights, ``OptimConfig`` the optimiser and
+schedule. Their dataclass defaults are the official values (R-50, multi-scale, 300 queries, the
+COCO recipe); the builders, the layers, the LightningModule, the Hydra schema of ``conf/model`` and
+the checkpoint converters all read them from here, so a default is written exactly once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _from_mapping(cls, values: Mapping[str, Any], what: str):
+    """``cls(**values)`` with a ``TypeError`` naming the unknown keys and the known ones."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise TypeError(f"unknown {what} options {unknown}; expected some of {sorted(known)}")
+    return cls(**values)
+
+
+@dataclass
+class BackboneConfig:
+    """The ResNet body."""
+
+    name: str = "resnet50"  # resnet18 | resnet34 | resnet50 | resnet101
+    dilation: bool = False  # DC5: dilation instead of stride in layer4
+    weights: str | None = None  # local torchvision state dict, or a torchvision weights name
+    train_backbone: bool = True
+    norm: str = "frozen"  # frozen (official) | batch (trainable, for training from scratch)
+    freeze_stem: bool = True  # the stem and layer1 never train (official)
+
+
+@dataclass
+class LayerConfig:
+    """What one encoder or decoder layer needs; derived from ``DeformableDETRConfig``."""
+
+    hidden_dim: int
+    dim_feedforward: int
+    dropout: float
+    num_levels: int
+    num_heads: int
+    num_points: int
+    attn_backend: str
+
+
+# the flat official option names of the backbone (official ``args``) -> BackboneConfig fields
+_FLAT_BACKBONE = {
+    "dilation": "dilation",
+    "backbone_weights": "weights",
+    "train_backbone": "train_backbone",
+    "backbone_norm": "norm",
+    "freeze_stem": "freeze_stem",
+}
+
+
+@dataclass
+class DeformableDETRConfig:
+    """Architecture of Deformable DETR; the defaults are the official multi-scale R-50 model.
+
+    The variants of the paper: single-scale ``num_feature_levels=1``; DC5 ``+ backbone.dilation``;
+    multi-scale ``num_feature_levels=4``; ``with_box_refine=True``; two-stage ``two_stage=True``
+    (with box refinement).
+    """
+
+    num_classes: int = 91  # COCO's 91 category-id slots, as the official checkpoints
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    num_feature_levels: int = 4
+    hidden_dim: int = 256
+    nheads: int = 8
+    enc_layers: int = 6
+    dec_layers: int = 6
+    dim_feedforward: int = 1024
+    dropout: float = 0.1
+    num_queries: int = 300
+    enc_n_points: int = 4
+    dec_n_points: int = 4
+    with_box_refine: bool = False
+    two_stage: bool = False
+    aux_loss: bool = True
+    attn_backend: str = "auto"  # auto | pytorch | cpu | cuda
+
+    def __post_init__(self) -> None:
+        if isinstance(self.backbone, Mapping):
+            self.backbone = _from_mapping(BackboneConfig, self.backbone, "backbone")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any] | None = None, **overrides: Any) -> DeformableDETRConfig:
+        """A config from (possibly partial) values; ``backbone`` may be a dict of ``BackboneConfig``
+        fields. Unknown keys raise ``TypeError``."""
+        return _from_mapping(cls, {**(values or {}), **overrides}, "model")
+
+    @classmethod
+    def from_official(cls, **options: Any) -> DeformableDETRConfig:
+        """A config from flat official option names: ``backbone`` is the ResNet name and
+        ``dilation``, ``backbone_weights``, ``train_backbone``, ``backbone_norm``, ``freeze_stem``
+        set the backbone's fields; every other name is a field of this class."""
+        options = dict(options)
+        backbone = options.pop("backbone", {})
+        backbone = {"name": backbone} if isinstance(backbone, str) else dict(backbone)
+        for flat, name in _FLAT_BACKBONE.items():
+            if flat in options:
+                backbone[name] = options.pop(flat)
+        return cls.from_dict(options, backbone=backbone)
+
+    def official_options(self) -> dict[str, Any]:
+        """The options the official command line has (``backbone`` as its name, ``dilation``)."""
+        values = {name: getattr(self, name) for name in OFFICIAL_OPTIONS if hasattr(self, name)}
+        return {**values, "backbone": self.backbone.name, "dilation": self.backbone.dilation}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (the backbone as a dict), as stored in checkpoints."""
+        return dataclasses.asdict(self)
+
+    def layer(self, num_points: int) -> LayerConfig:
+        """The config of one encoder (``enc_n_points``) or decoder (``dec_n_points``) layer."""
+        return LayerConfig(
+            hidden_dim=self.hidden_dim,
+            dim_feedforward=self.dim_feedforward,
+            dropout=self.dropout,
+            num_levels=self.num_feature_levels,
+            num_heads=self.nheads,
+            num_points=num_points,
+            attn_backend=self.attn_backend,
+        )
+
+
+# the architecture options of the official command line (and of the converters): the backbone's name
+# and dilation, then every field of DeformableDETRConfig that the official has
+OFFICIAL_OPTIONS = (
+    "backbone",
+    "dilation",
+    *(f.name for f in dataclasses.fields(DeformableDETRConfig) if f.name not in ("num_classes", "backbone", "aux_loss", "attn_backend")),
+)
+
+
+@dataclass
+class LossConfig:
+    """Matcher costs, loss weights and the focal alpha (official names and values)."""
+
+    set_cost_class: float = 2.0
+    set_cost_bbox: float = 5.0
+    set_cost_giou: float = 2.0
+    cls_loss_coef: float = 2.0
+    bbox_loss_coef: float = 5.0
+    giou_loss_coef: float = 2.0
+    focal_alpha: float = 0.25
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any] | None = None) -> LossConfig:
+        return _from_mapping(cls, dict(values or {}), "loss")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with the official parameter groups, StepLR (official names and values)."""
+
+    lr: float = 2e-4
+    lr_backbone: float = 2e-5
+    lr_linear_proj_mult: float = 0.1
+    lr_linear_proj_names: list[str] = field(default_factory=lambda: ["sampling_offsets", "reference_points"])
+    weight_decay: float = 1e-4
+    lr_drop: int = 40
+    lr_drop_gamma: float = 0.1
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any] | None = None) -> OptimConfig:
+        return _from_mapping(cls, dict(values or {}), "optim")
+
+
+def split_options(options: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Splits flat keyword options into (architecture, loss) by the fields of the two configs."""
+    loss_names = {f.name for f in dataclasses.fields(LossConfig)}
+    architecture = {k: v for k, v in options.items() if k not in loss_names}
+    return architecture, {k: v for k, v in options.items() if k in loss_names}

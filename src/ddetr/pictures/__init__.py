@@ -1,0 +1,1 @@
+"""Pictures: drawing detections, attention pictures, learning-curve plots."""

@@ -1,0 +1,1 @@
+"""Training: the LightningModule, callbacks, COCO evaluation, checkpoint I/O and the run functions."""

@@ -1,0 +1,129 @@
+"""Training and evaluation runs as plain functions of a composed config (``train(cfg)``,
+``evaluate(cfg)``); the entry points ``python -m ddetr.train`` and ``python -m ddetr.eval`` call them."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from ddetr.models.ms_deform_attn import set_attention_backend
+from ddetr.training.callbacks import Preempted
+from ddetr.training.checkpoints import load_module, load_pretrained
+from ddetr.training.evaluation import METRIC_NAMES
+
+log = logging.getLogger(__name__)
+
+FINAL_METRICS = ("val/AP", "val/AP50", "val/AP75", "val/APs", "val/APm", "val/APl")
+
+
+def instantiate_group(group: DictConfig | None) -> list[Any]:
+    """Instantiates every entry of a config group that has a ``_target_`` (callbacks, loggers)."""
+    if not group:
+        return []
+    return [instantiate(node) for node in group.values() if isinstance(node, DictConfig) and "_target_" in node]
+
+
+def build_module(cfg: DictConfig, datamodule) -> L.LightningModule:
+    """The LightningModule from ``cfg.model``, with the class count and category ids from the data,
+    initialised from ``cfg.model.init_from`` when given (and not resuming from ``cfg.ckpt_path``)."""
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    init_from = model_cfg.pop("init_from", None)  # the start of training, not part of the model
+    module = instantiate(
+        model_cfg,
+        num_classes=model_cfg.get("num_classes") or datamodule.num_classes,
+        label_to_category_id=list(datamodule.label_to_category_id),
+        category_names=list(datamodule.category_names),
+        _convert_="all",
+    )
+    if init_from and not cfg.get("ckpt_path"):  # a resumed run takes its weights from ckpt_path
+        load_pretrained(module.model, init_from)
+    return module
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    """An aligned two-column table of metric name and value."""
+    width = max((len(name) for name in metrics), default=0)
+    lines = ["-" * (width + 12)] + [f"{name:<{width}}  {value:10.4f}" for name, value in metrics.items()]
+    return "\n".join(lines + ["-" * (width + 12)])
+
+
+def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str, float]:
+    """Trains (and validates every epoch) as ``cfg`` says; returns the final validation metrics.
+
+    ``extra_callbacks`` run before the configured ones (notebooks, tests)."""
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+
+    datamodule = instantiate(cfg.data)
+    module = build_module(cfg, datamodule)
+    callbacks = [*extra_callbacks, *instantiate_group(cfg.get("callbacks"))]
+    loggers = instantiate_group(cfg.get("logger"))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    except Preempted as stop:
+        log.warning("%s", stop)
+        print(f"\nTraining {stop}")
+        return {}
+
+    metrics = {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith("val/")}
+    if trainer.is_global_zero and cfg.get("metrics_file"):
+        final = {name: metrics[name] for name in FINAL_METRICS if name in metrics}
+        path = Path(cfg.paths.output_dir) / cfg.metrics_file
+        path.write_text(json.dumps({**final, "all": metrics, "epochs": trainer.current_epoch}, indent=2))
+        print(f"\nFinal validation metrics (also in {path}):\n{format_metrics(final or metrics)}")
+    return metrics
+
+
+def check_categories(module, datamodule, ckpt_path: str) -> None:
+    """Raises ``ValueError`` when the checkpoint's heads do not match the data's categories."""
+    model_classes = int(module.hparams.num_classes)
+    if model_classes != datamodule.num_classes:
+        raise ValueError(
+            f"{ckpt_path}: the model has {model_classes} classes but the data has {datamodule.num_classes} "
+            f"(category_mapping={datamodule.category_mapping!r}); COCO with official checkpoints needs "
+            "data.category_mapping=coco91"
+        )
+    if list(module.label_to_category_id) != list(datamodule.label_to_category_id):
+        log.warning(
+            "%s: the checkpoint's category ids differ from the data's; evaluating with the data's mapping",
+            ckpt_path,
+        )
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Validates ``cfg.ckpt_path`` on ``cfg.data``; returns the COCO metrics (``val/AP`` ...)."""
+    datamodule = instantiate(cfg.data)
+    module = load_module(cfg.ckpt_path, "cpu")
+    if cfg.get("attn_backend"):
+        set_attention_backend(module.model, cfg.attn_backend)
+    check_categories(module, datamodule, cfg.ckpt_path)
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+    trainer.validate(module, datamodule=datamodule)
+
+    metrics = {
+        f"val/{name}": float(trainer.callback_metrics[f"val/{name}"])
+        for name in METRIC_NAMES
+        if f"val/{name}" in trainer.callback_metrics
+    }
+    if "val/loss" in trainer.callback_metrics:
+        metrics["val/loss"] = float(trainer.callback_metrics["val/loss"])
+    if trainer.is_global_zero:
+        output = Path(cfg.paths.output_dir)
+        output.mkdir(parents=True, exist_ok=True)
+        if module.evaluator is not None and cfg.get("results_file"):
+            (output / cfg.results_file).write_text(json.dumps(module.evaluator.results_json()))
+        if cfg.get("metrics_file"):
+            (output / cfg.metrics_file).write_text(json.dumps({**metrics, "checkpoint": str(cfg.ckpt_path)}, indent=2))
+        print(f"\nCOCO metrics of {cfg.ckpt_path} (written to {output}):\n{format_metrics(metrics)}")
+    return metrics
