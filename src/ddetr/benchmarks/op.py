@@ -67,7 +67,11 @@ def level_shapes(image_height: int, image_width: int) -> list[tuple[int, int]]:
 
 
 def make_inputs(case: Case, device: torch.device, dtype: torch.dtype = torch.float32, seed: int = 0):
-    """Random value, shapes and realistic sampling locations / softmaxed attention weights for a case."""
+    """Random value, shapes and realistic sampling locations / softmaxed attention weights for a case.
+
+    ``dtype`` is value's; a float16/bfloat16 value comes with float32 locations and weights, as under
+    autocast. The shapes stay on the CPU, as the model passes them (the CUDA op then needs no copy).
+    """
     generator = torch.Generator().manual_seed(seed)
     shapes = level_shapes(*IMAGE_SIZES[case.image])
     spatial_shapes = torch.tensor(shapes, dtype=torch.long)
@@ -94,9 +98,12 @@ def make_inputs(case: Case, device: torch.device, dtype: torch.dtype = torch.flo
     attention_weights = torch.randn(batch_size, num_queries, NUM_HEADS, num_levels * NUM_POINTS, generator=generator)
     attention_weights = attention_weights.softmax(-1).view(batch_size, num_queries, NUM_HEADS, num_levels, NUM_POINTS)
     value = torch.randn(batch_size, num_values, NUM_HEADS, HEAD_DIM, generator=generator)
-    tensors = [value, sampling_locations, attention_weights]
-    value, sampling_locations, attention_weights = (t.to(device=device, dtype=dtype) for t in tensors)
-    return value, spatial_shapes.to(device), level_start_index.to(device), sampling_locations, attention_weights
+    location_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    value = value.to(device=device, dtype=dtype)
+    sampling_locations, attention_weights = (
+        t.to(device=device, dtype=location_dtype) for t in (sampling_locations, attention_weights)
+    )
+    return value, spatial_shapes, level_start_index, sampling_locations, attention_weights
 
 
 def forward_flops(case: Case) -> float:
@@ -127,7 +134,8 @@ def _synchronize(device: torch.device) -> None:
 
 def time_backends(inputs, backends: list[str], mode: str, device: torch.device, repeat: int,
                   budget_s: float) -> dict[str, float]:
-    """Best (minimum) seconds per backend over ``repeat`` rounds after one warm-up.
+    """Seconds per backend over ``repeat`` rounds after one warm-up: the best on the CPU, the median
+    of CUDA-event times on a GPU.
 
     Backends alternate within every round, so a busy machine slows them alike and the ratios stay
     meaningful; rounds stop early once ``budget_s`` is spent.
@@ -139,12 +147,21 @@ def time_backends(inputs, backends: list[str], mode: str, device: torch.device, 
     started = time.perf_counter()
     for _ in range(repeat):
         for backend in backends:
-            start = time.perf_counter()
-            run_once(inputs, backend, mode)
-            _synchronize(device)
-            times[backend].append(time.perf_counter() - start)
+            if device.type == "cuda":
+                start_event, end_event = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start_event.record()
+                run_once(inputs, backend, mode)
+                end_event.record()
+                end_event.synchronize()
+                times[backend].append(start_event.elapsed_time(end_event) / 1e3)
+            else:
+                start = time.perf_counter()
+                run_once(inputs, backend, mode)
+                times[backend].append(time.perf_counter() - start)
         if time.perf_counter() - started > budget_s:
             break
+    if device.type == "cuda":
+        return {backend: sorted(values)[len(values) // 2] for backend, values in times.items()}
     return {backend: min(values) for backend, values in times.items()}
 
 
@@ -167,9 +184,9 @@ def _reset_peak_resident() -> bool:
         return False
 
 
-def peak_memory_child(case: Case, backend: str, mode: str) -> int:
+def peak_memory_child(case: Case, backend: str, mode: str, dtype: torch.dtype = torch.float32) -> int:
     """Runs in a fresh process: extra resident memory (bytes) at the peak of one call."""
-    inputs = make_inputs(case, torch.device("cpu"))
+    inputs = make_inputs(case, torch.device("cpu"), dtype)
     if backend != "pytorch":
         from ddetr.ops import compiled_op_available
 
@@ -182,10 +199,11 @@ def peak_memory_child(case: Case, backend: str, mode: str) -> int:
     return max(0, _status_bytes("VmHWM") - before)
 
 
-def peak_memory(case: Case, backend: str, mode: str, device: torch.device) -> float | None:
+def peak_memory(case: Case, backend: str, mode: str, device: torch.device,
+                dtype: torch.dtype = torch.float32) -> float | None:
     """Peak extra memory of one call in bytes (None when it cannot be measured)."""
     if device.type == "cuda":
-        inputs = make_inputs(case, device)
+        inputs = make_inputs(case, device, dtype)
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         baseline = torch.cuda.memory_allocated(device)
@@ -195,7 +213,7 @@ def peak_memory(case: Case, backend: str, mode: str, device: torch.device) -> fl
     if not sys.platform.startswith("linux"):
         return None
     spec = json.dumps({"image": case.image, "batch_size": case.batch_size, "part": case.part,
-                       "backend": backend, "mode": mode})
+                       "backend": backend, "mode": mode, "dtype": str(dtype).removeprefix("torch.")})
     # a fixed mmap threshold makes glibc return every large block to the OS when it is freed, so
     # the resident size follows the live tensors
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
@@ -230,26 +248,35 @@ def bench_op(args: argparse.Namespace) -> None:
     backends = [b for b in available_backends(device) if args.backends is None or b in args.backends.split(",")]
     threads = torch.get_num_threads() if device.type == "cpu" else None
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {threads} threads"
-    print(f"# ms_deform_attn on {name}, torch {torch.__version__}, float32")
-    print("| case | backend | fwd ms | fwd speed-up | fwd GFLOP/s | fwd+bwd ms | fwd+bwd speed-up "
+    dtypes = [getattr(torch, name) for name in (args.dtypes or "float32").split(",")]
+    statistic = f"median of {args.repeat} CUDA-event timings" if device.type == "cuda" else f"best of {args.repeat}"
+    print(f"# ms_deform_attn on {name}, torch {torch.__version__}, {statistic}; a float16/bfloat16 value comes "
+          "with float32 locations and weights (autocast); speed-up: against the PyTorch path on float32 inputs")
+    print("| case | backend | dtype | fwd ms | fwd speed-up | fwd GFLOP/s | fwd+bwd ms | fwd+bwd speed-up "
           "| fwd+bwd GFLOP/s | peak MiB fwd+bwd |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    digits = 3 if device.type == "cuda" else 1
     for case in cases:
-        inputs = make_inputs(case, device)
         flops = forward_flops(case)
-        timings = {mode: time_backends(inputs, backends, mode, device, args.repeat, args.budget) for mode in modes}
-        results = {backend: {mode: timings[mode][backend] for mode in modes} for backend in backends}
-        for backend in backends:
-            memory = None if args.no_memory else peak_memory(case, backend, "fwd+bwd", device)
-            reference = results.get("pytorch", results[backend])
-            row = [case.name, backend]
-            for mode, multiplier in (("fwd", 1), ("fwd+bwd", 3)):
-                seconds = results[backend][mode]
-                row += [f"{seconds * 1e3:.1f}", f"{reference[mode] / seconds:.1f}x",
-                        f"{multiplier * flops / seconds / 1e9:.1f}"]
-            row.append("n/a" if memory is None else f"{memory / 2**20:.0f}")
-            print("| " + " | ".join(row) + " |", flush=True)
-        del inputs
+        reference = None
+        for dtype in dtypes:
+            inputs = make_inputs(case, device, dtype)
+            dtype_backends = backends if dtype == torch.float32 or device.type == "cpu" else backends[-1:]
+            timings = {mode: time_backends(inputs, dtype_backends, mode, device, args.repeat, args.budget)
+                       for mode in modes}
+            results = {backend: {mode: timings[mode][backend] for mode in modes} for backend in dtype_backends}
+            if reference is None:
+                reference = results.get("pytorch", results[dtype_backends[0]])
+            for backend in dtype_backends:
+                memory = None if args.no_memory else peak_memory(case, backend, "fwd+bwd", device, dtype)
+                row = [case.name, backend, str(dtype).removeprefix("torch.")]
+                for mode, multiplier in (("fwd", 1), ("fwd+bwd", 3)):
+                    seconds = results[backend][mode]
+                    row += [f"{seconds * 1e3:.{digits}f}", f"{reference[mode] / seconds:.1f}x",
+                            f"{multiplier * flops / seconds / 1e9:.1f}"]
+                row.append("n/a" if memory is None else f"{memory / 2**20:.0f}")
+                print("| " + " | ".join(row) + " |", flush=True)
+            del inputs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -266,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     op.add_argument("--budget", type=float, default=5.0, help="stop repeating a case after this many seconds")
     op.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     op.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    op.add_argument("--dtypes", default=None,
+                    help="comma list of value dtypes: float32, bfloat16, float16, float64 (default: float32)")
     op.add_argument("--quick", action="store_true", help="512x512, batch 1, 3 repeats")
     memory = commands.add_parser("_memory", help=argparse.SUPPRESS)
     memory.add_argument("spec")
@@ -273,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "_memory":
         spec = json.loads(args.spec)
         case = Case(spec["image"], spec["batch_size"], spec["part"])
-        print(peak_memory_child(case, spec["backend"], spec["mode"]))
+        print(peak_memory_child(case, spec["backend"], spec["mode"], getattr(torch, spec.get("dtype", "float32"))))
         return 0
     if args.quick:
         args.images, args.batch, args.repeat = "512", "1", 3
