@@ -198,8 +198,16 @@ def compiled_devices() -> set[str]:
 
 
 def _describe(error: BaseException, max_chars: int = 1500) -> str:
-    """Short reason of a build failure: the exception type and the end of its message (compiler errors)."""
+    """Short reason of a build failure: the exception type and the compiler's error lines with the
+    source line each quotes (else the end of the message)."""
     message = str(error).strip()
+    lines = message.splitlines()
+    errors = [index for index, line in enumerate(lines) if "error:" in line]
+    if errors:
+        picked: list[str] = []
+        for index in errors[:5]:
+            picked.extend(line for line in lines[index : index + 3] if line not in picked)
+        message = "\n".join(picked)
     if len(message) > max_chars:
         message = "..." + message[-max_chars:]
     return f"{type(error).__name__}: {message}"
