@@ -420,6 +420,9 @@ at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value, const at::Tensor
         const KernelSizes kernel =
             kernel_sizes(sizes, vec, sizes.batch_size * sizes.num_queries * sizes.num_heads);
         auto launch = [&](auto kernel_function) {
+          if (num_blocks(kernel) == 0) {
+            return;  // no levels
+          }
           kernel_function<<<num_blocks(kernel), kThreadsPerBlock, 0, stream>>>(
               value_c.const_data_ptr<scalar_t>(), levels, sampling_locations_c.const_data_ptr<loc_t>(),
               attention_weights_c.const_data_ptr<loc_t>(), output.mutable_data_ptr<scalar_t>(), kernel);
@@ -478,6 +481,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
         const KernelSizes kernel = kernel_sizes(
             sizes, vec, sizes.batch_size * sizes.num_queries * sizes.num_heads * sizes.num_levels);
         auto launch = [&](auto kernel_function) {
+          if (num_blocks(kernel) == 0) {
+            return;  // no levels
+          }
           kernel_function<<<num_blocks(kernel), kThreadsPerBlock, 0, stream>>>(
               grad_output_c.const_data_ptr<scalar_t>(), value_c.const_data_ptr<scalar_t>(), levels,
               sampling_locations_c.const_data_ptr<loc_t>(), attention_weights_c.const_data_ptr<loc_t>(),
