@@ -86,6 +86,7 @@ class DeformableEncoder(nn.Module):
         level_start_index: torch.Tensor,
         ratios: torch.Tensor,
         padding_mask: torch.Tensor | None = None,
+        shapes: Sequence[tuple[int, int]] | None = None,
     ) -> torch.Tensor:
         """Encodes the flattened levels.
 
@@ -96,11 +97,13 @@ class DeformableEncoder(nn.Module):
             level_start_index: (num_levels,) int64.
             ratios: (batch_size, num_levels, 2) valid ratios (x, y).
             padding_mask: (batch_size, num_values) bool, True on padding.
+            shapes: ``spatial_shapes`` as Python ints (read from the tensor when None).
 
         Returns:
             memory: (batch_size, num_values, hidden_dim).
         """
-        reference_points = encoder_reference_points(spatial_shapes_list(spatial_shapes), ratios)  # (B, S, L, 2)
+        shapes = spatial_shapes_list(spatial_shapes) if shapes is None else shapes
+        reference_points = encoder_reference_points(shapes, ratios)  # (B, S, L, 2)
         output = src
         for layer in self.layers:
             output = layer(output, pos, reference_points, spatial_shapes, level_start_index, padding_mask)
@@ -290,7 +293,9 @@ class DeformableTransformer(nn.Module):
         level_start_index = torch.tensor(starts, dtype=torch.long)  # (L,)
         ratios = torch.stack([valid_ratios(mask) for mask in masks], 1)  # (B, L, 2)
 
-        memory = self.encoder(src_flatten, pos_flatten, spatial_shapes, level_start_index, ratios, mask_flatten)
+        memory = self.encoder(
+            src_flatten, pos_flatten, spatial_shapes, level_start_index, ratios, mask_flatten, shapes=shapes
+        )
 
         batch_size = memory.shape[0]
         outputs: dict[str, object] = {}
