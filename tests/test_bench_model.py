@@ -66,3 +66,19 @@ def test_failing_mode_is_reported_and_others_run(monkeypatch, capsys):
 def test_op_subcommand_still_dispatches():
     result = run(["-m", "ddetr.bench", "op", "--help"])
     assert result.returncode == 0 and "--quick" in result.stdout
+
+
+def test_mode_timeout_stops_a_mode_and_the_run_goes_on(monkeypatch, capsys):
+    import time as _time
+
+    from ddetr.benchmarks import model
+
+    def slow(*args, **kwargs):
+        _time.sleep(120)
+
+    monkeypatch.setattr(model, "transformers_steps", slow)
+    monkeypatch.setattr(model, "QUICK", model.dataclasses.replace(model.QUICK, enc_layers=1, dec_layers=1, images=((48, 64),)))
+    args = ["--quick", "--device", "cpu", "--modes", "fp32", "--repeat", "1", "--warmup", "0", "--mode-timeout", "20"]
+    assert model.main(args) == 0
+    out = capsys.readouterr().out
+    assert "ModeTimeout" in out and "ddetr fp32: train" in out

@@ -17,7 +17,10 @@ Modes (``--modes``, comma list): ``fp32`` (``set_float32_matmul_precision("highe
 compiled ddetr mode is compared with transformers in the same precision without compilation.
 
 Every mode is guarded: one that fails prints its error and the others still run. ``--budget``
-bounds the whole run: a mode that would start after the budget is skipped (listed as skipped).
+bounds the whole run (not counting a first build of the attention op): a mode that would start
+after the budget is skipped and listed; a compiled mode starts only with 90 s of it left; a mode
+running past ``--mode-timeout`` is stopped and reported as failed. Each row is also printed as soon
+as its mode ends.
 
 Inputs: on CUDA a batch of two images, 800x1066 and 800x1333 (padded to 800x1333 with a mask), with
 8 random targets each; times are the median of ``--repeat`` steps measured with CUDA events after
@@ -33,8 +36,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import statistics
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -50,6 +55,7 @@ DEFAULT_MODES = ("fp32", "tf32", "bf16", "compiled-bf16")
 VARIANTS = {"multi_scale": {}, "two_stage": {"with_box_refine": True, "two_stage": True}}
 NUM_CLASSES = 91
 NUM_TARGETS = 8
+COMPILE_RESERVE_S = 90.0  # seconds of the budget a compiled mode needs left to start (compilation)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,10 +115,8 @@ def transformers_model(setup: Setup, variant: str) -> torch.nn.Module:
         out_features=["stage2", "stage3", "stage4"],
     )
     options = VARIANTS[variant]
-    config = DeformableDetrConfig(
+    fields = dict(
         backbone_config=backbone,
-        use_timm_backbone=False,
-        use_pretrained_backbone=False,
         d_model=setup.hidden_dim,
         encoder_layers=setup.enc_layers,
         decoder_layers=setup.dec_layers,
@@ -127,6 +131,10 @@ def transformers_model(setup: Setup, variant: str) -> torch.nn.Module:
         auxiliary_loss=True,
         num_labels=NUM_CLASSES,
     )
+    try:  # transformers versions that still know timm backbones take these flags
+        config = DeformableDetrConfig(**fields, use_timm_backbone=False, use_pretrained_backbone=False)
+    except (TypeError, ValueError):
+        config = DeformableDetrConfig(**fields)
     return DeformableDetrForObjectDetection(config)
 
 
@@ -240,10 +248,30 @@ def transformers_steps(setup: Setup, variant: str, mode: str, device: torch.devi
     return train, infer
 
 
-def run_mode(name: str, build, setup, variant, mode, device, inputs, warmup, repeat) -> Result:
+class ModeTimeout(Exception):
+    """A mode ran past ``--mode-timeout``."""
+
+
+def _alarm(seconds: float) -> None:
+    """Raise ``ModeTimeout`` in the main thread after ``seconds`` (0 cancels; Unix main thread only)."""
+    if not hasattr(signal, "SIGALRM") or threading.current_thread() is not threading.main_thread():
+        return
+    if seconds > 0:
+
+        def expire(signum, frame):
+            raise ModeTimeout(f"ran past --mode-timeout={seconds:.0f} s")
+
+        signal.signal(signal.SIGALRM, expire)
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+    else:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+def run_mode(name: str, build, setup, variant, mode, device, inputs, warmup, repeat, timeout=0.0) -> Result:
     precision = mode.removeprefix("compiled").removeprefix("-") or "tf32"
     result = Result(name, precision)
     try:
+        _alarm(timeout)
         set_precision(precision)
         train, infer = build(setup, variant, mode, device, inputs)
         result.train_ms, result.train_mib = measure(train, device, warmup, repeat)
@@ -253,6 +281,7 @@ def run_mode(name: str, build, setup, variant, mode, device, inputs, warmup, rep
         print(f"[{name}] failed: {result.error}", file=sys.stderr)
         traceback.print_exc(limit=3, file=sys.stderr)
     finally:
+        _alarm(0)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return result
@@ -306,6 +335,7 @@ def bench_model(args: argparse.Namespace) -> list[Result]:
 
     began = time.perf_counter()
     op = "compiled kernel" if compiled_op_available(device.type) else "PyTorch fallback (grid_sample)"
+    ready = time.perf_counter() - began  # a first build of the op is not part of the budget
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     try:
         import transformers
@@ -317,20 +347,29 @@ def bench_model(args: argparse.Namespace) -> list[Result]:
         f"ddetr bench model: {args.variant}, {setup.backbone}, {setup.enc_layers}+{setup.dec_layers} layers, "
         f"{setup.num_queries} queries, images {', '.join(f'{h}x{w}' for h, w in setup.images)}; "
         f"device {gpu}; torch {torch.__version__}; transformers {hf_version}; attention op: {op} "
-        f"(ready in {time.perf_counter() - began:.0f} s); median of {args.repeat} after {args.warmup} warm-up"
+        f"(ready in {ready:.0f} s); median of {args.repeat} after {args.warmup} warm-up"
     )
+    began = time.perf_counter()
     inputs = make_inputs(setup, device)
     results, skipped = [], []
     builders = {"ddetr": ddetr_steps, "transformers": transformers_steps}
     for model_name, mode in plan(modes, not args.no_transformers and hf_version != "not installed"):
         name = f"{model_name} {mode}"
-        if time.perf_counter() - began > args.budget:
+        # a compiled mode spends its first steps compiling: start it only with time for that left
+        reserve = COMPILE_RESERVE_S if mode.startswith("compiled") and not args.quick else 0.0
+        if time.perf_counter() - began > args.budget - reserve:
             skipped.append(name)
             continue
         print(f"... {name}", file=sys.stderr, flush=True)
-        results.append(
-            run_mode(name, builders[model_name], setup, args.variant, mode, device, inputs, args.warmup, args.repeat)
+        result = run_mode(
+            name, builders[model_name], setup, args.variant, mode, device, inputs, args.warmup, args.repeat,
+            args.mode_timeout,
         )
+        results.append(result)
+        status = result.error or (
+            f"train {_fmt(result.train_ms)} ms, infer {_fmt(result.infer_ms)} ms, peak {_fmt(result.train_mib, 0)} MiB"
+        )
+        print(f"[{time.perf_counter() - began:4.0f} s] {name}: {status}", flush=True)
     torch.set_float32_matmul_precision("highest")
     print(format_table(results))
     if skipped:
@@ -352,6 +391,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per measurement (default 3; quick 1)")
     parser.add_argument("--repeat", type=int, default=None, help="timed steps per measurement (default 8; quick 2)")
     parser.add_argument("--budget", type=float, default=170.0, help="seconds; later modes are skipped")
+    parser.add_argument("--mode-timeout", type=float, default=240.0, help="seconds per mode (0: none)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
 
 
