@@ -72,10 +72,11 @@ def test_bf16_mixed_trains_close_to_float32():
     mixed = fit_losses("bf16-mixed")
     assert len(mixed) == len(reference) == 3
     assert all(torch.isfinite(torch.tensor(mixed)))
-    # bf16 keeps 8 significant bits (relative rounding 2^-9 ~ 0.2% per product); through ~20 layers and
-    # three AdamW steps the loss moves by a few percent at most, while the matcher and the losses
-    # themselves run in float32. 5% separates that from a broken path (e.g. bf16 locations, losses).
-    torch.testing.assert_close(torch.tensor(mixed), torch.tensor(reference), rtol=5e-2, atol=0.0)
+    # bf16 keeps 8 significant bits (relative rounding 2^-9 ~ 0.2% per product), but the matcher and the
+    # losses run in float32 and the rounding errors of ~20 layers largely average out: measured 6e-4 at
+    # most over the three steps. 1% leaves room for other CPUs while catching a broken path (bf16
+    # sampling locations or losses give errors of several percent).
+    torch.testing.assert_close(torch.tensor(mixed), torch.tensor(reference), rtol=1e-2, atol=0.0)
 
 
 def test_matmul_precision_setting(monkeypatch):
