@@ -42,6 +42,7 @@ def model_schema() -> dict[str, Any]:
         "num_select": 100,
         "on_nonfinite_loss": "raise",  # raise | skip
         "init_from": None,  # a ddetr checkpoint to start training from (not part of the saved model)
+        "compile": False,  # run the detector through torch.compile (dynamic shapes; not part of the saved model)
     }
 
 
@@ -65,12 +66,42 @@ def compose(overrides: list[str] | None = None, config_name: str = "train"):
         return hydra_compose(config_name=config_name, overrides=overrides or [])
 
 
+MATMUL_PRECISIONS = ("highest", "high", "medium")
+
+
+def apply_matmul_precision(cfg: DictConfig) -> None:
+    """``torch.set_float32_matmul_precision(cfg.matmul_precision)`` when the config sets it.
+
+    ``high`` (the default of train, eval and predict) lets float32 matrix products and convolutions
+    use TF32 on GPUs that have it (Ampere and later); ``highest`` keeps full float32; on the CPU
+    ``high`` changes nothing.
+    """
+    precision = cfg.get("matmul_precision")
+    if precision is None:
+        return
+    if precision not in MATMUL_PRECISIONS:
+        raise ValueError(f"matmul_precision must be one of {MATMUL_PRECISIONS}, got {precision!r}")
+    import torch
+
+    torch.set_float32_matmul_precision(precision)
+    torch.backends.cudnn.allow_tf32 = precision != "highest"  # convolutions follow the same setting
+
+
 def hydra_app(config_name: str, run: Callable[[DictConfig], Any]) -> Callable[[], Any]:
-    """The ``main()`` of an entry point: ``run(cfg)`` under ``@hydra.main`` with ``conf/<config_name>.yaml``."""
+    """The ``main()`` of an entry point: ``run(cfg)`` under ``@hydra.main`` with ``conf/<config_name>.yaml``,
+    after the process-wide settings every entry point shares (``matmul_precision``)."""
+    import functools
+
     import hydra
 
     register_resolvers()
-    hydra_main = hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=config_name)(run)
+
+    @functools.wraps(run)
+    def configured_run(cfg: DictConfig) -> Any:
+        apply_matmul_precision(cfg)
+        return run(cfg)
+
+    hydra_main = hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=config_name)(configured_run)
 
     def main() -> Any:
         os.environ.setdefault("HYDRA_FULL_ERROR", "1")

@@ -1,8 +1,19 @@
-"""Benchmarks: ``python -m ddetr.bench op [--device cpu|cuda] [--quick] ...`` (see ``ddetr.benchmarks.op``)."""
+"""Benchmarks: ``python -m ddetr.bench op ...`` (the attention op, ``ddetr.benchmarks.op``) and
+``python -m ddetr.bench model ...`` (the whole detector against transformers, ``ddetr.benchmarks.model``)."""
 
 import sys
 
-from ddetr.benchmarks.op import main
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["model"]:
+        from ddetr.benchmarks.model import main as model_main
+
+        return model_main(argv[1:])
+    from ddetr.benchmarks.op import main as op_main
+
+    return op_main(argv)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -86,3 +86,32 @@ def generalized_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Ten
     enclosing_size = (enclosing_bottom_right - enclosing_top_left).clamp(min=0)  # (N, M, 2)
     enclosing_area = enclosing_size[..., 0] * enclosing_size[..., 1]  # (N, M)
     return iou - (enclosing_area - union) / enclosing_area
+
+
+def generalized_box_iou_elementwise(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+    """Generalised IoU of boxes paired element by element, broadcasting (no degenerate-box check).
+
+    The arithmetic is that of :func:`generalized_box_iou`, so ``generalized_box_iou_elementwise(
+    boxes1[:, None], boxes2[None])`` equals ``generalized_box_iou(boxes1, boxes2)``; batched costs
+    and matched pairs use it without a device sync.
+
+    Args:
+        boxes1: (..., 4) xyxy.
+        boxes2: (..., 4) xyxy, broadcastable with ``boxes1``.
+
+    Returns:
+        (...) the broadcast shape without the last dimension.
+    """
+    area1 = box_area(boxes1)
+    area2 = box_area(boxes2)
+    intersection_size = (torch.min(boxes1[..., 2:], boxes2[..., 2:]) - torch.max(boxes1[..., :2], boxes2[..., :2])).clamp(
+        min=0
+    )  # (..., 2)
+    intersection = intersection_size[..., 0] * intersection_size[..., 1]
+    union = area1 + area2 - intersection
+    iou = intersection / union
+    enclosing_size = (torch.max(boxes1[..., 2:], boxes2[..., 2:]) - torch.min(boxes1[..., :2], boxes2[..., :2])).clamp(
+        min=0
+    )  # (..., 2)
+    enclosing_area = enclosing_size[..., 0] * enclosing_size[..., 1]
+    return iou - (enclosing_area - union) / enclosing_area

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddetr.models.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from ddetr.models.box_ops import box_cxcywh_to_xyxy, generalized_box_iou_elementwise
 from ddetr.models.config import LossConfig
-from ddetr.models.matcher import HungarianMatcher
+from ddetr.models.matcher import HungarianMatcher, Indices, PaddedTargets, pad_targets
 
 Targets = list[dict[str, torch.Tensor]]
-Indices = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 def sigmoid_focal_loss(
@@ -37,6 +38,11 @@ def sigmoid_focal_loss(
     Returns:
         Scalar: the element losses averaged over dim 1 (queries), summed, divided by ``num_boxes``.
     """
+    return sigmoid_focal_loss_terms(logits, targets, alpha, gamma).mean(1).sum() / num_boxes
+
+
+def sigmoid_focal_loss_terms(logits: torch.Tensor, targets: torch.Tensor, alpha: float, gamma: float) -> torch.Tensor:
+    """The element losses of :func:`sigmoid_focal_loss`, same shape as ``logits``."""
     probabilities = logits.sigmoid()
     cross_entropy = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
     p_t = probabilities * targets + (1 - probabilities) * (1 - targets)
@@ -44,7 +50,7 @@ def sigmoid_focal_loss(
     if alpha >= 0:
         alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
         loss = alpha_t * loss
-    return loss.mean(1).sum() / num_boxes
+    return loss
 
 
 def average_num_boxes(targets: Targets, device: torch.device, sync: bool = True) -> torch.Tensor:
@@ -57,7 +63,8 @@ def average_num_boxes(targets: Targets, device: torch.device, sync: bool = True)
     Returns:
         Scalar float32 tensor on ``device``.
     """
-    num_boxes = torch.tensor(float(sum(len(target["labels"]) for target in targets)), device=device)
+    # a fill, not a host-to-device copy: nothing waits for the device
+    num_boxes = torch.full((), float(sum(len(target["labels"]) for target in targets)), device=device)
     world_size = 1
     if sync and torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(num_boxes, op=torch.distributed.ReduceOp.SUM)
@@ -68,6 +75,28 @@ def average_num_boxes(targets: Targets, device: torch.device, sync: bool = True)
 def class_agnostic(targets: Targets) -> Targets:
     """Copies of the target dicts with every label set to 0 (the two-stage encoder's single class)."""
     return [{**target, "labels": torch.zeros_like(target["labels"])} for target in targets]
+
+
+@dataclass
+class Matched:
+    """A stack of layers with its matching, ready for the losses.
+
+    ``logits`` (num_layers, batch_size, num_queries, num_classes) and ``boxes`` (num_layers,
+    batch_size, num_queries, 4) float32; ``layer``, ``image``, ``query`` (num_matched,) int64 on the
+    device, the matched predictions of every layer one after another; ``labels`` (num_matched,) and
+    ``target_boxes`` (num_matched, 4) their targets; ``num_targets`` (batch_size,) float32;
+    ``last_layer`` the slice of the matched entries of the last layer (Python ints).
+    """
+
+    logits: torch.Tensor
+    boxes: torch.Tensor
+    layer: torch.Tensor
+    image: torch.Tensor
+    query: torch.Tensor
+    labels: torch.Tensor
+    target_boxes: torch.Tensor
+    num_targets: torch.Tensor
+    last_layer: slice
 
 
 class SetCriterion(nn.Module):
@@ -86,6 +115,11 @@ class SetCriterion(nn.Module):
       sigmoid classification.
 
     Every loss (and the focal term) is divided by ``num_boxes``, see ``average_num_boxes``.
+
+    The decoder layers are treated as one stack (num_layers, batch_size, ...): one cost computation,
+    one device-to-host transfer of all costs (with the encoder proposals'), one host-to-device
+    transfer of all matched indices, and every loss computed for all layers at once. Losses and
+    matching run in float32 with autocast off.
     """
 
     def __init__(
@@ -113,36 +147,19 @@ class SetCriterion(nn.Module):
             raise ValueError(f"SetCriterion: unknown loss(es) {unknown}; known: {sorted(self.loss_table)}")
         self.losses = tuple(losses)
 
-    @staticmethod
-    def matched_query_index(indices: Indices) -> tuple[torch.Tensor, torch.Tensor]:
-        """(batch index, query index) of every matched prediction, both (num_matched,) int64."""
-        batch_index = torch.cat([torch.full_like(pred, image) for image, (pred, _) in enumerate(indices)])
-        query_index = torch.cat([pred for pred, _ in indices])
-        return batch_index, query_index
-
-    def loss_labels(
-        self,
-        outputs: dict[str, torch.Tensor],
-        targets: Targets,
-        indices: Indices,
-        num_boxes: torch.Tensor,
-        log: bool = True,
-    ) -> dict[str, torch.Tensor]:
-        """``loss_ce`` (and ``class_error`` when ``log``)."""
-        logits = outputs["pred_logits"].float()  # (B, Q, C)
-        num_queries = logits.shape[1]
-        batch_index, query_index = self.matched_query_index(indices)
-        batch_index, query_index = batch_index.to(logits.device), query_index.to(logits.device)
-        matched_labels = torch.cat(
-            [target["labels"][target_index] for target, (_, target_index) in zip(targets, indices)]
-        ).to(logits.device)  # (num_matched,)
-
-        one_hot = torch.zeros_like(logits)  # (B, Q, C)
-        one_hot[batch_index, query_index, matched_labels] = 1
-        loss_ce = sigmoid_focal_loss(logits, one_hot, num_boxes, self.focal_alpha, self.focal_gamma) * num_queries
+    def loss_labels(self, matched: Matched, num_boxes: torch.Tensor, log: bool = True) -> dict[str, torch.Tensor]:
+        """``loss_ce`` (num_layers,) and, when ``log``, ``class_error`` of the last layer (scalar)."""
+        logits = matched.logits  # (N, B, Q, C)
+        num_queries = logits.shape[2]
+        one_hot = torch.zeros_like(logits)  # (N, B, Q, C)
+        one_hot[matched.layer, matched.image, matched.query, matched.labels] = 1
+        focal = sigmoid_focal_loss_terms(logits, one_hot, self.focal_alpha, self.focal_gamma)  # (N, B, Q, C)
+        loss_ce = focal.mean(2).sum((1, 2)) / num_boxes * num_queries  # (N,)
         losses = {"loss_ce": loss_ce}
         if log:
-            losses["class_error"] = 100 - self._top1_accuracy(logits[batch_index, query_index], matched_labels)
+            last = matched.last_layer
+            last_logits = logits[-1][matched.image[last], matched.query[last]]  # (M_last, C)
+            losses["class_error"] = 100 - self._top1_accuracy(last_logits, matched.labels[last])
         return losses
 
     @staticmethod
@@ -154,29 +171,80 @@ class SetCriterion(nn.Module):
         return (logits.argmax(-1) == labels).float().mean() * 100
 
     @torch.no_grad()
-    def loss_cardinality(
-        self, outputs: dict[str, torch.Tensor], targets: Targets, indices: Indices, num_boxes: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
-        """``cardinality_error``: mean absolute error of the number of confident (> 0.5) queries."""
-        logits = outputs["pred_logits"]
-        num_targets = torch.tensor([len(target["labels"]) for target in targets], device=logits.device)
-        num_confident = (logits.sigmoid().amax(-1) > 0.5).sum(1)  # (B,)
-        return {"cardinality_error": F.l1_loss(num_confident.float(), num_targets.float())}
+    def loss_cardinality(self, matched: Matched, num_boxes: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``cardinality_error`` (num_layers,): mean absolute error of the number of confident (> 0.5) queries."""
+        num_confident = (matched.logits.sigmoid().amax(-1) > 0.5).sum(2)  # (N, B)
+        return {"cardinality_error": (num_confident.float() - matched.num_targets).abs().mean(1)}
 
-    def loss_boxes(
-        self, outputs: dict[str, torch.Tensor], targets: Targets, indices: Indices, num_boxes: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
-        """``loss_bbox`` (L1 on cxcywh) and ``loss_giou`` (1 - GIoU), 0 with a gradient when nothing matched."""
-        pred_boxes = outputs["pred_boxes"].float()  # (B, Q, 4)
-        batch_index, query_index = self.matched_query_index(indices)
-        matched_pred = pred_boxes[batch_index.to(pred_boxes.device), query_index.to(pred_boxes.device)]  # (M, 4)
-        matched_target = torch.cat(
-            [target["boxes"][target_index] for target, (_, target_index) in zip(targets, indices)]
-        ).to(matched_pred)  # (M, 4)
-        loss_bbox = F.l1_loss(matched_pred, matched_target, reduction="none").sum() / num_boxes
-        giou = torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(matched_pred), box_cxcywh_to_xyxy(matched_target)))
-        loss_giou = (1 - giou).sum() / num_boxes
+    def loss_boxes(self, matched: Matched, num_boxes: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``loss_bbox`` (L1 on cxcywh) and ``loss_giou`` (1 - GIoU), (num_layers,) each, 0 with a
+        gradient for a layer without matches."""
+        pred = matched.boxes[matched.layer, matched.image, matched.query]  # (M, 4)
+        target = matched.target_boxes  # (M, 4)
+        l1 = F.l1_loss(pred, target, reduction="none").sum(1)  # (M,)
+        giou = generalized_box_iou_elementwise(box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(target))  # (M,)
+        zeros = matched.boxes.new_zeros(matched.boxes.shape[0])  # (N,)
+        loss_bbox = zeros.index_add(0, matched.layer, l1) / num_boxes
+        loss_giou = zeros.index_add(0, matched.layer, 1 - giou) / num_boxes
         return {"loss_bbox": loss_bbox, "loss_giou": loss_giou}
+
+    def _matched(self, logits, boxes, padded: PaddedTargets, layer_indices: list[Indices], index_on_device) -> Matched:
+        """A ``Matched`` stack from its host indices, given the device copy of the packed indices."""
+        layer, image, query, target = index_on_device
+        return Matched(
+            logits=logits,
+            boxes=boxes,
+            layer=layer,
+            image=image,
+            query=query,
+            labels=padded.labels[image, target],
+            target_boxes=padded.boxes[image, target],
+            num_targets=padded.valid.sum(1).float(),
+            last_layer=slice(sum(len(pred) for indices in layer_indices[:-1] for pred, _ in indices), None),
+        )
+
+    @staticmethod
+    def _pack_indices(layer_indices: list[Indices]) -> np.ndarray:
+        """(4, num_matched) int64 host array of (layer, image, query, target) for every matched pair."""
+        columns = [
+            np.stack([np.full(len(pred), layer), np.full(len(pred), image), pred.numpy(), target.numpy()])
+            for layer, indices in enumerate(layer_indices)
+            for image, (pred, target) in enumerate(indices)
+        ]
+        return np.concatenate(columns, 1).astype(np.int64) if columns else np.empty((4, 0), dtype=np.int64)
+
+    def stack_losses(
+        self,
+        stacks: Sequence[tuple[torch.Tensor, torch.Tensor, PaddedTargets, bool]],
+        num_boxes: torch.Tensor,
+    ) -> list[dict[str, torch.Tensor]]:
+        """Matches and computes the losses of several stacks of layers.
+
+        Args:
+            stacks: ``(logits (N, B, Q, C), boxes (N, B, Q, 4), padded targets, log)`` per stack;
+                ``log`` adds the last layer's ``class_error``.
+            num_boxes: the normaliser.
+
+        Returns:
+            Per stack, loss name -> (N,) values (``class_error`` a scalar).
+        """
+        stacks = [(logits.float(), boxes.float(), padded, log) for logits, boxes, padded, log in stacks]
+        matches = self.matcher.match([(logits, boxes, padded) for logits, boxes, padded, _ in stacks])
+        packed = [self._pack_indices(layer_indices) for layer_indices in matches]
+        host = torch.from_numpy(np.concatenate(packed, 1))  # (4, total matched)
+        device = stacks[0][0].device
+        if device.type == "cuda":
+            host = host.pin_memory()
+        on_device = host.to(device, non_blocking=True).split([part.shape[1] for part in packed], 1)
+        results = []
+        for (logits, boxes, padded, log), layer_indices, indices in zip(stacks, matches, on_device):
+            matched = self._matched(logits, boxes, padded, layer_indices, indices.unbind(0))
+            losses: dict[str, torch.Tensor] = {}
+            for loss in self.losses:
+                kwargs = {"log": log} if loss == "labels" else {}
+                losses.update(self.loss_table[loss](matched, num_boxes, **kwargs))
+            results.append(losses)
+        return results
 
     def layer_losses(
         self,
@@ -187,12 +255,10 @@ class SetCriterion(nn.Module):
         log: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Match one layer's predictions and compute its losses, names suffixed with ``suffix``."""
-        indices = self.matcher(outputs, targets)
-        losses: dict[str, torch.Tensor] = {}
-        for loss in self.losses:
-            kwargs = {"log": log} if loss == "labels" else {}
-            losses.update(self.loss_table[loss](outputs, targets, indices, num_boxes, **kwargs))
-        return {name + suffix: value for name, value in losses.items()}
+        padded = pad_targets(targets, outputs["pred_logits"].device)
+        stack = (outputs["pred_logits"][None], outputs["pred_boxes"][None], padded, log)
+        losses = self.stack_losses([stack], num_boxes)[0]
+        return {name + suffix: value.reshape(-1)[-1] for name, value in losses.items()}
 
     def forward(self, outputs: dict, targets: Targets, sync_num_boxes: bool = True) -> dict[str, torch.Tensor]:
         """Unweighted loss terms.
@@ -219,12 +285,29 @@ class SetCriterion(nn.Module):
                 f"SetCriterion: pred_logits has {outputs['pred_logits'].shape[-1]} classes, "
                 f"the criterion was built for num_classes={self.num_classes}"
             )
-        num_boxes = average_num_boxes(targets, outputs["pred_logits"].device, sync=sync_num_boxes)
-        losses = self.layer_losses(outputs, targets, num_boxes, log=True)
-        for layer, aux_outputs in enumerate(outputs.get("aux_outputs") or []):
-            losses.update(self.layer_losses(aux_outputs, targets, num_boxes, suffix=f"_{layer}"))
+        device = outputs["pred_logits"].device
+        with torch.autocast(device.type, enabled=False):
+            num_boxes = average_num_boxes(targets, device, sync=sync_num_boxes)
+            padded = pad_targets(targets, device)
+            layers = [*(outputs.get("aux_outputs") or []), outputs]  # first layer first, final last
+            stacks = [
+                (
+                    torch.stack([layer["pred_logits"] for layer in layers]),
+                    torch.stack([layer["pred_boxes"] for layer in layers]),
+                    padded,
+                    True,
+                )
+            ]
+            if "enc_outputs" in outputs:
+                encoder = outputs["enc_outputs"]
+                stacks.append((encoder["pred_logits"][None], encoder["pred_boxes"][None], padded.class_agnostic(), False))
+            results = self.stack_losses(stacks, num_boxes)
+        decoder = results[0]
+        losses = {name: value if name == "class_error" else value[-1] for name, value in decoder.items()}
+        for layer in range(len(layers) - 1):
+            losses.update({f"{name}_{layer}": value[layer] for name, value in decoder.items() if name != "class_error"})
         if "enc_outputs" in outputs:
-            losses.update(self.layer_losses(outputs["enc_outputs"], class_agnostic(targets), num_boxes, suffix="_enc"))
+            losses.update({f"{name}_enc": value[0] for name, value in results[1].items() if name != "class_error"})
         return losses
 
     def weighted_total(self, loss_dict: dict[str, torch.Tensor]) -> torch.Tensor:

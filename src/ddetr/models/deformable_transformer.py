@@ -86,6 +86,7 @@ class DeformableEncoder(nn.Module):
         level_start_index: torch.Tensor,
         ratios: torch.Tensor,
         padding_mask: torch.Tensor | None = None,
+        shapes: Sequence[tuple[int, int]] | None = None,
     ) -> torch.Tensor:
         """Encodes the flattened levels.
 
@@ -96,11 +97,13 @@ class DeformableEncoder(nn.Module):
             level_start_index: (num_levels,) int64.
             ratios: (batch_size, num_levels, 2) valid ratios (x, y).
             padding_mask: (batch_size, num_values) bool, True on padding.
+            shapes: ``spatial_shapes`` as Python ints (read from the tensor when None).
 
         Returns:
             memory: (batch_size, num_values, hidden_dim).
         """
-        reference_points = encoder_reference_points(spatial_shapes_list(spatial_shapes), ratios)
+        shapes = spatial_shapes_list(spatial_shapes) if shapes is None else shapes
+        reference_points = encoder_reference_points(shapes, ratios)  # (B, S, L, 2)
         output = src
         for layer in self.layers:
             output = layer(output, pos, reference_points, spatial_shapes, level_start_index, padding_mask)
@@ -272,7 +275,7 @@ class DeformableTransformer(nn.Module):
         src_flatten, mask_flatten, pos_flatten, shapes = [], [], [], []
         for level, (src, mask, pos) in enumerate(zip(srcs, masks, pos_embeds, strict=True)):
             height, width = src.shape[-2:]
-            shapes.append((height, width))
+            shapes.append((int(height), int(width)) if not torch.compiler.is_compiling() else (height, width))
             src_flatten.append(src.flatten(2).transpose(1, 2))  # (B, D, H, W) -> (B, H*W, D)
             mask_flatten.append(mask.flatten(1))  # (B, H, W) -> (B, H*W)
             pos = pos.flatten(2).transpose(1, 2)  # (B, D, H, W) -> (B, H*W, D)
@@ -282,11 +285,17 @@ class DeformableTransformer(nn.Module):
         src_flatten = torch.cat(src_flatten, 1)  # (B, S, D)
         mask_flatten = torch.cat(mask_flatten, 1)  # (B, S)
         pos_flatten = torch.cat(pos_flatten, 1)  # (B, S, D)
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src_flatten.device)  # (L, 2)
-        level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
+        # shapes are Python ints; the op reads them on the host: CPU tensors cost no device sync or copy
+        spatial_shapes = torch.tensor(shapes, dtype=torch.long)  # (L, 2)
+        starts = [0]
+        for height, width in shapes[:-1]:
+            starts.append(starts[-1] + height * width)
+        level_start_index = torch.tensor(starts, dtype=torch.long)  # (L,)
         ratios = torch.stack([valid_ratios(mask) for mask in masks], 1)  # (B, L, 2)
 
-        memory = self.encoder(src_flatten, pos_flatten, spatial_shapes, level_start_index, ratios, mask_flatten)
+        memory = self.encoder(
+            src_flatten, pos_flatten, spatial_shapes, level_start_index, ratios, mask_flatten, shapes=shapes
+        )
 
         batch_size = memory.shape[0]
         outputs: dict[str, object] = {}
@@ -316,7 +325,7 @@ class DeformableTransformer(nn.Module):
             query_pos, tgt = torch.split(query_embed, self.hidden_dim, dim=1)  # (Q, D) each
             query_pos = query_pos.unsqueeze(0).expand(batch_size, -1, -1)  # (B, Q, D)
             tgt = tgt.unsqueeze(0).expand(batch_size, -1, -1)  # (B, Q, D)
-            reference_points = self.reference_points(query_pos).sigmoid()  # (B, Q, 2)
+            reference_points = self.reference_points(query_pos).float().sigmoid()  # (B, Q, 2), float32 under autocast
 
         hidden_states, references = self.decoder(
             tgt, query_pos, reference_points, memory, spatial_shapes, level_start_index, ratios, mask_flatten, box_heads

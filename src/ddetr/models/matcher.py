@@ -2,15 +2,55 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
+from ddetr.models.box_ops import box_cxcywh_to_xyxy, generalized_box_iou_elementwise
 from ddetr.models.config import LossConfig
-from ddetr.models.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+
+Indices = list[tuple[torch.Tensor, torch.Tensor]]
 
 # Added inside the logs of the focal class cost, as in the official matcher.
 _LOG_EPS = 1e-8
+
+
+@dataclass(frozen=True)
+class PaddedTargets:
+    """The targets of a batch padded to the largest count.
+
+    ``labels`` (batch_size, max_targets) int64 (0 on padding); ``boxes`` (batch_size, max_targets, 4)
+    float32 cxcywh (a unit box on padding, so costs stay finite); ``valid`` (batch_size, max_targets)
+    bool; ``sizes`` the Python count of every image.
+    """
+
+    labels: torch.Tensor
+    boxes: torch.Tensor
+    valid: torch.Tensor
+    sizes: list[int]
+
+    def class_agnostic(self) -> PaddedTargets:
+        """The same targets with every label 0 (the two-stage proposals' single class)."""
+        return PaddedTargets(torch.zeros_like(self.labels), self.boxes, self.valid, self.sizes)
+
+
+def pad_targets(targets: list[dict[str, torch.Tensor]], device: torch.device) -> PaddedTargets:
+    """Pads ``labels`` and ``boxes`` of every target dict to the largest count (no device sync)."""
+    sizes = [len(target["boxes"]) for target in targets]
+    max_targets = max(sizes, default=0)
+    labels = torch.zeros(len(targets), max_targets, dtype=torch.int64, device=device)
+    boxes = torch.full((len(targets), max_targets, 4), 0.5, device=device)
+    boxes[..., 2:] = 1.0
+    valid = torch.zeros(len(targets), max_targets, dtype=torch.bool, device=device)
+    for image, target in enumerate(targets):  # copies and fills only: nothing waits for the device
+        labels[image, : sizes[image]] = target["labels"]
+        boxes[image, : sizes[image]] = target["boxes"]
+        valid[image, : sizes[image]] = True
+    return PaddedTargets(labels, boxes, valid, sizes)
 
 
 class HungarianMatcher(nn.Module):
@@ -20,8 +60,9 @@ class HungarianMatcher(nn.Module):
 
     The class cost at the target's class is the focal-loss difference
     ``alpha * (1 - p)^gamma * (-log(p + 1e-8)) - (1 - alpha) * p^gamma * (-log(1 - p + 1e-8))`` with
-    ``p = sigmoid(logit)``. The cost matrix of the whole batch is built at once; the assignment is
-    solved per image with ``scipy.optimize.linear_sum_assignment``. Every image gets
+    ``p = sigmoid(logit)``. The cost of a whole stack of layers and images is built at once (targets
+    padded), moved to the host in one transfer, and the assignment solved per (layer, image) with
+    ``scipy.optimize.linear_sum_assignment``. Every image gets
     ``min(num_queries, num_targets)`` pairs.
     """
 
@@ -50,29 +91,101 @@ class HungarianMatcher(nn.Module):
         return positive - negative
 
     @torch.no_grad()
-    def cost_matrix(self, outputs: dict[str, torch.Tensor], targets: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-        """Cost of every query of the batch against every target of the batch.
+    def cost_matrix(
+        self, logits: torch.Tensor, boxes: torch.Tensor, target_labels: torch.Tensor, target_boxes: torch.Tensor
+    ) -> torch.Tensor:
+        """Cost of every query against every (padded) target of its image, for a stack of layers.
+
+        Args:
+            logits: (num_layers, batch_size, num_queries, num_classes).
+            boxes: (num_layers, batch_size, num_queries, 4) normalised cxcywh.
+            target_labels: (batch_size, max_targets) int64, padded.
+            target_boxes: (batch_size, max_targets, 4) normalised cxcywh, padded with valid boxes.
 
         Returns:
-            (batch_size, num_queries, total_num_targets) float32; only the block of image ``i``'s own
-            targets is used for image ``i``.
+            (num_layers, batch_size, num_queries, max_targets) float32; columns past an image's own
+            targets are padding.
         """
-        batch_size, num_queries = outputs["pred_logits"].shape[:2]
-        probabilities = outputs["pred_logits"].flatten(0, 1).float().sigmoid()  # (B*Q, C)
-        pred_boxes = outputs["pred_boxes"].flatten(0, 1).float()  # (B*Q, 4)
-        target_labels = torch.cat([target["labels"] for target in targets])  # (T,)
-        target_boxes = torch.cat([target["boxes"] for target in targets]).float()  # (T, 4)
-
-        class_cost = self.class_cost(probabilities[:, target_labels])  # (B*Q, T)
-        bbox_cost = torch.cdist(pred_boxes, target_boxes, p=1)  # (B*Q, T)
-        giou_cost = -generalized_box_iou(box_cxcywh_to_xyxy(pred_boxes), box_cxcywh_to_xyxy(target_boxes))  # (B*Q, T)
-        cost = self.cost_class * class_cost + self.cost_bbox * bbox_cost + self.cost_giou * giou_cost
-        return cost.view(batch_size, num_queries, -1)  # (B, Q, T)
+        num_layers, batch_size, num_queries, _ = logits.shape
+        probabilities = logits.float().sigmoid()  # (N, B, Q, C)
+        index = target_labels[None, :, None, :].expand(num_layers, batch_size, num_queries, -1)  # (N, B, Q, T)
+        class_cost = self.class_cost(probabilities.gather(3, index))  # (N, B, Q, T)
+        pred_boxes = boxes.float().flatten(0, 1)  # (N*B, Q, 4)
+        target_boxes = target_boxes.float().repeat(num_layers, 1, 1)  # (N*B, T, 4)
+        bbox_cost = torch.cdist(pred_boxes, target_boxes, p=1)  # (N*B, Q, T)
+        giou = generalized_box_iou_elementwise(
+            box_cxcywh_to_xyxy(pred_boxes)[:, :, None], box_cxcywh_to_xyxy(target_boxes)[:, None]
+        )  # (N*B, Q, T)
+        cost = self.cost_bbox * bbox_cost - self.cost_giou * giou
+        return self.cost_class * class_cost + cost.view(num_layers, batch_size, num_queries, -1)
 
     @torch.no_grad()
-    def forward(
-        self, outputs: dict[str, torch.Tensor], targets: list[dict[str, torch.Tensor]]
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def match(self, groups: Sequence[tuple[torch.Tensor, torch.Tensor, PaddedTargets]]) -> list[list[Indices]]:
+        """Matches stacks of layers at once: one cost computation per stack, one device-to-host transfer.
+
+        Args:
+            groups: ``(logits (num_layers, batch_size, num_queries, num_classes), boxes (num_layers,
+                batch_size, num_queries, 4), padded targets)`` per stack (e.g. the decoder layers, and
+                the two-stage proposals with their class-agnostic targets).
+
+        Returns:
+            Per group, per layer, the indices of :meth:`forward`.
+
+        Raises:
+            ValueError: as :meth:`forward`, naming the image; also for target boxes of negative size.
+        """
+        with torch.autocast(groups[0][0].device.type, enabled=False):
+            packed, layout = [], []
+            for logits, boxes, padded in groups:
+                num_layers, batch_size = logits.shape[:2]
+                if padded.labels.shape[0] != batch_size:
+                    raise ValueError(
+                        f"HungarianMatcher: {padded.labels.shape[0]} target dicts for a batch of {batch_size} images"
+                    )
+                cost = self.cost_matrix(logits, boxes, padded.labels, padded.boxes)  # (N, B, Q, T)
+                finite = (cost.isfinite() | ~padded.valid[None, :, None, :]).flatten(2).all(2)  # (N, B)
+                # an infinite logit still gives a finite cost (sigmoid saturates) but a non-finite loss
+                finite &= logits.flatten(2).isfinite().all(2) & boxes.flatten(2).isfinite().all(2)
+                negative = ((padded.boxes[..., 2:] < 0).any(-1) & padded.valid).any(1)  # (B,)
+                packed += [cost.flatten(), finite.flatten().float(), negative.float()]
+                layout.append((cost.shape, finite.shape))
+            host = torch.cat(packed).cpu().numpy()  # the one device-to-host transfer
+        results, offset = [], 0
+        for (logits, boxes, padded), (cost_shape, finite_shape) in zip(groups, layout):
+            parts = []
+            for numel in (cost_shape.numel(), finite_shape.numel(), cost_shape[1]):
+                parts.append(host[offset : offset + numel])
+                offset += numel
+            cost, finite, negative = parts[0].reshape(cost_shape), parts[1].reshape(finite_shape), parts[2]
+            results.append(self._assign(cost, finite > 0, negative > 0, logits, boxes, padded))
+        return results
+
+    def _assign(self, cost, finite, negative, logits, boxes, padded) -> list[Indices]:
+        """scipy's assignment per (layer, image) of a host (numpy) cost (num_layers, batch_size, Q, T)."""
+        empty = torch.empty(0, dtype=torch.int64)
+        for image in np.flatnonzero(negative):
+            raise ValueError(
+                f"HungarianMatcher: image {image} of the batch has target boxes of negative width or height "
+                "(expected normalised cxcywh)"
+            )
+        layers = []
+        for layer in range(cost.shape[0]):
+            indices = []
+            for image, size in enumerate(padded.sizes):
+                if not finite[layer, image]:
+                    outputs = {"pred_logits": logits[layer], "pred_boxes": boxes[layer]}
+                    target = {"boxes": padded.boxes[image, :size]}
+                    raise ValueError(self._non_finite_message(image, outputs, target))
+                if size == 0:
+                    indices.append((empty, empty))
+                    continue
+                pred_indices, target_indices = linear_sum_assignment(cost[layer, image, :, :size])
+                indices.append((torch.from_numpy(pred_indices.astype(np.int64)), torch.from_numpy(target_indices.astype(np.int64))))
+            layers.append(indices)
+        return layers
+
+    @torch.no_grad()
+    def forward(self, outputs: dict[str, torch.Tensor], targets: list[dict[str, torch.Tensor]]) -> Indices:
         """Match every image's queries to its targets.
 
         Args:
@@ -90,37 +203,11 @@ class HungarianMatcher(nn.Module):
                 predictions or targets); the message names the image's index in the batch and the bad
                 input.
         """
-        batch_size, num_queries = outputs["pred_logits"].shape[:2]
+        batch_size = outputs["pred_logits"].shape[0]
         if len(targets) != batch_size:
             raise ValueError(f"HungarianMatcher: {len(targets)} target dicts for a batch of {batch_size} images")
-        sizes = [len(target["boxes"]) for target in targets]
-        empty = torch.empty(0, dtype=torch.int64)
-        if sum(sizes) == 0:
-            return [(empty, empty) for _ in targets]
-
-        cost = self.cost_matrix(outputs, targets)  # (B, Q, T)
-        per_image_cost = cost.split(sizes, dim=-1)  # B tensors (B, Q, num_targets_i)
-        # one device->host transfer for the finiteness flags of every image
-        finite = torch.stack([block[image].isfinite().all() for image, block in enumerate(per_image_cost)])  # (B,)
-        # an infinite logit still gives a finite cost (sigmoid saturates) but a non-finite loss: refuse it too
-        finite &= outputs["pred_logits"].flatten(1).isfinite().all(dim=1)
-        finite &= outputs["pred_boxes"].flatten(1).isfinite().all(dim=1)
-        finite = finite.cpu().tolist()
-        cost = cost.cpu()
-        per_image_cost = cost.split(sizes, dim=-1)
-
-        indices = []
-        for image, block in enumerate(per_image_cost):
-            if not finite[image]:
-                raise ValueError(self._non_finite_message(image, outputs, targets[image]))
-            if sizes[image] == 0:
-                indices.append((empty, empty))
-                continue
-            pred_indices, target_indices = linear_sum_assignment(block[image].numpy())
-            indices.append(
-                (torch.as_tensor(pred_indices, dtype=torch.int64), torch.as_tensor(target_indices, dtype=torch.int64))
-            )
-        return indices
+        padded = pad_targets(targets, outputs["pred_logits"].device)
+        return self.match([(outputs["pred_logits"][None], outputs["pred_boxes"][None], padded)])[0][0]
 
     @staticmethod
     def _non_finite_message(image: int, outputs: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> str:

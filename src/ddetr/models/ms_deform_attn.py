@@ -78,8 +78,9 @@ class MSDeformAttn(nn.Module):
                 (batch_size, num_queries, num_levels, 4) as (cx, cy, w, h): offsets are then relative
                 to the box size (``offset / num_points * wh / 2``).
             value_input: (batch_size, num_values, hidden_dim), the levels flattened one after another.
-            spatial_shapes: (num_levels, 2) int64 (height, width) of every level.
-            level_start_index: (num_levels,) int64 offset of every level in ``num_values``.
+            spatial_shapes: (num_levels, 2) int64 (height, width) of every level, on the CPU (no device
+                sync in the op) or on the device.
+            level_start_index: (num_levels,) int64 offset of every level in ``num_values``, same device.
             padding_mask: (batch_size, num_values) bool, True on padding (those values are zeroed).
             return_attention: also return the sampling locations and attention weights.
 
@@ -94,10 +95,11 @@ class MSDeformAttn(nn.Module):
         if padding_mask is not None:
             value = value.masked_fill(padding_mask[..., None], 0.0)
         value = value.view(batch_size, num_values, self.num_heads, self.head_dim)  # (B, S, M, D)
-        sampling_offsets = self.sampling_offsets(query).view(
+        # locations and weights in float32 also under autocast: half precision moves samples on large levels
+        sampling_offsets = self.sampling_offsets(query).float().view(
             batch_size, num_queries, self.num_heads, self.num_levels, self.num_points, 2
         )  # (B, Lq, M, L, P, 2)
-        attention_weights = self.attention_weights(query).view(
+        attention_weights = self.attention_weights(query).float().view(
             batch_size, num_queries, self.num_heads, self.num_levels * self.num_points
         )  # (B, Lq, M, L*P)
         attention_weights = F.softmax(attention_weights, -1).view(
@@ -105,7 +107,8 @@ class MSDeformAttn(nn.Module):
         )  # (B, Lq, M, L, P)
         if reference_points.shape[-1] == 2:
             # offsets are in pixels of each level: divide x by its width and y by its height
-            offset_normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1)  # (L, 2) as (W, H)
+            # (L, 2) as (W, H); the shapes may be on the host (no sync): a small asynchronous copy
+            offset_normalizer = spatial_shapes.flip(-1).to(device=query.device, dtype=torch.float32, non_blocking=True)
             sampling_locations = (
                 reference_points[:, :, None, :, None, :]
                 + sampling_offsets / offset_normalizer[None, None, None, :, None, :]

@@ -35,7 +35,8 @@ class DeformableDETRModule(L.LightningModule):
     defaults of those dataclasses. The resolved values are saved as plain hyper-parameters, so
     ``DeformableDETRModule.load_from_checkpoint(path)`` rebuilds the model without Hydra.
     Initialising from another checkpoint (``model.init_from``) belongs to the start of training
-    (``ddetr.training.checkpoints.load_pretrained``), not to the module's identity.
+    (``ddetr.training.checkpoints.load_pretrained``), not to the module's identity; so does
+    ``compile=True`` (run the detector through ``torch.compile`` with dynamic shapes).
     """
 
     def __init__(
@@ -47,6 +48,7 @@ class DeformableDETRModule(L.LightningModule):
         on_nonfinite_loss: str = "raise",
         label_to_category_id: list[int] | None = None,
         category_names: list[str] | None = None,
+        compile: bool = False,
         **architecture: Any,
     ) -> None:
         super().__init__()
@@ -78,11 +80,14 @@ class DeformableDETRModule(L.LightningModule):
         self.postprocess = PostProcess(num_select=num_select)
         self.on_nonfinite_loss = on_nonfinite_loss
         self.evaluator = None  # a CocoEvaluator, attached in setup() from the data module
+        # compile=True: the detector runs through torch.compile (dynamic image sizes). A run-time
+        # choice, not part of the saved model; kept out of the module tree so state dict names stay.
+        self.__dict__["detector"] = torch.compile(self.model, dynamic=True) if compile else self.model
 
     # ------------------------------------------------------------------ inference
     def forward(self, images: list[torch.Tensor] | tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
         """Runs the detector; see ``DeformableDETR.forward`` for the output keys and shapes."""
-        return self.model(images)
+        return self.detector(images)
 
     @torch.no_grad()
     def predict_images(
@@ -96,7 +101,7 @@ class DeformableDETRModule(L.LightningModule):
         images, mask, targets = batch
         # a skipped step must leave no trace, also in the running statistics of batch norm
         buffers = {k: v.clone() for k, v in self.model.named_buffers()} if self.on_nonfinite_loss == "skip" else None
-        outputs = self.model((images, mask))
+        outputs = self.detector((images, mask))
         if _all_finite(outputs):
             loss_dict = self.criterion(outputs, targets)
             total = self.criterion.weighted_total(loss_dict)
@@ -146,7 +151,7 @@ class DeformableDETRModule(L.LightningModule):
         """Logs the validation loss and feeds the detections (original-image coordinates) to the
         evaluator; returns ``{"detections": list of {scores, labels, boxes}}`` for callbacks."""
         images, mask, targets = batch
-        outputs = self.model((images, mask))
+        outputs = self.detector((images, mask))
         # ranks may run different numbers of val steps: nothing collective per step
         loss_dict = self.criterion(outputs, targets, sync_num_boxes=False)
         total = self.criterion.weighted_total(loss_dict)
