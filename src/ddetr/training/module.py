@@ -163,8 +163,10 @@ class DeformableDETRModule(L.LightningModule):
             return
         self.evaluator.synchronize()
         metrics = self.evaluator.compute()
-        # every rank holds the gathered result, so no further reduction is needed
-        self.log_dict({f"val/{k}": float(v) for k, v in metrics.items()}, sync_dist=False, rank_zero_only=False)
+        # every rank holds the gathered result, so no further reduction is needed; undefined metrics
+        # (None: no ground truth of that size) are not logged, so no curve shows them as zeros
+        defined = {f"val/{k}": float(v) for k, v in metrics.items() if v is not None}
+        self.log_dict(defined, sync_dist=False, rank_zero_only=False)
 
     # ------------------------------------------------------------------ optimisation
     def param_groups(self) -> list[dict[str, Any]]:
