@@ -4,6 +4,7 @@ schema they use, ``compose`` for tests and notebooks, and ``hydra_app`` for the 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import netrc
 import os
 from collections.abc import Callable
@@ -70,7 +71,17 @@ def hydra_app(config_name: str, run: Callable[[DictConfig], Any]) -> Callable[[]
     import hydra
 
     register_resolvers()
-    hydra_main = hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=config_name)(run)
+
+    @functools.wraps(run)
+    def run_or_exit(cfg: DictConfig) -> Any:
+        from ddetr.training.checkpoints import CheckpointError
+
+        try:
+            return run(cfg)
+        except CheckpointError as error:  # one line naming the file and the likely cause, no traceback
+            raise SystemExit(f"error: {error}") from None
+
+    hydra_main = hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=config_name)(run_or_exit)
 
     def main() -> Any:
         os.environ.setdefault("HYDRA_FULL_ERROR", "1")

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ddetr.models.ms_deform_attn import set_attention_backend
 from ddetr.training.callbacks import Preempted
-from ddetr.training.checkpoints import load_module, load_pretrained
+from ddetr.training.checkpoints import check_resume_checkpoint, load_module, load_pretrained
 from ddetr.training.evaluation import METRIC_NAMES
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,8 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
 
+    if cfg.get("ckpt_path"):
+        check_resume_checkpoint(cfg.ckpt_path)  # one clear line instead of torch's zip error
     datamodule = instantiate(cfg.data)
     module = build_module(cfg, datamodule)
     callbacks = [*extra_callbacks, *instantiate_group(cfg.get("callbacks"))]
