@@ -164,6 +164,9 @@ class OptimConfig:
     lr_backbone: float = 2e-5
     lr_linear_proj_mult: float = 0.1
     lr_linear_proj_names: list[str] = field(default_factory=lambda: ["sampling_offsets", "reference_points"])
+    # the total batch the lrs were tuned for (the COCO recipe states 32); None: never rescaled
+    reference_batch: int | None = None
+    lr_scaling: str = "sqrt"  # none | linear | sqrt: how the lrs follow another total batch
     weight_decay: float = 1e-4
     lr_drop: int = 40
     lr_drop_gamma: float = 0.1

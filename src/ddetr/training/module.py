@@ -13,6 +13,7 @@ from torch import nn
 from ddetr.models.build import build_criterion, build_deformable_detr
 from ddetr.models.config import DeformableDETRConfig, LossConfig, OptimConfig
 from ddetr.models.postprocess import PostProcess
+from ddetr.training.lr_scaling import scale_to_batch
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +193,8 @@ class DeformableDETRModule(L.LightningModule):
 
     def configure_optimizers(self):
         cfg = self.optim_cfg
-        optimizer = torch.optim.AdamW(self.param_groups(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        groups = scale_to_batch(self.param_groups(), cfg.reference_batch, cfg.lr_scaling, self._trainer)
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_drop, gamma=cfg.lr_drop_gamma)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
