@@ -84,6 +84,7 @@ class DeformableDETRConfig:
     two_stage: bool = False
     aux_loss: bool = True
     attn_backend: str = "auto"  # auto | pytorch | cpu | cuda
+    checkpointing: str = "none"  # none | encoder | all: activation checkpointing of those layers (less memory)
 
     def __post_init__(self) -> None:
         if isinstance(self.backbone, Mapping):
@@ -135,7 +136,7 @@ class DeformableDETRConfig:
 OFFICIAL_OPTIONS = (
     "backbone",
     "dilation",
-    *(f.name for f in dataclasses.fields(DeformableDETRConfig) if f.name not in ("num_classes", "backbone", "aux_loss", "attn_backend")),
+    *(f.name for f in dataclasses.fields(DeformableDETRConfig) if f.name not in ("num_classes", "backbone", "aux_loss", "attn_backend", "checkpointing")),
 )
 
 
