@@ -29,6 +29,17 @@ def wandb_offline() -> bool:
         return True
 
 
+def run_name() -> str:
+    """The run directory's name: ``slurm_<job id>`` in a SLURM batch job (a requeued job finds its
+    checkpoints again), else the start time."""
+    from datetime import datetime
+
+    from ddetr.training.callbacks import slurm_job_id
+
+    job_id = slurm_job_id()
+    return f"slurm_{job_id}" if job_id else datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+
+
 def model_schema() -> dict[str, Any]:
     """The ``model`` config group's base node: every field of ``DeformableDETRConfig``, ``LossConfig``
     and ``OptimConfig`` with its official default, so ``conf/model/*.yaml`` hold only deltas."""
@@ -51,6 +62,7 @@ def register_resolvers() -> None:
     from hydra.core.config_store import ConfigStore
 
     OmegaConf.register_new_resolver("ddetr.wandb_offline", wandb_offline, replace=True)
+    OmegaConf.register_new_resolver("ddetr.run_name", run_name, replace=True)
     ConfigStore.instance().store(group="model", name="official", node=OmegaConf.create(model_schema()))
 
 

@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ddetr.models.ms_deform_attn import set_attention_backend
-from ddetr.training.callbacks import Preempted
+from ddetr.training.callbacks import Preempted, slurm_job_id
 from ddetr.training.checkpoints import check_resume_checkpoint, load_module, load_pretrained
 from ddetr.training.evaluation import METRIC_NAMES
 
@@ -92,6 +92,24 @@ def report_metrics(metrics: dict[str, float | None], evaluator, path: Path, titl
         print(f"\nPer class (AP at IoU 0.50:0.95 and 0.50, all sizes):\n{format_per_class(per_class)}")
 
 
+def resume_path(cfg: DictConfig) -> str | None:
+    """``cfg.ckpt_path``, where ``auto`` (the default under SLURM, so a requeued job resumes by itself) is the
+    newest of ``checkpoints/preempted.ckpt`` and ``checkpoints/last.ckpt`` in the run directory, or None."""
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path is None and slurm_job_id() is not None:
+        ckpt_path = "auto"
+    if ckpt_path != "auto":
+        return ckpt_path
+    folder = Path(cfg.paths.output_dir) / "checkpoints"
+    found = [path for path in (folder / "preempted.ckpt", folder / "last.ckpt") if path.is_file()]
+    if not found:
+        log.info("ckpt_path=auto: no checkpoint in %s yet, starting from the beginning", folder)
+        return None
+    newest = str(max(found, key=lambda path: path.stat().st_mtime))
+    log.warning("ckpt_path=auto: resuming from %s", newest)
+    return newest
+
+
 def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str, float]:
     """Trains (and validates every epoch) as ``cfg`` says; returns the final validation metrics.
 
@@ -99,7 +117,8 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
 
-    if cfg.get("ckpt_path"):
+    cfg.ckpt_path = resume_path(cfg)
+    if cfg.ckpt_path:
         check_resume_checkpoint(cfg.ckpt_path)  # one clear line instead of torch's zip error
     datamodule = instantiate(cfg.data)
     module = build_module(cfg, datamodule)
