@@ -47,13 +47,28 @@ def eval_config(checkpoint: Path, dataset: Path, output: Path):
     )  # fmt: skip
 
 
-def test_eval_writes_metrics_and_the_same_detections_as_predict(tmp_path, dataset):
+def test_eval_writes_metrics_and_the_same_detections_as_predict(tmp_path, dataset, capsys):
     checkpoint = write_checkpoint(tmp_path / "tiny.ckpt", dataset)
     metrics = evaluate(eval_config(checkpoint, dataset, tmp_path / "eval"))
-    for name in ("val/AP", "val/AP50", "val/AP75", "val/APs", "val/APm", "val/APl", "val/AR100"):
+    for name in ("val/AP", "val/AP50", "val/AP75", "val/APs", "val/AR100"):
         assert 0.0 <= metrics[name] <= 1.0
+    # 64-pixel images hold no object over 96x96 pixels: APl and ARl are undefined, not 0
+    assert metrics["val/APl"] is None and metrics["val/ARl"] is None
     written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert written["val/AP"] == pytest.approx(metrics["val/AP"])
+    assert written["val/APl"] is None  # null in JSON
+    out = capsys.readouterr().out
+    table = out[out.index("COCO metrics of"):]
+    assert [line.split() for line in table.splitlines() if line.startswith("val/APl")] == [["val/APl", "n/a"]]
+    assert table.count("n/a: undefined, not zero") == 1
+    # per class, keyed by class name: AP, AP50 and the ground-truth boxes, which add up to the file's
+    annotations = json.loads((dataset / "annotations" / "instances_val.json").read_text())
+    names = {c["id"]: c["name"] for c in annotations["categories"]}
+    assert set(written["per_class"]) == set(names.values())
+    for name in names.values():
+        expected_gt = sum(1 for a in annotations["annotations"] if names[a["category_id"]] == name and not a.get("iscrowd"))
+        assert written["per_class"][name]["num_gt"] == expected_gt
+        assert f"\n{name} " in table
 
     # the pycocotools result of the written detections is the reported one
     from pycocotools.coco import COCO
@@ -66,7 +81,14 @@ def test_eval_writes_metrics_and_the_same_detections_as_predict(tmp_path, datase
     assert metrics["val/AP50"] == pytest.approx(max(coco_eval.stats[1], 0.0), abs=1e-6)
     # every reported metric is pycocotools' on the written detections (-1: no ground truth of that size)
     for name, index in (("AP", 0), ("AP50", 1), ("AP75", 2), ("APs", 3), ("APm", 4), ("APl", 5), ("AR100", 8)):
-        assert metrics[f"val/{name}"] == pytest.approx(max(coco_eval.stats[index], 0.0), abs=1e-6), name
+        expected = None if coco_eval.stats[index] < 0 else coco_eval.stats[index]
+        assert metrics[f"val/{name}"] == pytest.approx(expected, abs=1e-6), name
+    # per class: pycocotools' precision of that category (IoU 0.50:0.95 and 0.50, area all, 100 detections)
+    precision = coco_eval.eval["precision"]
+    for index, category_id in enumerate(coco_eval.params.catIds):
+        curve = precision[:, :, index, 0, 2]
+        if (curve > -1).any():
+            assert written["per_class"][names[category_id]]["AP"] == pytest.approx(curve[curve > -1].mean(), abs=1e-6)
     # and the evaluation is not blind: the ground truth as detections scores a perfect AP
     perfect = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
                for a in ground_truth.dataset["annotations"]]

@@ -68,7 +68,7 @@ def _reference(coco: COCO, results: list) -> dict:
         evaluation.evaluate()
         evaluation.accumulate()
         evaluation.summarize()
-    return {name: max(float(v), 0.0) for name, v in zip(METRIC_NAMES, evaluation.stats)}
+    return {name: None if v < 0 else float(v) for name, v in zip(METRIC_NAMES, evaluation.stats)}
 
 
 def test_perfect_predictions_give_one(capsys):
@@ -77,7 +77,9 @@ def test_perfect_predictions_give_one(capsys):
     evaluator.update(_perfect(coco))
     metrics = evaluator.compute()
     assert set(metrics) >= {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100"}
-    assert all(isinstance(v, float) for v in metrics.values())
+    # the boxes are 30x20 and 40x40 pixels: no large ground truth, so APl and ARl are undefined, not 0
+    assert metrics["APl"] is None and metrics["ARl"] is None
+    assert all(isinstance(v, float) for k, v in metrics.items() if k not in ("APl", "ARl"))
     assert metrics["AP"] == pytest.approx(1.0) and metrics["AP50"] == pytest.approx(1.0)
     assert metrics["AR100"] == pytest.approx(1.0)
     assert capsys.readouterr().out == ""  # pycocotools kept quiet
@@ -114,6 +116,32 @@ def test_half_detected_matches_hand_value_and_pycocotools():
     )  # cat 7: the 0.3 false positive ranks after the hit
     assert metrics["AP50"] == pytest.approx((51 / 101 + 1.0) / 2)
     assert metrics == pytest.approx(_reference(coco, evaluator.results_json()))
+    # per class: the same hand values, by class name, with the number of ground-truth boxes
+    assert evaluator.per_class["c"]["AP50"] == pytest.approx(51 / 101)
+    assert evaluator.per_class["g"]["AP50"] == pytest.approx(1.0)
+    assert evaluator.per_class["c"]["AP"] == pytest.approx(51 / 101)  # the hit is exact: every IoU threshold
+    assert [row["num_gt"] for row in evaluator.per_class.values()] == [2, 1]
+
+
+def test_per_class_ap_is_pycocotools_on_that_class_alone():
+    """Property: a class's AP and AP50 are pycocotools' summary when evaluated on that category only."""
+    coco = _gt(num_images=6)
+    rng = np.random.default_rng(1)
+    predictions = _perfect(coco)
+    for prediction in predictions.values():
+        prediction["boxes"] = prediction["boxes"] + torch.tensor(rng.normal(0, 5, prediction["boxes"].shape))
+    evaluator = CocoEvaluator(coco, LABEL_TO_CATEGORY)
+    evaluator.update(predictions)
+    evaluator.compute()
+    for category_id, name in ((3, "c"), (7, "g")):
+        with contextlib.redirect_stdout(io.StringIO()):
+            alone = COCOeval(coco, coco.loadRes(evaluator.results_json()), "bbox")
+            alone.params.catIds = [category_id]
+            alone.evaluate(), alone.accumulate(), alone.summarize()
+        assert evaluator.per_class[name]["AP"] == pytest.approx(alone.stats[0]), name
+        assert evaluator.per_class[name]["AP50"] == pytest.approx(alone.stats[1]), name
+        assert 0.0 < evaluator.per_class[name]["AP"] < 1.0
+    assert evaluator.per_class["c"]["num_gt"] == 6 and evaluator.per_class["g"]["num_gt"] == 3
 
 
 def test_imperfect_boxes_match_pycocotools():
@@ -133,7 +161,9 @@ def test_imperfect_boxes_match_pycocotools():
 
 def test_zero_predictions_give_zero():
     evaluator = CocoEvaluator(_gt(), LABEL_TO_CATEGORY)
-    assert evaluator.compute() == dict.fromkeys(METRIC_NAMES, 0.0)
+    # zero where ground truth exists; undefined (None) where none does (no box over 96x96 pixels)
+    assert evaluator.compute() == {**dict.fromkeys(METRIC_NAMES, 0.0), "APl": None, "ARl": None}
+    assert evaluator.per_class == {"c": {"AP": 0.0, "AP50": 0.0, "num_gt": 3}, "g": {"AP": 0.0, "AP50": 0.0, "num_gt": 2}}
     evaluator.update({1: {"scores": [], "labels": [], "boxes": np.zeros((0, 4))}})
     assert evaluator.compute()["AP"] == 0.0
 

@@ -4,6 +4,7 @@ schema they use, ``compose`` for tests and notebooks, and ``hydra_app`` for the 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import netrc
 import os
 from collections.abc import Callable
@@ -26,6 +27,17 @@ def wandb_offline() -> bool:
         return netrc.netrc().authenticators("api.wandb.ai") is None
     except (FileNotFoundError, netrc.NetrcParseError):
         return True
+
+
+def run_name() -> str:
+    """The run directory's name: ``slurm_<job id>`` in a SLURM batch job (a requeued job finds its
+    checkpoints again), else the start time."""
+    from datetime import datetime
+
+    from ddetr.training.callbacks import slurm_job_id
+
+    job_id = slurm_job_id()
+    return f"slurm_{job_id}" if job_id else datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
 
 
 def model_schema() -> dict[str, Any]:
@@ -51,6 +63,7 @@ def register_resolvers() -> None:
     from hydra.core.config_store import ConfigStore
 
     OmegaConf.register_new_resolver("ddetr.wandb_offline", wandb_offline, replace=True)
+    OmegaConf.register_new_resolver("ddetr.run_name", run_name, replace=True)
     ConfigStore.instance().store(group="model", name="official", node=OmegaConf.create(model_schema()))
 
 
@@ -98,8 +111,13 @@ def hydra_app(config_name: str, run: Callable[[DictConfig], Any]) -> Callable[[]
 
     @functools.wraps(run)
     def configured_run(cfg: DictConfig) -> Any:
+        from ddetr.training.checkpoints import CheckpointError
+
         apply_matmul_precision(cfg)
-        return run(cfg)
+        try:
+            return run(cfg)
+        except CheckpointError as error:  # one line naming the file and the likely cause, no traceback
+            raise SystemExit(f"error: {error}") from None
 
     hydra_main = hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=config_name)(configured_run)
 

@@ -8,7 +8,12 @@ from ddetr.models.backbone import Backbone
 from ddetr.models.config import DeformableDETRConfig, LossConfig, split_options
 from ddetr.models.criterion import SetCriterion, build_weight_dict
 from ddetr.models.deformable_detr import DeformableDETR
-from ddetr.models.deformable_transformer import DeformableDecoder, DeformableEncoder, DeformableTransformer
+from ddetr.models.deformable_transformer import (
+    CHECKPOINTING,
+    DeformableDecoder,
+    DeformableEncoder,
+    DeformableTransformer,
+)
 from ddetr.models.matcher import HungarianMatcher
 from ddetr.models.position_encoding import PositionEmbeddingSine
 
@@ -43,8 +48,12 @@ def build_deformable_detr(config: DeformableDETRConfig | int | None = None, **op
         norm=backbone.norm,
         freeze_stem=backbone.freeze_stem,
     )
-    encoder = DeformableEncoder(config.layer(config.enc_n_points), config.enc_layers)
-    decoder = DeformableDecoder(config.layer(config.dec_n_points), config.dec_layers)
+    if config.checkpointing not in CHECKPOINTING:
+        raise ValueError(f"checkpointing must be one of {CHECKPOINTING}, got {config.checkpointing!r}")
+    encoder = DeformableEncoder(config.layer(config.enc_n_points), config.enc_layers,
+                                checkpointing=config.checkpointing in ("encoder", "all"))  # fmt: skip
+    decoder = DeformableDecoder(config.layer(config.dec_n_points), config.dec_layers,
+                                checkpointing=config.checkpointing == "all")  # fmt: skip
     transformer = DeformableTransformer(
         encoder, decoder, num_feature_levels=config.num_feature_levels, two_stage=config.two_stage,
         num_queries=config.num_queries,

@@ -84,6 +84,7 @@ class DeformableDETRConfig:
     two_stage: bool = False
     aux_loss: bool = True
     attn_backend: str = "auto"  # auto | pytorch | cpu | cuda
+    checkpointing: str = "none"  # none | encoder | all: activation checkpointing of those layers (less memory)
 
     def __post_init__(self) -> None:
         if isinstance(self.backbone, Mapping):
@@ -135,7 +136,7 @@ class DeformableDETRConfig:
 OFFICIAL_OPTIONS = (
     "backbone",
     "dilation",
-    *(f.name for f in dataclasses.fields(DeformableDETRConfig) if f.name not in ("num_classes", "backbone", "aux_loss", "attn_backend")),
+    *(f.name for f in dataclasses.fields(DeformableDETRConfig) if f.name not in ("num_classes", "backbone", "aux_loss", "attn_backend", "checkpointing")),
 )
 
 
@@ -164,6 +165,9 @@ class OptimConfig:
     lr_backbone: float = 2e-5
     lr_linear_proj_mult: float = 0.1
     lr_linear_proj_names: list[str] = field(default_factory=lambda: ["sampling_offsets", "reference_points"])
+    # the total batch the lrs were tuned for (the COCO recipe states 32); None: never rescaled
+    reference_batch: int | None = None
+    lr_scaling: str = "sqrt"  # none | linear | sqrt: how the lrs follow another total batch
     weight_decay: float = 1e-4
     lr_drop: int = 40
     lr_drop_gamma: float = 0.1

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from ddetr.models.config import LayerConfig
@@ -22,6 +23,16 @@ from ddetr.models.geometry import (
 )
 from ddetr.models.ms_deform_attn import MSDeformAttn
 from ddetr.ops.reference import spatial_shapes_list
+
+CHECKPOINTING = ("none", "encoder", "all")  # model.checkpointing: which layer stacks recompute in backward
+
+
+def _run_layer(layer: nn.Module, checkpointed: bool, *args: torch.Tensor | None) -> torch.Tensor:
+    """``layer(*args)``; with ``checkpointed`` (and autograd on) its activations are not kept but recomputed
+    in the backward pass (the random state is replayed, so dropout and gradients are unchanged)."""
+    if checkpointed and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
+    return layer(*args)
 
 
 def _deformable_attention(config: LayerConfig) -> MSDeformAttn:
@@ -73,10 +84,11 @@ class DeformableEncoderLayer(nn.Module):
 class DeformableEncoder(nn.Module):
     """A stack of ``num_layers`` deformable encoder layers built from one layer config."""
 
-    def __init__(self, config: LayerConfig, num_layers: int) -> None:
+    def __init__(self, config: LayerConfig, num_layers: int, checkpointing: bool = False) -> None:
         super().__init__()
         self.hidden_dim = config.hidden_dim
         self.layers = nn.ModuleList([DeformableEncoderLayer(config) for _ in range(num_layers)])
+        self.checkpointing = checkpointing  # recompute each layer in backward instead of keeping its activations
 
     def forward(
         self,
@@ -106,7 +118,9 @@ class DeformableEncoder(nn.Module):
         reference_points = encoder_reference_points(shapes, ratios)  # (B, S, L, 2)
         output = src
         for layer in self.layers:
-            output = layer(output, pos, reference_points, spatial_shapes, level_start_index, padding_mask)
+            output = _run_layer(
+                layer, self.checkpointing, output, pos, reference_points, spatial_shapes, level_start_index, padding_mask
+            )
         return output
 
 
@@ -153,10 +167,11 @@ class DeformableDecoderLayer(nn.Module):
 class DeformableDecoder(nn.Module):
     """A stack of ``num_layers`` decoder layers, optionally refining the references after every layer."""
 
-    def __init__(self, config: LayerConfig, num_layers: int) -> None:
+    def __init__(self, config: LayerConfig, num_layers: int, checkpointing: bool = False) -> None:
         super().__init__()
         self.num_layers = num_layers
         self.layers = nn.ModuleList([DeformableDecoderLayer(config) for _ in range(num_layers)])
+        self.checkpointing = checkpointing  # recompute each layer in backward instead of keeping its activations
 
     def forward(
         self,
@@ -199,9 +214,10 @@ class DeformableDecoder(nn.Module):
             else:
                 scale = ratios  # (B, L, 2)
             reference_input = reference_points[:, :, None] * scale[:, None]  # (B, Q, L, 2 or 4)
-            output = layer(
-                output, query_pos, reference_input, memory, spatial_shapes, level_start_index, memory_padding_mask
-            )
+            output = _run_layer(
+                layer, self.checkpointing, output, query_pos, reference_input, memory, spatial_shapes,
+                level_start_index, memory_padding_mask,
+            )  # fmt: skip
             hidden_states.append(output)
             references.append(reference_points)
             if box_heads is not None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import signal
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -47,15 +49,41 @@ class RNGStateCallback(L.Callback):
             torch.cuda.set_rng_state_all(states["cuda"])
 
 
+def slurm_job_id() -> str | None:
+    """The id of the SLURM batch job this process runs in (``ARRAYID_TASKID`` for array jobs); None outside
+    SLURM and in interactive allocations (job name ``bash`` or ``interactive``), which are not requeued."""
+    if "SLURM_JOB_ID" not in os.environ or os.environ.get("SLURM_JOB_NAME") in ("bash", "interactive"):
+        return None
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job_id = f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job else os.environ["SLURM_JOB_ID"]
+    return job_id if re.fullmatch(r"[0-9_]+", job_id) else None
+
+
+def requeue_slurm_job(job_id: str) -> bool:
+    """``scontrol requeue JOB_ID`` (what Lightning's SLURM environment runs); True when it succeeded."""
+    try:
+        result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
+    except FileNotFoundError:
+        log.warning("cannot requeue SLURM job %s: scontrol is not on PATH", job_id)
+        return False
+    if result.returncode != 0:
+        log.warning("scontrol requeue %s failed (%d): %s", job_id, result.returncode, result.stderr.strip())
+    return result.returncode == 0
+
+
 class Preempted(SystemExit):
     """Raised after a preemption signal was handled and a checkpoint written (exit status 0)."""
 
-    def __init__(self, checkpoint: str, signal_name: str) -> None:
+    def __init__(self, checkpoint: str, signal_name: str, requeued_job: str | None = None) -> None:
         super().__init__(0)
         self.checkpoint = checkpoint
         self.signal_name = signal_name
+        self.requeued_job = requeued_job
 
     def __str__(self) -> str:
+        if self.requeued_job:
+            return (f"stopped by {self.signal_name}; requeued SLURM job {self.requeued_job}, which resumes from "
+                    f"{self.checkpoint} (or rerun with ckpt_path={self.checkpoint})")  # fmt: skip
         return f"stopped by {self.signal_name}; resume with ckpt_path={self.checkpoint}"
 
 
@@ -63,13 +91,18 @@ class PreemptionCheckpoint(L.Callback):
     """On SIGTERM or SIGUSR1 (what schedulers send before preempting a job), finishes the current step,
     writes ``<dirpath>/<filename>.ckpt`` on every rank's agreement and exits cleanly with status 0.
 
-    Run the same command again with ``ckpt_path=`` that file to resume.
+    Under SLURM (a batch job; ``requeue=None``) rank zero then requeues the job with ``scontrol requeue``,
+    as Lightning's SLURM environment would (this handler replaces Lightning's); the requeued job runs the
+    same command in the same run directory and resumes from the checkpoint by itself (``ckpt_path=auto``,
+    the default under SLURM). Elsewhere, run the same command again with ``ckpt_path=`` that file.
     """
 
-    def __init__(self, dirpath: str, filename: str = "preempted", signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1")):
+    def __init__(self, dirpath: str, filename: str = "preempted", signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1"),
+                 requeue: bool | None = None) -> None:  # fmt: skip
         self.dirpath = Path(dirpath)
         self.filename = filename
         self.signals = [getattr(signal, name) for name in signals]
+        self.requeue = requeue
         self.received: signal.Signals | None = None
         self._previous: dict[int, Any] = {}
 
@@ -92,13 +125,12 @@ class PreemptionCheckpoint(L.Callback):
         name = self.received.name if self.received is not None else "a signal on another rank"
         trainer.save_checkpoint(self.ckpt_path)
         log.warning("received %s: wrote %s at global step %d", name, self.ckpt_path, trainer.global_step)
-        raise Preempted(str(self.ckpt_path), name)
-
-    def teardown(self, trainer, pl_module, stage: str) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
+        job_id = slurm_job_id() if self.requeue is not False else None
+        requeued = None
+        if job_id and trainer.is_global_zero and requeue_slurm_job(job_id):
+            requeued = job_id
+            log.warning("requeued SLURM job %s", job_id)
+        raise Preempted(str(self.ckpt_path), name, requeued)
 
 class ValidationImages(L.Callback):
     """Draws the predicted boxes of the first ``num_images`` validation images at every validation and

@@ -13,6 +13,7 @@ from torch import nn
 from ddetr.models.build import build_criterion, build_deformable_detr
 from ddetr.models.config import DeformableDETRConfig, LossConfig, OptimConfig
 from ddetr.models.postprocess import PostProcess
+from ddetr.training.lr_scaling import scale_to_batch
 
 log = logging.getLogger(__name__)
 
@@ -168,8 +169,10 @@ class DeformableDETRModule(L.LightningModule):
             return
         self.evaluator.synchronize()
         metrics = self.evaluator.compute()
-        # every rank holds the gathered result, so no further reduction is needed
-        self.log_dict({f"val/{k}": float(v) for k, v in metrics.items()}, sync_dist=False, rank_zero_only=False)
+        # every rank holds the gathered result, so no further reduction is needed; undefined metrics
+        # (None: no ground truth of that size) are not logged, so no curve shows them as zeros
+        defined = {f"val/{k}": float(v) for k, v in metrics.items() if v is not None}
+        self.log_dict(defined, sync_dist=False, rank_zero_only=False)
 
     # ------------------------------------------------------------------ optimisation
     def param_groups(self) -> list[dict[str, Any]]:
@@ -195,7 +198,8 @@ class DeformableDETRModule(L.LightningModule):
 
     def configure_optimizers(self):
         cfg = self.optim_cfg
-        optimizer = torch.optim.AdamW(self.param_groups(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        groups = scale_to_batch(self.param_groups(), cfg.reference_batch, cfg.lr_scaling, self._trainer)
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_drop, gamma=cfg.lr_drop_gamma)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 

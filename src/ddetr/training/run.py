@@ -14,8 +14,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ddetr.models.ms_deform_attn import set_attention_backend
-from ddetr.training.callbacks import Preempted
-from ddetr.training.checkpoints import load_module, load_pretrained
+from ddetr.training.callbacks import Preempted, slurm_job_id
+from ddetr.training.checkpoints import check_resume_checkpoint, load_module, load_pretrained
 from ddetr.training.evaluation import METRIC_NAMES
 
 log = logging.getLogger(__name__)
@@ -47,11 +47,67 @@ def build_module(cfg: DictConfig, datamodule) -> L.LightningModule:
     return module
 
 
-def format_metrics(metrics: dict[str, float]) -> str:
-    """An aligned two-column table of metric name and value."""
+UNDEFINED_NOTE = (
+    "n/a: undefined, not zero - the data has no ground-truth box in that size range (pycocotools returns -1; "
+    "s: area < 32x32 pixels, m: 32x32 to 96x96, l: > 96x96), so there is nothing to score"
+)
+
+
+def format_metrics(metrics: dict[str, float | None]) -> str:
+    """An aligned two-column table of metric name and value; undefined metrics (None) read ``n/a``,
+    explained once under the table."""
     width = max((len(name) for name in metrics), default=0)
-    lines = ["-" * (width + 12)] + [f"{name:<{width}}  {value:10.4f}" for name, value in metrics.items()]
-    return "\n".join(lines + ["-" * (width + 12)])
+    rows = [f"{name:<{width}}  {'n/a' if value is None else f'{value:.4f}':>10}" for name, value in metrics.items()]
+    lines = ["-" * (width + 12), *rows, "-" * (width + 12)]
+    if any(value is None for value in metrics.values()):
+        lines.append(UNDEFINED_NOTE)
+    return "\n".join(lines)
+
+
+def format_per_class(per_class: dict[str, dict[str, float | int | None]]) -> str:
+    """The per-class table: class name, AP, AP50 and the number of ground-truth boxes."""
+    width = max([len(name) for name in per_class] + [5])
+    def cell(value):
+        return f"{'n/a' if value is None else f'{value:.4f}':>8}"
+    lines = [f"{'class':<{width}}  {'AP':>8}  {'AP50':>8}  {'GT boxes':>8}", "-" * (width + 32)]
+    lines += [f"{name:<{width}}  {cell(row['AP'])}  {cell(row['AP50'])}  {row['num_gt']:>8}" for name, row in per_class.items()]
+    return "\n".join(lines)
+
+
+def with_undefined(metrics: dict[str, float], evaluator) -> dict[str, float | None]:
+    """``metrics`` plus ``None`` for every ``val/`` metric the evaluator's last computation found undefined
+    (those are not logged, so they are missing from Lightning's metrics)."""
+    last = getattr(evaluator, "last_metrics", None) or {}
+    return {**metrics, **{f"val/{name}": None for name, value in last.items() if value is None}}
+
+
+def report_metrics(metrics: dict[str, float | None], evaluator, path: Path, title: str, extra: dict[str, Any]) -> None:
+    """Writes ``metrics.json`` (undefined metrics as null, ``per_class`` keyed by class name) and prints
+    the metrics table and the per-class table."""
+    per_class = dict(getattr(evaluator, "per_class", None) or {})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**metrics, **extra, "per_class": per_class}, indent=2))
+    print(f"\n{title} (also in {path}):\n{format_metrics(metrics)}")
+    if per_class:
+        print(f"\nPer class (AP at IoU 0.50:0.95 and 0.50, all sizes):\n{format_per_class(per_class)}")
+
+
+def resume_path(cfg: DictConfig) -> str | None:
+    """``cfg.ckpt_path``, where ``auto`` (the default under SLURM, so a requeued job resumes by itself) is the
+    newest of ``checkpoints/preempted.ckpt`` and ``checkpoints/last.ckpt`` in the run directory, or None."""
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path is None and slurm_job_id() is not None:
+        ckpt_path = "auto"
+    if ckpt_path != "auto":
+        return ckpt_path
+    folder = Path(cfg.paths.output_dir) / "checkpoints"
+    found = [path for path in (folder / "preempted.ckpt", folder / "last.ckpt") if path.is_file()]
+    if not found:
+        log.info("ckpt_path=auto: no checkpoint in %s yet, starting from the beginning", folder)
+        return None
+    newest = str(max(found, key=lambda path: path.stat().st_mtime))
+    log.warning("ckpt_path=auto: resuming from %s", newest)
+    return newest
 
 
 def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str, float]:
@@ -61,6 +117,9 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
 
+    cfg.ckpt_path = resume_path(cfg)
+    if cfg.ckpt_path:
+        check_resume_checkpoint(cfg.ckpt_path)  # one clear line instead of torch's zip error
     datamodule = instantiate(cfg.data)
     module = build_module(cfg, datamodule)
     callbacks = [*extra_callbacks, *instantiate_group(cfg.get("callbacks"))]
@@ -76,12 +135,13 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
         print(f"\nTraining {stop}")
         return {}
 
-    metrics = {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith("val/")}
+    logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    metrics = dict(sorted(with_undefined(logged, module.evaluator).items()))
     if trainer.is_global_zero and cfg.get("metrics_file"):
         final = {name: metrics[name] for name in FINAL_METRICS if name in metrics}
         path = Path(cfg.paths.output_dir) / cfg.metrics_file
-        path.write_text(json.dumps({**final, "all": metrics, "epochs": trainer.current_epoch}, indent=2))
-        print(f"\nFinal validation metrics (also in {path}):\n{format_metrics(final or metrics)}")
+        report_metrics(final or metrics, module.evaluator, path, "Final validation metrics",
+                       {"all": metrics, "epochs": trainer.current_epoch})  # fmt: skip
     return metrics
 
 
@@ -111,11 +171,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     trainer: L.Trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
     trainer.validate(module, datamodule=datamodule)
 
-    metrics = {
-        f"val/{name}": float(trainer.callback_metrics[f"val/{name}"])
-        for name in METRIC_NAMES
-        if f"val/{name}" in trainer.callback_metrics
-    }
+    logged = {f"val/{name}": float(trainer.callback_metrics[f"val/{name}"])
+              for name in METRIC_NAMES if f"val/{name}" in trainer.callback_metrics}  # fmt: skip
+    undefined = with_undefined({}, module.evaluator)
+    metrics = {name: logged.get(name) for name in (f"val/{n}" for n in METRIC_NAMES) if name in logged or name in undefined}
     if "val/loss" in trainer.callback_metrics:
         metrics["val/loss"] = float(trainer.callback_metrics["val/loss"])
     if trainer.is_global_zero:
@@ -124,6 +183,6 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         if module.evaluator is not None and cfg.get("results_file"):
             (output / cfg.results_file).write_text(json.dumps(module.evaluator.results_json()))
         if cfg.get("metrics_file"):
-            (output / cfg.metrics_file).write_text(json.dumps({**metrics, "checkpoint": str(cfg.ckpt_path)}, indent=2))
-        print(f"\nCOCO metrics of {cfg.ckpt_path} (written to {output}):\n{format_metrics(metrics)}")
+            report_metrics(metrics, module.evaluator, output / cfg.metrics_file, f"COCO metrics of {cfg.ckpt_path}",
+                           {"checkpoint": str(cfg.ckpt_path)})  # fmt: skip
     return metrics
