@@ -13,6 +13,7 @@ from torch import nn
 from ddetr.models.build import build_criterion, build_deformable_detr
 from ddetr.models.config import DeformableDETRConfig, LossConfig, OptimConfig
 from ddetr.models.postprocess import PostProcess
+from ddetr.training.schedules import lr_schedulers
 
 log = logging.getLogger(__name__)
 
@@ -190,9 +191,13 @@ class DeformableDETRModule(L.LightningModule):
 
     def configure_optimizers(self):
         cfg = self.optim_cfg
-        optimizer = torch.optim.AdamW(self.param_groups(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_drop, gamma=cfg.lr_drop_gamma)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        fused = {"fused": True} if cfg.fused else {}  # else PyTorch's default implementation
+        optimizer = torch.optim.AdamW(self.param_groups(), lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
+        total_steps = self.trainer.estimated_stepping_batches if self._trainer is not None else None
+        schedulers = lr_schedulers(optimizer, cfg, total_steps)
+        if len(schedulers) == 1:  # the official recipe: {"optimizer", "lr_scheduler": StepLR per epoch}
+            return {"optimizer": optimizer, "lr_scheduler": schedulers[0]}
+        return [optimizer], schedulers
 
 
 def _all_finite(outputs: dict[str, Any]) -> bool:
