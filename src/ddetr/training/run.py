@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ddetr.models.ms_deform_attn import set_attention_backend
-from ddetr.training.callbacks import Preempted
+from ddetr.training.callbacks import Preempted, RunTimer
 from ddetr.training.checkpoints import load_module, load_pretrained
 from ddetr.training.evaluation import METRIC_NAMES
 
@@ -47,6 +47,18 @@ def build_module(cfg: DictConfig, datamodule) -> L.LightningModule:
     return module
 
 
+def attention_backend_used(module: L.LightningModule) -> str:
+    """Which implementation of the deformable attention op the module's forward uses, in words."""
+    from ddetr.ops import compiled_op_available
+
+    device = module.device.type
+    if module.config.attn_backend == "pytorch":
+        return "the PyTorch path (model.attn_backend=pytorch)"
+    if compiled_op_available(device):
+        return f"the compiled {device} op"
+    return "the PyTorch fallback (the compiled op is unavailable, see the warning above)"
+
+
 def format_metrics(metrics: dict[str, float]) -> str:
     """An aligned two-column table of metric name and value."""
     width = max((len(name) for name in metrics), default=0)
@@ -63,7 +75,8 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
 
     datamodule = instantiate(cfg.data)
     module = build_module(cfg, datamodule)
-    callbacks = [*extra_callbacks, *instantiate_group(cfg.get("callbacks"))]
+    timer = RunTimer()
+    callbacks = [*extra_callbacks, *instantiate_group(cfg.get("callbacks")), timer]
     loggers = instantiate_group(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in loggers:
@@ -80,8 +93,11 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     if trainer.is_global_zero and cfg.get("metrics_file"):
         final = {name: metrics[name] for name in FINAL_METRICS if name in metrics}
         path = Path(cfg.paths.output_dir) / cfg.metrics_file
-        path.write_text(json.dumps({**final, "all": metrics, "epochs": trainer.current_epoch}, indent=2))
+        timing = {"wall_s": round(timer.total_s, 1), "validation_s": round(timer.validation_s, 1), "steps": trainer.global_step}
+        path.write_text(json.dumps({**final, "all": metrics, "epochs": trainer.current_epoch, **timing}, indent=2))
         print(f"\nFinal validation metrics (also in {path}):\n{format_metrics(final or metrics)}")
+    if trainer.is_global_zero:
+        print(f"{timer.summary()} Deformable attention: {attention_backend_used(module)}.")
     return metrics
 
 
