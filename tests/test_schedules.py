@@ -68,6 +68,14 @@ def test_warmup_then_cosine_sized_to_the_run():
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
 
 
+def test_warmup_then_a_late_drop_sized_to_the_run():
+    cfg = OptimConfig(schedule="drop", warmup_steps=2, lr_drop_fraction=0.75, lr_drop_gamma=0.1)
+    (entry,) = lr_schedulers(optimizer(1.0), cfg, total_steps=8)
+    assert entry["interval"] == "step"
+    lrs = run([entry], steps_per_epoch=4, epochs=2)
+    assert lrs == [pytest.approx(value) for value in (0.5, 1, 1, 1, 1, 1, 0.1, 0.1)]
+
+
 def test_cosine_needs_the_length_of_the_run_and_the_schedule_name_is_checked():
     with pytest.raises(ValueError, match="total_steps"):
         lr_schedulers(optimizer(), OptimConfig(schedule="cosine"), total_steps=None)
@@ -86,3 +94,11 @@ def test_the_cosine_state_resumes():
     second["scheduler"].load_state_dict(state)
     assert second["scheduler"].get_last_lr() == pytest.approx(first["scheduler"].get_last_lr())
     assert WarmupCosine(20, 3)(7) == pytest.approx(second["scheduler"].get_last_lr()[0])
+
+
+def test_the_default_run_is_sized_in_epochs_and_validates_its_last_epoch():
+    cfg = compose([])
+    optim = cfg.model.optim
+    assert (optim.schedule, optim.warmup_steps, optim.fused) == ("cosine", 200, True)
+    assert cfg.trainer.max_epochs % cfg.trainer.check_val_every_n_epoch == 0
+    assert compose(["experiment=multi_scale"]).trainer.check_val_every_n_epoch == 1

@@ -11,7 +11,7 @@ import torch
 
 from ddetr.models.config import OptimConfig
 
-SCHEDULES = ("step", "cosine")
+SCHEDULES = ("step", "cosine", "drop")
 
 
 class WarmupCosine:
@@ -33,6 +33,21 @@ class WarmupCosine:
         return warmup * cosine
 
 
+class WarmupDrop:
+    """The lr factor of optimiser step ``step``: linear warmup over ``warmup_steps`` steps, constant,
+    then x ``gamma`` from ``drop_fraction`` of ``total_steps`` on (the official recipe's late drop,
+    sized in steps to the run). A plain object, saved with the scheduler's state."""
+
+    def __init__(self, total_steps: int, warmup_steps: int = 0, drop_fraction: float = 0.8, gamma: float = 0.1) -> None:
+        self.warmup_steps = max(int(warmup_steps), 0)
+        self.drop_step = int(round(max(int(total_steps), 1) * float(drop_fraction)))
+        self.gamma = float(gamma)
+
+    def __call__(self, step: int) -> float:
+        warmup = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps > 1 else 1.0
+        return warmup * (self.gamma if step >= self.drop_step else 1.0)
+
+
 def linear_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LinearLR:
     """lr x (k + 1) / warmup_steps at optimiser step k < warmup_steps, then x1 (chains with StepLR)."""
     return torch.optim.lr_scheduler.LinearLR(
@@ -48,11 +63,16 @@ def lr_schedulers(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_step
     if cfg.schedule not in SCHEDULES:
         raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
     warmup = int(cfg.warmup_steps or 0)
-    if cfg.schedule == "cosine":
+    if cfg.schedule in ("cosine", "drop"):
         total = cfg.total_steps or total_steps
         if not total or not math.isfinite(total):
-            raise ValueError("optim.schedule=cosine needs the run's length: set optim.total_steps or trainer.max_epochs")
-        factor = WarmupCosine(int(total), warmup, cfg.min_lr_factor)
+            raise ValueError(
+                f"optim.schedule={cfg.schedule} needs the run's length: set optim.total_steps or trainer.max_epochs"
+            )
+        if cfg.schedule == "cosine":
+            factor = WarmupCosine(int(total), warmup, cfg.min_lr_factor)
+        else:
+            factor = WarmupDrop(int(total), warmup, cfg.lr_drop_fraction, cfg.lr_drop_gamma)
         return [{"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, factor), "interval": "step", "name": "lr"}]
     schedulers = []
     if warmup > 1:  # built first: StepLR then chains on the warmed-up lr
