@@ -199,6 +199,7 @@ class RunTimer(L.Callback):
         self._validation_start: float | None = None
         self.steps = 0
         self.epochs = 0
+        self.validated_at_step: int | None = None  # the global step of the last validation
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self.start, self.validation_s = time.monotonic(), 0.0
@@ -210,10 +211,15 @@ class RunTimer(L.Callback):
         if self._validation_start is not None:
             self.validation_s += time.monotonic() - self._validation_start
             self._validation_start = None
+        self.validated_at_step = trainer.global_step
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        self.end = time.monotonic()
+        self.stop()
         self.steps, self.epochs = trainer.global_step, trainer.current_epoch
+
+    def stop(self) -> None:
+        """Ends the measured time (again, after a validation that follows the fit)."""
+        self.end = time.monotonic()
 
     @property
     def total_s(self) -> float:

@@ -67,7 +67,8 @@ def format_metrics(metrics: dict[str, float]) -> str:
 
 
 def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str, float]:
-    """Trains (and validates every epoch) as ``cfg`` says; returns the final validation metrics.
+    """Trains (validating every ``trainer.check_val_every_n_epoch`` epochs and after the last one) as
+    ``cfg`` says; returns the final validation metrics.
 
     ``extra_callbacks`` run before the configured ones (notebooks, tests)."""
     if cfg.get("seed") is not None:
@@ -88,6 +89,10 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
         log.warning("%s", stop)
         print(f"\nTraining {stop}")
         return {}
+    if timer.validated_at_step != trainer.global_step and trainer.limit_val_batches:
+        # the last epochs were not validated (check_val_every_n_epoch): the table is of the final weights
+        trainer.validate(module, datamodule=datamodule, verbose=False)  # the timer counts it too
+        timer.stop()
 
     metrics = {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith("val/")}
     if trainer.is_global_zero and cfg.get("metrics_file"):
