@@ -99,6 +99,6 @@ def test_the_cosine_state_resumes():
 def test_the_default_run_is_sized_in_epochs_and_validates_its_last_epoch():
     cfg = compose([])
     optim = cfg.model.optim
-    assert (optim.schedule, optim.warmup_steps, optim.fused) == ("cosine", 200, True)
+    assert (optim.schedule, optim.warmup_steps, optim.fused) == ("drop", 200, True)
     assert cfg.trainer.max_epochs % cfg.trainer.check_val_every_n_epoch == 0
     assert compose(["experiment=multi_scale"]).trainer.check_val_every_n_epoch == 1
