@@ -144,7 +144,7 @@ def test_broken_sources_fall_back_with_one_warning(tmp_path):
 
 def test_missing_sources_error_is_clear(tmp_path, monkeypatch):
     monkeypatch.setenv("DDETR_CSRC_DIR", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="pip install -e"):
+    with pytest.raises(FileNotFoundError, match="DDETR_CSRC_DIR"):
         _build.csrc_dir()
 
 

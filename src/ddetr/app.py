@@ -13,7 +13,22 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+def config_dir() -> Path:
+    """The Hydra configs: ``ddetr/conf`` inside an installed wheel, else the repository's ``conf/``
+    (a source checkout or an editable install)."""
+    package = Path(__file__).resolve().parent
+    for directory in (package / "conf", package.parents[1] / "conf"):
+        if (directory / "train.yaml").is_file():
+            return directory
+    raise FileNotFoundError(
+        f"ddetr's Hydra configs were found neither in {package / 'conf'} (installed package) nor in "
+        f"{package.parents[1] / 'conf'} (source checkout); reinstall ddetr"
+    )
+
+
+CONFIG_DIR = config_dir()
 MODULE_TARGET = "ddetr.training.module.DeformableDETRModule"
 
 

@@ -1,8 +1,9 @@
 """Training entry point: ``python -m ddetr.train [experiment=...] [key=value ...]``.
 
 With no arguments it trains the small model on the built-in synthetic dataset (generated once and
-cached under ``data/``), evaluates with pycocotools every epoch, and ends with a table of the final
-COCO metrics, also written to ``metrics.json`` in the run directory.
+cached under ``data/``), evaluates with pycocotools every 2 epochs and after the last one, and ends
+with a table of the final COCO metrics, also written to ``metrics.json`` in the run directory, and
+a line that says how long the run took.
 """
 
 from ddetr.app import hydra_app

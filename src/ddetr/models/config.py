@@ -159,7 +159,16 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with the official parameter groups, StepLR (official names and values)."""
+    """AdamW with the official parameter groups and learning-rate schedule.
+
+    The official recipe (the defaults) is ``schedule="step"``: the lr x ``lr_drop_gamma`` every
+    ``lr_drop`` epochs (StepLR). ``schedule="cosine"`` anneals per step from ``lr`` to
+    ``lr * min_lr_factor`` over the whole run (``total_steps``, default: the trainer's
+    ``estimated_stepping_batches``); ``schedule="drop"`` keeps ``lr`` and multiplies it by
+    ``lr_drop_gamma`` after ``lr_drop_fraction`` of the run's steps. ``warmup_steps`` ramps the lr linearly from ``lr / warmup_steps``
+    to ``lr`` over the first optimiser steps, for every schedule (0: no warmup, the official recipe).
+    See ``ddetr.training.schedules``.
+    """
 
     lr: float = 2e-4
     lr_backbone: float = 2e-5
@@ -171,6 +180,12 @@ class OptimConfig:
     weight_decay: float = 1e-4
     lr_drop: int = 40
     lr_drop_gamma: float = 0.1
+    schedule: str = "step"  # step (official, per epoch) | cosine | drop (per step, sized to the run)
+    warmup_steps: int = 0
+    min_lr_factor: float = 0.01  # cosine: the final lr as a fraction of the initial one
+    lr_drop_fraction: float = 0.8  # drop: lr x lr_drop_gamma after this fraction of the run's steps
+    total_steps: int | None = None  # cosine: null = the trainer's estimated_stepping_batches
+    fused: bool = False  # AdamW's fused kernel (one pass over all parameters; much faster on the CPU)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None = None) -> OptimConfig:

@@ -39,19 +39,22 @@ _CUDA_FLAGS = ["-O3"]
 
 
 def csrc_dir() -> Path:
-    """The ``csrc/`` directory of the source tree (src layout, editable install).
+    """The op's C++/CUDA sources: ``$DDETR_CSRC_DIR`` if set, else ``ddetr/csrc`` inside an installed
+    wheel, else the repository's ``csrc/`` (a source checkout or an editable install).
 
-    ``DDETR_CSRC_DIR`` overrides it. Raises ``FileNotFoundError`` when the sources are absent, e.g.
-    in a non-editable install.
+    Raises ``FileNotFoundError`` when the sources are absent.
     """
     override = os.environ.get("DDETR_CSRC_DIR")
-    directory = Path(override) if override else Path(__file__).resolve().parents[3] / "csrc"
-    if not (directory / "ms_deform_attn.cpp").is_file():
-        raise FileNotFoundError(
-            f"the C++/CUDA sources of ddetr's deformable attention op were not found in {directory}; "
-            "install ddetr from a source checkout (pip install -e .) or set DDETR_CSRC_DIR to its csrc/ directory"
-        )
-    return directory
+    package = Path(__file__).resolve().parents[1]
+    candidates = [Path(override)] if override else [package / "csrc", package.parents[1] / "csrc"]
+    for directory in candidates:
+        if (directory / "ms_deform_attn.cpp").is_file():
+            return directory
+    raise FileNotFoundError(
+        "the C++/CUDA sources of ddetr's deformable attention op were not found in "
+        f"{' or '.join(str(d) for d in candidates)}; reinstall ddetr (the wheel ships them in ddetr/csrc) "
+        "or set DDETR_CSRC_DIR to a csrc/ directory"
+    )
 
 
 def _cxx_flags() -> list[str]:

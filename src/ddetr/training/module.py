@@ -14,6 +14,7 @@ from ddetr.models.build import build_criterion, build_deformable_detr
 from ddetr.models.config import DeformableDETRConfig, LossConfig, OptimConfig
 from ddetr.models.postprocess import PostProcess
 from ddetr.training.lr_scaling import scale_to_batch
+from ddetr.training.schedules import lr_schedulers
 
 log = logging.getLogger(__name__)
 
@@ -199,9 +200,13 @@ class DeformableDETRModule(L.LightningModule):
     def configure_optimizers(self):
         cfg = self.optim_cfg
         groups = scale_to_batch(self.param_groups(), cfg.reference_batch, cfg.lr_scaling, self._trainer)
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_drop, gamma=cfg.lr_drop_gamma)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        fused = {"fused": True} if cfg.fused else {}  # else PyTorch's default implementation
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
+        total_steps = self.trainer.estimated_stepping_batches if self._trainer is not None else None
+        schedulers = lr_schedulers(optimizer, cfg, total_steps)
+        if len(schedulers) == 1:  # the official recipe: {"optimizer", "lr_scheduler": StepLR per epoch}
+            return {"optimizer": optimizer, "lr_scheduler": schedulers[0]}
+        return [optimizer], schedulers
 
 
 def _all_finite(outputs: dict[str, Any]) -> bool:

@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ddetr.models.ms_deform_attn import set_attention_backend
-from ddetr.training.callbacks import Preempted, slurm_job_id
+from ddetr.training.callbacks import Preempted, RunTimer, slurm_job_id
 from ddetr.training.checkpoints import check_resume_checkpoint, load_module, load_pretrained
 from ddetr.training.evaluation import METRIC_NAMES
 
@@ -45,6 +45,18 @@ def build_module(cfg: DictConfig, datamodule) -> L.LightningModule:
     if init_from and not cfg.get("ckpt_path"):  # a resumed run takes its weights from ckpt_path
         load_pretrained(module.model, init_from)
     return module
+
+
+def attention_backend_used(module: L.LightningModule) -> str:
+    """Which implementation of the deformable attention op the module's forward uses, in words."""
+    from ddetr.ops import compiled_op_available
+
+    device = module.device.type
+    if module.config.attn_backend == "pytorch":
+        return "the PyTorch path (model.attn_backend=pytorch)"
+    if compiled_op_available(device):
+        return f"the compiled {device} op"
+    return "the PyTorch fallback (the compiled op is unavailable, see the warning above)"
 
 
 UNDEFINED_NOTE = (
@@ -111,7 +123,8 @@ def resume_path(cfg: DictConfig) -> str | None:
 
 
 def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str, float]:
-    """Trains (and validates every epoch) as ``cfg`` says; returns the final validation metrics.
+    """Trains (validating every ``trainer.check_val_every_n_epoch`` epochs and after the last one) as
+    ``cfg`` says; returns the final validation metrics.
 
     ``extra_callbacks`` run before the configured ones (notebooks, tests)."""
     if cfg.get("seed") is not None:
@@ -122,7 +135,8 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
         check_resume_checkpoint(cfg.ckpt_path)  # one clear line instead of torch's zip error
     datamodule = instantiate(cfg.data)
     module = build_module(cfg, datamodule)
-    callbacks = [*extra_callbacks, *instantiate_group(cfg.get("callbacks"))]
+    timer = RunTimer()
+    callbacks = [*extra_callbacks, *instantiate_group(cfg.get("callbacks")), timer]
     loggers = instantiate_group(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in loggers:
@@ -134,14 +148,21 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
         log.warning("%s", stop)
         print(f"\nTraining {stop}")
         return {}
+    if timer.validated_at_step != trainer.global_step and trainer.limit_val_batches:
+        # the last epochs were not validated (check_val_every_n_epoch): the table is of the final weights
+        trainer.validate(module, datamodule=datamodule, verbose=False)  # the timer counts it too
+        timer.stop()
 
     logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     metrics = dict(sorted(with_undefined(logged, module.evaluator).items()))
     if trainer.is_global_zero and cfg.get("metrics_file"):
         final = {name: metrics[name] for name in FINAL_METRICS if name in metrics}
         path = Path(cfg.paths.output_dir) / cfg.metrics_file
+        timing = {"wall_s": round(timer.total_s, 1), "validation_s": round(timer.validation_s, 1), "steps": trainer.global_step}
         report_metrics(final or metrics, module.evaluator, path, "Final validation metrics",
-                       {"all": metrics, "epochs": trainer.current_epoch})  # fmt: skip
+                       {"all": metrics, "epochs": trainer.current_epoch, **timing})  # fmt: skip
+    if trainer.is_global_zero:
+        print(f"{timer.summary()} Deformable attention: {attention_backend_used(module)}.")
     return metrics
 
 
