@@ -19,6 +19,34 @@
 
 namespace ddetr {
 
+// Error messages. Every TORCH_CHECK of the op passes one ready-made string (a literal or message(...)),
+// never integers or sizes to stream: on the H100 machine of issue 14 (torch 2.11, Python 3.12) an
+// extension's TORCH_CHECK whose message streams an integer kills the process with SIGSEGV instead of
+// raising, while the same check with a plain string raises RuntimeError (devtools diagnosis: plain
+// string, live local tensors, OpenMP on or off all raise; any streamed int64 crashes). message()
+// formats with std::to_string and never touches an ostream.
+inline void append_part(std::string& out, const char* part) { out += part; }
+inline void append_part(std::string& out, const std::string& part) { out += part; }
+inline void append_part(std::string& out, at::ScalarType part) { out += c10::toString(part); }
+inline void append_part(std::string& out, at::IntArrayRef part) {
+  out += "[";
+  for (size_t i = 0; i < part.size(); ++i) {
+    out += (i ? ", " : "") + std::to_string(part[i]);
+  }
+  out += "]";
+}
+template <typename Integer, typename = std::enable_if_t<std::is_integral_v<Integer>>>
+void append_part(std::string& out, Integer part) {
+  out += std::to_string(part);
+}
+
+template <typename... Parts>
+std::string message(const Parts&... parts) {
+  std::string out;
+  (append_part(out, parts), ...);
+  return out;
+}
+
 struct MSDeformAttnSizes {
   int64_t batch_size;
   int64_t num_values;
@@ -38,11 +66,11 @@ inline bool is_reduced_precision(at::ScalarType dtype) {
 
 inline void check_location_dtype(at::ScalarType value, at::ScalarType locations, at::ScalarType weights) {
   TORCH_CHECK(locations == weights,
-              "ms_deform_attn: sampling_locations and attention_weights must share one dtype, got ", locations,
-              " and ", weights);
+              message("ms_deform_attn: sampling_locations and attention_weights must share one dtype, got ", locations,
+                      " and ", weights));
   TORCH_CHECK(locations == value || (is_reduced_precision(value) && locations == at::kFloat),
-              "ms_deform_attn: sampling_locations and attention_weights must be ", value,
-              " like value (or float32 for a float16/bfloat16 value), got ", locations);
+              message("ms_deform_attn: sampling_locations and attention_weights must be ", value,
+                      " like value (or float32 for a float16/bfloat16 value), got ", locations));
 }
 
 // Calls body(scalar_t(), float()) for a float16/bfloat16 scalar_t; other value types take no float32
@@ -66,8 +94,9 @@ void dispatch_value_and_location_types(at::ScalarType value, at::ScalarType loca
     if (locations == value) {
       body(scalar_t(), scalar_t());
     } else {
-      TORCH_CHECK(locations == at::kFloat, name, ": unsupported locations dtype ", locations, " for value dtype ",
-                  value);
+      TORCH_CHECK(locations == at::kFloat,
+                  message(name, ": unsupported locations dtype ", locations, " for value dtype ",
+                          value));
       using reduced = std::integral_constant<bool, std::is_same<scalar_t, at::Half>::value ||
                                                        std::is_same<scalar_t, at::BFloat16>::value>;
       call_with_float_locations<scalar_t>(body, reduced());
@@ -78,10 +107,7 @@ void dispatch_value_and_location_types(at::ScalarType value, at::ScalarType loca
 // Why the levels do not lie inside value ("" when they do); the kernels index value with these
 // numbers. spatial_shapes (num_levels, 2) and level_start_index (num_levels,) are int64 CPU tensors.
 //
-// Callers throw the message themselves, from a frame that holds no tensor yet: on torch 2.11 (H100
-// machine, Python 3.12) an exception thrown while a local at::Tensor of ours was alive killed the
-// process with SIGSEGV during unwinding instead of raising (issue 14). The message is built with
-// std::to_string, not streams, for the same reason.
+// The message is built with std::to_string (see message() above); callers throw it.
 inline std::string levels_error(const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
                                 int64_t num_values) {
   if (!spatial_shapes.is_cpu() || !level_start_index.is_cpu()) {
@@ -107,12 +133,13 @@ inline MSDeformAttnSizes check_ms_deform_attn_inputs(
     const at::Tensor& level_start_index,
     const at::Tensor& sampling_locations,
     const at::Tensor& attention_weights) {
-  TORCH_CHECK(value.dim() == 4, "ms_deform_attn: value must be (batch_size, num_values, num_heads, head_dim), got ",
-              value.sizes());
+  TORCH_CHECK(value.dim() == 4,
+              message("ms_deform_attn: value must be (batch_size, num_values, num_heads, head_dim), got ",
+                      value.sizes()));
   TORCH_CHECK(sampling_locations.dim() == 6 && sampling_locations.size(5) == 2,
-              "ms_deform_attn: sampling_locations must be "
-              "(batch_size, num_queries, num_heads, num_levels, num_points, 2), got ",
-              sampling_locations.sizes());
+              message("ms_deform_attn: sampling_locations must be "
+                      "(batch_size, num_queries, num_heads, num_levels, num_points, 2), got ",
+                      sampling_locations.sizes()));
   MSDeformAttnSizes sizes{};
   sizes.batch_size = value.size(0);
   sizes.num_values = value.size(1);
@@ -122,23 +149,24 @@ inline MSDeformAttnSizes check_ms_deform_attn_inputs(
   sizes.num_levels = sampling_locations.size(3);
   sizes.num_points = sampling_locations.size(4);
   TORCH_CHECK(sampling_locations.size(0) == sizes.batch_size && sampling_locations.size(2) == sizes.num_heads,
-              "ms_deform_attn: sampling_locations ", sampling_locations.sizes(),
-              " does not match value ", value.sizes(), " in batch_size or num_heads");
+              message("ms_deform_attn: sampling_locations ", sampling_locations.sizes(),
+                      " does not match value ", value.sizes(), " in batch_size or num_heads"));
   TORCH_CHECK(attention_weights.dim() == 5 && attention_weights.size(0) == sizes.batch_size &&
                   attention_weights.size(1) == sizes.num_queries && attention_weights.size(2) == sizes.num_heads &&
                   attention_weights.size(3) == sizes.num_levels && attention_weights.size(4) == sizes.num_points,
-              "ms_deform_attn: attention_weights must be (batch_size, num_queries, num_heads, num_levels, "
-              "num_points) = ",
-              sampling_locations.sizes().slice(0, 5), ", got ", attention_weights.sizes());
+              message("ms_deform_attn: attention_weights must be (batch_size, num_queries, num_heads, num_levels, "
+                      "num_points) = ",
+                      sampling_locations.sizes().slice(0, 5), ", got ", attention_weights.sizes()));
   TORCH_CHECK(spatial_shapes.dim() == 2 && spatial_shapes.size(0) == sizes.num_levels && spatial_shapes.size(1) == 2,
-              "ms_deform_attn: spatial_shapes must be (num_levels, 2) = (", sizes.num_levels, ", 2), got ",
-              spatial_shapes.sizes());
+              message("ms_deform_attn: spatial_shapes must be (num_levels, 2) = (", sizes.num_levels, ", 2), got ",
+                      spatial_shapes.sizes()));
   TORCH_CHECK(level_start_index.dim() == 1 && level_start_index.size(0) == sizes.num_levels,
-              "ms_deform_attn: level_start_index must be (num_levels,) = (", sizes.num_levels, ",), got ",
-              level_start_index.sizes());
+              message("ms_deform_attn: level_start_index must be (num_levels,) = (", sizes.num_levels, ",), got ",
+                      level_start_index.sizes()));
   TORCH_CHECK(spatial_shapes.scalar_type() == at::kLong && level_start_index.scalar_type() == at::kLong,
               "ms_deform_attn: spatial_shapes and level_start_index must be int64");
-  TORCH_CHECK(value.is_floating_point(), "ms_deform_attn: value must be floating point, got ", value.scalar_type());
+  TORCH_CHECK(value.is_floating_point(),
+              message("ms_deform_attn: value must be floating point, got ", value.scalar_type()));
   check_location_dtype(value.scalar_type(), sampling_locations.scalar_type(), attention_weights.scalar_type());
   TORCH_CHECK(sampling_locations.device() == value.device() && attention_weights.device() == value.device(),
               "ms_deform_attn: value, sampling_locations and attention_weights must be on one device");
@@ -150,9 +178,9 @@ inline void check_ms_deform_attn_grad_output(const at::Tensor& grad_output, cons
   TORCH_CHECK(grad_output.dim() == 3 && grad_output.size(0) == sizes.batch_size &&
                   grad_output.size(1) == sizes.num_queries &&
                   grad_output.size(2) == sizes.num_heads * sizes.head_dim,
-              "ms_deform_attn_backward: grad_output must be (batch_size, num_queries, num_heads * head_dim) = (",
-              sizes.batch_size, ", ", sizes.num_queries, ", ", sizes.num_heads * sizes.head_dim, "), got ",
-              grad_output.sizes());
+              message("ms_deform_attn_backward: grad_output must be (batch_size, num_queries, num_heads * head_dim) = (",
+                      sizes.batch_size, ", ", sizes.num_queries, ", ", sizes.num_heads * sizes.head_dim, "), got ",
+                      grad_output.sizes()));
 }
 
 }  // namespace ddetr

@@ -355,7 +355,7 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor&
       check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
   TORCH_CHECK(value.is_cpu(), "ms_deform_attn (CPU): value must be a CPU tensor");
   const std::string error = levels_error(spatial_shapes, level_start_index, sizes.num_values);
-  TORCH_CHECK(error.empty(), error);  // before any tensor of ours exists (see levels_error)
+  TORCH_CHECK(error.empty(), error);
   const at::Tensor spatial_shapes_c = spatial_shapes.contiguous();
   const at::Tensor level_start_index_c = level_start_index.contiguous();
   const at::Tensor value_c = value.contiguous();
@@ -387,10 +387,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
       check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
   check_ms_deform_attn_grad_output(grad_output, sizes);
   TORCH_CHECK(value.is_cpu() && grad_output.is_cpu(), "ms_deform_attn_backward (CPU): tensors must be on the CPU");
-  TORCH_CHECK(grad_output.scalar_type() == value.scalar_type(), "ms_deform_attn_backward: grad_output dtype ",
-              grad_output.scalar_type(), " differs from value dtype ", value.scalar_type());
+  TORCH_CHECK(grad_output.scalar_type() == value.scalar_type(),
+              message("ms_deform_attn_backward: grad_output dtype ", grad_output.scalar_type(),
+                      " differs from value dtype ", value.scalar_type()));
   const std::string error = levels_error(spatial_shapes, level_start_index, sizes.num_values);
-  TORCH_CHECK(error.empty(), error);  // before any tensor of ours exists (see levels_error)
+  TORCH_CHECK(error.empty(), error);
   const at::Tensor spatial_shapes_c = spatial_shapes.contiguous();
   const at::Tensor level_start_index_c = level_start_index.contiguous();
   const at::Tensor grad_output_c = grad_output.contiguous();

@@ -56,8 +56,7 @@ struct Levels {
   int start[kMaxLevels];
 };
 
-// Fills `levels`; returns why they are invalid ("" when valid). The caller throws, with no tensor
-// alive (see levels_error in ms_deform_attn.h).
+// Fills `levels`; returns why they are invalid ("" when valid); the caller throws.
 std::string fill_levels(const at::Tensor& spatial_shapes, const at::Tensor& level_start_index, int64_t num_values,
                         Levels& levels) {
   if (spatial_shapes.size(0) > kMaxLevels) {
@@ -366,8 +365,8 @@ int vector_width(int wide, int64_t head_dim, std::initializer_list<std::pair<con
 KernelSizes kernel_sizes(const MSDeformAttnSizes& sizes, int vec, int64_t num_groups) {
   TORCH_CHECK(sizes.num_values * sizes.num_heads * sizes.head_dim < std::numeric_limits<int>::max() &&
                   sizes.num_queries < std::numeric_limits<int>::max(),
-              "ms_deform_attn (CUDA): one image's value has ", sizes.num_values * sizes.num_heads * sizes.head_dim,
-              " elements; at most 2^31 - 1 are supported");
+              message("ms_deform_attn (CUDA): one image's value has ", sizes.num_values * sizes.num_heads * sizes.head_dim,
+                      " elements; at most 2^31 - 1 are supported"));
   KernelSizes kernel{};
   kernel.num_groups = num_groups;
   kernel.num_values = static_cast<int>(sizes.num_values);
@@ -445,8 +444,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
   check_ms_deform_attn_grad_output(grad_output, sizes);
   TORCH_CHECK(value.is_cuda() && grad_output.device() == value.device(),
               "ms_deform_attn_backward (CUDA): grad_output and value must be on one CUDA device");
-  TORCH_CHECK(grad_output.scalar_type() == value.scalar_type(), "ms_deform_attn_backward: grad_output dtype ",
-              grad_output.scalar_type(), " differs from value dtype ", value.scalar_type());
+  TORCH_CHECK(grad_output.scalar_type() == value.scalar_type(),
+              message("ms_deform_attn_backward: grad_output dtype ", grad_output.scalar_type(),
+                      " differs from value dtype ", value.scalar_type()));
   // the float atomics into grad_value make the summation order vary from run to run
   at::globalContext().alertNotDeterministic("ms_deform_attn_backward_cuda");
   Levels levels{};
