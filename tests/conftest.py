@@ -32,15 +32,32 @@ def debug_overrides():
     return _debug_overrides
 
 
+# The tiny model of the tests (conf/model/tiny.yaml's sizes): ResNet-18 with trainable batch norm,
+# 32 channels, 2 heads, 1 + 2 layers, 10 queries; 4 levels, no refinement (the model defaults).
+TINY_OPTIONS = dict(
+    backbone={"name": "resnet18", "norm": "batch"}, hidden_dim=32, nheads=2, enc_layers=1, dec_layers=2,
+    dim_feedforward=32, num_queries=10,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def tiny_options():
+    """``tiny_options(**overrides) -> dict``: the tiny model's options (keyword arguments of
+    ``DeformableDETRModule``, ``build_deformable_detr`` and ``DeformableDETRConfig.from_dict``, without
+    ``num_classes``), a new dict per call with ``overrides`` applied."""
+
+    def options(**overrides):
+        return {**TINY_OPTIONS, **overrides}
+
+    return options
+
+
 @pytest.fixture
-def tiny_config():
-    """A tiny ``DeformableDETRConfig`` (ResNet-18 with trainable batch norm, 32 channels, 5 classes)."""
+def tiny_config(tiny_options):
+    """A tiny ``DeformableDETRConfig`` of ``tiny_options()`` with 5 classes."""
     from ddetr.models.config import DeformableDETRConfig
 
-    return DeformableDETRConfig.from_dict(
-        num_classes=5, backbone={"name": "resnet18", "norm": "batch"}, hidden_dim=32, nheads=2, enc_layers=1,
-        dec_layers=2, dim_feedforward=32, num_queries=10,
-    )
+    return DeformableDETRConfig.from_dict(num_classes=5, **tiny_options())
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from ddetr.data import CocoDetection, DatasetError, collate_detection, pop_batch_skips
-from ddetr.data.errors import ImageLoadError
+from ddetr.data.image_loading import ImageLoadError
 from ddetr.data.image_loading import load_rgb_image
 from ddetr.data.skips import SkipReport
 

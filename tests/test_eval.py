@@ -15,8 +15,6 @@ from ddetr.training.run import evaluate
 from ddetr.training.module import DeformableDETRModule
 from ddetr.inference.predict import predict
 
-TINY = {"hidden_dim": 32, "nheads": 2, "enc_layers": 1, "dec_layers": 2, "dim_feedforward": 32, "num_queries": 10}
-
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
@@ -25,12 +23,13 @@ def dataset(tmp_path_factory) -> Path:
     return root
 
 
-def write_checkpoint(path: Path, dataset: Path, num_classes: int | None = None) -> Path:
+def write_checkpoint(path: Path, dataset: Path, options: dict, num_classes: int | None = None) -> Path:
+    """A randomly initialised model of ``options`` (seed 0) for ``dataset``'s categories, saved at ``path``."""
     annotations = json.loads((dataset / "annotations" / "instances_val.json").read_text())
     categories = sorted(annotations["categories"], key=lambda c: c["id"])
     torch.manual_seed(0)
     module = DeformableDETRModule(
-        num_classes=num_classes or len(categories), backbone={"name": "resnet18", "norm": "batch"}, **TINY,
+        num_classes=num_classes or len(categories), **options,
         label_to_category_id=None if num_classes else [c["id"] for c in categories],
     )  # fmt: skip
     save_checkpoint(module, path, "test")
@@ -47,8 +46,8 @@ def eval_config(checkpoint: Path, dataset: Path, output: Path):
     )  # fmt: skip
 
 
-def test_eval_writes_metrics_and_the_same_detections_as_predict(tmp_path, dataset, capsys):
-    checkpoint = write_checkpoint(tmp_path / "tiny.ckpt", dataset)
+def test_eval_writes_metrics_and_the_same_detections_as_predict(tmp_path, dataset, capsys, tiny_options):
+    checkpoint = write_checkpoint(tmp_path / "tiny.ckpt", dataset, tiny_options())
     metrics = evaluate(eval_config(checkpoint, dataset, tmp_path / "eval"))
     for name in ("val/AP", "val/AP50", "val/AP75", "val/APs", "val/AR100"):
         assert 0.0 <= metrics[name] <= 1.0
@@ -114,7 +113,7 @@ def test_eval_writes_metrics_and_the_same_detections_as_predict(tmp_path, datase
         assert mine["bbox"] == pytest.approx(theirs["bbox"], abs=1e-3)
 
 
-def test_class_count_mismatch_names_the_checkpoint(tmp_path, dataset):
-    checkpoint = write_checkpoint(tmp_path / "three_classes.ckpt", dataset, num_classes=3)
+def test_class_count_mismatch_names_the_checkpoint(tmp_path, dataset, tiny_options):
+    checkpoint = write_checkpoint(tmp_path / "three_classes.ckpt", dataset, tiny_options(), num_classes=3)
     with pytest.raises(ValueError, match="three_classes.ckpt.*3 classes"):
         evaluate(eval_config(checkpoint, dataset, tmp_path / "eval"))

@@ -15,14 +15,13 @@ from ddetr.models.ms_deform_attn import set_attention_backend
 from ddetr.training.module import DeformableDETRModule
 from ddetr.training.checkpoints import load_module
 
-TINY = {"hidden_dim": 32, "nheads": 2, "enc_layers": 1, "dec_layers": 2, "dim_feedforward": 32, "num_queries": 10}
 HEIGHT, WIDTH = 64, 96
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
+def checkpoint(tmp_path_factory, tiny_options) -> Path:
     torch.manual_seed(0)
-    module = DeformableDETRModule(num_classes=5, backbone={"name": "resnet18", "norm": "batch"}, with_box_refine=True, **TINY)
+    module = DeformableDETRModule(num_classes=5, **tiny_options(with_box_refine=True))
     path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
     save_checkpoint(module, path, "test")
     return path
@@ -53,24 +52,37 @@ def run_onnxruntime(path: Path, inputs: tuple[torch.Tensor, ...]) -> list[torch.
     return [torch.from_numpy(array) for array in session.run(["pred_logits", "pred_boxes"], feed)]
 
 
+# the dynamic ONNX model is traced at 2 x 128 x 160 (smallest level 2x3: torch.export fixes sizes of 1)
+# and run at other batch sizes and image sizes: taller than wide, and with a 1-pixel smallest level
+DYNAMIC_EXPORT = ["batch_size=2", "height=128", "width=160"]
+OTHER_SIZES = [(1, 96, 64), (3, 80, 128)]
+
+
 @pytest.mark.slow
-def test_onnx_dynamo_exporter_with_padding_mask_matches_pytorch(tmp_path, checkpoint):
+@pytest.mark.parametrize("with_mask", [True, False], ids=["mask", "no_mask"])
+def test_onnx_has_dynamic_sizes_and_matches_pytorch_at_other_sizes(tmp_path, checkpoint, with_mask):
     path = tmp_path / "model.onnx"
-    summary = export(export_config(checkpoint, path, "batch_size=2", "with_mask=true"))
+    summary = export(export_config(checkpoint, path, *DYNAMIC_EXPORT, f"with_mask={with_mask}"))
     assert summary["exporter"] == "dynamo" and path.is_file()
-    inputs = example_inputs(2, HEIGHT, WIDTH, with_mask=True, seed=7)  # other values than the export's
-    assert inputs[1][1].any() and not inputs[1][0].any(), "the second image is padded"
-    onnx_logits, onnx_boxes = run_onnxruntime(path, inputs)
-    for backend in ("pytorch", "auto"):  # grid_sample, and the compiled kernel where it is available
-        logits, boxes = pytorch_outputs(checkpoint, inputs, backend)
-        assert (onnx_logits - logits).abs().max() < 1e-4
-        assert (onnx_boxes - boxes).abs().max() < 1e-4
+    images_dims = summary["input_shapes"]["images"]
+    assert images_dims[1] == 3 and all(isinstance(dim, str) for dim in images_dims[:1] + images_dims[2:])
+    for batch_size, height, width in OTHER_SIZES:
+        inputs = example_inputs(batch_size, height, width, with_mask=with_mask, seed=7)
+        if with_mask and batch_size > 1:
+            assert inputs[1][1].any() and not inputs[1][0].any(), "the second image is padded"
+        onnx_logits, onnx_boxes = run_onnxruntime(path, inputs)
+        assert onnx_logits.shape[0] == batch_size
+        for backend in ("pytorch", "auto"):  # grid_sample, and the compiled kernel where it is available
+            logits, boxes = pytorch_outputs(checkpoint, inputs, backend)
+            assert (onnx_logits - logits).abs().max() < 1e-4, (batch_size, height, width, backend)
+            assert (onnx_boxes - boxes).abs().max() < 1e-4, (batch_size, height, width, backend)
 
 
 def test_onnx_torchscript_exporter_images_only(tmp_path, checkpoint):
     path = tmp_path / "model.onnx"
     summary = export(export_config(checkpoint, path, "dynamo=false", "check=false"))
     assert summary["exporter"] == "torchscript"
+    assert summary["input_shapes"] == {"images": [1, 3, HEIGHT, WIDTH]}  # the export size, fixed
     inputs = example_inputs(1, HEIGHT, WIDTH, with_mask=False, seed=3)
     for actual, expected in zip(run_onnxruntime(path, inputs), pytorch_outputs(checkpoint, inputs, "pytorch")):
         assert (actual - expected).abs().max() < 1e-4
@@ -111,5 +123,7 @@ def test_bad_options_are_named(tmp_path, checkpoint):
         export(export_config(checkpoint, tmp_path / "m", "format=tflite"))
     with pytest.raises(ValueError, match="attn_backend=pytorch"):
         export(export_config(checkpoint, tmp_path / "m.onnx", "attn_backend=cpu"))
+    with pytest.raises(ValueError, match=r"feature levels of \[\(8, 12\), \(4, 6\), \(2, 3\), \(1, 2\)\]"):
+        export(export_config(checkpoint, tmp_path / "small.onnx"))  # 64x96: the smallest level is 1x2
     with pytest.raises(FileNotFoundError, match="missing.ckpt"):
         export(export_config(tmp_path / "missing.ckpt", tmp_path / "m.onnx"))

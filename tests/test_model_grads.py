@@ -10,9 +10,8 @@ from ddetr.models import build_deformable_detr
 from ddetr.models.build import build_criterion
 
 NUM_CLASSES = 4
-TINY = dict(
-    backbone="resnet18", hidden_dim=32, nheads=2, enc_layers=2, dec_layers=3, dim_feedforward=64, num_queries=10
-)
+# the tiny model with frozen batch norm (as the official backbone) and a deeper stack for the gradient paths
+GRAD_OVERRIDES = dict(backbone="resnet18", enc_layers=2, dec_layers=3)
 
 GRAD_VARIANTS = {
     "single_scale": dict(num_feature_levels=1),
@@ -34,9 +33,9 @@ def _targets() -> list[dict[str, torch.Tensor]]:
 
 
 @pytest.mark.parametrize("variant", list(GRAD_VARIANTS))
-def test_every_trainable_parameter_gets_a_gradient(variant):
+def test_every_trainable_parameter_gets_a_gradient(variant, tiny_options):
     torch.manual_seed(0)
-    options = {**TINY, **GRAD_VARIANTS[variant]}
+    options = tiny_options(**GRAD_OVERRIDES, **GRAD_VARIANTS[variant])
     model = build_deformable_detr(NUM_CLASSES, **options).train()
     with torch.no_grad():  # leave the official init, whose zeros hide some parameters from the loss
         for parameter in model.parameters():
@@ -61,8 +60,8 @@ def test_every_trainable_parameter_gets_a_gradient(variant):
 
 
 @pytest.mark.parametrize("train_backbone", [True, False])
-def test_frozen_parameters_follow_the_official(train_backbone):
-    model = build_deformable_detr(NUM_CLASSES, train_backbone=train_backbone, **TINY)
+def test_frozen_parameters_follow_the_official(train_backbone, tiny_options):
+    model = build_deformable_detr(NUM_CLASSES, **tiny_options(**GRAD_OVERRIDES, train_backbone=train_backbone))
     for name, parameter in model.backbone.named_parameters():
         trains = train_backbone and name.startswith(("body.layer2", "body.layer3", "body.layer4"))
         assert parameter.requires_grad == trains, name

@@ -21,7 +21,6 @@ from ddetr.models.image_list import pad_images
 from ddetr.models.ms_deform_attn import MSDeformAttn
 from ddetr.models.position_encoding import PositionEmbeddingSine
 
-TINY = dict(backbone="resnet18", hidden_dim=32, nheads=2, enc_layers=1, dec_layers=2, dim_feedforward=64, num_queries=6)
 
 
 # ----------------------------------------------------------------------------- images
@@ -211,24 +210,24 @@ def test_encoder_output_proposals():
 
 
 # ----------------------------------------------------------------------------- detector
-def test_extra_levels_chain_and_shapes():
-    model = build_deformable_detr(3, num_feature_levels=5, **TINY).eval()
+def test_extra_levels_chain_and_shapes(tiny_options):
+    model = build_deformable_detr(3, **tiny_options(num_feature_levels=5)).eval()
     assert model.input_proj[3][0].in_channels == 512 and model.input_proj[4][0].in_channels == 32
     assert model.input_proj[3][0].stride == (2, 2) and model.input_proj[3][0].kernel_size == (3, 3)
     images, mask = pad_images([torch.randn(3, 96, 128), torch.randn(3, 50, 70)])
-    srcs, masks = model._levels(images, mask)
+    srcs, masks = model.feature_levels(images, mask)
     assert [tuple(s.shape[-2:]) for s in srcs] == [(12, 16), (6, 8), (3, 4), (2, 2), (1, 1)]
     assert [tuple(m.shape) for m in masks] == [(2, 12, 16), (2, 6, 8), (2, 3, 4), (2, 2, 2), (2, 1, 1)]
     with torch.no_grad():
         outputs = model((images, mask))
-    assert outputs["pred_logits"].shape == (2, 6, 3) and outputs["pred_boxes"].shape == (2, 6, 4)
+    assert outputs["pred_logits"].shape == (2, 10, 3) and outputs["pred_boxes"].shape == (2, 10, 4)  # 10 queries
     assert len(outputs["aux_outputs"]) == 1 and "enc_outputs" not in outputs
     assert ((outputs["pred_boxes"] > 0) & (outputs["pred_boxes"] < 1)).all()
 
 
 @pytest.mark.parametrize("with_box_refine, two_stage", [(False, False), (True, False), (True, True)])
-def test_head_initialisation(with_box_refine, two_stage):
-    model = build_deformable_detr(3, with_box_refine=with_box_refine, two_stage=two_stage, **TINY)
+def test_head_initialisation(with_box_refine, two_stage, tiny_options):
+    model = build_deformable_detr(3, **tiny_options(with_box_refine=with_box_refine, two_stage=two_stage))
     assert len(model.class_embed) == len(model.bbox_embed) == (2 if with_box_refine else 1)
     assert hasattr(model, "query_embed") != two_stage and hasattr(model.transformer, "reference_points") != two_stage
     class_heads = list(model.class_embed) + ([model.enc_class_embed] if two_stage else [])
@@ -241,9 +240,9 @@ def test_head_initialisation(with_box_refine, two_stage):
         assert torch.equal(head.layers[-1].bias, torch.tensor([0.0, 0.0, size_bias, size_bias]))
 
 
-def test_two_stage_needs_enough_proposals():
+def test_two_stage_needs_enough_proposals(tiny_options):
     model = build_deformable_detr(
-        3, num_feature_levels=1, with_box_refine=True, two_stage=True, **{**TINY, "num_queries": 50}
+        3, **tiny_options(num_feature_levels=1, with_box_refine=True, two_stage=True, num_queries=50)
     )
     with pytest.raises(ValueError, match="proposals"):
         model([torch.randn(3, 64, 64)])

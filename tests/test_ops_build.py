@@ -155,42 +155,35 @@ def test_cuda_build_has_cuda_kernels():
     assert ops.compiled_op_available("cuda"), _build.load_error()
 
 
+def _code_characters(text: str, start: int = 0):
+    """Yields (index, character, depth) for the characters of C++ ``text`` outside string literals,
+    ``depth`` being the bracket depth before the character."""
+    depth, in_string, i = 0, False, start
+    while i < len(text):
+        c = text[i]
+        if in_string:
+            i += c == "\\"  # skip the escaped character
+            in_string = c != '"'
+        elif c == '"':
+            in_string = True
+        else:
+            yield i, c, depth
+            depth += {"(": 1, "[": 1, "{": 1, ")": -1, "]": -1, "}": -1}.get(c, 0)
+        i += 1
+
+
 def _torch_checks(source: str) -> list[str]:
-    """The argument lists of every TORCH_CHECK(...) in a C++ source (parentheses and strings balanced)."""
+    """The argument lists of every TORCH_CHECK(...) in a C++ source."""
     checks = []
     for start in (i for i in range(len(source)) if source.startswith("TORCH_CHECK(", i)):
-        i, depth, in_string = start + len("TORCH_CHECK("), 1, False
-        while depth:
-            c = source[i]
-            if in_string:
-                i += c == "\\"
-                in_string = c != '"'
-            elif c == '"':
-                in_string = True
-            else:
-                depth += {"(": 1, ")": -1}.get(c, 0)
-            i += 1
-        checks.append(source[start + len("TORCH_CHECK(") : i - 1])
+        opening = start + len("TORCH_CHECK")
+        end = next(i for i, c, depth in _code_characters(source, opening) if c == ")" and depth == 1)
+        checks.append(source[opening + 1 : end])
     return checks
 
 
 def _top_level_commas(arguments: str) -> int:
-    depth, in_string, commas, i = 0, False, 0, 0
-    while i < len(arguments):
-        c = arguments[i]
-        if in_string:
-            i += c == "\\"
-            in_string = c != '"'
-        elif c == '"':
-            in_string = True
-        elif c in "([{":
-            depth += 1
-        elif c in ")]}":
-            depth -= 1
-        elif c == "," and depth == 0:
-            commas += 1
-        i += 1
-    return commas
+    return sum(1 for _, c, depth in _code_characters(arguments) if c == "," and depth == 0)
 
 
 def test_every_torch_check_message_is_one_string():

@@ -15,18 +15,18 @@ from PIL import Image
 from ddetr.app import compose
 from ddetr.training.checkpoints import save_checkpoint
 from ddetr.data import ensure_synthetic_dataset, make_val_transforms
-from ddetr.data.coco_names import COCO91_NAMES
+from ddetr.data.category_mapping import COCO91_NAMES
 from ddetr.training.module import DeformableDETRModule
 from ddetr.inference.predict import predict, resolve_class_names, resolve_resize
 from ddetr.training.checkpoints import load_module
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {"hidden_dim": 32, "nheads": 2, "enc_layers": 1, "dec_layers": 2, "dim_feedforward": 32, "num_queries": 10}
 
 
-def tiny_module(num_classes: int, seed: int = 0, **kwargs) -> DeformableDETRModule:
+def make_module(options: dict, num_classes: int, seed: int = 0, **kwargs) -> DeformableDETRModule:
+    """A randomly initialised module of ``options`` (``tiny_options()``) with ``num_classes``."""
     torch.manual_seed(seed)
-    return DeformableDETRModule(num_classes=num_classes, backbone={"name": "resnet18", "norm": "batch"}, **TINY, **kwargs)
+    return DeformableDETRModule(num_classes=num_classes, **options, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +37,11 @@ def dataset(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, dataset) -> Path:
+def checkpoint(tmp_path_factory, dataset, tiny_options) -> Path:
     annotations = json.loads((dataset / "annotations" / "instances_val.json").read_text())
     categories = sorted(annotations["categories"], key=lambda c: c["id"])
-    module = tiny_module(
-        len(categories), label_to_category_id=[c["id"] for c in categories], category_names=[c["name"] for c in categories]
+    module = make_module(
+        tiny_options(), len(categories), label_to_category_id=[c["id"] for c in categories], category_names=[c["name"] for c in categories]
     )
     path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
     save_checkpoint(module, path, "test")
@@ -132,12 +132,12 @@ def test_resize_comes_from_config_then_training_run_then_official(tmp_path):
     assert resolve_resize(64, 100, ckpt) == (64, 100, "config")
 
 
-def test_class_names_of_a_converted_coco_checkpoint():
-    coco = tiny_module(91)
+def test_class_names_of_a_converted_coco_checkpoint(tiny_options):
+    coco = make_module(tiny_options(), 91)
     names = resolve_class_names(coco, "auto")
     assert names[1] == "person" and names[90] == "toothbrush" and names[12] == "N/A" and len(names) == 91
     assert COCO91_NAMES.count("N/A") == 11
-    named = tiny_module(2, category_names=["cat", "dog"])
+    named = make_module(tiny_options(), 2, category_names=["cat", "dog"])
     assert resolve_class_names(named, "auto") == ["cat", "dog"]
     assert resolve_class_names(named, ["a", "b"]) == ["a", "b"]
     with pytest.raises(ValueError, match="3 names"):

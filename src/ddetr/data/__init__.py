@@ -1,13 +1,13 @@
 """Data: synthetic dataset, COCO dataset + validation, albumentations transforms, collate, DataModules."""
 
-from .category_mapping import CategoryMapping
+from .category_mapping import COCO91_NAMES, CategoryMapping
 from .coco import CocoDetection
-from .collate import collate_detection
-from .datamodule import CocoDataModule, DetectionDataModule, SyntheticDataModule
-from .errors import DatasetError, ImageLoadError
+from .datamodule import CocoDataModule, DetectionDataModule, SyntheticDataModule, collate_detection
+from .image_loading import ImageLoadError
 from .samplers import UnpaddedDistributedSampler
 from .skips import SkipRecord, SkipReport, pop_batch_skips
 from .synthetic import SHAPES, ensure_synthetic_dataset
+from .validation import DatasetError
 from .transforms import (
     DetectionTransform,
     make_plain_transforms,
@@ -16,6 +16,7 @@ from .transforms import (
 )
 
 __all__ = [
+    "COCO91_NAMES",
     "SHAPES",
     "CategoryMapping",
     "CocoDataModule",

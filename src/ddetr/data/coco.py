@@ -14,13 +14,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ddetr.models.box_ops import box_xyxy_to_cxcywh
+
 from .annotations import CleanAnnotations, ImageRecord, clean_annotations
 from .category_mapping import CategoryMapping, MappingMode
-from .errors import DatasetError, ImageLoadError
-from .image_loading import DEFAULT_MAX_IMAGE_PIXELS, ExifMode, load_rgb_image
+from .image_loading import DEFAULT_MAX_IMAGE_PIXELS, ExifMode, ImageLoadError, load_rgb_image
 from .skips import SKIPPED_KEY, SkipRecord
 from .transforms import make_plain_transforms
-from .validation import load_coco_json
+from .validation import DatasetError, load_coco_json
 
 log = logging.getLogger(__name__)
 
@@ -196,12 +197,9 @@ class CocoDetection(Dataset):
         height, width = image.shape[-2:]
         boxes = boxes.to(torch.float32).reshape(-1, 4)
         scale = torch.tensor([width, height, width, height], dtype=torch.float32)
-        cxcywh = torch.cat(
-            [(boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]], dim=1
-        )  # (num_boxes, 4)
         target = {
             "labels": labels.to(torch.int64),
-            "boxes": cxcywh / scale,
+            "boxes": box_xyxy_to_cxcywh(boxes) / scale,  # (num_boxes, 4) normalised (cx, cy, w, h)
             "image_id": int(record.image_id),
             "orig_size": torch.tensor(
                 [pixels.shape[0], pixels.shape[1]], dtype=torch.int64

@@ -13,17 +13,32 @@ import torch.distributed as dist
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
+from ddetr.models.image_list import pad_images
+
 from .category_mapping import MappingMode
 from .coco import CocoDetection
-from .collate import collate_detection
-from .errors import DatasetError
 from .image_loading import DEFAULT_MAX_IMAGE_PIXELS, ExifMode
 from .samplers import ResumableDistributedSampler, UnpaddedDistributedSampler
 from .skips import SkipReport, pop_batch_skips
 from .synthetic import ensure_synthetic_dataset
 from .transforms import DetectionTransform, make_train_transforms, make_val_transforms
+from .validation import DatasetError
 
 log = logging.getLogger(__name__)
+
+
+def collate_detection(samples: list[tuple[torch.Tensor, dict]]) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+    """Stacks ``(image (3, h_i, w_i), target)`` samples into ``(images, mask, targets)``.
+
+    Returns:
+        images: float (batch_size, 3, H, W), H/W the largest height/width, zero-padded bottom/right.
+        mask: bool (batch_size, H, W), True on padding.
+        targets: the targets, unchanged, in sample order.
+    """
+    if not samples:
+        raise ValueError("cannot collate an empty batch")
+    images, mask = pad_images([image for image, _ in samples])
+    return images, mask, [target for _, target in samples]
 
 
 class DetectionDataModule(LightningDataModule):

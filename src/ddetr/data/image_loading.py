@@ -29,9 +29,17 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageOps
 
-from .errors import ImageLoadError
 
 ExifMode = Literal["auto", "always", "never"]
+
+
+class ImageLoadError(OSError):
+    """One image file cannot be decoded into a usable RGB array; `reason` says why."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
 DEFAULT_MAX_IMAGE_PIXELS = 178_956_970  # PIL's default limit (a 0.5 GB 24-bit image)
 _ORIENTATION_TAG = 0x0112
 _SWAPPING_ORIENTATIONS = (5, 6, 7, 8)

@@ -15,7 +15,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from .errors import DatasetError
+
+
+
+class DatasetError(ValueError):
+    """A dataset cannot be used as given: the message names the file and the offending ids."""
+
 
 MAX_IDS_SHOWN = 5
 REQUIRED_KEYS = {

@@ -64,17 +64,38 @@ def example_inputs(
     return images, mask
 
 
+def dynamic_shapes(num_inputs: int) -> dict[str, dict[int, Any]]:
+    """Batch, height and width of ``images`` (and of ``mask``) as dynamic dimensions for ``torch.export``."""
+    dims = {"images": {0: torch.export.Dim.AUTO, 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}}
+    if num_inputs == 2:
+        dims["mask"] = {0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO, 2: torch.export.Dim.AUTO}
+    return dims
+
+
+def onnx_input_shapes(path: str | os.PathLike) -> dict[str, list[int | str]]:
+    """The inputs of the ONNX model at ``path``: name -> dims (an int where fixed, a name where dynamic)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return {
+        arg.name: [dim.dim_param or dim.dim_value for dim in arg.type.tensor_type.shape.dim] for arg in model.graph.input
+    }
+
+
 def export_onnx(
     detector: ExportableDetector,
     inputs: tuple[torch.Tensor, ...],
     path: str | os.PathLike,
     opset: int = 18,
     dynamo: bool = True,
+    dynamic: bool = True,
 ) -> str:
     """Writes ``detector`` as ONNX; returns which exporter wrote it ("dynamo" or "torchscript").
 
-    The dynamo (``torch.export``-based) exporter is tried first when ``dynamo``; if it fails, the
-    TorchScript exporter is used, with a warning naming the error.
+    The dynamo (``torch.export``-based) exporter is tried first when ``dynamo``; with ``dynamic`` the
+    batch size, height and width of the inputs are dynamic dimensions of the model (``inputs`` only
+    give example values), so onnxruntime runs it at any image size. If it fails, the TorchScript
+    exporter is used, with a warning naming the error; its model has the fixed size of ``inputs``.
     """
     if opset < 16:
         raise ValueError(f"opset must be >= 16 (GridSample), got {opset}")
@@ -85,12 +106,13 @@ def export_onnx(
             program = torch.onnx.export(
                 detector, inputs, input_names=input_names, output_names=list(OUTPUT_NAMES), opset_version=opset,
                 dynamo=True, external_data=False, verbose=False,
+                dynamic_shapes=dynamic_shapes(len(inputs)) if dynamic else None,
             )  # fmt: skip
             program.save(str(path))
             return "dynamo"
         except Exception as error:  # noqa: BLE001 - any exporter failure falls back to TorchScript
-            log.warning("the dynamo ONNX exporter failed (%s: %s); using the TorchScript exporter",
-                        type(error).__name__, error)  # fmt: skip
+            log.warning("the dynamo ONNX exporter failed (%s: %s); using the TorchScript exporter, whose model "
+                        "takes only the export size", type(error).__name__, error)  # fmt: skip
     torch.onnx.export(
         detector, inputs, str(path), input_names=input_names, output_names=list(OUTPUT_NAMES), opset_version=opset,
         dynamo=False,
@@ -122,13 +144,32 @@ def export_program(
     return program
 
 
+def check_dynamic_example(detector: ExportableDetector, inputs: tuple[torch.Tensor, ...]) -> None:
+    """Raises unless every feature level of ``inputs`` is at least 2x2: torch.export fixes every size
+    whose example value is 1, so a 1-pixel level would leave a fixed size inside a dynamic model."""
+    images = inputs[0]
+    mask = inputs[1] if len(inputs) == 2 else torch.zeros(images.shape[:1] + images.shape[2:], dtype=torch.bool)
+    with torch.no_grad():
+        srcs, _ = detector.model.feature_levels(images, mask)
+    sizes = [tuple(src.shape[-2:]) for src in srcs]
+    if min(min(size) for size in sizes) < 2:
+        height, width = images.shape[-2:]
+        raise ValueError(
+            f"ONNX export with dynamic sizes: an example image of {height}x{width} gives feature levels of "
+            f"{sizes}; torch.export fixes every size whose example value is 1, so the model would only run at "
+            "this size: export with a larger height/width (the default 800x1333 works), or dynamic=false for a "
+            "fixed-size model"
+        )
+
+
 def max_abs_difference(expected: tuple[torch.Tensor, ...], actual: list[torch.Tensor]) -> float:
     """The largest absolute difference over all outputs."""
     return max(float((e.detach() - a.detach()).abs().max()) for e, a in zip(expected, actual, strict=True))
 
 
 def export(cfg: DictConfig) -> dict[str, Any]:
-    """Exports as ``cfg`` says; returns ``{"path", "format", "exporter", "max_abs_diff"}``."""
+    """Exports as ``cfg`` says; returns ``{"path", "format", "exporter", "max_abs_diff"}`` and, for ONNX,
+    ``"input_shapes"`` (input name -> dims, a name where the dimension is dynamic)."""
     from ddetr.training.checkpoints import load_module
 
     if cfg.format not in FORMATS:
@@ -139,25 +180,36 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     module = load_module(cfg.ckpt_path, "cpu")
     set_attention_backend(module.model, backend)
     detector = ExportableDetector(module.model, with_mask=cfg.with_mask)
-    inputs = example_inputs(cfg.batch_size, cfg.height, cfg.width, cfg.with_mask)
+    dynamic_onnx = cfg.format == "onnx" and cfg.dynamo and cfg.dynamic
+    # torch.export fixes every dimension whose example value is 1: trace a dynamic batch with 2 images
+    batch_size = max(cfg.batch_size, 2) if dynamic_onnx else cfg.batch_size
+    inputs = example_inputs(batch_size, cfg.height, cfg.width, cfg.with_mask)
     path = Path(cfg.output)
     summary: dict[str, Any] = {"path": str(path), "format": cfg.format, "max_abs_diff": None}
     if cfg.format == "onnx":
-        summary["exporter"] = export_onnx(detector, inputs, path, opset=cfg.opset, dynamo=cfg.dynamo)
-        if cfg.check:
+        if dynamic_onnx:
+            check_dynamic_example(detector, inputs)
+        summary["exporter"] = export_onnx(detector, inputs, path, opset=cfg.opset, dynamo=cfg.dynamo, dynamic=cfg.dynamic)
+        summary["input_shapes"] = onnx_input_shapes(path)
+        dynamic = summary["exporter"] == "dynamo" and dynamic_onnx
+        if cfg.check:  # at the export size and, when dynamic, at another batch size and image size
+            checks = [inputs]
+            if dynamic:
+                checks.append(example_inputs(batch_size + 1, cfg.height + 32, max(cfg.width - 32, 64), cfg.with_mask, 1))
             with torch.no_grad():
-                summary["max_abs_diff"] = max_abs_difference(detector(*inputs), run_onnx(path, inputs))
+                summary["max_abs_diff"] = max(max_abs_difference(detector(*x), run_onnx(path, x)) for x in checks)
     else:
         program = export_program(detector, inputs, path)
         summary["exporter"] = "torch.export"
         if cfg.check:
             with torch.no_grad():
                 summary["max_abs_diff"] = max_abs_difference(detector(*inputs), list(program.module()(*inputs)))
-    inputs_text = "images, mask" if cfg.with_mask else "images"
-    print(
-        f"wrote {path} ({cfg.format} via {summary['exporter']}, inputs ({inputs_text}) of "
-        f"{cfg.batch_size}x3x{cfg.height}x{cfg.width}, attention backend {backend})"
-    )
+    if "input_shapes" in summary:
+        inputs_text = ", ".join(f"{name} {'x'.join(map(str, dims))}" for name, dims in summary["input_shapes"].items())
+    else:
+        inputs_text = "images, mask" if cfg.with_mask else "images"
+        inputs_text += f" of {cfg.batch_size}x3x{cfg.height}x{cfg.width}"
+    print(f"wrote {path} ({cfg.format} via {summary['exporter']}, inputs {inputs_text}, attention backend {backend})")
     if summary["max_abs_diff"] is not None:
         print(f"max abs difference to PyTorch on a random batch: {summary['max_abs_diff']:.3g}")
     return summary

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ddetr.data.errors import ImageLoadError
+from ddetr.data.image_loading import ImageLoadError
 from ddetr.data.image_loading import load_rgb_image
 from ddetr.data.transforms import make_val_transforms
 from ddetr.training.checkpoints import load_module
@@ -79,7 +79,7 @@ def resolve_class_names(module, option: str | Sequence[str] | None = "auto") -> 
     converted official COCO checkpoint) gets COCO's 91-slot names. ``"coco"``: COCO's names. A list:
     those names (one per head index).
     """
-    from ddetr.data.coco_names import COCO91_NAMES
+    from ddetr.data.category_mapping import COCO91_NAMES
 
     num_classes = int(module.hparams.num_classes)
     if option is None or option == "auto":

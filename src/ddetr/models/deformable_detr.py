@@ -136,7 +136,7 @@ class DeformableDETR(nn.Module):
         """The box head of decoder layer ``layer``."""
         return self.bbox_embed[layer if self.with_box_refine else 0]
 
-    def _levels(self, images: torch.Tensor, mask: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def feature_levels(self, images: torch.Tensor, mask: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Projected features (batch_size, hidden_dim, height_l, width_l) and their padding masks
         (batch_size, height_l, width_l) for all ``num_feature_levels`` levels."""
         features = self.backbone(images, mask)
@@ -173,7 +173,7 @@ class DeformableDETR(nn.Module):
             batch, mask = images
         else:
             batch, mask = pad_images(list(images))
-        srcs, masks = self._levels(batch, mask)
+        srcs, masks = self.feature_levels(batch, mask)
         pos_embeds = [
             self.position_encoding(level_mask).to(src.dtype) for src, level_mask in zip(srcs, masks, strict=True)
         ]

@@ -27,7 +27,7 @@ from ddetr.ops.reference import spatial_shapes_list
 CHECKPOINTING = ("none", "encoder", "all")  # model.checkpointing: which layer stacks recompute in backward
 
 
-def _run_layer(layer: nn.Module, checkpointed: bool, *args: torch.Tensor | None) -> torch.Tensor:
+def _run_layer(layer: nn.Module, checkpointed: bool, *args: object) -> torch.Tensor:
     """``layer(*args)``; with ``checkpointed`` (and autograd on) its activations are not kept but recomputed
     in the backward pass (the random state is replayed, so dropout and gradients are unchanged)."""
     if checkpointed and torch.is_grad_enabled():
@@ -74,9 +74,13 @@ class DeformableEncoderLayer(nn.Module):
         spatial_shapes: torch.Tensor,
         level_start_index: torch.Tensor,
         padding_mask: torch.Tensor | None,
+        shapes: Sequence[tuple[int, int]] | None = None,
     ) -> torch.Tensor:
-        """src, pos: (B, S, D); reference_points: (B, S, L, 2); padding_mask (B, S). Returns (B, S, D)."""
-        attended = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask)
+        """src, pos: (B, S, D); reference_points: (B, S, L, 2); padding_mask (B, S); shapes: ``spatial_shapes``
+        as Python ints (optional). Returns (B, S, D)."""
+        attended = self.self_attn(
+            src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask, shapes=shapes
+        )
         src = self.self_attn_norm(src + self.dropout1(attended))
         return _feed_forward_residual(self, src, self.dropout2, self.dropout3)
 
@@ -119,8 +123,9 @@ class DeformableEncoder(nn.Module):
         output = src
         for layer in self.layers:
             output = _run_layer(
-                layer, self.checkpointing, output, pos, reference_points, spatial_shapes, level_start_index, padding_mask
-            )
+                layer, self.checkpointing, output, pos, reference_points, spatial_shapes, level_start_index, padding_mask,
+                shapes,
+            )  # fmt: skip
         return output
 
 
@@ -151,15 +156,18 @@ class DeformableDecoderLayer(nn.Module):
         spatial_shapes: torch.Tensor,
         level_start_index: torch.Tensor,
         memory_padding_mask: torch.Tensor | None,
+        shapes: Sequence[tuple[int, int]] | None = None,
     ) -> torch.Tensor:
         """tgt, query_pos: (B, Q, D); reference_points: (B, Q, L, 2 or 4) scaled by the valid ratios;
-        memory: (B, S, D); memory_padding_mask: (B, S). Returns (B, Q, D)."""
+        memory: (B, S, D); memory_padding_mask: (B, S); shapes: ``spatial_shapes`` as Python ints
+        (optional). Returns (B, Q, D)."""
         query = tgt + query_pos
         attended = self.self_attn(query, query, tgt, need_weights=False)[0]
         tgt = self.self_attn_norm(tgt + self.dropout1(attended))
         attended = self.cross_attn(
-            tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index, memory_padding_mask
-        )
+            tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index, memory_padding_mask,
+            shapes=shapes,
+        )  # fmt: skip
         tgt = self.cross_attn_norm(tgt + self.dropout2(attended))
         return _feed_forward_residual(self, tgt, self.dropout3, self.dropout4)
 
@@ -184,6 +192,7 @@ class DeformableDecoder(nn.Module):
         ratios: torch.Tensor,
         memory_padding_mask: torch.Tensor | None = None,
         box_heads: Sequence[nn.Module] | None = None,
+        shapes: Sequence[tuple[int, int]] | None = None,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Decodes the queries.
 
@@ -198,6 +207,7 @@ class DeformableDecoder(nn.Module):
             box_heads: one box head per layer for iterative refinement: after layer ``l`` the
                 reference becomes ``boxes_from_reference(box_heads[l](hidden), reference)``, detached
                 (2-d references become boxes after the first layer). None keeps the references fixed.
+            shapes: ``spatial_shapes`` as Python ints (optional; see the encoder).
 
         Returns:
             hidden_states: num_layers tensors (batch_size, num_queries, hidden_dim), one per layer.
@@ -216,7 +226,7 @@ class DeformableDecoder(nn.Module):
             reference_input = reference_points[:, :, None] * scale[:, None]  # (B, Q, L, 2 or 4)
             output = _run_layer(
                 layer, self.checkpointing, output, query_pos, reference_input, memory, spatial_shapes,
-                level_start_index, memory_padding_mask,
+                level_start_index, memory_padding_mask, shapes,
             )  # fmt: skip
             hidden_states.append(output)
             references.append(reference_points)
@@ -344,8 +354,9 @@ class DeformableTransformer(nn.Module):
             reference_points = self.reference_points(query_pos).float().sigmoid()  # (B, Q, 2), float32 under autocast
 
         hidden_states, references = self.decoder(
-            tgt, query_pos, reference_points, memory, spatial_shapes, level_start_index, ratios, mask_flatten, box_heads
-        )
+            tgt, query_pos, reference_points, memory, spatial_shapes, level_start_index, ratios, mask_flatten, box_heads,
+            shapes,
+        )  # fmt: skip
         outputs["hidden_states"] = hidden_states
         outputs["references"] = references
         return outputs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +70,7 @@ class MSDeformAttn(nn.Module):
         level_start_index: torch.Tensor,
         padding_mask: torch.Tensor | None = None,
         return_attention: bool = False,
+        shapes: Sequence[tuple[int, int]] | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Attends from the queries to the flattened multi-level values.
 
@@ -83,6 +85,8 @@ class MSDeformAttn(nn.Module):
             level_start_index: (num_levels,) int64 offset of every level in ``num_values``, same device.
             padding_mask: (batch_size, num_values) bool, True on padding (those values are zeroed).
             return_attention: also return the sampling locations and attention weights.
+            shapes: ``spatial_shapes`` as Python ints, passed to the op's PyTorch path (symbolic
+                sizes under ``torch.export`` with dynamic image sizes).
 
         Returns:
             output (batch_size, num_queries, hidden_dim); with ``return_attention`` also
@@ -121,7 +125,7 @@ class MSDeformAttn(nn.Module):
         else:
             raise ValueError(f"reference_points must end in 2 or 4 coordinates, got {reference_points.shape[-1]}")
         output = ms_deform_attn(
-            value, spatial_shapes, level_start_index, sampling_locations, attention_weights, backend=self.backend
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights, self.backend, shapes
         )  # (B, Lq, M*D)
         output = self.output_proj(output)
         if return_attention:

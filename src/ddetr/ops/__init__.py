@@ -10,6 +10,8 @@ The compiled kernels live in ``csrc/`` and are built on first use (see ``ddetr.o
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from ddetr.ops import _build
@@ -76,6 +78,7 @@ def ms_deform_attn(
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
     backend: str = "auto",
+    shapes: Sequence[tuple[int, int]] | None = None,
 ) -> torch.Tensor:
     """Multi-scale deformable attention: bilinear samples (zero padding, align_corners=False) weighted and summed.
 
@@ -88,6 +91,8 @@ def ms_deform_attn(
         attention_weights: (batch_size, num_queries, num_heads, num_levels, num_points).
         backend: "auto" (compiled kernel for the tensors' device if available, else PyTorch),
             "pytorch", "cpu" or "cuda" (the compiled kernel; raises if it cannot be used).
+        shapes: ``spatial_shapes`` as Python ints, for the PyTorch path (symbolic sizes under
+            ``torch.export`` with dynamic image sizes); the compiled kernels read the tensor.
 
     Returns:
         (batch_size, num_queries, num_heads * head_dim) in value's dtype, differentiable in value,
@@ -102,12 +107,14 @@ def ms_deform_attn(
         attention_weights.to(location_dtype),
     )
     if backend == "pytorch":
-        return ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        return ms_deform_attn_pytorch(
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights, shapes
+        )
     device_type = value.device.type
     if backend == "auto":
         if not compiled_op_available(device_type):
             return ms_deform_attn_pytorch(
-                value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+                value, spatial_shapes, level_start_index, sampling_locations, attention_weights, shapes
             )
     else:
         if device_type != backend:

@@ -7,6 +7,8 @@ which is why the compiled kernels exist; it stays as the oracle that tests compa
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -34,6 +36,7 @@ def ms_deform_attn_pytorch(
     level_start_index: torch.Tensor,
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
+    shapes: Sequence[tuple[int, int]] | None = None,
 ) -> torch.Tensor:
     """Multi-scale deformable attention with ``grid_sample``.
 
@@ -45,6 +48,9 @@ def ms_deform_attn_pytorch(
         sampling_locations: (batch_size, num_queries, num_heads, num_levels, num_points, 2),
             (x, y) normalised to [0, 1]; outside that range samples read zeros.
         attention_weights: (batch_size, num_queries, num_heads, num_levels, num_points).
+        shapes: ``spatial_shapes`` as Python ints, when the caller has them (under ``torch.export``
+            with dynamic sizes they are the symbolic sizes of the feature maps; read from the tensor
+            when None).
 
     Returns:
         (batch_size, num_queries, num_heads * head_dim) in value's dtype. Mixed dtypes are sampled
@@ -58,7 +64,7 @@ def ms_deform_attn_pytorch(
     )
     batch_size, _, num_heads, head_dim = value.shape
     _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
-    shapes = spatial_shapes_list(spatial_shapes)
+    shapes = spatial_shapes_list(spatial_shapes) if shapes is None else shapes
     sizes = [height * width for height, width in shapes]
     value_per_level = value.split(sizes, dim=1)
     # grid_sample wants coordinates in [-1, 1]; align_corners=False makes -1 the left edge of pixel 0
