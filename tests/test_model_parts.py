@@ -22,7 +22,6 @@ from ddetr.models.ms_deform_attn import MSDeformAttn
 from ddetr.models.position_encoding import PositionEmbeddingSine
 
 
-
 # ----------------------------------------------------------------------------- images
 def test_pad_images_pads_bottom_right_with_zeros():
     first = torch.arange(6.0).view(1, 2, 3)

@@ -1,4 +1,5 @@
-"""Mapping between dataset category ids and classification-head indices ("labels")."""
+"""Mapping between dataset category ids and classification-head indices ("labels"), and COCO's category
+names in the 91-slot layout of the official checkpoints."""
 
 from __future__ import annotations
 

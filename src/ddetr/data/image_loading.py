@@ -29,7 +29,6 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageOps
 
-
 ExifMode = Literal["auto", "always", "never"]
 
 

@@ -16,8 +16,6 @@ from pathlib import Path
 from typing import Any
 
 
-
-
 class DatasetError(ValueError):
     """A dataset cannot be used as given: the message names the file and the offending ids."""
 

@@ -77,9 +77,8 @@ def onnx_input_shapes(path: str | os.PathLike) -> dict[str, list[int | str]]:
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
-    return {
-        arg.name: [dim.dim_param or dim.dim_value for dim in arg.type.tensor_type.shape.dim] for arg in model.graph.input
-    }
+    dims = {arg.name: arg.type.tensor_type.shape.dim for arg in model.graph.input}
+    return {name: [dim.dim_param or dim.dim_value for dim in shape] for name, shape in dims.items()}
 
 
 def export_onnx(
@@ -189,13 +188,16 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     if cfg.format == "onnx":
         if dynamic_onnx:
             check_dynamic_example(detector, inputs)
-        summary["exporter"] = export_onnx(detector, inputs, path, opset=cfg.opset, dynamo=cfg.dynamo, dynamic=cfg.dynamic)
+        summary["exporter"] = export_onnx(
+            detector, inputs, path, opset=cfg.opset, dynamo=cfg.dynamo, dynamic=cfg.dynamic
+        )
         summary["input_shapes"] = onnx_input_shapes(path)
         dynamic = summary["exporter"] == "dynamo" and dynamic_onnx
         if cfg.check:  # at the export size and, when dynamic, at another batch size and image size
             checks = [inputs]
             if dynamic:
-                checks.append(example_inputs(batch_size + 1, cfg.height + 32, max(cfg.width - 32, 64), cfg.with_mask, 1))
+                other_size = (cfg.height + 32, max(cfg.width - 32, 64))
+                checks.append(example_inputs(batch_size + 1, *other_size, cfg.with_mask, seed=1))
             with torch.no_grad():
                 summary["max_abs_diff"] = max(max_abs_difference(detector(*x), run_onnx(path, x)) for x in checks)
     else:

@@ -123,8 +123,8 @@ class DeformableEncoder(nn.Module):
         output = src
         for layer in self.layers:
             output = _run_layer(
-                layer, self.checkpointing, output, pos, reference_points, spatial_shapes, level_start_index, padding_mask,
-                shapes,
+                layer, self.checkpointing, output, pos, reference_points, spatial_shapes, level_start_index,
+                padding_mask, shapes,
             )  # fmt: skip
         return output
 
@@ -354,8 +354,8 @@ class DeformableTransformer(nn.Module):
             reference_points = self.reference_points(query_pos).float().sigmoid()  # (B, Q, 2), float32 under autocast
 
         hidden_states, references = self.decoder(
-            tgt, query_pos, reference_points, memory, spatial_shapes, level_start_index, ratios, mask_flatten, box_heads,
-            shapes,
+            tgt, query_pos, reference_points, memory, spatial_shapes, level_start_index, ratios, mask_flatten,
+            box_heads, shapes,
         )  # fmt: skip
         outputs["hidden_states"] = hidden_states
         outputs["references"] = references
