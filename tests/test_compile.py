@@ -7,23 +7,21 @@ import pytest
 import torch
 
 from ddetr.models.build import build_criterion, build_deformable_detr
-from ddetr.models.config import BackboneConfig, DeformableDETRConfig
+from ddetr.models.config import DeformableDETRConfig
 
 
-def tiny(two_stage: bool) -> DeformableDETRConfig:
-    return DeformableDETRConfig(
-        num_classes=3,
-        backbone=BackboneConfig(name="resnet18"),
-        hidden_dim=32,
-        nheads=2,
-        enc_layers=1,
-        dec_layers=2,
-        dim_feedforward=32,
-        num_queries=10,
-        dropout=0.0,
-        with_box_refine=two_stage,
-        two_stage=two_stage,
-    )
+@pytest.fixture(scope="module")
+def tiny(tiny_options):
+    """``tiny(two_stage) -> DeformableDETRConfig``: the tiny model with frozen batch norm, no dropout,
+    3 classes; with two-stage also box refinement."""
+
+    def config(two_stage: bool) -> DeformableDETRConfig:
+        options = tiny_options(
+            backbone={"name": "resnet18"}, dropout=0.0, with_box_refine=two_stage, two_stage=two_stage
+        )
+        return DeformableDETRConfig.from_dict(num_classes=3, **options)
+
+    return config
 
 
 def batch(height: int, width: int, seed: int):
@@ -35,14 +33,14 @@ def batch(height: int, width: int, seed: int):
 
 
 @pytest.mark.parametrize("two_stage", [False, True], ids=["multi_scale", "two_stage"])
-def test_detector_has_no_graph_break(two_stage):
+def test_detector_has_no_graph_break(two_stage, tiny):
     model = build_deformable_detr(tiny(two_stage)).eval()
     explanation = torch._dynamo.explain(model)(batch(64, 80, 0))
     assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
 
 
 @pytest.mark.slow
-def test_fullgraph_dynamic_compile_matches_eager_forward_and_backward():
+def test_fullgraph_dynamic_compile_matches_eager_forward_and_backward(tiny):
     torch.manual_seed(0)
     config = tiny(True)
     model = build_deformable_detr(config)
@@ -62,7 +60,7 @@ def test_fullgraph_dynamic_compile_matches_eager_forward_and_backward():
         torch.testing.assert_close(losses[1][1], losses[0][1], rtol=1e-4, atol=1e-5)
 
 
-def test_module_compile_option_keeps_state_dict_names():
+def test_module_compile_option_keeps_state_dict_names(tiny):
     from ddetr.training.module import DeformableDETRModule
 
     module = DeformableDETRModule(config=tiny(False), compile=True)

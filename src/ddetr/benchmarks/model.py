@@ -198,54 +198,51 @@ def _autocast(mode: str, device: torch.device):
     return nullcontext()
 
 
+def _step_closures(model: torch.nn.Module, loss: Callable[[], torch.Tensor], predict: Callable[[], object],
+                   mode: str, device: torch.device) -> tuple[Callable[[], None], Callable[[], None]]:
+    """(train step, inference step) closures: ``loss()`` and ``predict()`` run ``model`` on the inputs; the
+    train step adds backward and an AdamW step, both run under ``mode``'s autocast."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=1e-4)
+
+    def train() -> None:
+        model.train()
+        with _autocast(mode, device):
+            value = loss()
+        optimizer.zero_grad(set_to_none=True)
+        value.backward()
+        optimizer.step()
+
+    def infer() -> None:
+        model.eval()
+        with torch.inference_mode(), _autocast(mode, device):
+            predict()
+
+    return train, infer
+
+
 def ddetr_steps(setup: Setup, variant: str, mode: str, device: torch.device, inputs):
     """(train step, inference step) closures of ddetr in ``mode``."""
     config = ddetr_config(setup, variant)
     model = build_deformable_detr(config).to(device)
     criterion = build_criterion(config)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=1e-4)
     detector = torch.compile(model, dynamic=True) if mode.startswith("compiled") else model
     images, mask, targets = inputs
-
-    def train() -> None:
-        model.train()
-        with _autocast(mode, device):
-            outputs = detector((images, mask))
-            loss = criterion.weighted_total(criterion(outputs, targets))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    def infer() -> None:
-        model.eval()
-        with torch.inference_mode(), _autocast(mode, device):
-            detector((images, mask))
-
-    return train, infer
+    return _step_closures(
+        model, lambda: criterion.weighted_total(criterion(detector((images, mask)), targets)),
+        lambda: detector((images, mask)), mode, device,
+    )  # fmt: skip
 
 
 def transformers_steps(setup: Setup, variant: str, mode: str, device: torch.device, inputs):
     """(train step, inference step) closures of transformers' detector in ``mode``."""
     model = transformers_model(setup, variant).to(device)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=1e-4)
     images, mask, targets = inputs
     pixel_mask = (~mask).long()  # transformers: 1 on pixels, 0 on padding
     labels = [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]
-
-    def train() -> None:
-        model.train()
-        with _autocast(mode, device):
-            loss = model(pixel_values=images, pixel_mask=pixel_mask, labels=labels).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    def infer() -> None:
-        model.eval()
-        with torch.inference_mode(), _autocast(mode, device):
-            model(pixel_values=images, pixel_mask=pixel_mask)
-
-    return train, infer
+    return _step_closures(
+        model, lambda: model(pixel_values=images, pixel_mask=pixel_mask, labels=labels).loss,
+        lambda: model(pixel_values=images, pixel_mask=pixel_mask), mode, device,
+    )  # fmt: skip
 
 
 class ModeTimeout(Exception):
