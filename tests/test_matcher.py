@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from ddetr.models.matcher import HungarianMatcher
+from ddetr.models.matcher import HungarianMatcher, NonFinitePredictionError
 
 
 def box_at(center_x: float, center_y: float = 0.5, size: float = 0.1) -> list[float]:
@@ -108,8 +108,16 @@ def test_non_finite_predictions_raise_naming_the_image(key, value, message):
     matcher = HungarianMatcher()
     outputs, targets = random_batch([2, 3, 1])
     outputs[key][1, 4, 0] = value
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(NonFinitePredictionError, match=message):  # a ValueError the training step catches
         matcher(outputs, targets)
+
+
+def test_non_finite_targets_are_a_data_error_not_a_diverged_model():
+    outputs, targets = random_batch([2, 3, 1])
+    targets[1]["boxes"][0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"image 1 of the batch: target boxes has 1 NaN") as caught:
+        HungarianMatcher()(outputs, targets)
+    assert not isinstance(caught.value, NonFinitePredictionError)
 
 
 def test_transformers_matcher_agrees():

@@ -19,6 +19,12 @@ Indices = list[tuple[torch.Tensor, torch.Tensor]]
 _LOG_EPS = 1e-8
 
 
+class NonFinitePredictionError(ValueError):
+    """The matcher got a NaN or infinite predicted logit or box (the model diverged); the message names
+    the image. Found in the matcher's one device-to-host transfer, so the training step needs no check
+    (and no synchronisation) of its own before the loss."""
+
+
 @dataclass(frozen=True)
 class PaddedTargets:
     """The targets of a batch padded to the largest count.
@@ -132,6 +138,7 @@ class HungarianMatcher(nn.Module):
             Per group, per layer, the indices of :meth:`forward`.
 
         Raises:
+            NonFinitePredictionError: some predicted logit or box is NaN or inf (the message names the image).
             ValueError: as :meth:`forward`, naming the image; also for target boxes of negative size.
         """
         with torch.autocast(groups[0][0].device.type, enabled=False):
@@ -175,7 +182,9 @@ class HungarianMatcher(nn.Module):
                 if not finite[layer, image]:
                     outputs = {"pred_logits": logits[layer], "pred_boxes": boxes[layer]}
                     target = {"boxes": padded.boxes[image, :size]}
-                    raise ValueError(self._non_finite_message(image, outputs, target))
+                    predictions_finite = all(bool(outputs[key][image].isfinite().all()) for key in outputs)
+                    error = ValueError if predictions_finite else NonFinitePredictionError
+                    raise error(self._non_finite_message(image, outputs, target))
                 if size == 0:
                     indices.append((empty, empty))
                     continue
@@ -201,7 +210,7 @@ class HungarianMatcher(nn.Module):
         Raises:
             ValueError: the predictions or the cost of some image are not finite (NaN or inf in its
                 predictions or targets); the message names the image's index in the batch and the bad
-                input.
+                input. Non-finite predictions raise the subclass ``NonFinitePredictionError``.
         """
         batch_size = outputs["pred_logits"].shape[0]
         if len(targets) != batch_size:

@@ -12,6 +12,7 @@ from torch import nn
 
 from ddetr.models.build import build_criterion, build_deformable_detr
 from ddetr.models.config import DeformableDETRConfig, LossConfig, OptimConfig
+from ddetr.models.matcher import NonFinitePredictionError
 from ddetr.models.postprocess import PostProcess
 from ddetr.training.lr_scaling import scale_to_batch
 from ddetr.training.schedules import lr_schedulers
@@ -104,10 +105,10 @@ class DeformableDETRModule(L.LightningModule):
         # a skipped step must leave no trace, also in the running statistics of batch norm
         buffers = {k: v.clone() for k, v in self.model.named_buffers()} if self.on_nonfinite_loss == "skip" else None
         outputs = self.detector((images, mask))
-        if _all_finite(outputs):
+        try:
             loss_dict = self.criterion(outputs, targets)
             total = self.criterion.weighted_total(loss_dict)
-        else:  # the matcher cannot match non-finite predictions: report them as the bad terms
+        except NonFinitePredictionError:  # cannot be matched: report the predictions as the bad terms
             total = torch.full((), float("nan"), device=images.device)
             loss_dict = {name: total for name in ("pred_logits", "pred_boxes")}
         if not self._all_ranks_finite(total):
@@ -207,10 +208,3 @@ class DeformableDETRModule(L.LightningModule):
         if len(schedulers) == 1:  # the official recipe: {"optimizer", "lr_scheduler": StepLR per epoch}
             return {"optimizer": optimizer, "lr_scheduler": schedulers[0]}
         return [optimizer], schedulers
-
-
-def _all_finite(outputs: dict[str, Any]) -> bool:
-    """Whether every predicted logit and box (final, auxiliary and encoder outputs) is finite."""
-    heads = [outputs, *outputs.get("aux_outputs", []), outputs.get("enc_outputs", {})]
-    checks = [torch.isfinite(head[key]).all() for head in heads for key in ("pred_logits", "pred_boxes") if key in head]
-    return bool(torch.stack(checks).all())  # one device sync per step, not one per tensor
