@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -65,10 +66,12 @@ def example_inputs(
 
 
 def dynamic_shapes(num_inputs: int) -> dict[str, dict[int, Any]]:
-    """Batch, height and width of ``images`` (and of ``mask``) as dynamic dimensions for ``torch.export``."""
-    dims = {"images": {0: torch.export.Dim.AUTO, 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}}
+    """Batch, height and width of ``images`` (and the same of ``mask``) as named dynamic dimensions for
+    ``torch.export``; they become the input dimensions ``batch``, ``height`` and ``width`` of the ONNX model."""
+    batch, height, width = (torch.export.Dim(name) for name in ("batch", "height", "width"))
+    dims = {"images": {0: batch, 2: height, 3: width}}
     if num_inputs == 2:
-        dims["mask"] = {0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO, 2: torch.export.Dim.AUTO}
+        dims["mask"] = {0: batch, 1: height, 2: width}
     return dims
 
 
@@ -102,12 +105,14 @@ def export_onnx(
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     if dynamo:
         try:
-            program = torch.onnx.export(
-                detector, inputs, input_names=input_names, output_names=list(OUTPUT_NAMES), opset_version=opset,
-                dynamo=True, external_data=False, verbose=False,
-                dynamic_shapes=dynamic_shapes(len(inputs)) if dynamic else None,
-            )  # fmt: skip
-            program.save(str(path))
+            with warnings.catch_warnings():  # images and mask share their named dims: torch says so per axis
+                warnings.filterwarnings("ignore", message="# The axis name", category=UserWarning)
+                program = torch.onnx.export(
+                    detector, inputs, input_names=input_names, output_names=list(OUTPUT_NAMES), opset_version=opset,
+                    dynamo=True, external_data=False, verbose=False,
+                    dynamic_shapes=dynamic_shapes(len(inputs)) if dynamic else None,
+                )  # fmt: skip
+                program.save(str(path))
             return "dynamo"
         except Exception as error:  # noqa: BLE001 - any exporter failure falls back to TorchScript
             log.warning("the dynamo ONNX exporter failed (%s: %s); using the TorchScript exporter, whose model "
@@ -207,7 +212,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
             with torch.no_grad():
                 summary["max_abs_diff"] = max_abs_difference(detector(*inputs), list(program.module()(*inputs)))
     if "input_shapes" in summary:
-        inputs_text = ", ".join(f"{name} {'x'.join(map(str, dims))}" for name, dims in summary["input_shapes"].items())
+        inputs_text = ", ".join(f"{name} ({', '.join(map(str, dims))})" for name, dims in summary["input_shapes"].items())
     else:
         inputs_text = "images, mask" if cfg.with_mask else "images"
         inputs_text += f" of {cfg.batch_size}x3x{cfg.height}x{cfg.width}"
