@@ -89,16 +89,11 @@ class Result:
 
 
 def ddetr_config(setup: Setup, variant: str) -> DeformableDETRConfig:
+    """ddetr's config of ``setup`` (its architecture fields share ddetr's names) and ``variant``."""
+    sizes = {field.name: getattr(setup, field.name) for field in dataclasses.fields(setup)}
+    del sizes["backbone"], sizes["images"]
     return DeformableDETRConfig(
-        num_classes=NUM_CLASSES,
-        backbone=BackboneConfig(name=setup.backbone),
-        hidden_dim=setup.hidden_dim,
-        nheads=setup.nheads,
-        enc_layers=setup.enc_layers,
-        dec_layers=setup.dec_layers,
-        dim_feedforward=setup.dim_feedforward,
-        num_queries=setup.num_queries,
-        **VARIANTS[variant],
+        num_classes=NUM_CLASSES, backbone=BackboneConfig(name=setup.backbone), **sizes, **VARIANTS[variant]
     )
 
 
