@@ -1,5 +1,6 @@
 """Unit tests of three recipe-critical pieces: the official learning-rate split, class-head
-re-initialisation when starting from pretrained weights, and the resumable distributed sampler."""
+re-initialisation when starting from pretrained weights, the resumable distributed sampler; and the
+training step with non-finite predictions."""
 
 from __future__ import annotations
 
@@ -97,3 +98,26 @@ def test_resumable_sampler_shards_pads_seeds_and_resumes():
     # a resume point of another epoch is ignored
     sampler.resume(epoch=5, consumed=3)
     assert list(sampler) == ranks[1]
+
+
+def test_nonfinite_predictions_still_reach_the_collective_of_the_criterion(tiny_module, monkeypatch):
+    """A rank whose predictions are NaN must still enter the criterion, whose num_boxes all_reduce the other
+    ranks enter too (skipping it would leave them waiting); the step then stops naming the predictions."""
+    import lightning as L
+
+    from ddetr.models import criterion as criterion_module
+    from ddetr.training.module import NonFiniteLossError
+
+    calls = []
+    average_num_boxes = criterion_module.average_num_boxes
+    spy = lambda *args, **kwargs: calls.append(kwargs) or average_num_boxes(*args, **kwargs)  # noqa: E731
+    monkeypatch.setattr(criterion_module, "average_num_boxes", spy)
+    tiny_module.train()
+    tiny_module.trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    images = torch.full((2, 3, 64, 96), float("nan"))
+    mask = torch.zeros(2, 64, 96, dtype=torch.bool)
+    targets = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}] * 2
+    bad_terms = r"non-finite terms on this rank: \['pred_boxes', 'pred_logits'\]"
+    with pytest.raises(NonFiniteLossError, match=rf"global step 0 .*{bad_terms}"):
+        tiny_module.training_step((images, mask, targets), 0)
+    assert calls == [{"sync": True}]  # entered once, with the synchronisation on
