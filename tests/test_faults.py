@@ -127,7 +127,10 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_checkpoints_finite(tmp_p
 
 def test_nonfinite_loss_can_skip_the_step(tmp_path, data_root, debug_overrides):
     cfg = compose(debug_overrides(tmp_path, data_root) + ["trainer.max_epochs=2", "model.on_nonfinite_loss=skip"])
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     run(cfg, PoisonAtStep(2, "pixels"))
+    # the preemption handlers are the run's only: afterwards the process has its own back
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert state["global_step"] == 6  # Lightning counts the skipped step, which updated nothing
     assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())

@@ -14,7 +14,6 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 
-
 def config_dir() -> Path:
     """The Hydra configs: ``ddetr/conf`` inside an installed wheel, else the repository's ``conf/``
     (a source checkout or an editable install)."""

@@ -105,7 +105,6 @@ class PreemptionCheckpoint(L.Callback):
         self.signals = [getattr(signal, name) for name in signals]
         self.requeue = requeue
         self.received: signal.Signals | None = None
-        self._previous: dict[int, Any] = {}
 
     @property
     def ckpt_path(self) -> Path:
@@ -115,9 +114,11 @@ class PreemptionCheckpoint(L.Callback):
         self.received = signal.Signals(signum)
 
     def on_train_start(self, trainer, pl_module) -> None:
-        # installed after Lightning's own SIGTERM handler, which this one replaces for the run
+        # installed after Lightning's own SIGTERM handler, which this one replaces for the run; Lightning's
+        # teardown puts back the handlers the process had before the fit (restoring ours would reinstall
+        # Lightning's), so there is no teardown here
         for sig in self.signals:
-            self._previous[sig] = signal.signal(sig, self._handle)
+            signal.signal(sig, self._handle)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         stop = trainer.strategy.reduce_boolean_decision(self.received is not None, all=False)
@@ -132,6 +133,7 @@ class PreemptionCheckpoint(L.Callback):
             requeued = job_id
             log.warning("requeued SLURM job %s", job_id)
         raise Preempted(str(self.ckpt_path), name, requeued)
+
 
 class ValidationImages(L.Callback):
     """Draws the predicted boxes of the first ``num_images`` validation images at every validation and

@@ -93,13 +93,17 @@ def with_undefined(metrics: dict[str, float], evaluator) -> dict[str, float | No
     return {**metrics, **{f"val/{name}": None for name, value in last.items() if value is None}}
 
 
-def report_metrics(metrics: dict[str, float | None], evaluator, path: Path, title: str, extra: dict[str, Any]) -> None:
-    """Writes ``metrics.json`` (undefined metrics as null, ``per_class`` keyed by class name) and prints
-    the metrics table and the per-class table."""
+def report_metrics(
+    metrics: dict[str, float | None], evaluator, path: Path | None, title: str, extra: dict[str, Any]
+) -> None:
+    """Prints the metrics table and the per-class table and, given a ``path``, writes them there as JSON
+    (undefined metrics as null, ``per_class`` keyed by class name, plus ``extra``)."""
     per_class = dict(getattr(evaluator, "per_class", None) or {})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**metrics, **extra, "per_class": per_class}, indent=2))
-    print(f"\n{title} (also in {path}):\n{format_metrics(metrics)}")
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({**metrics, **extra, "per_class": per_class}, indent=2))
+        title += f" (also in {path})"
+    print(f"\n{title}:\n{format_metrics(metrics)}")
     if per_class:
         print(f"\nPer class (AP at IoU 0.50:0.95 and 0.50, all sizes):\n{format_per_class(per_class)}")
 
@@ -155,13 +159,12 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
 
     logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     metrics = dict(sorted(with_undefined(logged, module.evaluator).items()))
-    if trainer.is_global_zero and cfg.get("metrics_file"):
+    if trainer.is_global_zero:
         final = {name: metrics[name] for name in FINAL_METRICS if name in metrics}
-        path = Path(cfg.paths.output_dir) / cfg.metrics_file
+        path = Path(cfg.paths.output_dir) / cfg.metrics_file if cfg.get("metrics_file") else None
         timing = {"wall_s": round(timer.total_s, 1), "validation_s": round(timer.validation_s, 1), "steps": trainer.global_step}
         report_metrics(final or metrics, module.evaluator, path, "Final validation metrics",
                        {"all": metrics, "epochs": trainer.current_epoch, **timing})  # fmt: skip
-    if trainer.is_global_zero:
         print(f"{timer.summary()} Deformable attention: {attention_backend_used(module)}.")
     return metrics
 
@@ -192,10 +195,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     trainer: L.Trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
     trainer.validate(module, datamodule=datamodule)
 
-    logged = {f"val/{name}": float(trainer.callback_metrics[f"val/{name}"])
-              for name in METRIC_NAMES if f"val/{name}" in trainer.callback_metrics}  # fmt: skip
-    undefined = with_undefined({}, module.evaluator)
-    metrics = {name: logged.get(name) for name in (f"val/{n}" for n in METRIC_NAMES) if name in logged or name in undefined}
+    logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    found = with_undefined(logged, module.evaluator)
+    metrics = {name: found[name] for name in (f"val/{n}" for n in METRIC_NAMES) if name in found}
     if "val/loss" in trainer.callback_metrics:
         metrics["val/loss"] = float(trainer.callback_metrics["val/loss"])
     if trainer.is_global_zero:
@@ -203,7 +205,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         output.mkdir(parents=True, exist_ok=True)
         if module.evaluator is not None and cfg.get("results_file"):
             (output / cfg.results_file).write_text(json.dumps(module.evaluator.results_json()))
-        if cfg.get("metrics_file"):
-            report_metrics(metrics, module.evaluator, output / cfg.metrics_file, f"COCO metrics of {cfg.ckpt_path}",
-                           {"checkpoint": str(cfg.ckpt_path)})  # fmt: skip
+        path = output / cfg.metrics_file if cfg.get("metrics_file") else None
+        report_metrics(metrics, module.evaluator, path, f"COCO metrics of {cfg.ckpt_path}",
+                       {"checkpoint": str(cfg.ckpt_path)})  # fmt: skip
     return metrics
