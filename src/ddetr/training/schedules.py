@@ -14,6 +14,11 @@ from ddetr.models.config import OptimConfig
 SCHEDULES = ("step", "cosine", "drop")
 
 
+def _warmup_factor(step: int, warmup_steps: int) -> float:
+    """(step + 1) / warmup_steps during the linear warmup, then 1 (no warmup for warmup_steps <= 1)."""
+    return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 1 else 1.0
+
+
 class WarmupCosine:
     """The lr factor of optimiser step ``step``: linear warmup from ``1 / warmup_steps`` to 1 over
     ``warmup_steps`` steps, then a cosine from 1 to ``min_factor`` at ``total_steps``.
@@ -26,7 +31,7 @@ class WarmupCosine:
         self.min_factor = float(min_factor)
 
     def __call__(self, step: int) -> float:
-        warmup = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps > 1 else 1.0
+        warmup = _warmup_factor(step, self.warmup_steps)
         decay_steps = max(self.total_steps - self.warmup_steps, 1)
         progress = min(max(step - self.warmup_steps, 0) / decay_steps, 1.0)
         cosine = self.min_factor + (1.0 - self.min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
@@ -44,8 +49,7 @@ class WarmupDrop:
         self.gamma = float(gamma)
 
     def __call__(self, step: int) -> float:
-        warmup = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps > 1 else 1.0
-        return warmup * (self.gamma if step >= self.drop_step else 1.0)
+        return _warmup_factor(step, self.warmup_steps) * (self.gamma if step >= self.drop_step else 1.0)
 
 
 def linear_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LinearLR:
