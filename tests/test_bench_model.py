@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,3 +83,36 @@ def test_mode_timeout_stops_a_mode_and_the_run_goes_on(monkeypatch, capsys):
     assert model.main(args) == 0
     out = capsys.readouterr().out
     assert "ModeTimeout" in out and "ddetr fp32: train" in out
+
+
+def test_step_census_counts_a_hand_written_step():
+    from ddetr.benchmarks.step_census import count_step
+
+    weight = torch.nn.Parameter(torch.randn(5, 3))
+    x = torch.randn(4, 5)
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+
+    def step() -> None:
+        y = (x @ weight).relu()  # mm (saves x; the weight is a parameter), relu (saves its output)
+        loss = y.sum()
+        assert float(loss) >= 0  # one .item() (_local_scalar_dense): a host read
+        loss.backward()  # ones_like seeds it; backward: relu's threshold_backward, one mm for the weight
+        optimizer.step()  # SGD: one add_
+
+    census = count_step(step)
+    assert census.operators == {"forward": 5, "backward": 2, "optimizer": 1}  # mm relu sum read ones_like
+    assert census.host_reads == 1
+    assert census.saved_bytes == (4 * 5 + 4 * 3) * 4  # x and relu's output, float32
+
+
+def test_step_census_cli_quick():
+    pytest.importorskip("transformers")
+    result = run(["-m", "ddetr.bench", "step", "--quick", "--precision", "bf16"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert "forward+loss" in next(line for line in lines if line.startswith("model"))
+    for name in ("ddetr bf16", "transformers bf16"):
+        row = next(line for line in lines if line.startswith(name + " ")).split()
+        forward, backward, optimizer, total = (int(v) for v in row[2:6])
+        assert forward > 0 and backward > 0 and optimizer > 0 and total == forward + backward + optimizer
+        assert float(row[7]) > 0  # MiB saved for backward

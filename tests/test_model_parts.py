@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
@@ -20,6 +21,7 @@ from ddetr.models.geometry import (
 from ddetr.models.image_list import pad_images
 from ddetr.models.ms_deform_attn import MSDeformAttn
 from ddetr.models.position_encoding import PositionEmbeddingSine
+from ddetr.models.relu_dropout import relu_dropout
 
 
 # ----------------------------------------------------------------------------- images
@@ -59,6 +61,35 @@ def test_sine_position_encoding_frequencies():
     torch.testing.assert_close(pos[0, 4:, 0], expected)
 
 
+# ----------------------------------------------------------------------------- relu + dropout
+def _saved_count(function, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = function(x)
+    return y, len(saved)
+
+
+@pytest.mark.parametrize("p, training", [(0.1, True), (0.5, True), (0.0, True), (0.1, False)])
+def test_relu_dropout_equals_autograds_composition_and_saves_one_tensor(p, training):
+    base = torch.randn(4, 7, 9, dtype=torch.float64)
+    base[0, 0, :3] = 0.0  # ReLU's kink: PyTorch's gradient there is 0
+    grad_output = torch.randn(4, 7, 9, dtype=torch.float64)
+    results = []
+    for function in (relu_dropout, lambda x, p, t: F.dropout(F.relu(x), p, t)):
+        x = base.clone().requires_grad_(True)
+        torch.manual_seed(0)  # the same dropout mask for both
+        y, saved = _saved_count(lambda x: function(x, p, training), x)
+        y.backward(grad_output)
+        results.append((y, x.grad, saved))
+    (ours, our_grad, our_saved), (reference, reference_grad, reference_saved) = results
+    assert torch.equal(ours, reference)
+    torch.testing.assert_close(our_grad, reference_grad, rtol=1e-15, atol=0)
+    assert our_saved == 1  # autograd's composition: the ReLU output, plus the mask when dropping
+    assert reference_saved == (2 if training and p > 0 else 1)
+    if training and p > 0:
+        assert 0 < (ours == 0).sum() - (base <= 0).sum()  # some positive values were dropped
+
+
 # ----------------------------------------------------------------------------- backbone
 def test_frozen_batch_norm_equals_batch_norm_in_eval():
     torch.manual_seed(0)
@@ -72,6 +103,55 @@ def test_frozen_batch_norm_equals_batch_norm_in_eval():
     x = torch.randn(2, 5, 3, 4)
     torch.testing.assert_close(frozen(x), reference(x))
     assert list(frozen.parameters()) == []
+
+
+def _random_batch_norm(seed: int, channels: int = 5) -> nn.BatchNorm2d:
+    generator = torch.Generator().manual_seed(seed)
+    norm = nn.BatchNorm2d(channels).eval()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5, generator=generator)
+        norm.bias.normal_(generator=generator)
+        norm.running_mean.normal_(generator=generator)
+        norm.running_var.uniform_(0.5, 2.0, generator=generator)
+    return norm
+
+
+def test_frozen_batch_norm_follows_every_change_of_its_statistics():
+    """scale and shift are cached: each way of changing the buffers must reach the output."""
+    frozen = FrozenBatchNorm2d(5)
+    x = torch.randn(2, 5, 3, 4)
+    torch.testing.assert_close(frozen(x), x / math.sqrt(1 + frozen.eps))  # defaults: scale 1/sqrt(1+eps), shift 0
+    first, second = _random_batch_norm(1), _random_batch_norm(2)
+    frozen.load_state_dict(first.state_dict())
+    torch.testing.assert_close(frozen(x), first(x))
+    frozen.load_state_dict(second.state_dict())  # in-place copies into the same buffers
+    torch.testing.assert_close(frozen(x), second(x))
+    with torch.no_grad():
+        frozen.running_var.fill_(4.0)  # hand value: (x - mean) * weight / 2 + bias
+    expected = (x - frozen.running_mean[:, None, None]) * frozen.weight[:, None, None] / math.sqrt(4 + frozen.eps)
+    torch.testing.assert_close(frozen(x), expected + frozen.bias[:, None, None])
+    frozen.running_mean = torch.zeros(5)  # a replaced buffer
+    expected = x * frozen.weight[:, None, None] / math.sqrt(4 + frozen.eps) + frozen.bias[:, None, None]
+    torch.testing.assert_close(frozen(x), expected)
+    double = frozen.double()  # .to() makes new buffers; the output follows the input's dtype
+    assert double(x.double()).dtype == torch.float64
+    torch.testing.assert_close(double(x.double()), expected.double())
+
+
+def test_frozen_batch_norm_under_autocast_inference_mode_and_then_training():
+    norm = _random_batch_norm(3)
+    frozen = FrozenBatchNorm2d(5)
+    frozen.load_state_dict(norm.state_dict())
+    x = torch.randn(2, 5, 3, 4)
+    half = x.bfloat16()
+    # in the input's dtype (autocast's bfloat16 conv outputs stay bfloat16), within bfloat16 rounding
+    assert frozen(half).dtype == torch.bfloat16
+    torch.testing.assert_close(frozen(half).float(), norm(half.float()), rtol=2e-2, atol=2e-2)
+    with torch.inference_mode():  # a cache made under inference_mode ...
+        frozen(x)
+    x.requires_grad_(True)
+    frozen(x).sum().backward()  # ... is still usable where autograd saves it for backward
+    torch.testing.assert_close(x.grad, (norm.weight / (norm.running_var + norm.eps).sqrt())[:, None, None].expand(2, 5, 3, 4))
 
 
 def test_backbone_levels_channels_strides_and_masks():

@@ -1,11 +1,17 @@
-"""Benchmarks: ``python -m ddetr.bench op ...`` (the attention op, ``ddetr.benchmarks.op``) and
-``python -m ddetr.bench model ...`` (the whole detector against transformers, ``ddetr.benchmarks.model``)."""
+"""Benchmarks: ``python -m ddetr.bench op ...`` (the attention op, ``ddetr.benchmarks.op``),
+``python -m ddetr.bench model ...`` (the whole detector against transformers, ``ddetr.benchmarks.model``)
+and ``python -m ddetr.bench step ...`` (operators, host reads and saved activations of one train step,
+``ddetr.benchmarks.step_census``)."""
 
 import sys
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["step"]:
+        from ddetr.benchmarks.step_census import main as step_main
+
+        return step_main(argv[1:])
     if argv[:1] == ["model"]:
         from ddetr.benchmarks.model import main as model_main
 

@@ -20,7 +20,10 @@ STAGE_STRIDES = (8, 16, 32)
 class FrozenBatchNorm2d(nn.Module):
     """Batch norm with fixed statistics and affine parameters (all buffers, none trained).
 
-    ``y = x * scale + (bias - running_mean * scale)`` with ``scale = weight * rsqrt(running_var + eps)``.
+    ``y = x * scale + shift`` with ``scale = weight * rsqrt(running_var + eps)`` and
+    ``shift = bias - running_mean * scale``, applied as one ``addcmul`` in the dtype of ``x`` (under
+    autocast the backbone stays in half precision). ``scale`` and ``shift`` are computed once and
+    reused until a buffer changes (in place, by ``load_state_dict``, or replaced by ``.to()``).
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5) -> None:
@@ -30,15 +33,44 @@ class FrozenBatchNorm2d(nn.Module):
         self.register_buffer("bias", torch.zeros(num_features))
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features))
+        self._affine_cache: tuple | None = None  # (buffers, their versions, dtype, scale, shift)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         state_dict.pop(prefix + "num_batches_tracked", None)  # present in checkpoints of nn.BatchNorm2d
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _compute_affine(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         scale = self.weight * (self.running_var + self.eps).rsqrt()
         shift = self.bias - self.running_mean * scale
-        return x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)  # broadcast over (B, C, H, W)
+        # (C,) -> (1, C, 1, 1) to broadcast over (B, C, H, W)
+        return scale.reshape(1, -1, 1, 1).to(dtype), shift.reshape(1, -1, 1, 1).to(dtype)
+
+    def affine(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scale, shift)`` of shape (1, C, 1, 1) in ``dtype``, from the cache while the buffers are unchanged."""
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return self._compute_affine(dtype)  # traced graphs fuse it; no Python state in them
+        buffers = (self.weight, self.bias, self.running_mean, self.running_var)
+        try:
+            versions = tuple(buffer._version for buffer in buffers)
+        except RuntimeError:  # inference tensors have no version counter: no cache
+            return self._compute_affine(dtype)
+        cached = self._affine_cache
+        if (
+            cached is not None
+            and cached[2] == dtype
+            and cached[1] == versions
+            and all(old is new for old, new in zip(cached[0], buffers, strict=True))
+        ):
+            return cached[3], cached[4]
+        # ordinary tensors also inside inference_mode, so a later training step can save them for backward
+        with torch.no_grad(), torch.inference_mode(False):
+            scale, shift = self._compute_affine(dtype)
+        self._affine_cache = (buffers, versions, dtype, scale, shift)
+        return scale, shift
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.affine(x.dtype)
+        return torch.addcmul(shift, x, scale)  # shift + x * scale, one kernel
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

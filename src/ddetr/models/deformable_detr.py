@@ -128,14 +128,6 @@ class DeformableDETR(nn.Module):
             with torch.no_grad():
                 self.bbox_embed[0].layers[-1].bias[2:] = -2.0
 
-    def class_head(self, layer: int) -> nn.Module:
-        """The class head of decoder layer ``layer``."""
-        return self.class_embed[layer if self.with_box_refine else 0]
-
-    def box_head(self, layer: int) -> nn.Module:
-        """The box head of decoder layer ``layer``."""
-        return self.bbox_embed[layer if self.with_box_refine else 0]
-
     def feature_levels(self, images: torch.Tensor, mask: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Projected features (batch_size, hidden_dim, height_l, width_l) and their padding masks
         (batch_size, height_l, width_l) for all ``num_feature_levels`` levels."""
@@ -185,14 +177,17 @@ class DeformableDETR(nn.Module):
             box_heads=list(self.bbox_embed) if self.with_box_refine else None,
             proposal_heads=(self.enc_class_embed, self.enc_bbox_embed) if self.two_stage else None,
         )
+        hidden_states, references = decoded["hidden_states"], decoded["references"]
+        if self.with_box_refine:  # one head per layer; the decoder already applied the box heads
+            logits = [head(hidden) for head, hidden in zip(self.class_embed, hidden_states, strict=True)]
+            boxes = decoded["boxes"]
+        else:  # shared heads: all layers at once, (num_layers, B, Q, D) -> (num_layers, B, Q, C or 4)
+            stacked = torch.stack(hidden_states)
+            logits = self.class_embed[0](stacked).unbind(0)
+            boxes = boxes_from_reference(self.bbox_embed[0](stacked), torch.stack(references)).unbind(0)
         layer_outputs = [
-            {
-                "pred_logits": self.class_head(layer)(hidden),
-                "pred_boxes": boxes_from_reference(self.box_head(layer)(hidden), reference),
-            }
-            for layer, (hidden, reference) in enumerate(
-                zip(decoded["hidden_states"], decoded["references"], strict=True)
-            )
+            {"pred_logits": layer_logits, "pred_boxes": layer_boxes}
+            for layer_logits, layer_boxes in zip(logits, boxes, strict=True)
         ]
         outputs: dict[str, object] = dict(layer_outputs[-1])
         if self.aux_loss:

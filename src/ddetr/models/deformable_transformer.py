@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
@@ -22,6 +21,7 @@ from ddetr.models.geometry import (
     valid_ratios,
 )
 from ddetr.models.ms_deform_attn import MSDeformAttn
+from ddetr.models.relu_dropout import relu_dropout
 from ddetr.ops.reference import spatial_shapes_list
 
 CHECKPOINTING = ("none", "encoder", "all")  # model.checkpointing: which layer stacks recompute in backward
@@ -49,8 +49,9 @@ def _feed_forward(config: LayerConfig) -> tuple[nn.Module, ...]:
 
 
 def _feed_forward_residual(layer: nn.Module, x: torch.Tensor, inner: nn.Module, outer: nn.Module) -> torch.Tensor:
-    """``ffn_norm(x + outer(linear2(inner(relu(linear1(x))))))`` with the layer's FFN parts."""
-    hidden = layer.linear2(inner(F.relu(layer.linear1(x))))
+    """``ffn_norm(x + outer(linear2(inner(relu(linear1(x))))))`` with the layer's FFN parts (the ReLU and
+    the inner dropout as one ``relu_dropout``, which keeps only its output for backward)."""
+    hidden = layer.linear2(relu_dropout(layer.linear1(x), inner.p, inner.training))
     return layer.ffn_norm(x + outer(hidden))
 
 
@@ -193,7 +194,7 @@ class DeformableDecoder(nn.Module):
         memory_padding_mask: torch.Tensor | None = None,
         box_heads: Sequence[nn.Module] | None = None,
         shapes: Sequence[tuple[int, int]] | None = None,
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
         """Decodes the queries.
 
         Args:
@@ -213,17 +214,20 @@ class DeformableDecoder(nn.Module):
             hidden_states: num_layers tensors (batch_size, num_queries, hidden_dim), one per layer.
             references: num_layers tensors (batch_size, num_queries, 2 or 4), the reference each layer
                 used (in [0, 1], not scaled by the valid ratios).
+            boxes: with ``box_heads``, num_layers tensors (batch_size, num_queries, 4), every layer's
+                refined boxes (the next layer's reference, not detached: they are the layer's predicted
+                boxes, so the detector does not run the box heads a second time); else an empty list.
         """
         if box_heads is not None and len(box_heads) != self.num_layers:
             raise ValueError(f"need one box head per decoder layer ({self.num_layers}), got {len(box_heads)}")
         output = tgt
-        hidden_states, references = [], []
+        hidden_states, references, boxes = [], [], []
+        box_scale = torch.cat([ratios, ratios], -1)  # (B, L, 4): (x, y, w, h) scale like (x, y, x, y)
+        reference_input = None  # fixed references (no box heads) are scaled once
         for index, layer in enumerate(self.layers):
-            if reference_points.shape[-1] == 4:
-                scale = torch.cat([ratios, ratios], -1)  # (B, L, 4)
-            else:
-                scale = ratios  # (B, L, 2)
-            reference_input = reference_points[:, :, None] * scale[:, None]  # (B, Q, L, 2 or 4)
+            if reference_input is None or box_heads is not None:
+                scale = box_scale if reference_points.shape[-1] == 4 else ratios  # (B, L, 4 or 2)
+                reference_input = reference_points[:, :, None] * scale[:, None]  # (B, Q, L, 2 or 4)
             output = _run_layer(
                 layer, self.checkpointing, output, query_pos, reference_input, memory, spatial_shapes,
                 level_start_index, memory_padding_mask, shapes,
@@ -231,8 +235,9 @@ class DeformableDecoder(nn.Module):
             hidden_states.append(output)
             references.append(reference_points)
             if box_heads is not None:
-                reference_points = boxes_from_reference(box_heads[index](output), reference_points).detach()
-        return hidden_states, references
+                boxes.append(boxes_from_reference(box_heads[index](output), reference_points))
+                reference_points = boxes[-1].detach()
+        return hidden_states, references, boxes
 
 
 class DeformableTransformer(nn.Module):
@@ -295,7 +300,8 @@ class DeformableTransformer(nn.Module):
         Returns:
             dict with ``hidden_states`` (list of dec_layers tensors (batch_size, num_queries, hidden_dim)),
             ``references`` (list of dec_layers tensors (batch_size, num_queries, 2 or 4), the reference of
-            each layer in [0, 1]) and, with two-stage, ``enc_logits`` (batch_size, num_values, num_classes)
+            each layer in [0, 1]), with ``box_heads`` ``boxes`` (list of dec_layers tensors
+            (batch_size, num_queries, 4), each layer's refined boxes) and, with two-stage, ``enc_logits`` (batch_size, num_values, num_classes)
             and ``enc_boxes`` (batch_size, num_values, 4) for every proposal.
         """
         src_flatten, mask_flatten, pos_flatten, shapes = [], [], [], []
@@ -353,10 +359,12 @@ class DeformableTransformer(nn.Module):
             tgt = tgt.unsqueeze(0).expand(batch_size, -1, -1)  # (B, Q, D)
             reference_points = self.reference_points(query_pos).float().sigmoid()  # (B, Q, 2), float32 under autocast
 
-        hidden_states, references = self.decoder(
+        hidden_states, references, boxes = self.decoder(
             tgt, query_pos, reference_points, memory, spatial_shapes, level_start_index, ratios, mask_flatten,
             box_heads, shapes,
         )  # fmt: skip
         outputs["hidden_states"] = hidden_states
         outputs["references"] = references
+        if box_heads is not None:
+            outputs["boxes"] = boxes
         return outputs

@@ -99,6 +99,9 @@ class MSDeformAttn(nn.Module):
         if padding_mask is not None:
             value = value.masked_fill(padding_mask[..., None], 0.0)
         value = value.view(batch_size, num_values, self.num_heads, self.head_dim)  # (B, S, M, D)
+        device_type = query.device.type
+        if torch.is_autocast_enabled(device_type):  # one cast (and one saved copy) for both projections
+            query = query.to(torch.get_autocast_dtype(device_type))
         # locations and weights in float32 also under autocast: half precision moves samples on large levels
         sampling_offsets = self.sampling_offsets(query).float().view(
             batch_size, num_queries, self.num_heads, self.num_levels, self.num_points, 2
