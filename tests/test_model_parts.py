@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import math
+import os
+import socket
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 import torchvision
 from torch import nn
@@ -152,6 +156,36 @@ def test_frozen_batch_norm_under_autocast_inference_mode_and_then_training():
     x.requires_grad_(True)
     frozen(x).sum().backward()  # ... is still usable where autograd saves it for backward
     torch.testing.assert_close(x.grad, (norm.weight / (norm.running_var + norm.eps).sqrt())[:, None, None].expand(2, 5, 3, 4))
+
+
+def _ddp_frozen_norm_worker(rank: int, port: int, out: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        model = nn.Sequential(FrozenBatchNorm2d(2), nn.Conv2d(2, 2, 1, bias=False))  # DDP needs a parameter
+        with torch.no_grad():
+            model[1].weight.copy_(torch.eye(2)[:, :, None, None])  # identity
+            model[0].running_var.fill_(1.0 + 3.0 * rank)  # the ranks disagree before DDP
+        x = torch.ones(1, 2, 1, 1)
+        model(x)  # caches this rank's scale
+        ddp = nn.parallel.DistributedDataParallel(model)  # broadcasts rank 0's buffers into every rank
+        out[rank] = [ddp(x).flatten().tolist() for _ in range(2)]
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_frozen_batch_norm_cache_follows_ddps_buffer_sync():
+    manager = mp.Manager()
+    out = manager.dict()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_frozen_norm_worker, args=(port, out), nprocs=2, join=True)
+    expected = [1 / math.sqrt(1.0 + 1e-5)] * 2  # rank 0's variance 1: x / sqrt(1 + eps)
+    for rank in (0, 1):
+        for step in out[rank]:
+            assert step == pytest.approx(expected)
 
 
 def test_backbone_levels_channels_strides_and_masks():
