@@ -301,8 +301,9 @@ class DeformableTransformer(nn.Module):
             dict with ``hidden_states`` (list of dec_layers tensors (batch_size, num_queries, hidden_dim)),
             ``references`` (list of dec_layers tensors (batch_size, num_queries, 2 or 4), the reference of
             each layer in [0, 1]), with ``box_heads`` ``boxes`` (list of dec_layers tensors
-            (batch_size, num_queries, 4), each layer's refined boxes) and, with two-stage, ``enc_logits`` (batch_size, num_values, num_classes)
-            and ``enc_boxes`` (batch_size, num_values, 4) for every proposal.
+            (batch_size, num_queries, 4), each layer's refined boxes) and, with two-stage,
+            ``enc_logits`` (batch_size, num_values, num_classes) and ``enc_boxes``
+            (batch_size, num_values, 4) for every proposal.
         """
         src_flatten, mask_flatten, pos_flatten, shapes = [], [], [], []
         for level, (src, mask, pos) in enumerate(zip(srcs, masks, pos_embeds, strict=True)):
