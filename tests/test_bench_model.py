@@ -116,3 +116,18 @@ def test_step_census_cli_quick():
         forward, backward, optimizer, total = (int(v) for v in row[2:6])
         assert forward > 0 and backward > 0 and optimizer > 0 and total == forward + backward + optimizer
         assert float(row[7]) > 0  # MiB saved for backward
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_step_census_counts_cuda_kernels():
+    from ddetr.benchmarks.step_census import count_step
+
+    weight = torch.nn.Parameter(torch.randn(5, 3, device="cuda"))
+    x = torch.randn(4, 5, device="cuda")
+
+    def step() -> None:
+        (x @ weight).relu().sum().backward()
+
+    census = count_step(step, cuda=True)
+    assert census.cuda_kernels is not None and census.cuda_kernels >= 4  # mm, relu, sum, backward's kernels
+    assert census.host_reads == 0

@@ -13,7 +13,9 @@ AdamW) after a warm-up step is run under a dispatch-level recorder that counts
   former are visible);
 - **saved for backward**: the bytes of the distinct tensor storages that autograd keeps between
   forward and backward (activations; the parameters themselves are left out), which set the peak
-  memory of training next to the weights and optimizer state.
+  memory of training next to the weights and optimizer state;
+- on a GPU (``--device cuda``) also the **CUDA kernels** of the step (with copies and fills), as
+  ``torch.profiler`` records them.
 
 The counts do not depend on timing, so they are comparable between runs and machines (on the
 CPU they measure the eager program a GPU would run, up to the device-specific kernels).
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import sys
 from collections.abc import Callable
@@ -49,6 +52,7 @@ class Census:
     operators: dict[str, int] = dataclasses.field(default_factory=lambda: dict.fromkeys(PHASES, 0))
     host_reads: int = 0
     saved_bytes: int = 0
+    cuda_kernels: int | None = None  # GPU activities (kernels, copies, fills) seen by torch.profiler; CUDA only
     by_name: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
     @property
@@ -91,8 +95,9 @@ class _Recorder(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def count_step(step: Callable[[], None]) -> Census:
-    """Runs ``step`` once under the recorder and returns its census."""
+def count_step(step: Callable[[], None], cuda: bool = False) -> Census:
+    """Runs ``step`` once under the recorder and returns its census; with ``cuda`` also counts the GPU
+    activities of the step with ``torch.profiler``."""
     census = Census()
     recorder = _Recorder(census)
     storages: dict[int, int] = {}
@@ -112,13 +117,19 @@ def count_step(step: Callable[[], None]) -> Census:
     from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
     handles = [register_optimizer_step_pre_hook(enter), register_optimizer_step_post_hook(leave)]
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) if cuda else None
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), recorder:
-            step()
+            with profiler if profiler is not None else contextlib.nullcontext():
+                step()
+                if cuda:
+                    torch.cuda.synchronize()
     finally:
         for handle in handles:
             handle.remove()
     census.saved_bytes = sum(storages.values())
+    if profiler is not None:
+        census.cuda_kernels = sum(event.device_type == torch.autograd.DeviceType.CUDA for event in profiler.events())
     return census
 
 
@@ -128,15 +139,18 @@ def census_of(name: str, setup: Setup, variant: str, precision: str, device: tor
     torch.manual_seed(0)
     train, _ = build(setup, variant, precision, device, inputs)
     train()  # warm-up: lazy initialisation, optimizer state, the op's first load
-    return count_step(train)
+    return count_step(train, cuda=device.type == "cuda")
 
 
 def format_census(rows: list[tuple[str, Census]]) -> str:
-    header = ("model", "forward+loss", "backward", "optimizer", "total", "host reads", "saved MiB")
+    header = ("model", "forward+loss", "backward", "optimizer", "total", "host reads", "saved MiB", "CUDA kernels")
     lines = [
-        (name, *(str(c.operators[p]) for p in PHASES), str(c.total), str(c.host_reads), f"{c.saved_bytes / 2**20:.1f}")
+        (
+            name, *(str(c.operators[p]) for p in PHASES), str(c.total), str(c.host_reads),
+            f"{c.saved_bytes / 2**20:.1f}", "-" if c.cuda_kernels is None else str(c.cuda_kernels),
+        )
         for name, c in rows
-    ]
+    ]  # fmt: skip
     widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
     text = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in [header, *lines]]
     return "\n".join([text[0], "-" * len(text[0]), *text[1:]])
