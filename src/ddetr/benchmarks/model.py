@@ -88,6 +88,12 @@ class Result:
     error: str | None = None
 
 
+def with_images(setup: Setup, images: str) -> Setup:
+    """``setup`` with the images of a comma list of HxW, e.g. ``"800x1066,800x1333"``."""
+    sizes = tuple(tuple(int(v) for v in size.split("x")) for size in images.split(","))
+    return dataclasses.replace(setup, images=sizes)
+
+
 def ddetr_config(setup: Setup, variant: str) -> DeformableDETRConfig:
     """ddetr's config of ``setup`` (its architecture fields share ddetr's names) and ``variant``."""
     sizes = {field.name: getattr(setup, field.name) for field in dataclasses.fields(setup)}
@@ -320,7 +326,7 @@ def bench_model(args: argparse.Namespace) -> list[Result]:
     device = torch.device(args.device)
     setup = QUICK if args.quick else Setup()
     if args.images:
-        setup = dataclasses.replace(setup, images=tuple(tuple(int(v) for v in s.split("x")) for s in args.images.split(",")))
+        setup = with_images(setup, args.images)
     modes = [m for m in args.modes.split(",") if m]
     unknown = [m for m in modes if m not in MODES]
     if unknown:

@@ -34,7 +34,7 @@ from collections.abc import Callable
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ddetr.benchmarks.model import QUICK, VARIANTS, Setup, ddetr_steps, make_inputs, transformers_steps
+from ddetr.benchmarks.model import QUICK, VARIANTS, Setup, ddetr_steps, make_inputs, transformers_steps, with_images
 
 # operators that only make a new view of existing memory (or compute dtypes): no kernel
 VIEW_OPERATORS = frozenset(
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup = QUICK if args.quick else Setup()
     if args.images and not args.quick:
-        setup = dataclasses.replace(setup, images=tuple(tuple(int(v) for v in s.split("x")) for s in args.images.split(",")))
+        setup = with_images(setup, args.images)
     device = torch.device(args.device)
     inputs = make_inputs(setup, device)
     names = ["ddetr"] + ([] if args.no_transformers else ["transformers"])
