@@ -95,20 +95,6 @@ def test_relu_dropout_equals_autograds_composition_and_saves_one_tensor(p, train
 
 
 # ----------------------------------------------------------------------------- backbone
-def test_frozen_batch_norm_equals_batch_norm_in_eval():
-    torch.manual_seed(0)
-    reference = nn.BatchNorm2d(5).eval()
-    reference.weight.data.uniform_(0.5, 1.5)
-    reference.bias.data.normal_()
-    reference.running_mean.normal_()
-    reference.running_var.uniform_(0.5, 2.0)
-    frozen = FrozenBatchNorm2d(5)
-    frozen.load_state_dict(reference.state_dict())  # num_batches_tracked is accepted and ignored
-    x = torch.randn(2, 5, 3, 4)
-    torch.testing.assert_close(frozen(x), reference(x))
-    assert list(frozen.parameters()) == []
-
-
 def _random_batch_norm(seed: int, channels: int = 5) -> nn.BatchNorm2d:
     generator = torch.Generator().manual_seed(seed)
     norm = nn.BatchNorm2d(channels).eval()
@@ -118,6 +104,15 @@ def _random_batch_norm(seed: int, channels: int = 5) -> nn.BatchNorm2d:
         norm.running_mean.normal_(generator=generator)
         norm.running_var.uniform_(0.5, 2.0, generator=generator)
     return norm
+
+
+def test_frozen_batch_norm_equals_batch_norm_in_eval():
+    reference = _random_batch_norm(0)
+    frozen = FrozenBatchNorm2d(5)
+    frozen.load_state_dict(reference.state_dict())  # num_batches_tracked is accepted and ignored
+    x = torch.randn(2, 5, 3, 4)
+    torch.testing.assert_close(frozen(x), reference(x))
+    assert list(frozen.parameters()) == []
 
 
 def test_frozen_batch_norm_follows_every_change_of_its_statistics():
