@@ -47,7 +47,7 @@ def test_cli_official_writes_a_checkpoint_that_loads_back(tmp_path, two_stage_ca
     target = tmp_path / "converted.ckpt"
     # what `python -m ddetr.convert official IN OUT dropout=0.0` runs, in-process to keep the test fast
     assert main(["official", str(source), str(target), "dropout=0.0"]) == 0
-    checkpoint = torch.load(target, map_location="cpu", weights_only=False)
+    checkpoint = torch.load(target, map_location="cpu", weights_only=True)
     assert checkpoint["ddetr_converted_from"] == "official"
     hyper_parameters = checkpoint["hyper_parameters"]
     assert hyper_parameters["num_classes"] == NUM_CLASSES

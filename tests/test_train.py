@@ -56,7 +56,7 @@ def test_resume_continues_from_the_checkpoint(tmp_path, data_root, debug_overrid
     ckpt = first / "checkpoints" / "last.ckpt"
     second = tmp_path / "second"
     metrics = train(compose(debug_overrides(second, data_root) + ["trainer.max_epochs=2", f"ckpt_path={ckpt}"]))
-    state = torch.load(second / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    state = torch.load(second / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert state["epoch"] == 1  # one more epoch, not two from scratch
     assert "val/AP" in metrics
 

@@ -1,4 +1,7 @@
-"""The command line of ``python -m ddetr.convert {official,hf} IN OUT [key=value ...]``."""
+"""The command line of ``python -m ddetr.convert {official,hf} IN OUT [key=value ...]``.
+
+``IN`` is read weights-only; ``trust_checkpoint=true`` among the ``key=value`` items unpickles it in full
+(only for a file you trust: it can run any code it holds). ``OUT`` is written atomically."""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ from typing import Any
 
 from ddetr.convert import load_hf, load_official
 from ddetr.models.config import OFFICIAL_OPTIONS
-from ddetr.training.checkpoints import save_checkpoint
+from ddetr.training.checkpoints import CheckpointError, save_checkpoint
 
 
 def _parse_value(text: str) -> Any:
@@ -44,12 +47,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "overrides",
         nargs="*",
-        help=f"official options as key=value, e.g. with_box_refine=true; keys: {sorted(OFFICIAL_OPTIONS)}",
+        help=f"official options as key=value, e.g. with_box_refine=true; keys: {sorted(OFFICIAL_OPTIONS)}; "
+        "and trust_checkpoint=true: unpickle IN in full (it can run any code it holds; only for a file you trust)",
     )
     args = parser.parse_args(argv)
     overrides = parse_overrides(args.overrides)
+    trust = overrides.pop("trust_checkpoint", False)
+    if not isinstance(trust, bool):
+        raise SystemExit(f"error: trust_checkpoint must be true or false, got {trust!r}")
     loader = load_official if args.kind == "official" else load_hf
-    module = loader(args.input, **overrides)
-    save_checkpoint(module, args.output, args.kind)
+    try:
+        module = loader(args.input, trust_checkpoint=trust, **overrides)
+        save_checkpoint(module, args.output, args.kind)
+    except CheckpointError as error:  # one line naming the file and the cause, no traceback
+        raise SystemExit(f"error: {error}") from None
     print(f"wrote {args.output} ({module.hparams['num_classes']} classes, converted from {args.kind})")
     return 0

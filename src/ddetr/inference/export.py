@@ -174,6 +174,7 @@ def max_abs_difference(expected: tuple[torch.Tensor, ...], actual: list[torch.Te
 def export(cfg: DictConfig) -> dict[str, Any]:
     """Exports as ``cfg`` says; returns ``{"path", "format", "exporter", "max_abs_diff"}`` and, for ONNX,
     ``"input_shapes"`` (input name -> dims, a name where the dimension is dynamic)."""
+    from ddetr.app import trust_checkpoint
     from ddetr.training.checkpoints import load_module
 
     if cfg.format not in FORMATS:
@@ -181,7 +182,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     backend = cfg.get("attn_backend") or ("pytorch" if cfg.format == "onnx" else "auto")
     if cfg.format == "onnx" and backend != "pytorch":
         raise ValueError(f"ONNX export needs attn_backend=pytorch (standard ops), got {backend!r}")
-    module = load_module(cfg.ckpt_path, "cpu")
+    module = load_module(cfg.ckpt_path, "cpu", trust=trust_checkpoint(cfg))
     set_attention_backend(module.model, backend)
     detector = ExportableDetector(module.model, with_mask=cfg.with_mask)
     dynamic_onnx = cfg.format == "onnx" and cfg.dynamo and cfg.dynamic

@@ -11,10 +11,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+import yaml
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from ddetr.app import trust_checkpoint
 from ddetr.data.image_loading import ImageLoadError
 from ddetr.data.image_loading import load_rgb_image
 from ddetr.data.transforms import make_val_transforms
@@ -48,20 +50,56 @@ def list_images(input_path: str | os.PathLike) -> tuple[Path, list[Path]]:
     return path, files
 
 
+def run_config_of(ckpt_path: str | os.PathLike) -> Path | None:
+    """The Hydra config of the ddetr run a checkpoint belongs to: ``<run>/.hydra/config.yaml`` for a
+    checkpoint in a run's ``checkpoints/`` folder (``<run>/checkpoints/x.ckpt``); None for a checkpoint
+    anywhere else (a converted or downloaded file: a config two folders up is not its run's)."""
+    path = Path(ckpt_path).resolve()
+    if path.parent.name != "checkpoints":
+        return None
+    config = path.parent.parent / ".hydra" / "config.yaml"
+    return config if config.is_file() else None
+
+
+def run_val_resize(config: Path) -> dict[str, int]:
+    """``size`` and ``max_size`` of ``data.val_transforms`` in a run's config (those present), read with
+    ``yaml.safe_load``: plain values only, no tags that build objects, no interpolations resolved.
+
+    Raises ``ValueError`` naming the file for one that is not YAML or whose values are not whole numbers."""
+    try:
+        values = yaml.safe_load(config.read_text())
+    except (yaml.YAMLError, OSError, UnicodeDecodeError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(f"predict: cannot read the training run's config {config} ({reason}); "
+                         "pass size= and max_size= to do without it") from None  # fmt: skip
+    data = values.get("data") if isinstance(values, dict) else None
+    transforms = data.get("val_transforms") if isinstance(data, dict) else None
+    found = {}
+    for name in ("size", "max_size"):
+        value = transforms.get(name) if isinstance(transforms, dict) else None
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"predict: {config}: data.val_transforms.{name} is {value!r}, not a whole number; "
+                             "pass size= and max_size= to do without it")  # fmt: skip
+        found[name] = value
+    return found
+
+
 def resolve_resize(size: int | None, max_size: int | None, ckpt_path: str | os.PathLike) -> tuple[int, int, str]:
     """The evaluation resize (shortest side, longest-side cap) and where it came from.
 
-    Explicit values win; missing ones come from the training run's ``.hydra/config.yaml`` next to the
-    checkpoint (``<run>/checkpoints/x.ckpt`` -> ``<run>/.hydra/config.yaml``, key
-    ``data.val_transforms``) when there is one, else the official 800 / 1333.
+    Explicit values win; missing ones come from the training run's config when the checkpoint lies in
+    a ddetr run's ``checkpoints/`` folder (``run_config_of``, key ``data.val_transforms``), else the
+    official 800 / 1333.
     """
-    run_config = Path(ckpt_path).resolve().parent.parent / ".hydra" / "config.yaml"
-    if (size is None or max_size is None) and run_config.is_file():
-        val_transforms = OmegaConf.load(run_config).get("data", {}).get("val_transforms", {}) or {}
-        if val_transforms.get("size") is not None:
+    run_config = run_config_of(ckpt_path) if size is None or max_size is None else None
+    if run_config is not None:
+        trained = run_val_resize(run_config)
+        if "size" in trained:
             return (
-                int(size if size is not None else val_transforms["size"]),
-                int(max_size if max_size is not None else val_transforms.get("max_size", DEFAULT_MAX_SIZE)),
+                int(size if size is not None else trained["size"]),
+                int(max_size if max_size is not None else trained.get("max_size", DEFAULT_MAX_SIZE)),
                 str(run_config),
             )
     source = "config" if size is not None and max_size is not None else "official defaults"
@@ -180,7 +218,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     from ddetr.pictures.drawing import draw_detections
 
     device = resolve_device(cfg.device)
-    module = load_module(cfg.ckpt_path, device)
+    module = load_module(cfg.ckpt_path, device, trust=trust_checkpoint(cfg))
     model = module.model
     root, files = list_images(cfg.input)
     ids = image_ids(root, files, cfg.get("annotations"))

@@ -67,9 +67,12 @@ class DeformableDETRModule(L.LightningModule):
         self.label_to_category_id = list(label_to_category_id or range(num_classes))
         self.category_names = list(category_names or [str(c) for c in self.label_to_category_id])
         # plain values only: checkpoints stay loadable with weights_only=True and without Hydra
+        architecture = self.config.to_dict()
+        # initial weights (a file, a download) belong to the start of training: the checkpoint holds the trained ones
+        architecture["backbone"]["weights"] = None
         self.save_hyperparameters(
             {
-                **self.config.to_dict(),
+                **architecture,
                 "loss": dataclasses.asdict(self.loss_cfg),
                 "optim": dataclasses.asdict(self.optim_cfg),
                 "num_select": num_select,

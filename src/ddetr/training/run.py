@@ -13,6 +13,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from ddetr.app import trust_checkpoint
 from ddetr.models.ms_deform_attn import set_attention_backend
 from ddetr.training.callbacks import Preempted, RunTimer, slurm_job_id
 from ddetr.training.checkpoints import check_resume_checkpoint, load_module, load_pretrained
@@ -32,9 +33,12 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
 
 def build_module(cfg: DictConfig, datamodule) -> L.LightningModule:
     """The LightningModule from ``cfg.model``, with the class count and category ids from the data,
-    initialised from ``cfg.model.init_from`` when given (and not resuming from ``cfg.ckpt_path``)."""
+    initialised from ``cfg.model.init_from`` when given (and not resuming from ``cfg.ckpt_path``, whose
+    weights replace the initial ones: neither ``init_from`` nor ``model.backbone.weights`` is read then)."""
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     init_from = model_cfg.pop("init_from", None)  # the start of training, not part of the model
+    if cfg.get("ckpt_path") and isinstance(model_cfg.get("backbone"), dict):
+        model_cfg["backbone"]["weights"] = None  # initial weights: a resumed run takes its weights from ckpt_path
     module = instantiate(
         model_cfg,
         num_classes=model_cfg.get("num_classes") or datamodule.num_classes,
@@ -43,7 +47,7 @@ def build_module(cfg: DictConfig, datamodule) -> L.LightningModule:
         _convert_="all",
     )
     if init_from and not cfg.get("ckpt_path"):  # a resumed run takes its weights from ckpt_path
-        load_pretrained(module.model, init_from)
+        load_pretrained(module.model, init_from, trust=trust_checkpoint(cfg))
     return module
 
 
@@ -134,9 +138,10 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
 
+    trust = trust_checkpoint(cfg)
     cfg.ckpt_path = resume_path(cfg)
     if cfg.ckpt_path:
-        check_resume_checkpoint(cfg.ckpt_path)  # one clear line instead of torch's zip error
+        check_resume_checkpoint(cfg.ckpt_path, trust=trust)  # one clear line instead of torch's zip error
     datamodule = instantiate(cfg.data)
     module = build_module(cfg, datamodule)
     timer = RunTimer()
@@ -147,7 +152,8 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        # weights_only=True: Lightning reads ckpt_path through AtomicCheckpointIO, weights-only unless trusted
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=not trust)
     except Preempted as stop:
         log.warning("%s", stop)
         print(f"\nTraining {stop}")
@@ -188,7 +194,7 @@ def check_categories(module, datamodule, ckpt_path: str) -> None:
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Validates ``cfg.ckpt_path`` on ``cfg.data``; returns the COCO metrics (``val/AP`` ...)."""
     datamodule = instantiate(cfg.data)
-    module = load_module(cfg.ckpt_path, "cpu")
+    module = load_module(cfg.ckpt_path, "cpu", trust=trust_checkpoint(cfg))
     if cfg.get("attn_backend"):
         set_attention_backend(module.model, cfg.attn_backend)
     check_categories(module, datamodule, cfg.ckpt_path)
