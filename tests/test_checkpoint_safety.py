@@ -110,12 +110,12 @@ def entry_point_readers(tmp_path: Path, data_root: Path, debug_overrides) -> dic
         trainer.fit(tiny_module(), datamodule=datamodule, ckpt_path=str(path))
 
     return {
-        "ddetr.eval": ("ckpt_path", lambda p: evaluate(config("eval", p, f"data.root={data_root}", "data.num_workers=0"))),
+        "ddetr.eval": ("ckpt_path", lambda p: evaluate(config("eval", p, f"data.root={data_root}"))),
         "ddetr.predict": ("ckpt_path", lambda p: predict(config("predict", p, f"input={images}", f"output={out}"))),
         "ddetr.export": ("ckpt_path", lambda p: export(config("export", p, f"output={out}/m.onnx"))),
         "ddetr.train ckpt_path=": ("ckpt_path", lambda p: train(compose([*debug, f"ckpt_path={p}"]))),
         "ddetr.train model.init_from=": ("model.init_from", lambda p: train(compose([*debug, f"model.init_from={p}"]))),
-        "ddetr.convert official": ("official checkpoint", lambda p: convert_main(["official", str(p), str(out / "c.ckpt")])),
+        "ddetr.convert official": ("official checkpoint", lambda p: convert_main(["official", str(p), f"{out}.ckpt"])),
         "load_official": ("official checkpoint", lambda p: load_official(p)),
         "load_hf (a torch file)": ("transformers weights", lambda p: load_hf(p)),
         "load_module": ("ckpt_path", lambda p: load_module(p)),
@@ -269,11 +269,12 @@ def test_an_official_checkpoint_as_main_py_saves_it_converts(tmp_path, zipped):
     lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 40)
     # the official command line's options (main.py's argparse), the architecture those of the tiny model
     args = argparse.Namespace(
-        lr=2e-4, lr_backbone_names=["backbone.0"], lr_backbone=2e-5, lr_linear_proj_names=["reference_points", "sampling_offsets"],
-        lr_linear_proj_mult=0.1, batch_size=2, weight_decay=1e-4, epochs=50, lr_drop=40, lr_drop_epochs=None,
-        clip_max_norm=0.1, sgd=False, frozen_weights=None, position_embedding="sine", position_embedding_scale=6.283185307179586,
-        dropout=0.0, enc_n_points=4, dec_n_points=4, masks=False, aux_loss=True, set_cost_class=2,
-        set_cost_bbox=5, set_cost_giou=2, cls_loss_coef=2, bbox_loss_coef=5, giou_loss_coef=2, focal_alpha=0.25,
+        lr=2e-4, lr_backbone_names=["backbone.0"], lr_backbone=2e-5,
+        lr_linear_proj_names=["reference_points", "sampling_offsets"], lr_linear_proj_mult=0.1, batch_size=2,
+        weight_decay=1e-4, epochs=50, lr_drop=40, lr_drop_epochs=None, clip_max_norm=0.1, sgd=False,
+        frozen_weights=None, position_embedding="sine", position_embedding_scale=6.283185307179586, dropout=0.0,
+        enc_n_points=4, dec_n_points=4, masks=False, aux_loss=True, set_cost_class=2, set_cost_bbox=5,
+        set_cost_giou=2, cls_loss_coef=2, bbox_loss_coef=5, giou_loss_coef=2, focal_alpha=0.25,
         dataset_file="coco", coco_path="./data/coco", remove_difficult=False, output_dir="exps/r50_deformable_detr",
         device="cuda", seed=42, resume="", start_epoch=0, eval=False, num_workers=2, cache_mode=False,
         **{**ddetr_flags("box_refine"), "two_stage": False},

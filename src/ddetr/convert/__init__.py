@@ -73,15 +73,21 @@ def _official_state(path: str | Path, trust: bool = False) -> tuple[StateDict, d
 
     checkpoint = load_file(path, "official checkpoint", trust=trust, safe_classes=(argparse.Namespace,))
     if not isinstance(checkpoint, dict) or "model" not in checkpoint:
-        raise CheckpointError(f"official checkpoint: {path} is not an official Deformable DETR checkpoint (no 'model' entry)")
+        raise CheckpointError(
+            f"official checkpoint: {path} is not an official Deformable DETR checkpoint (no 'model' entry)"
+        )
     args = checkpoint.get("args")
     args = vars(args) if isinstance(args, argparse.Namespace) else (args or {})
     if not isinstance(args, dict):
-        raise CheckpointError(f"official checkpoint: {path}: 'args' is a {type(args).__name__}, not the official options")
+        raise CheckpointError(
+            f"official checkpoint: {path}: 'args' is a {type(args).__name__}, not the official options"
+        )
     return checkpoint["model"], {name: args[name] for name in OFFICIAL_OPTIONS if name in args}
 
 
-def _resolve_official(path: str | Path, flags: Mapping[str, Any], trust: bool = False) -> tuple[StateDict, dict[str, Any]]:
+def _resolve_official(
+    path: str | Path, flags: Mapping[str, Any], trust: bool = False
+) -> tuple[StateDict, dict[str, Any]]:
     """Weights and options of an official checkpoint: explicit ``flags`` over the checkpoint's saved
     ``args`` over the official defaults, checked against the weights."""
     state_dict, saved = _official_state(path, trust)

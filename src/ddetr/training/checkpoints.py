@@ -187,16 +187,20 @@ def load_file(
                 refused = _refused_globals(path, error, zipped)
     except Exception as error:  # noqa: BLE001 - every failure to read becomes one line naming the file
         raise CheckpointError(f"{what}: cannot read {path}: {_why_unreadable(path, error)}") from error
-    asked = ", ".join(refused[:5]) + (f" and {len(refused) - 5} more" if len(refused) > 5 else "") if refused else "objects"
+    asked = ", ".join(refused[:5]) + (f" and {len(refused) - 5} more" if len(refused) > 5 else "")
     raise CheckpointRefusedError(
-        f"{what}: refused {path}: it asks to unpickle {asked}, which is neither a tensor nor a plain value, and "
-        f"unpickling a file from elsewhere can run any code it holds; only if you trust the file and its source, "
-        f"load it with {TRUST_OPTION}"
+        f"{what}: refused {path}: it asks to unpickle {asked or 'objects'}, which is neither a tensor nor a plain "
+        "value, and unpickling a file from elsewhere can run any code it holds; only if you trust the file and its "
+        f"source, load it with {TRUST_OPTION}"
     )
 
 
 def read_checkpoint(
-    path: str | os.PathLike, what: str = "checkpoint", mmap: bool = False, trust: bool = False, map_location: Any = "cpu"
+    path: str | os.PathLike,
+    what: str = "checkpoint",
+    mmap: bool = False,
+    trust: bool = False,
+    map_location: Any = "cpu",
 ) -> dict[str, Any]:
     """The checkpoint dict at ``path``, read by ``load_file`` (weights-only unless ``trust``);
     ``CheckpointError`` (naming ``what``, e.g. ``model.init_from``, and the file) for a file that cannot be
