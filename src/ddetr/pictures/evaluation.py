@@ -103,7 +103,7 @@ def draw_pr_curves(curves: PrecisionRecallCurves, title: str = "") -> Figure:
     if len(ranked) > MAX_NAMED_CLASSES:
         heading += f"\nnamed: the {NAMED_EXTREMES} best and the {NAMED_EXTREMES} worst"
     if missing:
-        heading += f"\n{missing} classes without ground truth are left out"
+        heading += f"\nleft out: {missing} without ground truth"
     axis.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="recall", ylabel="precision",
              title=f"{title}\n{heading}" if title else heading)  # fmt: skip
     axis.grid(alpha=0.3)
