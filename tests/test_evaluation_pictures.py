@@ -53,7 +53,8 @@ def _curves(num_classes: int) -> PrecisionRecallCurves:
     per_class = np.array([np.clip(1.2 - recall * (2 - index / num_classes), 0, 1) for index in range(num_classes)])
     per_class[1] = np.nan
     names = [f"class {index}" for index in range(num_classes)]
-    return PrecisionRecallCurves(recall, names, per_class, np.nanmean(per_class, axis=0) * 0.8, np.nanmean(per_class, axis=0))
+    mean_50 = np.nanmean(per_class, axis=0)  # (num_recall,)
+    return PrecisionRecallCurves(recall, names, per_class, mean_50 * 0.8, mean_50)
 
 
 def _legend(figure) -> list[str]:
@@ -85,8 +86,11 @@ def test_the_confusion_picture_labels_every_row_and_column(tmp_path):
     large = draw_confusion_matrix(ConfusionMatrix([f"c{i}" for i in range(80)] + ["background"],
                                                   np.eye(81, dtype=int), 0.5, 0.3))  # fmt: skip
     assert len(large.axes[0].get_yticklabels()) == 81 and not large.axes[0].texts  # too small for numbers
-    with Image.open(save_figure(figure, tmp_path / "six.png")) as six, Image.open(save_figure(large, tmp_path / "eighty.png")) as eighty:
-        assert eighty.size[1] >= 81 * 20 > six.size[1]  # at least 20 pixels per row for 80 classes
+    heights = {}
+    for name, picture in (("six", figure), ("eighty", large)):
+        with Image.open(save_figure(picture, tmp_path / f"{name}.png")) as image:
+            heights[name] = image.size[1]
+    assert heights["eighty"] >= 81 * 20 > heights["six"]  # at least 20 pixels per row for 80 classes
 
 
 @pytest.mark.slow
@@ -99,7 +103,8 @@ def test_training_and_eval_write_the_pictures_and_the_matrix(tmp_path, debug_ove
     data_root = tmp_path / "synthetic"
     run = tmp_path / "run"
     # threshold 0: the untrained model's detections all count, so every cell can fill
-    train(compose(debug_overrides(run, data_root) + ["logger=tensorboard", "confusion_threshold=0.0", "trainer.limit_train_batches=1"]))
+    overrides = ["logger=tensorboard", "confusion_threshold=0.0", "trainer.limit_train_batches=1"]
+    train(compose(debug_overrides(run, data_root) + overrides))
     annotations = json.loads((data_root / "annotations" / "instances_val.json").read_text())
     categories = sorted(annotations["categories"], key=lambda c: c["id"])
     ground_truth = [sum(a["category_id"] == c["id"] for a in annotations["annotations"]) for c in categories]
@@ -116,7 +121,8 @@ def test_training_and_eval_write_the_pictures_and_the_matrix(tmp_path, debug_ove
     output = tmp_path / "eval"
     evaluate(compose(
         [f"ckpt_path={run}/checkpoints/last.ckpt", f"data.root={data_root}", "data.num_train=12", "data.num_val=6",
-         "data.image_size=64", "data.num_workers=0", "data.batch_size=4", "data.val_transforms.size=64", "data.val_transforms.max_size=96",
+         "data.image_size=64", "data.num_workers=0", "data.batch_size=4", "data.val_transforms.size=64",
+         "data.val_transforms.max_size=96",
          "trainer.accelerator=cpu", "+trainer.enable_progress_bar=false", "confusion_threshold=0.0",
          f"paths.output_dir={output}", f"paths.log_dir={output}/logs"],
         config_name="eval",

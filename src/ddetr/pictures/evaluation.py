@@ -115,8 +115,8 @@ def draw_pr_curves(curves: PrecisionRecallCurves, title: str = "") -> Figure:
 
 
 def draw_confusion_matrix(confusion: ConfusionMatrix, title: str = "") -> Figure:
-    """The matrix as an image: rows ground truth, columns prediction, the colour the share of the row (square-root scale),
-    the counts written in the cells (up to 30 labels; the image grows with the class count)."""
+    """The matrix as an image: rows ground truth, columns prediction, the colour the share of the row
+    (square-root scale), the counts written in the cells (up to 30 labels; the image grows with the class count)."""
     labels = confusion.labels
     size = len(labels)
     counts = np.asarray(confusion.matrix, dtype=np.int64)  # (size, size)

@@ -62,7 +62,7 @@ class EvaluationPictures(L.Callback):
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         evaluator = getattr(pl_module, "evaluator", None)
-        if trainer.sanity_checking or not trainer.is_global_zero or evaluator is None or not evaluator.last_metrics:
+        if trainer.sanity_checking or not trainer.is_global_zero or not getattr(evaluator, "last_metrics", None):
             return
         from ddetr.pictures.evaluation import figure_pixels, save_figure
 
