@@ -46,6 +46,8 @@ def test_the_submitit_local_launcher_runs_each_point_in_its_own_directory(tmp_pa
         overrides = yaml.safe_load((sweep / job / ".hydra" / "overrides.yaml").read_text())
         learning_rates[job] = float(next(o for o in overrides if o.startswith("model.optim.lr=")).split("=", 1)[1])
         assert (sweep / job / "checkpoints" / "last.ckpt").is_file()
+        # drawn at the end although the per-validation pictures are off
+        assert (sweep / job / "pr_curves.png").is_file() and not (sweep / job / "eval_pictures").exists()
     assert sorted(learning_rates.values()) == [1e-4, 3e-4]
 
 

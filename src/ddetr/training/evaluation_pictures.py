@@ -1,11 +1,14 @@
 """The evaluation pictures of a run, ``pr_curves.png`` and ``confusion_matrix.png``: written beside
-``metrics.json`` at the end of ``python -m ddetr.eval`` and of training (``write_evaluation_pictures``),
+``metrics.json`` at the end of ``python -m ddetr.eval`` and of training (``write_evaluation_pictures``,
+``write_final_pictures``),
 and at every validation of a training run into ``<dirpath>/epoch_XXX/`` and to a TensorBoard or
 Weights & Biases logger (``EvaluationPictures``)."""
 
 from __future__ import annotations
 
 import logging
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,15 +53,42 @@ def write_evaluation_pictures(evaluator, folder: str | Path, score_threshold: fl
     return {"confusion_matrix": confusion.to_json()}
 
 
+def write_final_pictures(trainer: L.Trainer, evaluator, folder: str | Path, score_threshold: float | None = None
+                         ) -> dict[str, Any]:  # fmt: skip
+    """``write_evaluation_pictures`` at the end of training; when an ``EvaluationPictures`` callback of the
+    trainer already drew the last validation (same global step and threshold), its files are copied
+    instead of drawn again."""
+    drawn = next((callback.last for callback in trainer.callbacks if isinstance(callback, EvaluationPictures)
+                  and callback.last is not None and callback.last.step == trainer.global_step
+                  and callback.score_threshold == score_threshold), None)  # fmt: skip
+    if drawn is None:
+        return write_evaluation_pictures(evaluator, folder, score_threshold)
+    for file_name in PICTURE_FILES.values():
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(drawn.folder / file_name, Path(folder) / file_name)
+    log.info("evaluation pictures: copied %s into %s", ", ".join(PICTURE_FILES.values()), folder)
+    return {"confusion_matrix": drawn.confusion.to_json()}
+
+
+@dataclass(frozen=True)
+class DrawnPictures:
+    """What ``EvaluationPictures`` drew last: at which global step, into which folder, and the matrix."""
+
+    step: int
+    folder: Path
+    confusion: Any  # training.confusion.ConfusionMatrix
+
+
 class EvaluationPictures(L.Callback):
     """At the end of every validation of a training run (not the sanity check), on rank zero, draws the
     precision-recall curves and the confusion matrix of the module's ``evaluator`` into
     ``<dirpath>/epoch_XXX/`` and sends them to a Weights & Biases or TensorBoard logger when one is
-    attached (``val/pr_curves``, ``val/confusion_matrix``)."""
+    attached (``val/pr_curves``, ``val/confusion_matrix``). ``last`` records the latest drawing."""
 
     def __init__(self, dirpath: str, score_threshold: float | None = None) -> None:
         self.dirpath = Path(dirpath)
         self.score_threshold = score_threshold
+        self.last: DrawnPictures | None = None
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         evaluator = getattr(pl_module, "evaluator", None)
@@ -67,12 +97,13 @@ class EvaluationPictures(L.Callback):
         from ddetr.pictures.evaluation import figure_pixels, save_figure
 
         title = f"epoch {trainer.current_epoch}, step {trainer.global_step}"
-        _, figures = evaluation_figures(evaluator, self.score_threshold, title)
+        confusion, figures = evaluation_figures(evaluator, self.score_threshold, title)
         folder = self.dirpath / f"epoch_{trainer.current_epoch:03d}"
         for name, figure in figures.items():
             save_figure(figure, folder / PICTURE_FILES[name])
             if trainer.loggers:
                 log_picture(trainer, f"val/{name}", figure_pixels(figure))
+        self.last = DrawnPictures(trainer.global_step, folder, confusion)
 
 
 def log_picture(trainer: L.Trainer, key: str, pixels: np.ndarray) -> None:
