@@ -116,7 +116,7 @@ def draw_pr_curves(curves: PrecisionRecallCurves, title: str = "") -> Figure:
 
 def draw_confusion_matrix(confusion: ConfusionMatrix, title: str = "") -> Figure:
     """The matrix as an image: rows ground truth, columns prediction, the colour the share of the row
-    (square-root scale), the counts written in the cells (up to 30 labels; the image grows with the class count)."""
+    (square-root scale), the counts written in the cells (up to 30 classes; the image grows with the class count)."""
     labels = confusion.labels
     size = len(labels)
     counts = np.asarray(confusion.matrix, dtype=np.int64)  # (size, size)
@@ -133,7 +133,7 @@ def draw_confusion_matrix(confusion: ConfusionMatrix, title: str = "") -> Figure
     axis.set_yticks(range(size), labels, fontsize=font)
     axis.axhline(size - 1.5, color="0.4", linewidth=0.8)  # the background row and column apart
     axis.axvline(size - 1.5, color="0.4", linewidth=0.8)
-    if size <= 30:
+    if size - 1 <= 30:  # classes, besides background
         for row, column in zip(*np.nonzero(counts)):
             axis.text(column, row, str(counts[row, column]), ha="center", va="center", fontsize=font,
                       color="white" if shares[row, column] > 0.5 else "black")  # fmt: skip
