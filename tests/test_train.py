@@ -110,6 +110,7 @@ def test_wandb_logger_runs_offline(tmp_path, data_root, debug_overrides):
     assert runs, "an offline wandb run directory is written"
     files = {p.name for p in runs[0].rglob("*")}
     assert any(name.endswith(".wandb") for name in files)
+    assert any(name.startswith("pr_curves_") for name in files) and any(name.startswith("confusion_matrix_") for name in files)
 
 
 def data_with_empty_images(data_root: Path, out: Path, keep_boxes_of: int = 1) -> Path:

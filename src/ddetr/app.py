@@ -73,12 +73,35 @@ def model_schema() -> dict[str, Any]:
 
 
 def register_resolvers() -> None:
-    """Registers ``${ddetr.wandb_offline:}`` and the ``model/official`` schema; safe to call more than once."""
+    """Registers ``${ddetr.wandb_offline:}``, the ``model/official`` schema and the optuna sweeper's
+    direction (``register_optuna_direction``); safe to call more than once."""
     from hydra.core.config_store import ConfigStore
 
     OmegaConf.register_new_resolver("ddetr.wandb_offline", wandb_offline, replace=True)
     OmegaConf.register_new_resolver("ddetr.run_name", run_name, replace=True)
     ConfigStore.instance().store(group="model", name="official", node=OmegaConf.create(model_schema()))
+    register_optuna_direction()
+
+
+def register_optuna_direction() -> None:
+    """``hydra/sweeper=optuna`` (the hydra-optuna-sweeper plugin, ``pip install "ddetr[optuna]"``) with its
+    direction read from the run's config, ``optimized_direction`` (``maximize`` in train.yaml: val/AP),
+    instead of the plugin's ``minimize``; nothing without the plugin.
+
+    The plugin's node is stored again under the same name with that one default changed: a YAML file of the
+    same name cannot extend it (Hydra refuses a schema that has a defaults list). Hydra's plugin discovery
+    runs the plugin's modules (and so its registration) again, so it runs first here, once per process."""
+    try:
+        from hydra_plugins.hydra_optuna_sweeper.config import OptunaSweeperConf
+    except ImportError:
+        return
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.plugins import Plugins
+
+    Plugins.instance()  # the plugin discovery, before this registration
+
+    node = OptunaSweeperConf(direction="${oc.select:optimized_direction,minimize}")
+    ConfigStore.instance().store(group="hydra/sweeper", name="optuna", node=node, provider="ddetr")
 
 
 def compose(overrides: list[str] | None = None, config_name: str = "train"):

@@ -11,7 +11,8 @@ from ddetr.training.run import train
 
 
 def run(cfg) -> float | None:
-    return train(cfg).get("val/AP")  # what a Hydra sweeper optimises
+    """The run's ``optimized_metric`` (``val/AP``): what a Hydra sweeper optimises."""
+    return train(cfg).get(cfg.get("optimized_metric") or "val/AP")
 
 
 main = hydra_app("train", run)

@@ -1,1 +1,2 @@
-"""Pictures: drawing detections, attention pictures, learning-curve plots."""
+"""Pictures: drawing detections, attention pictures, learning-curve plots, evaluation pictures
+(precision-recall curves, confusion matrix)."""

@@ -204,6 +204,14 @@ class CocoEvaluator:
             }
         return table
 
+    def confusion_matrix(self, score_threshold: float | None = None, iou_threshold: float = 0.5):
+        """The ``training.confusion.ConfusionMatrix`` of the collected predictions over all images of
+        ``coco_gt`` (default threshold: ``confusion.DEFAULT_SCORE_THRESHOLD``)."""
+        from ddetr.training.confusion import DEFAULT_SCORE_THRESHOLD, coco_confusion_matrix
+
+        threshold = DEFAULT_SCORE_THRESHOLD if score_threshold is None else score_threshold
+        return coco_confusion_matrix(self.coco_gt, self.predictions, self.label_to_category_id, threshold, iou_threshold)
+
 
 def _size_range(metric: str) -> str:
     """The pycocotools area range of a metric name: "s", "m", "l" (APs, ARm, ...) or "all"."""

@@ -18,6 +18,7 @@ from ddetr.models.ms_deform_attn import set_attention_backend
 from ddetr.training.callbacks import Preempted, RunTimer, slurm_job_id
 from ddetr.training.checkpoints import check_resume_checkpoint, load_module, load_pretrained
 from ddetr.training.evaluation import METRIC_NAMES
+from ddetr.training.evaluation_pictures import write_evaluation_pictures, write_final_pictures
 
 log = logging.getLogger(__name__)
 
@@ -169,8 +170,9 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
         final = {name: metrics[name] for name in FINAL_METRICS if name in metrics}
         path = Path(cfg.paths.output_dir) / cfg.metrics_file if cfg.get("metrics_file") else None
         timing = {"wall_s": round(timer.total_s, 1), "validation_s": round(timer.validation_s, 1), "steps": trainer.global_step}
+        pictures = write_final_pictures(trainer, module.evaluator, cfg.paths.output_dir, cfg.get("confusion_threshold"))
         report_metrics(final or metrics, module.evaluator, path, "Final validation metrics",
-                       {"all": metrics, "epochs": trainer.current_epoch, **timing})  # fmt: skip
+                       {"all": metrics, "epochs": trainer.current_epoch, **timing, **pictures})  # fmt: skip
         print(f"{timer.summary()} Deformable attention: {attention_backend_used(module)}.")
     return metrics
 
@@ -212,6 +214,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         if module.evaluator is not None and cfg.get("results_file"):
             (output / cfg.results_file).write_text(json.dumps(module.evaluator.results_json()))
         path = output / cfg.metrics_file if cfg.get("metrics_file") else None
+        pictures = write_evaluation_pictures(module.evaluator, output, cfg.get("confusion_threshold"))
         report_metrics(metrics, module.evaluator, path, f"COCO metrics of {cfg.ckpt_path}",
-                       {"checkpoint": str(cfg.ckpt_path)})  # fmt: skip
+                       {"checkpoint": str(cfg.ckpt_path), **pictures})  # fmt: skip
     return metrics
