@@ -195,7 +195,7 @@ def test_a_wrong_weights_file_lists_the_keys(tmp_path):
 def test_timm_models_that_do_not_fit_are_named():
     with pytest.raises(ValueError, match=r"strides \[16\]; Deformable DETR needs 8, 16 and 32"):
         TimmBackbone("vit_tiny_patch16_224", kwargs={"depth": 3})
-    with pytest.raises(ValueError, match=r"accepts only \(224, 224\) inputs.*strict_img_size: false"):
+    with pytest.raises(ValueError, match=r"accepts only \(224, 224\) inputs.*\+model.backbone.kwargs.strict_img_size=false"):
         TimmBackbone("swin_tiny_patch4_window7_224", kwargs={k: v for k, v in SMALL_SWIN.items() if k != "strict_img_size"})
 
 
@@ -247,6 +247,11 @@ def test_a_registered_custom_backbone_builds_and_trains(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("synthetic")
+
+
 @pytest.mark.slow
 def test_timm_backbone_trains_evaluates_predicts_and_exports(tmp_path, data_root, debug_overrides):
     """``preset=debug model.backbone.name=timm:convnext_atto``: the saved checkpoint serves eval, predict

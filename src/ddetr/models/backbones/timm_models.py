@@ -65,7 +65,7 @@ def _patch_size(timm: Any, body: nn.Module) -> tuple[int, int]:
             if module.strict_img_size:
                 raise ValueError(
                     f"this timm model accepts only {tuple(module.img_size)} inputs; Deformable DETR needs any size: "
-                    f"build it with model.backbone.kwargs='{{strict_img_size: false}}' if the model takes that"
+                    "build it with +model.backbone.kwargs.strict_img_size=false if the model takes that"
                 )
             return tuple(module.patch_size)
     return (1, 1)
