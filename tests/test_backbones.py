@@ -94,6 +94,19 @@ def test_resnet_policy_frozen_stem_and_state_dict_names():
     assert "backbone.body.layer1.0.bn1.running_var" in model.state_dict()
 
 
+def test_channels_last_backbone_computes_the_same_maps():
+    torch.manual_seed(0)
+    default = build_backbone(tiny_config(name="resnet18")).eval()
+    torch.manual_seed(0)
+    channels_last = build_backbone(tiny_config(name="resnet18", channels_last=True)).eval()
+    assert channels_last.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    images, mask = pad_images([torch.randn(3, 64, 96), torch.randn(3, 40, 96)])
+    with torch.no_grad():
+        for (a, mask_a), (b, mask_b) in zip(default(images, mask), channels_last(images, mask), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+            assert torch.equal(mask_a, mask_b)
+
+
 # ----------------------------------------------------------------------------- timm
 TIMM_FAMILIES = [
     ("convnext_atto", {}),  # ConvNeXt: first map at stride 4, layer norm

@@ -6,6 +6,10 @@ two-stage with box refinement; random weights, nothing downloaded) and prints it
 the backbone's, and the median CPU inference time of one ``--size`` x ``--size`` image (eval mode,
 ``torch.inference_mode``), all in one process, one backbone after the other (``--rounds`` rounds
 interleaving them, so a busy neighbour on a shared machine slows every row alike).
+
+``--channels-last`` instead times the backbone alone (official policy: frozen batch norm and stem),
+forward and backward of a batch of two ``--size`` images, in the default (NCHW) memory format and in
+channels-last, interleaved in one process, and prints the ratio per backbone.
 """
 
 from __future__ import annotations
@@ -25,13 +29,52 @@ SMALL = dict(
 DEFAULT_BACKBONES = "resnet18,resnet50,timm:convnext_atto,timm:efficientnet_b0"
 
 
+def channels_last_ratios(names: list[str], size: int, rounds: int, repeat: int) -> None:
+    """Backbone forward + backward, NCHW against channels-last, interleaved; prints medians and ratios."""
+    from ddetr.models.backbones import build_backbone
+
+    images = torch.randn(2, 3, size, size)
+    mask = torch.zeros(2, size, size, dtype=torch.bool)
+    times: dict[tuple[str, bool], list[float]] = {}
+    backbones = {}
+    for name in names:
+        for channels_last in (False, True):  # model.backbone.channels_last
+            backbone_config = {"name": name, "channels_last": channels_last}
+            config = DeformableDETRConfig.from_dict(num_classes=6, backbone=backbone_config, **SMALL)
+            torch.manual_seed(0)
+            backbones[name, channels_last] = build_backbone(config).train()
+            times[name, channels_last] = []
+
+    def step(backbone: torch.nn.Module, channels_last: bool) -> None:
+        loss = sum(features.float().square().mean() for features, _ in backbone(images, mask))
+        loss.backward()
+
+    for (name, channels_last), backbone in backbones.items():  # warm-up
+        step(backbone, channels_last)
+    for _ in range(rounds):
+        for (name, channels_last), backbone in backbones.items():
+            for _ in range(repeat):
+                start = time.perf_counter()
+                step(backbone, channels_last)
+                times[name, channels_last].append(time.perf_counter() - start)
+    print(f"backbone fwd+bwd, batch 2 x {size}x{size}, {torch.get_num_threads()} threads, median of {rounds * repeat}")
+    print(f"{'backbone':<24} {'NCHW ms':>8} {'channels-last ms':>16} {'ratio':>6}")
+    for name in names:
+        nchw, last = (statistics.median(times[name, flag]) * 1e3 for flag in (False, True))
+        print(f"{name:<24} {nchw:>8.0f} {last:>16.0f} {last / nchw:>6.2f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbones", default=DEFAULT_BACKBONES)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=3, help="timed forwards per backbone and round")
+    parser.add_argument("--channels-last", action="store_true", help="backbone fwd+bwd, NCHW vs channels-last")
     args = parser.parse_args(argv)
+    if args.channels_last:
+        channels_last_ratios(args.backbones.split(","), args.size, args.rounds, args.repeat)
+        return 0
     torch.manual_seed(0)
     models = {}
     for name in args.backbones.split(","):

@@ -53,6 +53,7 @@ class Backbone(nn.Module):
 
     strides: list[int]
     num_channels: list[int]
+    channels_last: bool = False  # set by build_backbone (model.backbone.channels_last): NHWC input memory
 
     def feature_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
         """images (batch_size, 3, height, width) -> one (batch_size, num_channels[level], height_l, width_l)
@@ -71,6 +72,8 @@ class Backbone(nn.Module):
             (batch_size, num_channels[level], height_l, width_l) and mask (batch_size, height_l, width_l)
             bool, the image mask resized with nearest interpolation.
         """
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         features = self.feature_maps(images)
         if len(features) != len(self.num_channels):
             raise RuntimeError(

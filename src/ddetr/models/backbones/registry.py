@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import torch
+
 if TYPE_CHECKING:
     from ddetr.models.backbones.base import Backbone
     from ddetr.models.config import DeformableDETRConfig
@@ -54,8 +56,12 @@ def backbone_constructor(name: str) -> BackboneConstructor:
 
 
 def build_backbone(config: DeformableDETRConfig) -> Backbone:
-    """The backbone named by ``config.backbone.name``, built from ``config``."""
+    """The backbone named by ``config.backbone.name``, built from ``config``; with
+    ``config.backbone.channels_last`` its weights (and, in ``forward``, its input) in channels-last memory."""
     backbone = backbone_constructor(config.backbone.name)(config)
+    if config.backbone.channels_last:
+        backbone.to(memory_format=torch.channels_last)
+        backbone.channels_last = True
     if len(backbone.num_channels) != config.num_backbone_levels or len(backbone.strides) != config.num_backbone_levels:
         raise ValueError(
             f"backbone {config.backbone.name!r} declares {len(backbone.num_channels)} channel counts and "
