@@ -10,7 +10,7 @@ the checkpoint converters all read them from here, so a default is written exact
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +28,7 @@ def _plain(value: Any) -> Any:
     """``value`` with every mapping a dict and every sequence a list (e.g. from OmegaConf), for checkpoints."""
     if isinstance(value, Mapping):
         return {str(key): _plain(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig":
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
         return [_plain(item) for item in value]
     return value
 
