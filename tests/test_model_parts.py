@@ -15,7 +15,7 @@ import torchvision
 from torch import nn
 
 from ddetr.models import build_deformable_detr
-from ddetr.models.backbone import Backbone, FrozenBatchNorm2d
+from ddetr.models.backbones import FrozenBatchNorm2d, ResNetBackbone
 from ddetr.models.geometry import (
     encoder_output_proposals,
     encoder_reference_points,
@@ -184,7 +184,7 @@ def test_frozen_batch_norm_cache_follows_ddps_buffer_sync():
 
 
 def test_backbone_levels_channels_strides_and_masks():
-    backbone = Backbone("resnet18", num_levels=3)
+    backbone = ResNetBackbone("resnet18", num_levels=3)
     assert backbone.num_channels == [128, 256, 512] and backbone.strides == [8, 16, 32]
     images, mask = pad_images([torch.randn(3, 64, 64), torch.randn(3, 40, 64)])
     levels = backbone(images, mask)
@@ -193,30 +193,30 @@ def test_backbone_levels_channels_strides_and_masks():
     assert not stride8_mask[0].any()
     # nearest resize: output row i reads input row 8 i, padding from input row 40 on -> rows 5.. padded
     assert torch.equal(stride8_mask[1].any(1), torch.tensor([False] * 5 + [True] * 3))
-    single = Backbone("resnet18", num_levels=1)
+    single = ResNetBackbone("resnet18", num_levels=1)
     assert single.num_channels == [512] and single.strides == [32]
 
 
 def test_backbone_dc5_and_bottleneck_channels():
-    backbone = Backbone("resnet50", num_levels=1, dilation=True)
+    backbone = ResNetBackbone("resnet50", num_levels=1, dilation=True)
     assert backbone.num_channels == [2048] and backbone.strides == [16]
     features, _ = backbone(torch.randn(1, 3, 64, 64), torch.zeros(1, 64, 64, dtype=torch.bool))[0]
     assert features.shape == (1, 2048, 4, 4)
     with pytest.raises(ValueError, match="dilation"):
-        Backbone("resnet18", num_levels=1, dilation=True)
+        ResNetBackbone("resnet18", num_levels=1, dilation=True)
 
 
 def test_backbone_weights_from_a_local_file(tmp_path):
     resnet = torchvision.models.resnet18(weights=None)
     path = tmp_path / "resnet18.pth"
     torch.save(resnet.state_dict(), path)
-    backbone = Backbone("resnet18", weights=path)
+    backbone = ResNetBackbone("resnet18", weights=path)
     assert torch.equal(backbone.body.conv1.weight, resnet.conv1.weight)
     assert torch.equal(backbone.body.layer3[1].bn2.running_var, resnet.layer3[1].bn2.running_var)
     with pytest.raises(ValueError, match="resnet18.pth"):
-        Backbone("resnet50", weights=path)
+        ResNetBackbone("resnet50", weights=path)
     with pytest.raises(FileNotFoundError, match="missing.pth"):
-        Backbone("resnet18", weights=tmp_path / "missing.pth")
+        ResNetBackbone("resnet18", weights=tmp_path / "missing.pth")
 
 
 # ----------------------------------------------------------------------------- deformable attention
@@ -363,13 +363,13 @@ def test_asking_for_a_download_offline_fails_clearly(monkeypatch):
 
     import torchvision
 
-    from ddetr.models.backbone import Backbone
+    from ddetr.models.backbones import ResNetBackbone
 
     def offline(self, *args, **kwargs):
         raise urllib.error.URLError("no network (simulated)")
 
     monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", offline)
     with pytest.raises(RuntimeError, match=r"cannot download torchvision's ResNet18 IMAGENET1K_V1.*model.backbone.weights="):
-        Backbone("resnet18", num_levels=1, weights="IMAGENET1K_V1")
+        ResNetBackbone("resnet18", num_levels=1, weights="IMAGENET1K_V1")
     with pytest.raises(FileNotFoundError, match="no_such_file.pth"):
-        Backbone("resnet18", num_levels=1, weights="no_such_file.pth")
+        ResNetBackbone("resnet18", num_levels=1, weights="no_such_file.pth")

@@ -9,10 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddetr.models.backbone import Backbone
+from ddetr.models.backbones import build_backbone
+from ddetr.models.config import DeformableDETRConfig
 from ddetr.models.deformable_transformer import DeformableTransformer
 from ddetr.models.geometry import boxes_from_reference
-from ddetr.models.image_list import pad_images
+from ddetr.models.image_list import pad_images, resize_mask
 from ddetr.models.position_encoding import PositionEmbeddingSine
 
 Images = Sequence[torch.Tensor] | tuple[torch.Tensor, torch.Tensor]
@@ -43,7 +44,10 @@ def _input_projection(in_channels: int, hidden_dim: int, kernel_size: int, strid
 
 
 class DeformableDETR(nn.Module):
-    """Deformable DETR (Zhu et al., ICLR 2021).
+    """Deformable DETR (Zhu et al., ICLR 2021), built from the whole ``DeformableDETRConfig``.
+
+    The backbone comes from the registry (``config.backbone.name``; ``ddetr.models.backbones``) and
+    returns ``config.num_backbone_levels`` levels with their channel counts and strides.
 
     Backbone levels are projected to ``hidden_dim`` by a 1x1 conv + GroupNorm each; levels beyond the
     backbone's come from a 3x3 stride-2 conv + GroupNorm, the first on the raw last backbone output,
@@ -56,59 +60,34 @@ class DeformableDETR(nn.Module):
     ``query_embed`` (the queries come from the top proposals).
     """
 
-    def __init__(
-        self,
-        backbone: Backbone,
-        transformer: DeformableTransformer,
-        num_classes: int,
-        num_queries: int,
-        num_feature_levels: int,
-        aux_loss: bool = True,
-        with_box_refine: bool = False,
-        two_stage: bool = False,
-        position_encoding: nn.Module | None = None,
-    ) -> None:
+    def __init__(self, config: DeformableDETRConfig) -> None:
         super().__init__()
-        hidden_dim = transformer.hidden_dim
-        if transformer.level_embed.shape[0] != num_feature_levels:
-            raise ValueError(
-                f"num_feature_levels={num_feature_levels} but the transformer has {transformer.level_embed.shape[0]}"
-            )
-        if transformer.two_stage != two_stage:
-            raise ValueError(
-                f"two_stage={two_stage} but the transformer was built with two_stage={transformer.two_stage}"
-            )
-        if len(backbone.num_channels) > num_feature_levels:
-            raise ValueError(
-                f"the backbone returns {len(backbone.num_channels)} levels, more than {num_feature_levels}"
-            )
-        self.backbone = backbone
-        self.position_encoding = position_encoding or PositionEmbeddingSine(hidden_dim // 2, normalize=True)
-        self.transformer = transformer
-        self.num_classes = num_classes
-        self.num_queries = num_queries
-        self.num_feature_levels = num_feature_levels
-        self.aux_loss = aux_loss
-        self.with_box_refine = with_box_refine
-        self.two_stage = two_stage
+        hidden_dim = config.hidden_dim
+        self.backbone = build_backbone(config)
+        self.position_encoding = PositionEmbeddingSine(hidden_dim // 2, normalize=True)
+        self.transformer = DeformableTransformer(config)
+        self.num_classes = config.num_classes
+        self.num_queries = config.num_queries
+        self.num_feature_levels = config.num_feature_levels
+        self.aux_loss = config.aux_loss
+        self.with_box_refine = config.with_box_refine
+        self.two_stage = config.two_stage
 
-        num_backbone_levels = len(backbone.num_channels)
-        projections = [_input_projection(channels, hidden_dim, 1, 1) for channels in backbone.num_channels]
+        backbone_channels = self.backbone.num_channels
+        projections = [_input_projection(channels, hidden_dim, 1, 1) for channels in backbone_channels]
         projections += [
-            _input_projection(
-                backbone.num_channels[-1] if level == num_backbone_levels else hidden_dim, hidden_dim, 3, 2
-            )
-            for level in range(num_backbone_levels, num_feature_levels)
+            _input_projection(backbone_channels[-1] if level == len(backbone_channels) else hidden_dim, hidden_dim, 3, 2)
+            for level in range(len(backbone_channels), config.num_feature_levels)
         ]
         self.input_proj = nn.ModuleList(projections)
-        if not two_stage:
-            self.query_embed = nn.Embedding(num_queries, hidden_dim * 2)
+        if not self.two_stage:
+            self.query_embed = nn.Embedding(config.num_queries, hidden_dim * 2)
 
-        num_heads = transformer.decoder.num_layers if with_box_refine else 1
-        self.class_embed = nn.ModuleList([nn.Linear(hidden_dim, num_classes) for _ in range(num_heads)])
+        num_heads = config.dec_layers if self.with_box_refine else 1
+        self.class_embed = nn.ModuleList([nn.Linear(hidden_dim, config.num_classes) for _ in range(num_heads)])
         self.bbox_embed = nn.ModuleList([MLP(hidden_dim, hidden_dim, 4, 3) for _ in range(num_heads)])
-        if two_stage:
-            self.enc_class_embed = nn.Linear(hidden_dim, num_classes)
+        if self.two_stage:
+            self.enc_class_embed = nn.Linear(hidden_dim, config.num_classes)
             self.enc_bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
         self._reset_head_parameters()
 
@@ -140,10 +119,17 @@ class DeformableDETR(nn.Module):
         for level in range(len(features), self.num_feature_levels):
             source = features[-1][0] if level == len(features) else srcs[-1]
             src = self.input_proj[level](source)
-            # (B, H, W) -> (1, B, H, W) so that interpolate resizes the two spatial dims
-            masks.append(F.interpolate(mask[None].float(), size=src.shape[-2:]).to(torch.bool)[0])
+            masks.append(resize_mask(mask, src.shape[-2:]))
             srcs.append(src)
         return srcs, masks
+
+    def level_strides(self) -> list[int]:
+        """Stride in input pixels of every feature level: the backbone's, then doubled for every extra
+        level (the 3x3 stride-2 projections)."""
+        strides = list(self.backbone.strides)
+        while len(strides) < self.num_feature_levels:
+            strides.append(strides[-1] * 2)
+        return strides
 
     def forward(self, images: Images) -> dict[str, object]:
         """Detects objects.

@@ -12,7 +12,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from ddetr.models.config import LayerConfig
+from ddetr.models.config import CHECKPOINTING, DeformableDETRConfig, LayerConfig
 from ddetr.models.geometry import (
     boxes_from_reference,
     encoder_output_proposals,
@@ -24,7 +24,7 @@ from ddetr.models.ms_deform_attn import MSDeformAttn
 from ddetr.models.relu_dropout import relu_dropout
 from ddetr.ops.reference import spatial_shapes_list
 
-CHECKPOINTING = ("none", "encoder", "all")  # model.checkpointing: which layer stacks recompute in backward
+__all__ = ["CHECKPOINTING", "DeformableDecoder", "DeformableEncoder", "DeformableTransformer"]
 
 
 def _run_layer(layer: nn.Module, checkpointed: bool, *args: object) -> torch.Tensor:
@@ -87,13 +87,16 @@ class DeformableEncoderLayer(nn.Module):
 
 
 class DeformableEncoder(nn.Module):
-    """A stack of ``num_layers`` deformable encoder layers built from one layer config."""
+    """A stack of ``config.enc_layers`` deformable encoder layers (``enc_n_points`` points each); with
+    ``config.checkpointing`` ``encoder`` or ``all`` each layer is recomputed in backward."""
 
-    def __init__(self, config: LayerConfig, num_layers: int, checkpointing: bool = False) -> None:
+    def __init__(self, config: DeformableDETRConfig) -> None:
         super().__init__()
+        layer = config.layer(config.enc_n_points)
         self.hidden_dim = config.hidden_dim
-        self.layers = nn.ModuleList([DeformableEncoderLayer(config) for _ in range(num_layers)])
-        self.checkpointing = checkpointing  # recompute each layer in backward instead of keeping its activations
+        self.layers = nn.ModuleList([DeformableEncoderLayer(layer) for _ in range(config.enc_layers)])
+        # recompute each layer in backward instead of keeping its activations
+        self.checkpointing = config.checkpointing in ("encoder", "all")
 
     def forward(
         self,
@@ -174,13 +177,17 @@ class DeformableDecoderLayer(nn.Module):
 
 
 class DeformableDecoder(nn.Module):
-    """A stack of ``num_layers`` decoder layers, optionally refining the references after every layer."""
+    """A stack of ``config.dec_layers`` decoder layers (``dec_n_points`` points each), optionally refining
+    the references after every layer; with ``config.checkpointing == "all"`` each layer is recomputed in
+    backward."""
 
-    def __init__(self, config: LayerConfig, num_layers: int, checkpointing: bool = False) -> None:
+    def __init__(self, config: DeformableDETRConfig) -> None:
         super().__init__()
-        self.num_layers = num_layers
-        self.layers = nn.ModuleList([DeformableDecoderLayer(config) for _ in range(num_layers)])
-        self.checkpointing = checkpointing  # recompute each layer in backward instead of keeping its activations
+        layer = config.layer(config.dec_n_points)
+        self.num_layers = config.dec_layers
+        self.layers = nn.ModuleList([DeformableDecoderLayer(layer) for _ in range(config.dec_layers)])
+        # recompute each layer in backward instead of keeping its activations
+        self.checkpointing = config.checkpointing == "all"
 
     def forward(
         self,
@@ -245,27 +252,21 @@ class DeformableTransformer(nn.Module):
 
     Owns the learned ``level_embed`` and, without two-stage, the ``reference_points`` projection of the
     query position embedding; with two-stage ``enc_output`` + ``enc_output_norm`` (memory to proposal
-    features) and ``pos_trans`` + ``pos_trans_norm`` (proposal embedding to queries).
+    features) and ``pos_trans`` + ``pos_trans_norm`` (proposal embedding to queries). Built from the
+    whole ``config`` (levels, two-stage and queries read there, once).
     """
 
-    def __init__(
-        self,
-        encoder: DeformableEncoder,
-        decoder: DeformableDecoder,
-        num_feature_levels: int,
-        two_stage: bool,
-        num_queries: int,
-    ) -> None:
+    def __init__(self, config: DeformableDETRConfig) -> None:
         super().__init__()
-        hidden_dim = encoder.hidden_dim
+        hidden_dim = config.hidden_dim
         self.hidden_dim = hidden_dim
-        self.encoder = encoder
-        self.decoder = decoder
-        self.two_stage = two_stage
-        self.num_queries = num_queries
-        self.level_embed = nn.Parameter(torch.empty(num_feature_levels, hidden_dim))
+        self.encoder = DeformableEncoder(config)
+        self.decoder = DeformableDecoder(config)
+        self.two_stage = config.two_stage
+        self.num_queries = config.num_queries
+        self.level_embed = nn.Parameter(torch.empty(config.num_feature_levels, hidden_dim))
         nn.init.normal_(self.level_embed)
-        if two_stage:
+        if self.two_stage:
             self.enc_output = nn.Linear(hidden_dim, hidden_dim)
             self.enc_output_norm = nn.LayerNorm(hidden_dim)
             self.pos_trans = nn.Linear(hidden_dim * 2, hidden_dim * 2)

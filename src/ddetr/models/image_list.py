@@ -1,4 +1,5 @@
-"""Batching images of different sizes: zero padding at the bottom and right, plus the padding mask."""
+"""Batching images of different sizes: zero padding at the bottom and right, the padding mask, and its
+resized copy at every feature level."""
 
 from __future__ import annotations
 
@@ -31,3 +32,14 @@ def pad_images(images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tens
         batch[index, :, :height, :width] = image
         mask[index, :height, :width] = False
     return batch, mask
+
+
+def resize_mask(mask: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """The padding mask of a feature level: ``mask`` (batch_size, height, width) bool resized to ``size``
+    (height_l, width_l) with nearest interpolation (``F.interpolate``'s default, as the official model).
+
+    Returns:
+        (batch_size, height_l, width_l) bool, True on padding.
+    """
+    # (B, H, W) -> (1, B, H, W) so that interpolate resizes the two spatial dims
+    return torch.nn.functional.interpolate(mask[None].float(), size=tuple(size)).to(torch.bool)[0]

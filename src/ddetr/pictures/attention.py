@@ -107,12 +107,9 @@ class DecoderAttentionRecorder:
 
 
 def level_strides(model: nn.Module) -> list[int]:
-    """Stride in input pixels of every feature level: the backbone's, then doubled for every extra level
-    (the 3x3 stride-2 projections)."""
-    strides = list(model.backbone.strides)
-    while len(strides) < model.num_feature_levels:
-        strides.append(strides[-1] * 2)
-    return strides
+    """Stride in input pixels of every feature level of ``model`` (a ``DeformableDETR``): the backbone's
+    declared strides, then doubled for every extra level (``DeformableDETR.level_strides``)."""
+    return model.level_strides()
 
 
 def level_extents(spatial_shapes: torch.Tensor, strides: Sequence[int]) -> torch.Tensor:

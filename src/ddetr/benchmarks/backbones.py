@@ -1,0 +1,105 @@
+"""Backbones side by side: ``python -m ddetr.benchmarks.backbones`` (the README's backbone table).
+
+For each backbone (``--backbones``, comma list of ``model.backbone.name`` values) it builds the
+detector of ``conf/model/small.yaml``'s sizes (hidden 64, 2 + 3 layers, 50 queries, 3 levels,
+two-stage with box refinement; random weights, nothing downloaded) and prints its parameter count,
+the backbone's, and the median CPU inference time of one ``--size`` x ``--size`` image (eval mode,
+``torch.inference_mode``), all in one process, one backbone after the other (``--rounds`` rounds
+interleaving them, so a busy neighbour on a shared machine slows every row alike).
+
+``--channels-last`` instead times the backbone alone (official policy: frozen batch norm and stem),
+forward and backward of a batch of two ``--size`` images, in the default (NCHW) memory format and in
+channels-last, interleaved in one process, and prints the ratio per backbone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from ddetr.models import DeformableDETRConfig, build_deformable_detr
+
+SMALL = dict(
+    num_feature_levels=3, hidden_dim=64, nheads=4, enc_layers=2, dec_layers=3, dim_feedforward=256,
+    dropout=0.0, num_queries=50, with_box_refine=True, two_stage=True,
+)  # fmt: skip
+DEFAULT_BACKBONES = "resnet18,resnet50,timm:convnext_atto,timm:efficientnet_b0"
+
+
+def channels_last_ratios(names: list[str], size: int, rounds: int, repeat: int) -> None:
+    """Backbone forward + backward, NCHW against channels-last, interleaved; prints medians and ratios."""
+    from ddetr.models.backbones import build_backbone
+
+    images = torch.randn(2, 3, size, size)
+    mask = torch.zeros(2, size, size, dtype=torch.bool)
+    times: dict[tuple[str, bool], list[float]] = {}
+    backbones = {}
+    for name in names:
+        for channels_last in (False, True):  # model.backbone.channels_last
+            backbone_config = {"name": name, "channels_last": channels_last}
+            config = DeformableDETRConfig.from_dict(num_classes=6, backbone=backbone_config, **SMALL)
+            torch.manual_seed(0)
+            backbones[name, channels_last] = build_backbone(config).train()
+            times[name, channels_last] = []
+
+    def step(backbone: torch.nn.Module, channels_last: bool) -> None:
+        loss = sum(features.float().square().mean() for features, _ in backbone(images, mask))
+        loss.backward()
+
+    for (name, channels_last), backbone in backbones.items():  # warm-up
+        step(backbone, channels_last)
+    for _ in range(rounds):
+        for (name, channels_last), backbone in backbones.items():
+            for _ in range(repeat):
+                start = time.perf_counter()
+                step(backbone, channels_last)
+                times[name, channels_last].append(time.perf_counter() - start)
+    print(f"backbone fwd+bwd, batch 2 x {size}x{size}, {torch.get_num_threads()} threads, median of {rounds * repeat}")
+    print(f"{'backbone':<24} {'NCHW ms':>8} {'channels-last ms':>16} {'ratio':>6}")
+    for name in names:
+        nchw, last = (statistics.median(times[name, flag]) * 1e3 for flag in (False, True))
+        print(f"{name:<24} {nchw:>8.0f} {last:>16.0f} {last / nchw:>6.2f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbones", default=DEFAULT_BACKBONES)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=3, help="timed forwards per backbone and round")
+    parser.add_argument("--channels-last", action="store_true", help="backbone fwd+bwd, NCHW vs channels-last")
+    args = parser.parse_args(argv)
+    if args.channels_last:
+        channels_last_ratios(args.backbones.split(","), args.size, args.rounds, args.repeat)
+        return 0
+    torch.manual_seed(0)
+    models = {}
+    for name in args.backbones.split(","):
+        config = DeformableDETRConfig.from_dict(num_classes=6, backbone={"name": name}, **SMALL)
+        models[name] = build_deformable_detr(config).eval()
+    images = torch.randn(1, 3, args.size, args.size)
+    mask = torch.zeros(1, args.size, args.size, dtype=torch.bool)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.inference_mode():
+        for model in models.values():  # warm-up (the attention op, allocator)
+            model((images, mask))
+        for _ in range(args.rounds):
+            for name, model in models.items():
+                for _ in range(args.repeat):
+                    start = time.perf_counter()
+                    model((images, mask))
+                    times[name].append(time.perf_counter() - start)
+    print(f"{args.size}x{args.size}, batch 1, {torch.get_num_threads()} threads, median of {args.rounds * args.repeat}")
+    print(f"{'backbone':<24} {'params (M)':>10} {'backbone (M)':>12} {'ms':>8}")
+    for name, model in models.items():
+        total = sum(p.numel() for p in model.parameters()) / 1e6
+        backbone = sum(p.numel() for p in model.backbone.parameters()) / 1e6
+        print(f"{name:<24} {total:>10.2f} {backbone:>12.2f} {statistics.median(times[name]) * 1e3:>8.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

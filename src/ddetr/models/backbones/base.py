@@ -1,0 +1,82 @@
+"""The backbone interface: what the detector needs from a feature extractor.
+
+A backbone is an ``nn.Module`` subclass of ``Backbone`` that
+- returns ``num_levels`` feature maps, finest first, at the strides in ``strides`` (in input pixels,
+  increasing; the built-in ones give the last of 8, 16, 32) with the channel counts in
+  ``num_channels`` (read from the network, never hard-coded);
+- takes normalised images (batch_size, 3, height, width) of any height and width, zero-padded at the
+  bottom/right, and returns with each map its padding mask (the image mask resized with nearest
+  interpolation; ``Backbone.forward`` does that, a subclass only implements ``feature_maps``);
+- applies the training policy of ``BackboneConfig`` itself: batch norm frozen (``norm="frozen"``) or
+  trained (``"batch"``), which parameters train (``train_backbone``, ``freeze_stem``: the layers that
+  run before the stride-8 stage stay frozen, as the official stem and ``layer1``).
+
+The detector adds the input projections, the extra strided levels and the position encoding; the
+optimiser puts every parameter under ``backbone.`` into the backbone's parameter group
+(``lr_backbone``). Backbones are built by name through ``ddetr.models.backbones.registry``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ddetr.models.image_list import resize_mask
+
+LEVEL_STRIDES = (8, 16, 32)  # the strides of the backbone levels the detector uses, finest first
+
+
+def backbone_strides(num_levels: int) -> tuple[int, ...]:
+    """The strides of ``num_levels`` backbone levels (1 to 3): the last ones of 8, 16, 32."""
+    if not 1 <= num_levels <= len(LEVEL_STRIDES):
+        raise ValueError(f"a backbone returns 1 to {len(LEVEL_STRIDES)} levels, got {num_levels}")
+    return LEVEL_STRIDES[len(LEVEL_STRIDES) - num_levels :]
+
+
+def set_trainable(body: nn.Module, train_backbone: bool, is_stem: Callable[[str], bool]) -> None:
+    """The training policy of a backbone's parameters: none train without ``train_backbone``; else every
+    one except those for which ``is_stem(name)`` holds (pass ``lambda name: False`` to train them all)."""
+    for name, parameter in body.named_parameters():
+        parameter.requires_grad_(train_backbone and not is_stem(name))
+
+
+class Backbone(nn.Module):
+    """Base class of every backbone; subclasses set ``strides`` and ``num_channels`` in ``__init__`` and
+    implement ``feature_maps``.
+
+    Attributes:
+        strides: stride in input pixels of every returned level, finest first.
+        num_channels: channels of every returned level.
+    """
+
+    strides: list[int]
+    num_channels: list[int]
+    channels_last: bool = False  # set by build_backbone (model.backbone.channels_last): NHWC input memory
+
+    def feature_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """images (batch_size, 3, height, width) -> one (batch_size, num_channels[level], height_l, width_l)
+        tensor per level, finest first (channels first)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement feature_maps(images)")
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Runs the network.
+
+        Args:
+            images: (batch_size, 3, height, width).
+            mask: (batch_size, height, width) bool, True on padding.
+
+        Returns:
+            One ``(features, mask)`` pair per level, finest first: features
+            (batch_size, num_channels[level], height_l, width_l) and mask (batch_size, height_l, width_l)
+            bool, the image mask resized with nearest interpolation.
+        """
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        features = self.feature_maps(images)
+        if len(features) != len(self.num_channels):
+            raise RuntimeError(
+                f"{type(self).__name__} returned {len(features)} feature maps, it declares {len(self.num_channels)}"
+            )
+        return [(feature, resize_mask(mask, feature.shape[-2:])) for feature in features]
