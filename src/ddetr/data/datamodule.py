@@ -1,10 +1,12 @@
-"""LightningDataModules for COCO-format detection data: any files, the COCO layout, the synthetic set."""
+"""LightningDataModules for detection data: COCO-format files, the COCO layout, YOLO, Pascal VOC, the synthetic set."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +22,12 @@ from .coco import CocoDetection
 from .image_loading import DEFAULT_MAX_IMAGE_PIXELS, ExifMode
 from .samplers import ResumableDistributedSampler, UnpaddedDistributedSampler
 from .skips import SkipReport, pop_batch_skips
+from .conversion import ConvertedSplit
 from .synthetic import ensure_synthetic_dataset
 from .transforms import DetectionTransform, make_train_transforms, make_val_transforms
 from .validation import DatasetError
+from .voc import VOC_CLASSES, read_voc_split
+from .yolo import read_yolo_split
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +44,12 @@ def collate_detection(samples: list[tuple[torch.Tensor, dict]]) -> tuple[torch.T
         raise ValueError("cannot collate an empty batch")
     images, mask = pad_images([image for image, _ in samples])
     return images, mask, [target for _, target in samples]
+
+
+def freeze_inherited_objects(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: move every object inherited from the parent out of the garbage
+    collector's reach, so collections in the worker do not write to (and so copy) the parent's pages."""
+    gc.freeze()
 
 
 class DetectionDataModule(LightningDataModule):
@@ -138,14 +149,20 @@ class DetectionDataModule(LightningDataModule):
     def prepare_data(self) -> None:
         self.ensure_files()
 
+    def build_dataset(self, split: str, transforms: DetectionTransform, keep_empty: bool, keep_coco: bool) -> CocoDetection:
+        """The `split` ("train" or "val") dataset; subclasses for other formats convert their files here."""
+        images, annotations = (
+            (self.train_images, self.train_annotations) if split == "train" else (self.val_images, self.val_annotations)
+        )
+        return CocoDetection(images, annotations, transforms, keep_empty=keep_empty, keep_coco=keep_coco,
+                             **self.dataset_options)  # fmt: skip
+
     @property
     def train_dataset(self) -> CocoDetection:
+        # training keeps only the flat records; the parsed file is freed (no COCO index needed)
         if self._train_dataset is None:
             self.ensure_files()
-            self._train_dataset = CocoDetection(
-                self.train_images, self.train_annotations, self.train_transforms, keep_empty=self.keep_empty,
-                **self.dataset_options,
-            )  # fmt: skip
+            self._train_dataset = self.build_dataset("train", self.train_transforms, self.keep_empty, keep_coco=False)
             self._check_same_categories(self._train_dataset, self.val_dataset)
         return self._train_dataset
 
@@ -154,13 +171,7 @@ class DetectionDataModule(LightningDataModule):
         # val keeps every image (negatives included) so that evaluation covers the whole split
         if self._val_dataset is None:
             self.ensure_files()
-            self._val_dataset = CocoDetection(
-                self.val_images,
-                self.val_annotations,
-                self.val_transforms,
-                keep_empty=True,
-                **self.dataset_options,
-            )
+            self._val_dataset = self.build_dataset("val", self.val_transforms, keep_empty=True, keep_coco=True)
         return self._val_dataset
 
     def setup(self, stage: str | None = None) -> None:
@@ -250,6 +261,7 @@ class DetectionDataModule(LightningDataModule):
     def _loader_options(self) -> dict[str, Any]:
         return {
             "num_workers": self.num_workers,
+            "worker_init_fn": freeze_inherited_objects if self.num_workers > 0 else None,
             "collate_fn": collate_detection,
             "pin_memory": self.pin_memory,
             "persistent_workers": self.persistent_workers,
@@ -295,6 +307,71 @@ class CocoDataModule(DetectionDataModule):
             category_mapping=category_mapping,
             **kwargs,
         )
+
+
+class _ConvertedDataModule(DetectionDataModule):
+    """Shared part of the YOLO and VOC modules: each split is read by `read_split` into a COCO dict."""
+
+    crowd_label = "crowd"
+
+    def read_split(self, split: str) -> ConvertedSplit:
+        raise NotImplementedError
+
+    def build_dataset(self, split: str, transforms: DetectionTransform, keep_empty: bool, keep_coco: bool) -> CocoDetection:
+        converted = self.read_split(split)
+        return CocoDetection(converted.image_dir, converted.source, transforms, keep_empty=keep_empty,
+                             keep_coco=keep_coco, data=converted.data, crowd_label=self.crowd_label,
+                             reader_problems=converted.problems, **self.dataset_options)  # fmt: skip
+
+
+class YoloDataModule(_ConvertedDataModule):
+    """An Ultralytics YOLO dataset: `data_dir` holds data.yaml (or dataset.yaml), or is that file
+    (layout and rules: `ddetr.data.yolo`). Category id == class index; contiguous mapping by default.
+
+    Args:
+        data_dir: the dataset folder or its YAML.
+        train_split, val_split: the YAML keys of the two splits (default "train", "val").
+        **kwargs: `DetectionDataModule` options.
+    """
+
+    def __init__(self, data_dir: str | os.PathLike, train_split: str = "train", val_split: str = "val",
+                 **kwargs: Any):  # fmt: skip
+        data_dir = str(data_dir)
+        self.data_dir = Path(data_dir)
+        self.splits = {"train": train_split, "val": val_split}
+        super().__init__(train_images=data_dir, train_annotations=data_dir, val_images=data_dir,
+                         val_annotations=data_dir, **kwargs)  # fmt: skip
+
+    def read_split(self, split: str) -> ConvertedSplit:
+        return read_yolo_split(self.data_dir, self.splits[split], self.dataset_options["skip_bad_images"],
+                               self.dataset_options["max_image_pixels"])  # fmt: skip
+
+
+class VocDataModule(_ConvertedDataModule):
+    """A Pascal VOC year folder (`Annotations/`, `JPEGImages/`, `ImageSets/Main/<split>.txt`; rules:
+    `ddetr.data.voc`). `difficult` objects are kept out of training and ignored by evaluation.
+
+    Args:
+        data_dir: the year folder (e.g. VOCdevkit/VOC2012).
+        train_split, val_split: names of the split lists (default "train", "val").
+        class_names: the classes, in head order (default: the 20 VOC classes).
+        **kwargs: `DetectionDataModule` options.
+    """
+
+    crowd_label = "difficult"
+
+    def __init__(self, data_dir: str | os.PathLike, train_split: str = "train", val_split: str = "val",
+                 class_names: Sequence[str] = VOC_CLASSES, **kwargs: Any):  # fmt: skip
+        data_dir = str(data_dir)
+        self.data_dir = Path(data_dir)
+        self.splits = {"train": train_split, "val": val_split}
+        self.class_names = [str(name) for name in class_names]
+        super().__init__(train_images=data_dir, train_annotations=data_dir, val_images=data_dir,
+                         val_annotations=data_dir, **kwargs)  # fmt: skip
+
+    def read_split(self, split: str) -> ConvertedSplit:
+        return read_voc_split(self.data_dir, self.splits[split], self.class_names,
+                              self.dataset_options["skip_bad_images"], self.dataset_options["max_image_pixels"])  # fmt: skip
 
 
 class SyntheticDataModule(DetectionDataModule):
