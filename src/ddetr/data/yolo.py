@@ -19,8 +19,8 @@ pixels; the image size read from each file's header, nothing decoded) and the YA
 messages. Problems:
 - one `DatasetError` naming the file (and line): unreadable or malformed YAML, a missing split or
   `names`, a label line with a wrong number of values, a non-number, a class index out of range;
-- counted and named in one warning: boxes with coordinates outside [0, 1] (the COCO cleaning then
-  clips them or drops them as outside, and counts them), images whose header cannot be read
+- counted and named in one warning: boxes whose corners (or polygon points) lie outside [0, 1] by
+  more than 1e-4 (the COCO cleaning then clips them or drops them as outside, and counts them), images whose header cannot be read
   (dropped with `skip_bad_images=True`, else an error).
 """
 
@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 YAML_NAMES = ("data.yaml", "dataset.yaml")
 IMAGE_SUFFIXES = {".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp"}
 MAX_LABEL_BYTES = 64 << 20  # a label file beyond this is not a label file
+OUTSIDE_TOLERANCE = 1e-4  # rounding in label files; beyond it a box outside the image is named in a warning
 
 
 def find_yaml(data_dir: str | os.PathLike) -> Path:
@@ -189,7 +190,8 @@ def parse_label_file(path: Path, num_classes_of: dict[int, str], problems: Probl
         else:  # a polygon: its bounding box
             xs, ys = coordinates[0::2], coordinates[1::2]
             cx, cy, w, h = (min(xs) + max(xs)) / 2, (min(ys) + max(ys)) / 2, max(xs) - min(xs), max(ys) - min(ys)
-        if not all(0.0 <= v <= 1.0 for v in coordinates):
+        corners = coordinates if len(coordinates) > 4 else [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]
+        if not all(-OUTSIDE_TOLERANCE <= v <= 1.0 + OUTSIDE_TOLERANCE for v in corners):
             problems.add("coordinates outside [0, 1]", where)
         boxes.append((int(index), [cx, cy, w, h]))
     return boxes
