@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .records import DetectionRecords, ImageRecord  # noqa: F401  (ImageRecord: the view of one image)
-from .validation import CocoColumns
+from .validation import CocoColumns, positions_of
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,9 @@ def clean_annotations(columns: CocoColumns, keep_empty: bool = True) -> CleanAnn
     columns (float64, then float32 boxes), without a Python object per image or box.
     """
     counts = dict.fromkeys(COUNT_KEYS, 0)
-    order = np.argsort(columns.image_ids, kind="stable")
-    image_index = order[np.searchsorted(columns.image_ids, columns.annotation_image_ids, sorter=order)]  # (num_annotations,)
+    image_index = columns.annotation_image_index  # (num_annotations,)
+    if image_index is None:
+        image_index = positions_of(columns.annotation_image_ids, columns.image_ids)
 
     crowd = columns.iscrowd
     x, y, w, h = columns.bboxes.T  # each (num_annotations,)

@@ -25,8 +25,9 @@ import re
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
-from itertools import chain
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from itertools import chain, repeat
+from operator import itemgetter
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -115,6 +116,7 @@ class CocoColumns:
     (list of str, JSON order). annotations: `annotation_ids`, `annotation_image_ids`, `annotation_category_ids` int64
     (num_annotations,), `bboxes` float64 (num_annotations, 4) as (x, y, w, h), `iscrowd` bool
     (num_annotations,). `category_ids` int64 (num_categories,), `category_names` list of str.
+    `annotation_image_index` int64 (num_annotations,): the position in `image_ids` of each annotation's image.
     """
 
     image_ids: np.ndarray
@@ -128,6 +130,7 @@ class CocoColumns:
     iscrowd: np.ndarray
     category_ids: np.ndarray
     category_names: list[str]
+    annotation_image_index: np.ndarray | None = None  # int64 (num_annotations,): position of the image, once checked
 
 
 def validate_coco(data: Any, path: str | os.PathLike) -> CocoColumns:
@@ -150,7 +153,7 @@ def validate_coco(data: Any, path: str | os.PathLike) -> CocoColumns:
 def _column(entries: list, key: str, types: tuple[type, ...]) -> list | None:
     """`[e[key] for e in entries]` when every entry has it and every value is exactly of `types`."""
     try:
-        values = [e[key] for e in entries]
+        values = list(map(itemgetter(key), entries))
     except (KeyError, TypeError):
         return None
     return values if set(map(type, values)) <= set(types) else None
@@ -160,8 +163,8 @@ def _int64(values: list | None) -> np.ndarray | None:
     if values is None:
         return None
     try:
-        return np.array(values, dtype=np.int64).reshape(-1)
-    except OverflowError:
+        return np.fromiter(values, dtype=np.int64, count=len(values))
+    except (OverflowError, ValueError):
         return None
 
 
@@ -187,12 +190,42 @@ def _fast_columns(data: dict) -> CocoColumns | None:
     if bboxes and (set(map(len, bboxes)) != {4} or not set(map(type, chain.from_iterable(bboxes))) <= {int, float}):
         return None
     try:
-        boxes = np.array(bboxes, dtype=np.float64).reshape(-1, 4)  # (num_annotations, 4)
+        boxes = np.fromiter(chain.from_iterable(bboxes), dtype=np.float64, count=4 * len(bboxes))
     except OverflowError:
         return None
-    iscrowd = np.array([bool(a.get("iscrowd", 0)) for a in annotations], dtype=bool)
+    crowd_flags = list(map(dict.get, annotations, repeat("iscrowd", len(annotations)), repeat(0, len(annotations))))
+    if set(map(type, crowd_flags)) <= {int, bool}:
+        iscrowd = np.fromiter(map(bool, crowd_flags), dtype=bool, count=len(crowd_flags))
+    else:
+        iscrowd = np.array([bool(flag) for flag in crowd_flags], dtype=bool)
     return CocoColumns(image_ids, widths, heights, file_names, annotation_ids, annotation_image_ids,
-                       annotation_category_ids, boxes, iscrowd, category_ids, category_names)  # fmt: skip
+                       annotation_category_ids, boxes.reshape(-1, 4), iscrowd, category_ids,
+                       category_names)  # fmt: skip
+
+
+def _has_duplicates(ids: np.ndarray) -> bool:
+    ordered = np.sort(ids)
+    return bool(np.any(ordered[1:] == ordered[:-1]))
+
+
+def positions_of(values: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """int64 (len(values),): the index in `keys` (unique) of each value, -1 where a value is not a key.
+
+    A dense lookup table when the keys span a small range (COCO's ids do), else a binary search."""
+    if not len(keys) or not len(values):
+        return np.full(len(values), -1, dtype=np.int64)
+    low, high = int(keys.min()), int(keys.max())
+    if high - low < 4 * len(keys) + 1024:
+        table = np.full(high - low + 1, -1, dtype=np.int64)
+        table[keys - low] = np.arange(len(keys))
+        inside = (values >= low) & (values <= high)
+        found = np.full(len(values), -1, dtype=np.int64)
+        found[inside] = table[values[inside] - low]
+        return found
+    order = np.argsort(keys, kind="stable")
+    slots = np.minimum(np.searchsorted(keys, values, sorter=order), len(keys) - 1)
+    found = order[slots]
+    return np.where(keys[found] == values, found, -1)
 
 
 def _fast_checks_pass(c: CocoColumns) -> bool:
@@ -202,26 +235,21 @@ def _fast_checks_pass(c: CocoColumns) -> bool:
         return False
     if not np.all(np.isfinite(c.bboxes)) or not c.category_ids.size:
         return False
-    if any(np.unique(ids).size != ids.size for ids in (c.image_ids, c.annotation_ids, c.category_ids)):
+    if any(_has_duplicates(ids) for ids in (c.image_ids, c.annotation_ids, c.category_ids)):
         return False
-    if not (np.all(np.isin(c.annotation_image_ids, c.image_ids))
-            and np.all(np.isin(c.annotation_category_ids, c.category_ids))):  # fmt: skip
+    c.annotation_image_index = positions_of(c.annotation_image_ids, c.image_ids)
+    if np.any(c.annotation_image_index < 0) or np.any(positions_of(c.annotation_category_ids, c.category_ids) < 0):
         return False
-    return not any(map(_unsafe_file_name, c.file_names))
+    return not any(map(_UNSAFE_PATTERN.search, c.file_names))
 
 
-_UNSAFE_PATTERN = re.compile(r"(^|[/\\])\.\.([/\\]|$)|\x00")
+# empty; absolute (/, \, a drive letter); a ".." component; a NUL
+_UNSAFE_PATTERN = re.compile(r"^(?:$|[/\\]|[A-Za-z]:)|(?:^|[/\\])\.\.(?:[/\\]|$)|\x00")
 
 
 def _unsafe_file_name(name: str) -> bool:
     """A name that is empty, absolute, has a `..` component or a NUL (it could leave the image folder)."""
-    return (
-        not name
-        or _UNSAFE_PATTERN.search(name) is not None
-        or PurePosixPath(name).is_absolute()
-        or PureWindowsPath(name).is_absolute()
-        or bool(PureWindowsPath(name).drive)
-    )
+    return _UNSAFE_PATTERN.search(name) is not None
 
 
 def _check_top_level(data: Any, path: str | os.PathLike) -> None:
