@@ -140,7 +140,8 @@ def test_one_checkpoint_evaluates_identically_on_all_three(three_formats, tiny_o
         evaluator = CocoEvaluator(datamodule.val_coco, datamodule.label_to_category_id)
         fixed = CocoEvaluator(datamodule.val_coco, datamodule.label_to_category_id)
         with torch.no_grad():
-            for images, mask, targets in datamodule.val_dataloader():
+            for batch in datamodule.val_dataloader():
+                images, mask, targets = datamodule.on_after_batch_transfer(batch, 0)  # uint8 -> normalised
                 detections = module.postprocess(module((images, mask)), torch.stack([t["orig_size"] for t in targets]))
                 evaluator.update({int(t["image_id"]): d for t, d in zip(targets, detections)})
                 fixed.update({int(t["image_id"]): _jittered_detections(int(t["image_id"]) - 1) for t in targets})

@@ -33,7 +33,8 @@ Transform = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 class CocoDetection(Dataset):
     """Images and boxes from a COCO detection annotation file.
 
-    Each item is `(image, target)`: `image` float32 (3, height, width) normalised, `target` a dict
+    Each item is `(image, target)`: `image` float32 (3, height, width) normalised (uint8 0..255 with
+    `uint8_images=True`), `target` a dict
     with `labels` int64 (num_boxes,) head indices, `boxes` float32 (num_boxes, 4) normalised
     (cx, cy, w, h) w.r.t. the augmented unpadded image, `image_id` int, `orig_size` int64 (2,)
     (h, w) of the file and `size` int64 (2,) (h, w) after the transforms. A target may also hold
@@ -67,6 +68,8 @@ class CocoDetection(Dataset):
         crowd_label: what the summary line calls the boxes with `iscrowd=1` ("difficult" for VOC).
         reader_problems: problems a format reader tolerated (kind -> count, see `conversion.ProblemLog`),
             kept in `reader_problems` for the pre-flight summary.
+        uint8_images: items hold the uint8 image (3, height, width), not normalised (the transforms are
+            called with `normalize=False`); the data modules normalise whole batches on the device.
     """
 
     def __init__(
@@ -84,6 +87,7 @@ class CocoDetection(Dataset):
         keep_coco: bool = True,
         crowd_label: str = "crowd",
         reader_problems: dict[str, int] | None = None,
+        uint8_images: bool = False,
     ):
         self.image_dir = Path(image_dir)
         self.ann_file = Path(ann_file)
@@ -95,6 +99,7 @@ class CocoDetection(Dataset):
         self.max_image_pixels = max_image_pixels
         self.max_replacement_tries = max_replacement_tries
         self.crowd_label = crowd_label
+        self.uint8_images = uint8_images
         self.reader_problems = dict(reader_problems or {})
 
         if data is None:
@@ -217,8 +222,9 @@ class CocoDetection(Dataset):
         self, position: int, pixels: np.ndarray, seed: int | None = None
     ) -> tuple[torch.Tensor, dict]:
         boxes = self.records.box_slice(position)
+        options = {"normalize": False} if self.uint8_images else {}
         image, boxes, labels = self.transforms(
-            pixels, self.records.boxes[boxes].copy(), self.box_labels[boxes].copy(), seed=seed
+            pixels, self.records.boxes[boxes].copy(), self.box_labels[boxes].copy(), seed=seed, **options
         )
         height, width = image.shape[-2:]
         boxes = boxes.to(torch.float32).reshape(-1, 4)

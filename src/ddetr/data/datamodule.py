@@ -24,7 +24,14 @@ from .samplers import ResumableDistributedSampler, UnpaddedDistributedSampler
 from .skips import SkipReport, pop_batch_skips
 from .conversion import ConvertedSplit
 from .synthetic import ensure_synthetic_dataset
-from .transforms import DetectionTransform, make_train_transforms, make_val_transforms
+from .transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DetectionTransform,
+    make_train_transforms,
+    make_val_transforms,
+    normalize_images,
+)
 from .validation import DatasetError
 from .voc import VOC_CLASSES, read_voc_split
 from .yolo import read_yolo_split
@@ -61,6 +68,11 @@ class DetectionDataModule(LightningDataModule):
     val dataset on first use (parsing its annotation file); train and val must declare the same
     categories.
 
+    uint8 batches (`uint8_batches=True`, the default): the workers pad uint8 images (4x fewer bytes
+    to pass between processes than float32) and `on_after_batch_transfer` normalises the batch on
+    the device (`normalize_images` with the transforms' mean/std), padding set to 0 as before;
+    Lightning calls it, code that iterates the loaders itself calls it too (or sets False).
+
     Skipped images: `on_before_batch_transfer` removes the skip records carried by each batch and
     adds them to `skip_reports[stage]` ("train" or "val"); `pop_skip_report(stage)` returns and
     resets it (`SkipReportCallback` logs it at the end of every train/val epoch).
@@ -80,6 +92,7 @@ class DetectionDataModule(LightningDataModule):
         skip_bad_images, keep_empty, exif_transpose, max_image_pixels: see `CocoDetection`.
         seed: seeds the train shuffling (non-distributed).
         pin_memory, persistent_workers: DataLoader options.
+        uint8_batches: uint8 images in the batches, normalised in `on_after_batch_transfer` (above).
     """
 
     def __init__(
@@ -101,6 +114,7 @@ class DetectionDataModule(LightningDataModule):
         seed: int = 0,
         pin_memory: bool = False,
         persistent_workers: bool = False,
+        uint8_batches: bool = True,
     ):
         super().__init__()
         # plain strings, so checkpoints holding these hyper-parameters load with weights_only=True
@@ -133,6 +147,7 @@ class DetectionDataModule(LightningDataModule):
             "max_image_pixels": max_image_pixels,
         }
         self.keep_empty = keep_empty
+        self.uint8_batches = uint8_batches
         self.seed = seed
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
@@ -155,7 +170,7 @@ class DetectionDataModule(LightningDataModule):
             (self.train_images, self.train_annotations) if split == "train" else (self.val_images, self.val_annotations)
         )
         return CocoDetection(images, annotations, transforms, keep_empty=keep_empty, keep_coco=keep_coco,
-                             **self.dataset_options)  # fmt: skip
+                             uint8_images=self.uint8_batches, **self.dataset_options)  # fmt: skip
 
     @property
     def train_dataset(self) -> CocoDetection:
@@ -277,6 +292,17 @@ class DetectionDataModule(LightningDataModule):
             self.skip_reports.setdefault(stage, SkipReport()).add(records)
         return batch
 
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int = 0) -> Any:
+        """uint8 batches: normalise the images on their device, padding (mask True) set to 0 (float batches pass)."""
+        images, mask, targets = batch
+        if images.dtype != torch.uint8:
+            return batch
+        transforms = self.train_transforms if getattr(self, "trainer", None) is not None and self.trainer.training \
+            else self.val_transforms  # fmt: skip
+        mean, std = getattr(transforms, "mean", IMAGENET_MEAN), getattr(transforms, "std", IMAGENET_STD)
+        images = normalize_images(images, mean, std).masked_fill_(mask[:, None], 0.0)  # (batch_size, 3, H, W)
+        return images, mask, targets
+
     def pop_skip_report(self, stage: str | None = None) -> SkipReport:
         """Return the skips seen since the last call for `stage` ("train"/"val"; None: all) and reset them."""
         stages = list(self.skip_reports) if stage is None else [stage]
@@ -321,7 +347,8 @@ class _ConvertedDataModule(DetectionDataModule):
         converted = self.read_split(split)
         return CocoDetection(converted.image_dir, converted.source, transforms, keep_empty=keep_empty,
                              keep_coco=keep_coco, data=converted.data, crowd_label=self.crowd_label,
-                             reader_problems=converted.problems, **self.dataset_options)  # fmt: skip
+                             reader_problems=converted.problems, uint8_images=self.uint8_batches,
+                             **self.dataset_options)  # fmt: skip
 
 
 class YoloDataModule(_ConvertedDataModule):

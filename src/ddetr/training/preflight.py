@@ -34,7 +34,8 @@ def pictures(dataset, output: Path, count: int, seed: int = 0) -> list[Path]:
         height, width = image.shape[-2:]
         cx, cy, w, h = target["boxes"].unbind(-1)  # normalised to the augmented image
         boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1) * torch.tensor([width, height] * 2)
-        picture = draw_detections(denormalize(image), boxes, target["labels"].tolist(), None, dataset.category_names)
+        pixels = image.permute(1, 2, 0).numpy() if image.dtype == torch.uint8 else denormalize(image)  # (H, W, 3)
+        picture = draw_detections(pixels, boxes, target["labels"].tolist(), None, dataset.category_names)
         paths.append(output / f"train_{target['image_id']}.png")
         picture.save(paths[-1])
     return paths
