@@ -22,7 +22,7 @@ from .image_loading import DEFAULT_MAX_IMAGE_PIXELS, ExifMode, ImageLoadError, l
 from .records import DetectionRecords
 from .skips import SKIPPED_KEY, SkipRecord
 from .transforms import make_plain_transforms
-from .validation import DatasetError, read_coco_json, validate_coco
+from .validation import DatasetError, gc_paused, read_coco_json, validate_coco
 
 log = logging.getLogger(__name__)
 
@@ -102,23 +102,9 @@ class CocoDetection(Dataset):
         self.uint8_images = uint8_images
         self.reader_problems = dict(reader_problems or {})
 
-        if data is None:
-            data, columns = read_coco_json(self.ann_file)
-        else:
-            columns = validate_coco(data, self.ann_file)
-        self.categories = [{"id": c["id"], "name": c["name"]} for c in data["categories"]]
-        try:
-            self.mapping = CategoryMapping(self.categories, category_mapping)
-        except ValueError as exc:
-            raise DatasetError(f"{self.ann_file}: {exc}") from exc
-        cleaned: CleanAnnotations = clean_annotations(columns, keep_empty=keep_empty)
-        del columns
-        self._data = data if keep_coco else None
-        del data
-        self.records: DetectionRecords = cleaned.images
-        # head index of every box, computed once (the mapping covers every validated category id)
-        label_of = np.vectorize(self.mapping.category_id_to_label.__getitem__, otypes=[np.int64])
-        self.box_labels = label_of(self.records.category_ids) if self.records.num_boxes else np.zeros(0, np.int64)
+        with gc_paused():  # parse, check, clean and free the parsed file without collections
+            cleaned = self._build_records(data, category_mapping, keep_empty, keep_coco)
+            del data
         self.annotation_counts: dict[str, int] = cleaned.counts
         changed = any(
             cleaned.counts[k]
@@ -130,6 +116,27 @@ class CocoDetection(Dataset):
         )
         if not len(self.records):
             raise DatasetError(f"{self.ann_file}: no images left to use")
+
+    def _build_records(self, data: dict | None, category_mapping: MappingMode, keep_empty: bool,
+                       keep_coco: bool) -> CleanAnnotations:  # fmt: skip
+        """Parse (once) or take `data`; validate, map categories, clean into `records` and `box_labels`;
+        keep the parsed dict (`_data`) only with `keep_coco`."""
+        if data is None:
+            data, columns = read_coco_json(self.ann_file)
+        else:
+            columns = validate_coco(data, self.ann_file)
+        self.categories = [{"id": c["id"], "name": c["name"]} for c in data["categories"]]
+        try:
+            self.mapping = CategoryMapping(self.categories, category_mapping)
+        except ValueError as exc:
+            raise DatasetError(f"{self.ann_file}: {exc}") from exc
+        cleaned = clean_annotations(columns, keep_empty=keep_empty)
+        self._data = data if keep_coco else None
+        self.records: DetectionRecords = cleaned.images
+        # head index of every box, computed once (the mapping covers every validated category id)
+        label_of = np.vectorize(self.mapping.category_id_to_label.__getitem__, otypes=[np.int64])
+        self.box_labels = label_of(self.records.category_ids) if self.records.num_boxes else np.zeros(0, np.int64)
+        return cleaned
 
     # ------------------------------------------------------------------ category information
     @property

@@ -79,8 +79,9 @@ def _parse_int(text: str) -> int | OversizedInteger:
 
 
 @contextmanager
-def _gc_paused():
-    """No cyclic garbage collection while millions of acyclic objects are created (a large speed-up)."""
+def gc_paused():
+    """No cyclic garbage collection while millions of acyclic objects are created and freed again (a
+    parsed annotation file): each collection would traverse all of them, to find nothing."""
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -93,7 +94,7 @@ def _gc_paused():
 def parse_json(text: str | bytes, path: str | os.PathLike) -> Any:
     """`json.loads` with every failure as one `DatasetError` naming `path` (position, or the value)."""
     try:
-        with _gc_paused():
+        with gc_paused():
             return json.loads(text)
     except json.JSONDecodeError as exc:
         raise DatasetError(
@@ -102,7 +103,7 @@ def parse_json(text: str | bytes, path: str | os.PathLike) -> Any:
     except (ValueError, RecursionError):
         pass  # an integer beyond Python's digit limit, or nesting too deep: parse again, slowly
     try:
-        with _gc_paused():
+        with gc_paused():
             return json.loads(text, parse_int=_parse_int)
     except (ValueError, RecursionError) as exc:
         raise DatasetError(f"{path}: cannot parse JSON: {type(exc).__name__}: {exc}") from exc
@@ -139,11 +140,11 @@ def validate_coco(data: Any, path: str | os.PathLike) -> CocoColumns:
     Returns the validated fields as `CocoColumns`.
     """
     _check_top_level(data, path)
-    with _gc_paused():
+    with gc_paused():
         columns = _fast_columns(data)
     if columns is None or not _fast_checks_pass(columns):
         _detailed_checks(data, path)  # names the offending ids; raises when anything is wrong
-        with _gc_paused():
+        with gc_paused():
             columns = _fast_columns(data)
         if columns is None or not _fast_checks_pass(columns):
             raise DatasetError(f"{path}: invalid COCO annotations")  # a case the detailed checks miss
