@@ -235,3 +235,32 @@ def _write_images(tmp_path: Path) -> Path:
     for index, (stem, width, height, _) in enumerate(IMAGES):
         _pixels(index, width, height).save(folder / f"{stem}.jpg")
     return folder
+
+
+def test_check_data_summary_is_the_same_for_each_format(tmp_path, capsys):
+    from ddetr.app import compose
+    from ddetr.training.preflight import check_data
+
+    coco = write_coco(tmp_path / "coco")
+    images = tmp_path / "coco" / "images"
+    formats = {
+        "custom": [f"data.train_images={images}", f"data.train_annotations={coco}", f"data.val_images={images}",
+                   f"data.val_annotations={coco}"],  # fmt: skip
+        "yolo": [f"data.data_dir={write_yolo(tmp_path / 'yolo', images)}"],
+        "voc": [f"data.data_dir={write_voc(tmp_path / 'voc', images)}", f"data.class_names=[{','.join(CLASSES)}]"],
+    }
+    reports, printed = {}, {}
+    for name, overrides in formats.items():
+        cfg = compose([f"data={name}", *overrides, "data.num_workers=0", "num_pictures=2", f"output={tmp_path / name}",
+                       f"paths.output_dir={tmp_path / name}"], config_name="check_data")  # fmt: skip
+        reports[name] = check_data(cfg)
+        printed[name] = capsys.readouterr().out
+        assert len(list((tmp_path / name / "samples").glob("*.png"))) == 2
+    expected_per_class = {"cat": 2, "dog": 2, "bird": 2}
+    for name, report in reports.items():
+        assert report["boxes_per_class"] == expected_per_class, name
+        assert (report["images"], report["boxes"], report["images_without_boxes"]) == (4, 6, 1)
+        assert {k: v for k, v in report.items() if k != "pictures"} == {
+            k: v for k, v in reports["custom"].items() if k != "pictures"}  # fmt: skip
+        assert "4 images, 6 boxes, 3 classes" in printed[name]
+    assert "0 difficult" in printed["voc"] and "0 crowd" in printed["yolo"]
