@@ -79,3 +79,15 @@ def test_uint8_batches_normalised_after_transfer_equal_float32_batches(tmp_path)
         textbook = ((raw.double() / 255 - mean.double()) / std.double()).masked_fill(mask_u[:, None], 0)
         torch.testing.assert_close(images_u.double(), textbook, rtol=0, atol=1e-5)
         assert torch.all(images_u.masked_select(mask_u[:, None].expand_as(images_u)) == 0)
+
+
+def test_pad_to_multiple_rounds_the_batch_up_and_masks_the_extra():
+    a = torch.full((3, 50, 70), 7, dtype=torch.uint8)
+    b = torch.full((3, 64, 33), 9, dtype=torch.uint8)
+    images, mask, _ = collate_detection([(a, {}), (b, {})], pad_to_multiple=32)
+    assert images.shape == (2, 3, 64, 96) and mask.shape == (2, 64, 96) and images.dtype == torch.uint8
+    assert torch.equal(images[0, :, :50, :70], a) and images[0, :, 50:].eq(0).all() and images[0, :, :, 70:].eq(0).all()
+    assert mask[0].sum() == 64 * 96 - 50 * 70 and mask[1].sum() == 64 * 96 - 64 * 33
+    assert not mask[0, :50, :70].any() and not mask[1, :64, :33].any()
+    exact, _, _ = collate_detection([(a, {}), (b, {})])
+    assert exact.shape == (2, 3, 64, 70)

@@ -11,6 +11,11 @@
    of the DataLoader with 1 and 2 workers, with float32 batches (normalised in the workers) and with
    uint8 batches (normalised later, on the device), interleaved and repeated.
 
+4. Batch shapes (`--shape-images N`): the official training augmentation on N images with COCO-like
+   sizes (long side 640, short side 300..640, 70% landscape), batch 2 in a shuffled order; the number
+   of distinct padded batch shapes and the padding (share of batch pixels that are padding, and the
+   extra pixels over exact padding) for `pad_to_multiple` 1, 32, 64 and 128.
+
 Numbers printed, nothing asserted; on a shared machine compare the ratios measured in one run.
 """
 
@@ -172,6 +177,34 @@ def loader_images_per_second(ann_file: Path, workers: int, uint8: bool, num_batc
     return count / (time.perf_counter() - start)
 
 
+def batch_shapes(num_images: int, batch_size: int = 2, seed: int = 0) -> dict[int, dict[str, float]]:
+    """Distinct padded shapes and padding cost per `pad_to_multiple` over one shuffled pass (see item 4)."""
+    from ddetr.data import make_train_transforms
+
+    rng = np.random.default_rng(seed)
+    transform = make_train_transforms(normalize=False)
+    sizes = []
+    for index in range(num_images):
+        short, landscape = int(rng.integers(300, 641)), rng.uniform() < 0.7
+        height, width = (short, 640) if landscape else (640, short)
+        image = np.zeros((height, width, 3), dtype=np.uint8)
+        out, _, _ = transform(image, np.array([[0, 0, width / 2, height / 2]]), np.array([0]), seed=index)
+        sizes.append(tuple(out.shape[-2:]))
+    order = rng.permutation(num_images)
+    result = {}
+    for multiple in (1, 32, 64, 128):
+        shapes, padded, content = set(), 0, 0
+        for start in range(0, num_images, batch_size):
+            batch = [sizes[i] for i in order[start : start + batch_size]]
+            height = -(-max(h for h, _ in batch) // multiple) * multiple
+            width = -(-max(w for _, w in batch) // multiple) * multiple
+            shapes.add((len(batch), height, width))
+            padded += len(batch) * height * width
+            content += sum(h * w for h, w in batch)
+        result[multiple] = {"distinct_shapes": len(shapes), "padding_share": 1 - content / padded, "pixels": padded}
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ddetr.bench data", description=__doc__.split("\n\n")[0])
     parser.add_argument("--num-images", type=int, default=COCO_TRAIN_IMAGES)
@@ -179,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jpegs", type=int, default=24, help="COCO-sized JPEGs for the pipeline (0: skip it)")
     parser.add_argument("--batches", type=int, default=24, help="timed batches per pipeline measurement")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--shape-images", type=int, default=4000, help="images for the batch-shape count (0: skip it)")
+    parser.add_argument("--skip-startup", action="store_true", help="skip items 1 and 2")
     parser.add_argument("--work-dir", type=Path, default=None, help="keep the generated files here (default: a temp dir)")
     args = parser.parse_args(argv)
 
@@ -186,16 +221,17 @@ def main(argv: list[str] | None = None) -> int:
         work = args.work_dir or Path(temp)
         work.mkdir(parents=True, exist_ok=True)
         ann_file = work / f"coco_like_{args.num_images}_{args.num_boxes}.json"
-        if not ann_file.exists():
+        if not ann_file.exists() and not args.skip_startup:
             write_coco_like_annotations(ann_file, args.num_images, args.num_boxes)
-        r = startup_and_workers(ann_file)
-        print(f"annotations: {ann_file.stat().st_size / 2**20:.0f} MiB of JSON, {r['images']} images, {r['boxes']} boxes kept")
-        print(f"start-up: build {r['build_s']:.2f} s wall, {r['build_cpu_s']:.2f} s CPU (bare json.loads of the file: "
-              f"{r['json_loads_s']:.2f} s wall, {r['json_loads_cpu_s']:.2f} s CPU; CPU ratio "
-              f"{r['build_cpu_s'] / r['json_loads_cpu_s']:.2f}); memory added {r['rss_added_mib']:.0f} MiB RSS, "
-              f"record arrays {r['arrays_mib']:.1f} MiB, peak RSS {r['peak_rss_mib']:.0f} MiB")  # fmt: skip
-        print(f"forked worker after a pass + gc.collect(): USS {r['worker_uss_mib']:.1f} MiB "
-              f"({r['worker_uss_no_freeze_mib']:.1f} MiB without gc.freeze in the worker)")  # fmt: skip
+        r = {} if args.skip_startup else startup_and_workers(ann_file)
+        if r:
+            print(f"annotations: {ann_file.stat().st_size / 2**20:.0f} MiB of JSON, {r['images']} images, {r['boxes']} boxes kept")
+            print(f"start-up: build {r['build_s']:.2f} s wall, {r['build_cpu_s']:.2f} s CPU (bare json.loads of the file: "
+                  f"{r['json_loads_s']:.2f} s wall, {r['json_loads_cpu_s']:.2f} s CPU; CPU ratio "
+                  f"{r['build_cpu_s'] / r['json_loads_cpu_s']:.2f}); memory added {r['rss_added_mib']:.0f} MiB RSS, "
+                  f"record arrays {r['arrays_mib']:.1f} MiB, peak RSS {r['peak_rss_mib']:.0f} MiB")  # fmt: skip
+            print(f"forked worker after a pass + gc.collect(): USS {r['worker_uss_mib']:.1f} MiB "
+                  f"({r['worker_uss_no_freeze_mib']:.1f} MiB without gc.freeze in the worker)")  # fmt: skip
         if args.jpegs:
             jpeg_file = write_jpegs(work / "jpegs", args.jpegs)
             rates: dict[tuple[int, bool], list[float]] = {}
@@ -210,5 +246,12 @@ def main(argv: list[str] | None = None) -> int:
                       f"{best:.1f} images/s ({best / workers:.1f} per worker; runs {', '.join(f'{v:.1f}' for v in values)})")
             ratio = max(rates[(2, True)]) / max(rates[(2, False)])
             print(f"uint8 / float32 images/s with 2 workers: {ratio:.2f}")
+        if args.shape_images:
+            shapes = batch_shapes(args.shape_images)
+            exact = shapes[1]["pixels"]
+            for multiple, info in shapes.items():
+                print(f"batch shapes, pad_to_multiple={multiple:>3}: {info['distinct_shapes']:>5} distinct over "
+                      f"{args.shape_images} images (batch 2), padding {100 * info['padding_share']:.1f}% of batch pixels, "
+                      f"{100 * (info['pixels'] / exact - 1):+.1f}% pixels vs exact padding")  # fmt: skip
     sys.stdout.flush()
     return 0

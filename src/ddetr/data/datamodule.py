@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import os
@@ -39,17 +40,31 @@ from .yolo import read_yolo_split
 log = logging.getLogger(__name__)
 
 
-def collate_detection(samples: list[tuple[torch.Tensor, dict]]) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+def collate_detection(
+    samples: list[tuple[torch.Tensor, dict]], pad_to_multiple: int = 1
+) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
     """Stacks ``(image (3, h_i, w_i), target)`` samples into ``(images, mask, targets)``.
 
+    Args:
+        samples: the batch's samples.
+        pad_to_multiple: H and W are rounded up to a multiple of this (1: the largest sizes exactly),
+            which bounds the number of distinct batch shapes (fewer recompilations, cached kernels).
+
     Returns:
-        images: float (batch_size, 3, H, W), H/W the largest height/width, zero-padded bottom/right.
+        images: (batch_size, 3, H, W) of the samples' dtype, H/W the largest height/width (rounded up to
+            `pad_to_multiple`), zero-padded bottom/right.
         mask: bool (batch_size, H, W), True on padding.
         targets: the targets, unchanged, in sample order.
     """
     if not samples:
         raise ValueError("cannot collate an empty batch")
     images, mask = pad_images([image for image, _ in samples])
+    if pad_to_multiple > 1:
+        height, width = images.shape[-2:]
+        extra_h, extra_w = -height % pad_to_multiple, -width % pad_to_multiple
+        if extra_h or extra_w:
+            images = torch.nn.functional.pad(images, (0, extra_w, 0, extra_h))  # (batch_size, 3, H', W'), zeros
+            mask = torch.nn.functional.pad(mask, (0, extra_w, 0, extra_h), value=True)  # (batch_size, H', W')
     return images, mask, [target for _, target in samples]
 
 
@@ -93,6 +108,7 @@ class DetectionDataModule(LightningDataModule):
         seed: seeds the train shuffling (non-distributed).
         pin_memory, persistent_workers: DataLoader options.
         uint8_batches: uint8 images in the batches, normalised in `on_after_batch_transfer` (above).
+        pad_to_multiple: batch heights and widths rounded up to a multiple of this (`collate_detection`).
     """
 
     def __init__(
@@ -115,6 +131,7 @@ class DetectionDataModule(LightningDataModule):
         pin_memory: bool = False,
         persistent_workers: bool = False,
         uint8_batches: bool = True,
+        pad_to_multiple: int = 1,
     ):
         super().__init__()
         # plain strings, so checkpoints holding these hyper-parameters load with weights_only=True
@@ -148,6 +165,9 @@ class DetectionDataModule(LightningDataModule):
         }
         self.keep_empty = keep_empty
         self.uint8_batches = uint8_batches
+        if pad_to_multiple < 1:
+            raise ValueError(f"pad_to_multiple must be at least 1, got {pad_to_multiple}")
+        self.pad_to_multiple = int(pad_to_multiple)
         self.seed = seed
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
@@ -277,7 +297,7 @@ class DetectionDataModule(LightningDataModule):
         return {
             "num_workers": self.num_workers,
             "worker_init_fn": freeze_inherited_objects if self.num_workers > 0 else None,
-            "collate_fn": collate_detection,
+            "collate_fn": functools.partial(collate_detection, pad_to_multiple=self.pad_to_multiple),
             "pin_memory": self.pin_memory,
             "persistent_workers": self.persistent_workers,
         }
