@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from ddetr.data import SHAPES, ensure_synthetic_dataset
+from ddetr.data import SHAPES, DatasetError, ensure_synthetic_dataset
 
 SMALL = {"num_train": 24, "num_val": 8, "image_size": 64, "progress": False}
 
@@ -55,18 +55,42 @@ def test_cached_and_regenerated_on_new_parameters(tmp_path):
     ]  # no temporary folders left behind
 
 
-def test_incomplete_directory_is_not_trusted(tmp_path):
+def test_a_folder_that_is_not_ours_is_refused_and_left_intact(tmp_path):
+    """A non-empty folder without our manifest (the user's files, an interrupted copy) is never replaced."""
     root = tmp_path / "s"
-    (root / "train").mkdir(
-        parents=True
-    )  # e.g. an interrupted, non-atomic copy: no manifest
-    (root / "train" / "000001.jpg").write_bytes(b"partial")
-    ensure_synthetic_dataset(root, **SMALL)
-    assert Image.open(root / "train" / "000001.jpg").size == (64, 64)
-    assert (
-        json.loads((root / "manifest.json").read_text())["stats"]["train"]["images"]
-        == 24
-    )
+    (root / "train").mkdir(parents=True)
+    (root / "train" / "000001.jpg").write_bytes(b"user data")
+    (root / "notes.txt").write_text("mine")
+    before = _tree_bytes(root)
+    with pytest.raises(DatasetError, match="refusing to replace or delete it"):
+        ensure_synthetic_dataset(root, **SMALL)
+    assert _tree_bytes(root) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]  # no temporary or renamed copies left behind
+    # a file at root is refused too; an empty folder is used
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DatasetError, match="not a folder"):
+        ensure_synthetic_dataset(tmp_path / "file", **SMALL)
+    (tmp_path / "empty").mkdir()
+    ensure_synthetic_dataset(tmp_path / "empty", **SMALL)
+    assert (tmp_path / "empty" / "manifest.json").is_file()
+
+
+def test_train_cli_refuses_a_foreign_data_root_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    root = tmp_path / "mine"
+    root.mkdir()
+    (root / "thesis.tex").write_text("irreplaceable")
+    result = subprocess.run(
+        [sys.executable, "-m", "ddetr.train", "preset=debug", f"data.root={root}", f"paths.output_dir={tmp_path}/out",
+         f"paths.log_dir={tmp_path}/logs"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert (root / "thesis.tex").read_text() == "irreplaceable" and sorted(os.listdir(root)) == ["thesis.tex"]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and str(root) in last and "Traceback" not in result.stderr
 
 
 def test_content_ranges(tmp_path):

@@ -162,12 +162,13 @@ def hydra_app(config_name: str, run: Callable[[DictConfig], Any]) -> Callable[[]
 
     @functools.wraps(run)
     def configured_run(cfg: DictConfig) -> Any:
+        from ddetr.data.validation import DatasetError
         from ddetr.training.checkpoints import CheckpointError
 
         apply_matmul_precision(cfg)
         try:
             return run(cfg)
-        except CheckpointError as error:  # one line naming the file and the likely cause, no traceback
+        except (CheckpointError, DatasetError) as error:  # one line naming the file and the likely cause, no traceback
             raise SystemExit(f"error: {error}") from None
 
     hydra_main = hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=config_name)(configured_run)

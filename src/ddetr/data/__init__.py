@@ -1,8 +1,16 @@
-"""Data: synthetic dataset, COCO dataset + validation, albumentations transforms, collate, DataModules."""
+"""Data: synthetic dataset, COCO dataset + validation, YOLO and VOC readers, transforms, collate, DataModules."""
 
 from .category_mapping import COCO91_NAMES, CategoryMapping
 from .coco import CocoDetection
-from .datamodule import CocoDataModule, DetectionDataModule, SyntheticDataModule, collate_detection
+from .datamodule import (
+    CocoDataModule,
+    DetectionDataModule,
+    SyntheticDataModule,
+    VocDataModule,
+    YoloDataModule,
+    collate_detection,
+)
+from .records import DetectionRecords, ImageRecord
 from .image_loading import ImageLoadError
 from .samplers import UnpaddedDistributedSampler
 from .skips import SkipRecord, SkipReport, pop_batch_skips
@@ -23,12 +31,16 @@ __all__ = [
     "CocoDetection",
     "DatasetError",
     "DetectionDataModule",
+    "DetectionRecords",
+    "ImageRecord",
     "DetectionTransform",
     "ImageLoadError",
     "SkipRecord",
     "SkipReport",
     "SyntheticDataModule",
     "UnpaddedDistributedSampler",
+    "VocDataModule",
+    "YoloDataModule",
     "collate_detection",
     "ensure_synthetic_dataset",
     "make_plain_transforms",

@@ -1,4 +1,4 @@
-"""Turning validated COCO annotations into per-image training boxes, with a count of what changed.
+"""Turning validated COCO annotations into flat per-image training boxes, with a count of what changed.
 
 Rules (the official Deformable DETR conversion, plus counting):
 - crowd annotations (`iscrowd=1`) are kept out of the training targets (`crowd`);
@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .records import DetectionRecords, ImageRecord  # noqa: F401  (ImageRecord: the view of one image)
+from .validation import CocoColumns, positions_of
+
 log = logging.getLogger(__name__)
 
 COUNT_KEYS = (
@@ -31,34 +34,19 @@ COUNT_KEYS = (
 
 
 @dataclass
-class ImageRecord:
-    """One image to load: file, size from the JSON, and its clean boxes.
-
-    `boxes` is float32 (num_boxes, 4) absolute (x0, y0, x1, y1) in the JSON's width/height;
-    `category_ids` is int64 (num_boxes,).
-    """
-
-    image_id: int
-    file_name: str
-    width: int
-    height: int
-    boxes: np.ndarray
-    category_ids: np.ndarray
-
-
-@dataclass
 class CleanAnnotations:
-    """Result of `clean_annotations`: images in JSON order and the counts of every rule applied."""
+    """Result of `clean_annotations`: images in JSON order (`DetectionRecords`) and the counts of every rule applied."""
 
-    images: list[ImageRecord]
+    images: DetectionRecords
     counts: dict[str, int] = field(default_factory=dict)
 
-    def summary(self, name: str) -> str:
-        """One line describing the counts, prefixed with `name` (usually the annotation file)."""
+    def summary(self, name: str, crowd_label: str = "crowd") -> str:
+        """One line describing the counts, prefixed with `name` (usually the annotation file);
+        `crowd_label` names the boxes kept out of training ("difficult" for Pascal VOC)."""
         c = self.counts
         return (
             f"{name}: {c['images']} images, {c['boxes']} boxes kept; dropped {c['degenerate']} degenerate and "
-            f"{c['outside']} outside boxes; clipped {c['clipped']} boxes; excluded {c['crowd']} crowd boxes; "
+            f"{c['outside']} outside boxes; clipped {c['clipped']} boxes; excluded {c['crowd']} {crowd_label} boxes; "
             f"{c['empty_images']} images without boxes "
             + (
                 "kept as negatives"
@@ -68,51 +56,48 @@ class CleanAnnotations:
         )
 
 
-def clean_annotations(data: dict, keep_empty: bool = True) -> CleanAnnotations:
-    """Apply the box rules above to a validated COCO dict (see `validation.load_coco_json`)."""
-    counts = dict.fromkeys(COUNT_KEYS, 0)
-    per_image: dict[int, list[tuple[list[float], int]]] = {
-        image["id"]: [] for image in data["images"]
-    }
-    sizes = {image["id"]: (image["width"], image["height"]) for image in data["images"]}
-    for ann in data["annotations"]:
-        if ann.get("iscrowd", 0):
-            counts["crowd"] += 1
-            continue
-        x, y, w, h = (float(v) for v in ann["bbox"])
-        if w <= 0 or h <= 0:
-            counts["degenerate"] += 1
-            continue
-        width, height = sizes[ann["image_id"]]
-        x0, y0 = min(max(x, 0.0), width), min(max(y, 0.0), height)
-        x1, y1 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
-        if x1 <= x0 or y1 <= y0:
-            counts["outside"] += 1
-            continue
-        if (x0, y0, x1, y1) != (x, y, x + w, y + h):
-            counts["clipped"] += 1
-        per_image[ann["image_id"]].append(([x0, y0, x1, y1], ann["category_id"]))
+def clean_annotations(columns: CocoColumns, keep_empty: bool = True) -> CleanAnnotations:
+    """Apply the box rules above to validated annotations (see `validation.read_coco_json`).
 
-    images = []
-    for image in data["images"]:
-        entries = per_image[image["id"]]
-        if not entries:
-            counts["empty_images"] += 1
-            if not keep_empty:
-                counts["dropped_empty_images"] += 1
-                continue
-        boxes = np.array([box for box, _ in entries], dtype=np.float32).reshape(-1, 4)
-        category_ids = np.array([cid for _, cid in entries], dtype=np.int64)
-        images.append(
-            ImageRecord(
-                image["id"],
-                image["file_name"],
-                image["width"],
-                image["height"],
-                boxes,
-                category_ids,
-            )
-        )
-        counts["boxes"] += len(entries)
+    Boxes keep their file order within each image; images keep their file order. Computed on whole
+    columns (float64, then float32 boxes), without a Python object per image or box.
+    """
+    counts = dict.fromkeys(COUNT_KEYS, 0)
+    image_index = columns.annotation_image_index  # (num_annotations,)
+    if image_index is None:
+        image_index = positions_of(columns.annotation_image_ids, columns.image_ids)
+
+    crowd = columns.iscrowd
+    x, y, w, h = columns.bboxes.T  # each (num_annotations,)
+    degenerate = ~crowd & ((w <= 0) | (h <= 0))
+    width = columns.widths[image_index].astype(np.float64)
+    height = columns.heights[image_index].astype(np.float64)
+    x0, y0 = np.minimum(np.maximum(x, 0.0), width), np.minimum(np.maximum(y, 0.0), height)
+    x1, y1 = np.minimum(np.maximum(x + w, 0.0), width), np.minimum(np.maximum(y + h, 0.0), height)
+    candidate = ~crowd & ~degenerate
+    outside = candidate & ((x1 <= x0) | (y1 <= y0))
+    kept = candidate & ~outside
+    clipped = kept & ((x0 != x) | (y0 != y) | (x1 != x + w) | (y1 != y + h))
+    counts.update(crowd=int(crowd.sum()), degenerate=int(degenerate.sum()), outside=int(outside.sum()),
+                  clipped=int(clipped.sum()))  # fmt: skip
+
+    kept_index = np.flatnonzero(kept)
+    kept_index = kept_index[np.argsort(image_index[kept_index], kind="stable")]  # by image, file order within
+    boxes_per_image = np.bincount(image_index[kept_index], minlength=len(columns.image_ids))  # (num_images,)
+    empty = boxes_per_image == 0
+    counts["empty_images"] = int(empty.sum())
+    use = np.ones(len(columns.image_ids), dtype=bool) if keep_empty else ~empty
+    counts["dropped_empty_images"] = int((~use).sum())
+
+    box_offsets = np.zeros(int(use.sum()) + 1, dtype=np.int64)
+    np.cumsum(boxes_per_image[use], out=box_offsets[1:])
+    boxes = np.stack([x0, y0, x1, y1], axis=1)[kept_index].astype(np.float32)  # (num_boxes, 4)
+    used = np.flatnonzero(use)
+    images = DetectionRecords(
+        columns.image_ids[used], np.stack([columns.widths, columns.heights], axis=1)[used],
+        [columns.file_names[i] for i in used.tolist()], box_offsets, boxes,
+        columns.annotation_category_ids[kept_index],
+    )  # fmt: skip
+    counts["boxes"] = images.num_boxes
     counts["images"] = len(images)
     return CleanAnnotations(images, counts)

@@ -8,6 +8,7 @@ from typing import Literal
 
 MappingMode = Literal["contiguous", "coco91"]
 UNUSED_NAME = "N/A"
+MAX_COCO91_ID = 100_000  # "coco91" makes one head output per id up to the largest
 
 
 class CategoryMapping:
@@ -38,6 +39,11 @@ class CategoryMapping:
             if min(names) < 0:
                 raise ValueError(
                     f"coco91 mapping needs non-negative category ids, got {min(names)}"
+                )
+            if max(names) > MAX_COCO91_ID:
+                raise ValueError(
+                    f"coco91 mapping makes one head output per id up to the largest; category id {max(names)} "
+                    f"is above {MAX_COCO91_ID} (use category_mapping=contiguous)"
                 )
             self.label_to_category_id = list(range(max(names) + 1))
         self.category_names: list[str] = [

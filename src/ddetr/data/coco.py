@@ -16,12 +16,13 @@ from torch.utils.data import Dataset
 
 from ddetr.models.box_ops import box_xyxy_to_cxcywh
 
-from .annotations import CleanAnnotations, ImageRecord, clean_annotations
+from .annotations import CleanAnnotations, clean_annotations
 from .category_mapping import CategoryMapping, MappingMode
 from .image_loading import DEFAULT_MAX_IMAGE_PIXELS, ExifMode, ImageLoadError, load_rgb_image
+from .records import DetectionRecords
 from .skips import SKIPPED_KEY, SkipRecord
 from .transforms import make_plain_transforms
-from .validation import DatasetError, load_coco_json
+from .validation import DatasetError, gc_paused, read_coco_json, validate_coco
 
 log = logging.getLogger(__name__)
 
@@ -32,16 +33,19 @@ Transform = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 class CocoDetection(Dataset):
     """Images and boxes from a COCO detection annotation file.
 
-    Each item is `(image, target)`: `image` float32 (3, height, width) normalised, `target` a dict
+    Each item is `(image, target)`: `image` float32 (3, height, width) normalised (uint8 0..255 with
+    `uint8_images=True`), `target` a dict
     with `labels` int64 (num_boxes,) head indices, `boxes` float32 (num_boxes, 4) normalised
     (cx, cy, w, h) w.r.t. the augmented unpadded image, `image_id` int, `orig_size` int64 (2,)
     (h, w) of the file and `size` int64 (2,) (h, w) after the transforms. A target may also hold
     `"skipped"`: a list of `SkipRecord` for bad images replaced by this sample (see `skips.py`).
 
-    At construction the annotation file is validated (`validation.load_coco_json`, which raises a
-    single `DatasetError` naming the file and the offending ids) and cleaned
+    At construction the annotation file is parsed once, validated (`validation.read_coco_json`, which
+    raises a single `DatasetError` naming the file and the offending ids) and cleaned
     (`annotations.clean_annotations`); the cleaning counts are logged in one line and kept in
-    `annotation_counts`.
+    `annotation_counts`. The images and boxes are kept in flat arrays (`records`, a
+    `DetectionRecords`; `records[i]` is an `ImageRecord`). The parsed file itself is kept only with
+    `keep_coco=True`, for the pycocotools index of evaluation (`coco`); a training dataset drops it.
 
     A bad image (missing, corrupt, truncated, too large, size not matching the JSON) is, with
     `skip_bad_images=True`, replaced by the next loadable image (wrapping around) and the skip is
@@ -50,7 +54,7 @@ class CocoDetection(Dataset):
 
     Args:
         image_dir: folder the `file_name`s are relative to.
-        ann_file: COCO detection JSON.
+        ann_file: COCO detection JSON (with `data`: only the name used in messages).
         transforms: `DetectionTransform` (or a callable with its signature); None only normalises.
         category_mapping: "contiguous" (sorted ids -> 0..K-1) or "coco91" (head index == id).
         skip_bad_images: replace bad images (True) or raise (False).
@@ -58,6 +62,14 @@ class CocoDetection(Dataset):
         exif_transpose: "auto", "always" or "never" (see `image_loading`).
         max_image_pixels: larger images count as bad (decompression-bomb guard); None: no limit.
         max_replacement_tries: consecutive bad images tolerated before giving up with an error.
+        data: an already-parsed COCO dict (e.g. converted from YOLO or Pascal VOC files) instead of
+            reading `ann_file`; it is validated the same way.
+        keep_coco: keep the parsed annotations for `coco` (evaluation); False frees them.
+        crowd_label: what the summary line calls the boxes with `iscrowd=1` ("difficult" for VOC).
+        reader_problems: problems a format reader tolerated (kind -> count, see `conversion.ProblemLog`),
+            kept in `reader_problems` for the pre-flight summary.
+        uint8_images: items hold the uint8 image (3, height, width), not normalised (the transforms are
+            called with `normalize=False`); the data modules normalise whole batches on the device.
     """
 
     def __init__(
@@ -71,6 +83,11 @@ class CocoDetection(Dataset):
         exif_transpose: ExifMode = "auto",
         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
         max_replacement_tries: int = 20,
+        data: dict | None = None,
+        keep_coco: bool = True,
+        crowd_label: str = "crowd",
+        reader_problems: dict[str, int] | None = None,
+        uint8_images: bool = False,
     ):
         self.image_dir = Path(image_dir)
         self.ann_file = Path(ann_file)
@@ -81,11 +98,13 @@ class CocoDetection(Dataset):
         self.exif_transpose = exif_transpose
         self.max_image_pixels = max_image_pixels
         self.max_replacement_tries = max_replacement_tries
+        self.crowd_label = crowd_label
+        self.uint8_images = uint8_images
+        self.reader_problems = dict(reader_problems or {})
 
-        self._data = load_coco_json(self.ann_file)
-        self.mapping = CategoryMapping(self._data["categories"], category_mapping)
-        cleaned: CleanAnnotations = clean_annotations(self._data, keep_empty=keep_empty)
-        self.records: list[ImageRecord] = cleaned.images
+        with gc_paused():  # parse, check, clean and free the parsed file without collections
+            cleaned = self._build_records(data, category_mapping, keep_empty, keep_coco)
+            del data
         self.annotation_counts: dict[str, int] = cleaned.counts
         changed = any(
             cleaned.counts[k]
@@ -93,10 +112,31 @@ class CocoDetection(Dataset):
         )
         log.log(
             logging.WARNING if changed else logging.INFO,
-            cleaned.summary(str(self.ann_file)),
+            cleaned.summary(str(self.ann_file), crowd_label),
         )
-        if not self.records:
+        if not len(self.records):
             raise DatasetError(f"{self.ann_file}: no images left to use")
+
+    def _build_records(self, data: dict | None, category_mapping: MappingMode, keep_empty: bool,
+                       keep_coco: bool) -> CleanAnnotations:  # fmt: skip
+        """Parse (once) or take `data`; validate, map categories, clean into `records` and `box_labels`;
+        keep the parsed dict (`_data`) only with `keep_coco`."""
+        if data is None:
+            data, columns = read_coco_json(self.ann_file)
+        else:
+            columns = validate_coco(data, self.ann_file)
+        self.categories = [{"id": c["id"], "name": c["name"]} for c in data["categories"]]
+        try:
+            self.mapping = CategoryMapping(self.categories, category_mapping)
+        except ValueError as exc:
+            raise DatasetError(f"{self.ann_file}: {exc}") from exc
+        cleaned = clean_annotations(columns, keep_empty=keep_empty)
+        self._data = data if keep_coco else None
+        self.records: DetectionRecords = cleaned.images
+        # head index of every box, computed once (the mapping covers every validated category id)
+        label_of = np.vectorize(self.mapping.category_id_to_label.__getitem__, otypes=[np.int64])
+        self.box_labels = label_of(self.records.category_ids) if self.records.num_boxes else np.zeros(0, np.int64)
+        return cleaned
 
     # ------------------------------------------------------------------ category information
     @property
@@ -113,20 +153,22 @@ class CocoDetection(Dataset):
 
     @property
     def image_ids(self) -> list[int]:
-        return [r.image_id for r in self.records]
+        return self.records.image_ids.tolist()
 
     @cached_property
     def coco(self):
         """pycocotools `COCO` of the annotation file (all annotations, crowd included), for evaluation.
 
         Annotations lacking `iscrowd` or `area` (optional for training, required by COCOeval) get
-        `iscrowd=0` and `area = w * h`. Only available in the process that built the dataset.
+        `iscrowd=0` and `area = w * h`. Only available in the process that built the dataset, and
+        only with `keep_coco=True`.
         """
         from pycocotools.coco import COCO
 
         if self._data is None:
             raise RuntimeError(
-                "the COCO index is not available in a DataLoader worker copy of the dataset"
+                "the COCO index is not available: the dataset was built with keep_coco=False, or this "
+                "is a DataLoader worker copy of it"
             )
         annotations = [
             {
@@ -158,26 +200,23 @@ class CocoDetection(Dataset):
         index, seed = item if isinstance(item, tuple) else (item, None)
         skipped: list[SkipRecord] = []
         for attempt in range(min(self.max_replacement_tries, len(self.records))):
-            record = self.records[(index + attempt) % len(self.records)]
-            path = self.image_dir / record.file_name
+            position = (index + attempt) % len(self.records)
+            image_id = int(self.records.image_ids[position])
+            path = self.image_dir / self.records.file_name(position)
+            width, height = (int(v) for v in self.records.sizes[position])
             try:
-                pixels = load_rgb_image(
-                    path,
-                    (record.width, record.height),
-                    self.exif_transpose,
-                    self.max_image_pixels,
-                )
+                pixels = load_rgb_image(path, (width, height), self.exif_transpose, self.max_image_pixels)
             except ImageLoadError as exc:
                 if not self.skip_bad_images:
                     raise DatasetError(
-                        f"{path} (image id {record.image_id}): {exc.reason}"
+                        f"{path} (image id {image_id}): {exc.reason}"
                     ) from exc
                 log.warning(
-                    "skipping %s (image id %d): %s", path, record.image_id, exc.reason
+                    "skipping %s (image id %d): %s", path, image_id, exc.reason
                 )
-                skipped.append(SkipRecord(record.image_id, str(path), exc.reason))
+                skipped.append(SkipRecord(image_id, str(path), exc.reason))
                 continue
-            image, target = self._make_sample(record, pixels, seed)
+            image, target = self._make_sample(position, pixels, seed)
             if skipped:
                 target[SKIPPED_KEY] = skipped
             return image, target
@@ -187,20 +226,20 @@ class CocoDetection(Dataset):
         )
 
     def _make_sample(
-        self, record: ImageRecord, pixels: np.ndarray, seed: int | None = None
+        self, position: int, pixels: np.ndarray, seed: int | None = None
     ) -> tuple[torch.Tensor, dict]:
-        labels = np.array(
-            [self.mapping.category_id_to_label[c] for c in record.category_ids],
-            dtype=np.int64,
+        boxes = self.records.box_slice(position)
+        options = {"normalize": False} if self.uint8_images else {}
+        image, boxes, labels = self.transforms(
+            pixels, self.records.boxes[boxes].copy(), self.box_labels[boxes].copy(), seed=seed, **options
         )
-        image, boxes, labels = self.transforms(pixels, record.boxes, labels, seed=seed)
         height, width = image.shape[-2:]
         boxes = boxes.to(torch.float32).reshape(-1, 4)
         scale = torch.tensor([width, height, width, height], dtype=torch.float32)
         target = {
             "labels": labels.to(torch.int64),
             "boxes": box_xyxy_to_cxcywh(boxes) / scale,  # (num_boxes, 4) normalised (cx, cy, w, h)
-            "image_id": int(record.image_id),
+            "image_id": int(self.records.image_ids[position]),
             "orig_size": torch.tensor(
                 [pixels.shape[0], pixels.shape[1]], dtype=torch.int64
             ),

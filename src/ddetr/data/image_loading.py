@@ -17,6 +17,9 @@ before decoding) is rejected; PIL's own `DecompressionBombError` (above twice
 `PIL.Image.MAX_IMAGE_PIXELS`) is rejected the same way. Set `PIL.Image.MAX_IMAGE_PIXELS` too if
 you need images beyond PIL's limit.
 
+Only regular files are opened (`files.open_regular_file`): a FIFO or device named by an
+annotation file fails at once ("not a regular file") instead of blocking a worker forever.
+
 Every failure raises `ImageLoadError(reason)`; the dataset decides whether to skip or stop.
 """
 
@@ -28,6 +31,8 @@ from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from .files import NotRegularFileError, open_regular_file
 
 ExifMode = Literal["auto", "always", "never"]
 
@@ -68,7 +73,7 @@ def load_rgb_image(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with open_regular_file(path) as file, Image.open(file) as image:
                 _check_pixels(image.size, max_image_pixels)
                 image.load()  # decode now: truncated/corrupt data fails here
                 image = _orient(image, expected_size, exif_transpose)
@@ -77,6 +82,8 @@ def load_rgb_image(
         raise
     except FileNotFoundError as exc:
         raise ImageLoadError("file not found") from exc
+    except NotRegularFileError as exc:
+        raise ImageLoadError(str(exc)) from exc
     except Image.DecompressionBombError as exc:
         raise ImageLoadError(
             f"too many pixels (decompression bomb guard): {exc}"
@@ -93,6 +100,30 @@ def load_rgb_image(
                 f"size mismatch: file is {width}x{height}, annotations say {expected_size[0]}x{expected_size[1]}"
             )
     return pixels
+
+
+def read_image_size(path: str | os.PathLike, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[int, int]:
+    """(width, height) of an image file from its header, without decoding the pixels (EXIF not applied).
+
+    Raises:
+        ImageLoadError: missing, not a regular file, not an image, too many pixels.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with open_regular_file(path) as file, Image.open(file) as image:
+                _check_pixels(image.size, max_image_pixels)
+                return image.size
+    except ImageLoadError:
+        raise
+    except FileNotFoundError as exc:
+        raise ImageLoadError("file not found") from exc
+    except NotRegularFileError as exc:
+        raise ImageLoadError(str(exc)) from exc
+    except Image.DecompressionBombError as exc:
+        raise ImageLoadError(f"too many pixels (decompression bomb guard): {exc}") from exc
+    except (OSError, SyntaxError, ValueError, Image.UnidentifiedImageError) as exc:
+        raise ImageLoadError(f"cannot read image header: {type(exc).__name__}: {exc}") from exc
 
 
 def _check_pixels(size: tuple[int, int], limit: int | None) -> None:

@@ -28,6 +28,10 @@ Generation is deterministic: image `i` of split `s` draws from `numpy.random.def
 s, i))`, with a different stream for train and val. The directory is written into a temporary
 sibling and renamed into place at the end, so an interrupted run is never taken for a complete
 one.
+
+Only ddetr's own folders are ever replaced: `root` must be missing, empty, or hold a
+`manifest.json` written by this generator. Any other folder (or a file) at `root` is left alone
+and `ensure_synthetic_dataset` raises a `DatasetError` saying so.
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from scipy import ndimage
 from tqdm import tqdm
+
+from .validation import DatasetError
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "ring")
 MANIFEST = "manifest.json"
@@ -101,6 +107,7 @@ def ensure_synthetic_dataset(
     _check_params(params)
     if _read_manifest(root) == params:
         return root
+    _check_replaceable(root)
 
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.parent / f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -136,10 +143,26 @@ def _read_manifest(root: Path) -> dict | None:
         return None
 
 
+def _check_replaceable(root: Path) -> None:
+    """Raise unless `root` is missing, an empty folder, or a folder of this generator (with its manifest)."""
+    if not os.path.lexists(root):
+        return
+    if not root.is_dir() or root.is_symlink():
+        raise DatasetError(f"{root}: exists and is not a folder of the synthetic dataset; refusing to replace it "
+                           "(choose another data.root)")  # fmt: skip
+    if not any(root.iterdir()):
+        return
+    params = _read_manifest(root)
+    if not (isinstance(params, dict) and "format_version" in params):
+        raise DatasetError(f"{root}: a non-empty folder without a synthetic-dataset {MANIFEST}; refusing to replace "
+                           "or delete it (choose another data.root)")  # fmt: skip
+
+
 def _move_into_place(tmp: Path, root: Path, params: dict) -> None:
-    """Rename the finished `tmp` to `root`, replacing an outdated dataset there."""
+    """Rename the finished `tmp` to `root`, replacing an outdated dataset there (ours only)."""
     old = None
-    if root.exists():
+    if os.path.lexists(root):
+        _check_replaceable(root)  # again: it may have changed while generating
         old = root.parent / f".{root.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         os.rename(root, old)
     try:

@@ -137,12 +137,25 @@ class RandomSizeCrop(BaseCrop):
         return ("min_size", "max_size")
 
 
+def normalize_images(images: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
+                     std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:  # fmt: skip
+    """uint8 images (..., 3, height, width) in 0..255 -> float32 `(pixels / 255 - mean) / std`, on their device.
+
+    The one normalisation of the project: the transforms use it in the workers, the data modules on
+    the device (uint8 batches), so both give the same numbers."""
+    shape = (3, 1, 1)
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=images.device).view(shape) * 255  # (3, 1, 1)
+    inv_std = 1 / (torch.tensor(std, dtype=torch.float32, device=images.device).view(shape) * 255)  # (3, 1, 1)
+    return (images.to(torch.float32) - mean_t) * inv_std
+
+
 class DetectionTransform:
     """Callable applying an albumentations pipeline to an image with boxes and labels.
 
     `__call__(image, boxes, labels)` takes an RGB uint8 array (height, width, 3), absolute
     (x0, y0, x1, y1) float boxes (num_boxes, 4) and int labels (num_boxes,), and returns the
-    normalised image tensor (3, out_height, out_width) float32, the surviving boxes (M, 4) float32
+    normalised image tensor (3, out_height, out_width) float32 (`normalize_images`; uint8 with
+    `normalize=False`), the surviving boxes (M, 4) float32
     in output pixels, clipped and with positive area, and their labels (M,) int64.
 
     Random state: albumentations keeps its own generators, which forked DataLoader workers would
@@ -157,23 +170,21 @@ class DetectionTransform:
         transforms: the geometric/photometric transforms (without Normalize/ToTensor).
         mean, std: normalisation (ImageNet by default).
         min_box_size: boxes thinner than this many pixels after a transform are dropped.
+        normalize: the default of the call's `normalize`: False returns the uint8 image tensor
+            (3, out_height, out_width), to be normalised later (`normalize_images`, e.g. on the
+            accelerator, as the data modules do in `on_after_batch_transfer`).
     """
 
     def __init__(self, transforms: Sequence[A.BasicTransform], mean: Sequence[float] = IMAGENET_MEAN,
-                 std: Sequence[float] = IMAGENET_STD, min_box_size: float = 0.01):  # fmt: skip
-        with (
-            warnings.catch_warnings()
-        ):  # a pipeline without geometric transforms is fine
+                 std: Sequence[float] = IMAGENET_STD, min_box_size: float = 0.01, normalize: bool = True):  # fmt: skip
+        self.mean, self.std, self.normalize = tuple(mean), tuple(std), normalize
+        with warnings.catch_warnings():  # a pipeline without geometric transforms is fine
             warnings.filterwarnings(
                 "ignore",
                 message="Got processor for bboxes, but no transform to process it",
             )
             self.pipeline = A.Compose(
-                [
-                    *transforms,
-                    A.Normalize(mean=tuple(mean), std=tuple(std)),
-                    ToTensorV2(),
-                ],
+                [*transforms, ToTensorV2()],
                 bbox_params=A.BboxParams(
                     format="pascal_voc",
                     label_fields=["labels"],
@@ -185,7 +196,9 @@ class DetectionTransform:
                 ),
             )
 
-    def __call__(self, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, seed: int | None = None):
+    def __call__(self, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, seed: int | None = None,
+                 normalize: bool | None = None):  # fmt: skip
+        """`normalize`: None follows the constructor; False returns the uint8 image tensor."""
         if seed is None:
             seed = int(torch.randint(0, 2**31 - 1, ()).item())
         self.pipeline.set_random_seed(seed)
@@ -194,7 +207,9 @@ class DetectionTransform:
             bboxes=np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
             labels=np.asarray(labels),
         )
-        tensor = out["image"]  # (3, out_height, out_width)
+        tensor = out["image"]  # (3, out_height, out_width) uint8
+        if self.normalize if normalize is None else normalize:
+            tensor = normalize_images(tensor, self.mean, self.std)
         height, width = tensor.shape[-2:]
         out_boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
         out_labels = np.asarray(out["labels"], dtype=np.int64).reshape(-1)
@@ -208,7 +223,7 @@ class DetectionTransform:
         )
 
     def __repr__(self) -> str:
-        return f"DetectionTransform({self.pipeline.transforms[:-2]})"
+        return f"DetectionTransform({self.pipeline.transforms[:-1]})"
 
 
 def make_train_transforms(
@@ -220,8 +235,10 @@ def make_train_transforms(
     hflip_prob: float = 0.5,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    normalize: bool = True,
 ) -> DetectionTransform:
-    """The official training augmentation (see the module docstring); sizes in pixels."""
+    """The official training augmentation (see the module docstring); sizes in pixels. `normalize=False`:
+    uint8 image tensors (see `DetectionTransform`)."""
     scales = list(scales)
     resize = RandomShortestSideResize(scales, max_size, p=0.5)
     crop_then_resize = A.Sequential(
@@ -236,6 +253,7 @@ def make_train_transforms(
         [A.HorizontalFlip(p=hflip_prob), A.OneOf([resize, crop_then_resize], p=1.0)],
         mean=mean,
         std=std,
+        normalize=normalize,
     )
 
 

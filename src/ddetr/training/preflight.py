@@ -34,7 +34,8 @@ def pictures(dataset, output: Path, count: int, seed: int = 0) -> list[Path]:
         height, width = image.shape[-2:]
         cx, cy, w, h = target["boxes"].unbind(-1)  # normalised to the augmented image
         boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1) * torch.tensor([width, height] * 2)
-        picture = draw_detections(denormalize(image), boxes, target["labels"].tolist(), None, dataset.category_names)
+        pixels = image.permute(1, 2, 0).numpy() if image.dtype == torch.uint8 else denormalize(image)  # (H, W, 3)
+        picture = draw_detections(pixels, boxes, target["labels"].tolist(), None, dataset.category_names)
         paths.append(output / f"train_{target['image_id']}.png")
         picture.save(paths[-1])
     return paths
@@ -43,25 +44,33 @@ def pictures(dataset, output: Path, count: int, seed: int = 0) -> list[Path]:
 def summary(dataset) -> tuple[str, dict[str, Any]]:
     """A one-screen text summary of a training dataset and the same numbers as a dict."""
     names = dataset.category_names
+    records = dataset.records
+    per_label = np.bincount(dataset.box_labels, minlength=len(names))  # (num_classes,)
     per_class = dict.fromkeys(names, 0)
-    relative = []  # sqrt(box area / image area): 0.1 is a box a tenth of the image's side
-    for record in dataset.records:
-        for box, category_id in zip(record.boxes, record.category_ids):
-            per_class[names[dataset.mapping.category_id_to_label[int(category_id)]]] += 1
-            relative.append(float(np.sqrt(max(box[2] - box[0], 0) * max(box[3] - box[1], 0) / (record.width * record.height))))
+    for name, count in zip(names, per_label.tolist()):
+        per_class[name] += count
+    sizes_of_box = records.sizes[records.box_image_index()].astype(np.float64)  # (num_boxes, 2) as (w, h)
+    extent = np.clip(records.boxes[:, 2:] - records.boxes[:, :2], 0, None).astype(np.float64)  # (num_boxes, 2)
+    # sqrt(box area / image area): 0.1 is a box a tenth of the image's side
+    relative = np.sqrt(extent.prod(axis=1) / sizes_of_box.prod(axis=1)).tolist()
     counts = dataset.annotation_counts
     sizes = np.percentile(relative, [0, 10, 50, 90, 100]).tolist() if relative else [0.0] * 5
     info = {"images": len(dataset), "boxes": len(relative), "boxes_per_class": per_class,
             "relative_box_size_percentiles": dict(zip(("min", "p10", "median", "p90", "max"), sizes)),
             "skipped": {k: counts.get(k, 0) for k in ("degenerate", "outside", "clipped", "crowd", "dropped_empty_images")},
-            "images_without_boxes": counts.get("empty_images", 0)}  # fmt: skip
+            "images_without_boxes": counts.get("empty_images", 0),
+            "reader_problems": dict(getattr(dataset, "reader_problems", {}))}  # fmt: skip
+    crowd_label = getattr(dataset, "crowd_label", "crowd")
     width = max(len(name) for name in names)
     lines = [f"{dataset.ann_file}: {info['images']} images, {info['boxes']} boxes, {len(names)} classes",
              "boxes per class:", *(f"  {name:<{width}}  {count:>7}" for name, count in per_class.items()),
              "box size relative to the image (sqrt of area ratio): "
              + ", ".join(f"{k} {v:.3f}" for k, v in info["relative_box_size_percentiles"].items()),
-             "skipped: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in info["skipped"].items())
+             "skipped: " + ", ".join(f"{v} {(crowd_label if k == 'crowd' else k).replace('_', ' ')}"
+                                     for k, v in info["skipped"].items())
              + f"; {info['images_without_boxes']} images without boxes"]  # fmt: skip
+    if info["reader_problems"]:
+        lines.append("while reading the files: " + ", ".join(f"{v} x {k}" for k, v in info["reader_problems"].items()))
     empty = [name for name, count in per_class.items() if count == 0]
     if empty:
         lines.append(f"WARNING: classes without a single training box: {', '.join(empty)}")
@@ -74,10 +83,8 @@ def overfit(cfg: DictConfig, datamodule: DetectionDataModule, output: Path) -> f
     from ddetr.training.run import build_module
 
     train = datamodule.train_dataset
-    data = json.loads(Path(train.ann_file).read_text())
-    keep = {record.image_id for record in train.records[: cfg.overfit_images]}
-    subset = {**data, "images": [i for i in data["images"] if i["id"] in keep],
-              "annotations": [a for a in data["annotations"] if a["image_id"] in keep]}  # fmt: skip
+    keep = np.arange(min(cfg.overfit_images, len(train)))
+    subset = train.records.subset(keep).to_coco(train.categories)  # the cleaned boxes of those images
     subset_file = output / "overfit_annotations.json"
     subset_file.write_text(json.dumps(subset))
     transforms = datamodule.train_transforms if cfg.overfit_augment else datamodule.val_transforms

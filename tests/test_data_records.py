@@ -1,0 +1,160 @@
+"""The flat record arrays: the same boxes, order and samples as the per-image objects they replaced
+(a frozen copy of the previous cleaning code is the reference), and no Python object per image."""
+
+from __future__ import annotations
+
+import gc
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ddetr.data import CocoDetection, make_train_transforms
+from ddetr.data.records import DetectionRecords
+from ddetr.data.validation import load_coco_json
+
+
+def _frozen_previous_cleaning(data: dict, keep_empty: bool = True) -> tuple[list[tuple], dict]:
+    """The cleaning of ddetr before the flat arrays (commit 8859312), kept verbatim in its logic:
+    per image (id, file_name, width, height, boxes float32 (n, 4) xyxy, category ids int64 (n,))."""
+    counts = dict.fromkeys(("images", "boxes", "crowd", "degenerate", "clipped", "outside", "empty_images",
+                            "dropped_empty_images"), 0)  # fmt: skip
+    per_image = {image["id"]: [] for image in data["images"]}
+    sizes = {image["id"]: (image["width"], image["height"]) for image in data["images"]}
+    for ann in data["annotations"]:
+        if ann.get("iscrowd", 0):
+            counts["crowd"] += 1
+            continue
+        x, y, w, h = (float(v) for v in ann["bbox"])
+        if w <= 0 or h <= 0:
+            counts["degenerate"] += 1
+            continue
+        width, height = sizes[ann["image_id"]]
+        x0, y0 = min(max(x, 0.0), width), min(max(y, 0.0), height)
+        x1, y1 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
+        if x1 <= x0 or y1 <= y0:
+            counts["outside"] += 1
+            continue
+        if (x0, y0, x1, y1) != (x, y, x + w, y + h):
+            counts["clipped"] += 1
+        per_image[ann["image_id"]].append(([x0, y0, x1, y1], ann["category_id"]))
+    images = []
+    for image in data["images"]:
+        entries = per_image[image["id"]]
+        if not entries:
+            counts["empty_images"] += 1
+            if not keep_empty:
+                counts["dropped_empty_images"] += 1
+                continue
+        boxes = np.array([box for box, _ in entries], dtype=np.float32).reshape(-1, 4)
+        category_ids = np.array([cid for _, cid in entries], dtype=np.int64)
+        images.append((image["id"], image["file_name"], image["width"], image["height"], boxes, category_ids))
+        counts["boxes"] += len(entries)
+    counts["images"] = len(images)
+    return images, counts
+
+
+def _random_coco(rng: np.random.Generator, num_images: int = 30, num_annotations: int = 200) -> dict:
+    """Sparse, shuffled ids; annotations in random image order; every cleaning rule exercised."""
+    image_ids = rng.choice(10**6, num_images, replace=False).tolist()
+    images = [{"id": i, "file_name": f"d{k % 3}/{k}.png", "width": int(rng.integers(20, 60)),
+               "height": int(rng.integers(20, 60))} for k, i in enumerate(image_ids)]  # fmt: skip
+    category_ids = [3, 17, 1, 90]
+    annotations = []
+    for k in range(num_annotations):
+        image = images[int(rng.integers(num_images - 3))]  # the last three images stay empty
+        x, y = rng.uniform(-15, image["width"] + 5), rng.uniform(-15, image["height"] + 5)
+        w, h = rng.uniform(-3, 40), rng.uniform(-3, 40)
+        bbox = [round(float(x), 2), round(float(y), 2), round(float(w), 2), round(float(h), 2)]
+        if k % 7 == 0:
+            bbox = [int(v) for v in bbox]
+        annotations.append({"id": 5 * k + 2, "image_id": image["id"], "category_id": category_ids[k % 4], "bbox": bbox,
+                            **({"iscrowd": 1} if k % 11 == 0 else {})})  # fmt: skip
+    return {"images": images, "annotations": annotations,
+            "categories": [{"id": c, "name": f"c{c}"} for c in category_ids]}  # fmt: skip
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("keep_empty", [True, False])
+def test_records_equal_the_previous_per_image_objects(tmp_path, seed, keep_empty):
+    data = _random_coco(np.random.default_rng(seed))
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps(data))
+    expected, expected_counts = _frozen_previous_cleaning(json.loads(path.read_text()), keep_empty)
+    dataset = CocoDetection(tmp_path, path, keep_empty=keep_empty, keep_coco=False)
+    assert dataset.annotation_counts == expected_counts
+    assert min(expected_counts[k] for k in ("crowd", "degenerate", "clipped", "outside", "empty_images")) > 0
+    assert len(dataset.records) == len(expected)
+    for index, (image_id, file_name, width, height, boxes, category_ids) in enumerate(expected):
+        record = dataset.records[index]
+        assert (record.image_id, record.file_name, record.width, record.height) == (image_id, file_name, width, height)
+        np.testing.assert_array_equal(record.boxes, boxes)  # bit-identical float32
+        np.testing.assert_array_equal(record.category_ids, category_ids)
+        labels = dataset.box_labels[dataset.records.box_slice(index)]
+        np.testing.assert_array_equal(labels, [dataset.mapping.category_id_to_label[c] for c in category_ids])
+
+
+def test_samples_equal_those_of_the_previous_records(tmp_path):
+    """Same seed, same sample: the transform applied to the frozen records gives the dataset's output."""
+    data = _random_coco(np.random.default_rng(5), num_images=6, num_annotations=30)
+    rng = np.random.default_rng(0)
+    for image in data["images"]:
+        (tmp_path / image["file_name"]).parent.mkdir(exist_ok=True)
+        pixels = rng.integers(0, 256, (image["height"], image["width"], 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / image["file_name"])
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps(data))
+    transforms = make_train_transforms(scales=[32, 40], max_size=64, crop_resize_scales=[24], crop_min_size=16,
+                                       crop_max_size=30)  # fmt: skip
+    dataset = CocoDetection(tmp_path, path, transforms, keep_coco=False)
+    expected, _ = _frozen_previous_cleaning(data)
+    mapping = dataset.mapping.category_id_to_label
+    for index, (image_id, file_name, _, _, boxes, category_ids) in enumerate(expected):
+        for seed in (0, 123):
+            pixels = np.asarray(Image.open(tmp_path / file_name).convert("RGB"))
+            labels = np.array([mapping[c] for c in category_ids], dtype=np.int64)
+            image, out_boxes, out_labels = transforms(pixels, boxes, labels, seed=seed)
+            got_image, target = dataset[(index, seed)]
+            assert torch.equal(got_image, image) and target["image_id"] == image_id
+            assert torch.equal(target["labels"], out_labels.to(torch.int64))
+            height, width = image.shape[-2:]
+            xyxy = out_boxes.to(torch.float32).reshape(-1, 4)
+            cxcywh = torch.stack([(xyxy[:, 0] + xyxy[:, 2]) / 2, (xyxy[:, 1] + xyxy[:, 3]) / 2,
+                                  xyxy[:, 2] - xyxy[:, 0], xyxy[:, 3] - xyxy[:, 1]], -1)  # fmt: skip
+            torch.testing.assert_close(target["boxes"], cxcywh / torch.tensor([width, height, width, height]))
+
+
+def test_the_training_dataset_holds_no_object_per_image(tmp_path):
+    data = _random_coco(np.random.default_rng(3), num_images=400, num_annotations=2000)
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps(data))
+    gc.collect()
+    dataset = CocoDetection(tmp_path, path, keep_coco=False)
+    assert dataset._data is None
+    with pytest.raises(RuntimeError, match="keep_coco=False"):
+        dataset.coco
+    # everything reachable from the dataset: a bounded number of objects, independent of the image count
+    seen, stack = set(), [dataset]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or isinstance(obj, (type, type(json))):
+            continue
+        seen.add(id(obj))
+        if obj is dataset.transforms:
+            continue
+        stack.extend(gc.get_referents(obj))
+    assert len(seen) < 400, len(seen)
+    arrays = vars(dataset.records)
+    assert all(isinstance(a, np.ndarray) for a in arrays.values()) and len(arrays) == 7
+    assert isinstance(dataset.records, DetectionRecords) and dataset.records.num_boxes == dataset.annotation_counts["boxes"]
+
+
+def test_the_val_dataset_keeps_the_coco_index(tmp_path):
+    data = _random_coco(np.random.default_rng(4), num_images=5, num_annotations=12)
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps(data))
+    coco = CocoDetection(tmp_path, path).coco
+    assert sorted(coco.getImgIds()) == sorted(i["id"] for i in load_coco_json(path)["images"])
+    assert len(coco.getAnnIds()) == 12
