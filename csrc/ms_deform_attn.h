@@ -107,7 +107,10 @@ void dispatch_value_and_location_types(at::ScalarType value, at::ScalarType loca
 // Why the levels do not lie inside value ("" when they do); the kernels index value with these
 // numbers. spatial_shapes (num_levels, 2) and level_start_index (num_levels,) are int64 CPU tensors.
 //
-// The message is built with std::to_string (see message() above); callers throw it.
+// Overflow-safe: height * width is never formed before it is known to fit, so shapes like
+// (2^61, 8), whose product wraps around in int64, are rejected instead of passing the check and
+// sending the kernels out of bounds. The message is built with std::to_string (see message() above);
+// callers throw it.
 inline std::string levels_error(const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
                                 int64_t num_values) {
   if (!spatial_shapes.is_cpu() || !level_start_index.is_cpu()) {
@@ -117,7 +120,10 @@ inline std::string levels_error(const at::Tensor& spatial_shapes, const at::Tens
   const auto starts = level_start_index.accessor<int64_t, 1>();
   for (int64_t level = 0; level < spatial_shapes.size(0); ++level) {
     const int64_t height = shapes[level][0], width = shapes[level][1], start = starts[level];
-    if (!(height >= 0 && width >= 0 && start >= 0 && start + height * width <= num_values)) {
+    // room >= 0 once start is checked; height * width <= room  <=>  width <= room / height (height > 0)
+    const bool fits = height >= 0 && width >= 0 && start >= 0 && start <= num_values &&
+                      (height == 0 || width <= (num_values - start) / height);
+    if (!fits) {
       return "ms_deform_attn: level " + std::to_string(level) + " (height " + std::to_string(height) + ", width " +
              std::to_string(width) + ", start " + std::to_string(start) + ") does not fit in num_values = " +
              std::to_string(num_values);

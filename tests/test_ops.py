@@ -326,6 +326,36 @@ def test_invalid_levels_raise():
         )
 
 
+@pytest.mark.parametrize(
+    "shapes, starts",
+    [
+        ([[2**61, 8], [3, 7], [2, 2]], None),  # 2^64 pixels: the product wraps around to 0 in int64
+        ([[2**62, 4], [3, 7], [2, 2]], None),
+        ([[6, 5], [2**32 + 1, 2**32 - 1], [2, 2]], None),  # (2^64 - 1) pixels: -1 in int64
+        ([[6, 5], [3, 7], [2, 2]], [0, 30, 2**63 - 2]),  # start + size past the int64 range
+        ([[6, 5], [3, 7], [-2, -3]], None),  # a negative size whose product is positive
+    ],
+    ids=["product_wraps_to_zero", "product_wraps_negative", "product_is_minus_one", "start_overflows",
+         "negative_sizes"],
+)
+def test_overflowing_levels_raise(shapes, starts):
+    """Level sizes whose product (or start + size) overflows int64 are rejected, forward and backward,
+    instead of passing the bounds check and reading or writing outside value."""
+    value, _, level_start_index, sampling_locations, attention_weights = make_inputs()
+    spatial_shapes = torch.tensor(shapes, dtype=torch.long)
+    if starts is not None:
+        level_start_index = torch.tensor(starts, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="does not fit in num_values = 55"):
+        torch.ops.ddetr.ms_deform_attn_forward(
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+        )
+    grad_output = torch.ones(2, 7, 10, dtype=value.dtype)
+    with pytest.raises(RuntimeError, match="does not fit in num_values = 55"):
+        torch.ops.ddetr.ms_deform_attn_backward(
+            grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+        )
+
+
 def test_failed_build_falls_back_with_one_warning(monkeypatch):
     """A build failure: "auto" uses the PyTorch path after one warning; a forced backend raises why."""
 

@@ -73,6 +73,11 @@ std::string fill_levels(const at::Tensor& spatial_shapes, const at::Tensor& leve
   const auto shape = shapes.accessor<int64_t, 2>();
   const auto start = starts.accessor<int64_t, 1>();
   for (int64_t level = 0; level < shapes.size(0); ++level) {
+    // the levels fit in value, but a zero height leaves the width unbounded: keep every number an int
+    constexpr int64_t int_max = std::numeric_limits<int>::max();
+    if (shape[level][0] > int_max || shape[level][1] > int_max || start[level] > int_max) {
+      return "ms_deform_attn (CUDA): level " + std::to_string(level) + " has a height, width or start above 2^31 - 1";
+    }
     levels.height[level] = static_cast<int>(shape[level][0]);
     levels.width[level] = static_cast<int>(shape[level][1]);
     levels.start[level] = static_cast<int>(start[level]);
