@@ -72,7 +72,8 @@ def inputs():
     generator = torch.Generator().manual_seed(0)
     value = torch.randn(1, 26, 2, 4, generator=generator)
     shapes, starts = torch.tensor([[4, 5], [2, 3]]), torch.tensor([0, 20])
-    locations, weights = torch.rand(1, 3, 2, 2, 2, 2, generator=generator), torch.rand(1, 3, 2, 2, 2, generator=generator)
+    locations = torch.rand(1, 3, 2, 2, 2, 2, generator=generator)
+    weights = torch.rand(1, 3, 2, 2, 2, generator=generator)
     return value, shapes, starts, locations, weights
 
 
