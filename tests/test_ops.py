@@ -331,6 +331,26 @@ def test_invalid_levels_raise():
         ms_deform_attn(value, spatial_shapes, level_start_index + 1, sampling_locations, attention_weights, "cpu")
 
 
+def test_fake_kernel_checks_the_levels():
+    """The fake (shape) kernels check what the compiled ones check about sizes, so a wrong level list is
+    caught while tracing (torch.compile, export), not only when the kernel runs."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    value, spatial_shapes, _, sampling_locations, attention_weights = make_inputs()
+    levels, too_big, too_few = flat(spatial_shapes), flat(spatial_shapes * 2), flat(spatial_shapes[:2])
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(t) for t in (value, sampling_locations, attention_weights)]
+        output = torch.ops.ddetr.ms_deform_attn_forward(fake[0], levels, fake[1], fake[2])
+        assert output.shape == (2, 7, 10)
+        with pytest.raises(RuntimeError, match="do not fit in num_values = 55"):
+            torch.ops.ddetr.ms_deform_attn_forward(fake[0], too_big, fake[1], fake[2])
+        with pytest.raises(RuntimeError, match="of 3 levels"):
+            torch.ops.ddetr.ms_deform_attn_forward(fake[0], too_few, fake[1], fake[2])
+        grad_output = torch.empty(2, 7, 10, dtype=value.dtype)
+        with pytest.raises(RuntimeError, match="do not fit"):
+            torch.ops.ddetr.ms_deform_attn_backward(grad_output, fake[0], too_big, fake[1], fake[2])
+
+
 def test_shapes_as_ints_tensors_and_starts_agree():
     """The level list, the (L, 2) tensor (read on the host) and the tensor with ``shapes`` give one result."""
     value, spatial_shapes, level_start_index, sampling_locations, attention_weights = make_inputs()
