@@ -188,8 +188,9 @@ class DeformableDETRModule(L.LightningModule):
         ``found_inf``, the batch norm statistics of before the step when non-finite, the host copy."""
         with torch.no_grad():
             finite = torch.isfinite(total.detach()).to(torch.float32)  # () 1.0 or 0.0
-            if self.trainer.world_size > 1:  # all ranks skip or stop together
-                finite = self.trainer.strategy.reduce(finite, reduce_op="min")
+            if self.trainer.world_size > 1 and torch.distributed.is_initialized():  # all ranks skip or stop together
+                # directly, not strategy.reduce: that adds a barrier, which waits on the host
+                torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
             self._fused_optimizer().found_inf = 1.0 - finite  # the fused kernel skips the update at 1
             # backward still needs the buffers of this forward: restored after it (on_after_backward)
             self._buffers_before_step = (finite.bool(), buffers) if buffers is not None else None
@@ -212,32 +213,43 @@ class DeformableDETRModule(L.LightningModule):
             for name, value in self.model.named_buffers():
                 value.copy_(torch.where(finite, value, buffers[name]))
 
-    def _settle_pending_step(self, on_step: bool = True) -> None:
-        """Reads the previous step's finiteness (arrived long ago): logs its loss, or its skip, or raises
-        ``NonFiniteLossError`` for it."""
-        pending, self._pending = self._pending, None
+    def _settle_pending_step(self, where: str = "step") -> None:
+        """Reads the previous step's finiteness (arrived long ago) and logs its loss, or its skip, or
+        raises ``NonFiniteLossError`` for it. ``where``: "step" (start of the next step), "epoch" (end of
+        the epoch: metrics on the epoch only), "validation" (before validating inside fit: only an error
+        is settled, the rest waits for the epoch's end), "end" (end of training: no metric can be logged,
+        a skip is only warned about)."""
+        pending = self._pending
         if pending is None:
             return
         if pending.ready is not None:
             pending.ready.synchronize()
-        if bool(pending.finite):
-            self._log_training_loss(pending.total, pending.loss_dict, pending.batch_size, on_step=on_step)
+        finite = bool(pending.finite)
+        if where == "validation" and (finite or self.on_nonfinite_loss == "skip"):
+            return
+        self._pending = None
+        if finite:
+            if where != "end":
+                self._log_training_loss(pending.total, pending.loss_dict, pending.batch_size, on_step=where == "step")
             return
         message = self._nonfinite_message(
             pending.total, pending.loss_dict, pending.global_step, pending.epoch, pending.batch_idx
         )
-        if self.on_nonfinite_loss == "skip":
-            log.warning("%s; skipped the step", message)
+        if self.on_nonfinite_loss == "raise":
+            raise NonFiniteLossError(message)
+        log.warning("%s; skipped the step", message)
+        if where != "end":
             self.log("train/skipped_nonfinite", 1.0, reduce_fx="sum", on_step=False, on_epoch=True)
-            return
-        raise NonFiniteLossError(message)
 
     def on_train_epoch_end(self) -> None:
-        self._settle_pending_step(on_step=False)
+        self._settle_pending_step("epoch")
 
     def on_validation_start(self) -> None:
         if self._trainer is not None and self.trainer.training:  # validation inside fit
-            self._settle_pending_step(on_step=False)
+            self._settle_pending_step("validation")
+
+    def on_train_end(self) -> None:  # stopped mid-epoch (max_steps): the last step
+        self._settle_pending_step("end")
 
     def _all_ranks_finite(self, loss: torch.Tensor) -> bool:
         """True only when the loss is finite on every rank, so all ranks stop or skip together."""
