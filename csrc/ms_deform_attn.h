@@ -2,8 +2,9 @@
 //
 // Shapes (full names, see docs/architecture.md):
 //   value               (batch_size, num_values, num_heads, head_dim)
-//   spatial_shapes      (num_levels, 2) int64, (height, width) of every level
-//   level_start_index   (num_levels,) int64, offset of every level in num_values
+//   spatial_shapes      int[2 * num_levels]: height_0, width_0, height_1, width_1, ... (a list of ints in
+//                       the schema, never a tensor: nothing is read from the host or the device)
+//   level starts        computed here: level l starts at the sum of height * width of the levels before
 //   sampling_locations  (batch_size, num_queries, num_heads, num_levels, num_points, 2), (x, y) in [0, 1]
 //   attention_weights   (batch_size, num_queries, num_heads, num_levels, num_points)
 //   output              (batch_size, num_queries, num_heads * head_dim)
@@ -16,6 +17,7 @@
 #include <cstdint>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 namespace ddetr {
 
@@ -104,33 +106,47 @@ void dispatch_value_and_location_types(at::ScalarType value, at::ScalarType loca
   });
 }
 
-// Why the levels do not lie inside value ("" when they do); the kernels index value with these
-// numbers. spatial_shapes (num_levels, 2) and level_start_index (num_levels,) are int64 CPU tensors.
+// Where every level starts in num_values (the running sum of height * width), or why the levels do
+// not lie inside value (then `error` is set and the starts are incomplete); the kernels index value with
+// these numbers. spatial_shapes holds height, width of every level, num_levels pairs.
 //
-// The message is built with std::to_string (see message() above); callers throw it.
-inline std::string levels_error(const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
-                                int64_t num_values) {
-  if (!spatial_shapes.is_cpu() || !level_start_index.is_cpu()) {
-    return "ms_deform_attn: spatial_shapes and level_start_index must be read on the CPU here";
+// Overflow-safe: height * width is never formed before it is known to fit, so shapes like
+// (2^61, 8), whose product wraps around in int64, are rejected instead of passing the check and
+// sending the kernels out of bounds. The message is built with std::to_string (see message() above);
+// callers throw it.
+struct LevelStarts {
+  std::vector<int64_t> start;
+  std::string error;
+};
+
+inline LevelStarts level_starts(at::IntArrayRef spatial_shapes, int64_t num_levels, int64_t num_values) {
+  LevelStarts levels;
+  if (static_cast<int64_t>(spatial_shapes.size()) != 2 * num_levels) {
+    levels.error = message("ms_deform_attn: spatial_shapes must hold (height, width) of num_levels = ", num_levels,
+                           " levels, that is ", 2 * num_levels, " ints, got ", spatial_shapes);
+    return levels;
   }
-  const auto shapes = spatial_shapes.accessor<int64_t, 2>();
-  const auto starts = level_start_index.accessor<int64_t, 1>();
-  for (int64_t level = 0; level < spatial_shapes.size(0); ++level) {
-    const int64_t height = shapes[level][0], width = shapes[level][1], start = starts[level];
-    if (!(height >= 0 && width >= 0 && start >= 0 && start + height * width <= num_values)) {
-      return "ms_deform_attn: level " + std::to_string(level) + " (height " + std::to_string(height) + ", width " +
-             std::to_string(width) + ", start " + std::to_string(start) + ") does not fit in num_values = " +
-             std::to_string(num_values);
+  levels.start.reserve(num_levels);
+  int64_t start = 0;  // 0 <= start <= num_values throughout
+  for (int64_t level = 0; level < num_levels; ++level) {
+    const int64_t height = spatial_shapes[2 * level], width = spatial_shapes[2 * level + 1];
+    // height * width <= num_values - start  <=>  width <= (num_values - start) / height (height > 0)
+    const bool fits = height >= 0 && width >= 0 && (height == 0 || width <= (num_values - start) / height);
+    if (!fits) {
+      levels.error = "ms_deform_attn: level " + std::to_string(level) + " (height " + std::to_string(height) +
+                     ", width " + std::to_string(width) + ", start " + std::to_string(start) +
+                     ") does not fit in num_values = " + std::to_string(num_values);
+      return levels;
     }
+    levels.start.push_back(start);
+    start += height * width;
   }
-  return "";
+  return levels;
 }
 
 // Checks ranks, sizes, dtypes and devices of the op's inputs and returns their sizes.
 inline MSDeformAttnSizes check_ms_deform_attn_inputs(
     const at::Tensor& value,
-    const at::Tensor& spatial_shapes,
-    const at::Tensor& level_start_index,
     const at::Tensor& sampling_locations,
     const at::Tensor& attention_weights) {
   TORCH_CHECK(value.dim() == 4,
@@ -157,14 +173,6 @@ inline MSDeformAttnSizes check_ms_deform_attn_inputs(
               message("ms_deform_attn: attention_weights must be (batch_size, num_queries, num_heads, num_levels, "
                       "num_points) = ",
                       sampling_locations.sizes().slice(0, 5), ", got ", attention_weights.sizes()));
-  TORCH_CHECK(spatial_shapes.dim() == 2 && spatial_shapes.size(0) == sizes.num_levels && spatial_shapes.size(1) == 2,
-              message("ms_deform_attn: spatial_shapes must be (num_levels, 2) = (", sizes.num_levels, ", 2), got ",
-                      spatial_shapes.sizes()));
-  TORCH_CHECK(level_start_index.dim() == 1 && level_start_index.size(0) == sizes.num_levels,
-              message("ms_deform_attn: level_start_index must be (num_levels,) = (", sizes.num_levels, ",), got ",
-                      level_start_index.sizes()));
-  TORCH_CHECK(spatial_shapes.scalar_type() == at::kLong && level_start_index.scalar_type() == at::kLong,
-              "ms_deform_attn: spatial_shapes and level_start_index must be int64");
   TORCH_CHECK(value.is_floating_point(),
               message("ms_deform_attn: value must be floating point, got ", value.scalar_type()));
   check_location_dtype(value.scalar_type(), sampling_locations.scalar_type(), attention_weights.scalar_type());

@@ -39,6 +39,91 @@ def test_detector_has_no_graph_break(two_stage, tiny):
     assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
 
 
+class CountingBackend:
+    """A ``torch.compile`` backend that runs the captured graph as it is and counts the compilations."""
+
+    def __init__(self) -> None:
+        self.compilations = 0
+
+    def __call__(self, graph_module, example_inputs):
+        self.compilations += 1
+        return graph_module.forward
+
+
+@pytest.mark.slow
+def test_three_image_sizes_compile_once_without_host_tensors(tiny):
+    """fullgraph + dynamic: the level shapes reach the op as SymInts (no shape tensor read on the host),
+    so new image sizes reuse the graph: three sizes, at most one recompile, the eager outputs."""
+    torch.manual_seed(0)
+    model = build_deformable_detr(tiny(True)).eval()
+    torch._dynamo.reset()
+    backend = CountingBackend()
+    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend=backend)
+    # every level at least 2x2 (a size-1 level would be specialised, as torch.compile does for any 1)
+    for size, seed in (((128, 160), 1), ((160, 192), 2), ((192, 256), 3)):
+        inputs = batch(*size, seed)
+        with torch.no_grad():
+            expected, actual = model(inputs), compiled(inputs)
+        torch.testing.assert_close(actual["pred_boxes"], expected["pred_boxes"])
+        torch.testing.assert_close(actual["enc_outputs"]["pred_logits"], expected["enc_outputs"]["pred_logits"])
+    assert backend.compilations <= 2, f"{backend.compilations} compilations for three image sizes"
+
+
+def _matched(num_layers: int, batch_size: int, num_queries: int, per_image: int, seed: int):
+    """A random matching of ``per_image`` queries to as many targets in every image and layer."""
+    from ddetr.models.criterion import Matched
+
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(num_layers, batch_size, num_queries, 3, generator=generator)
+    boxes = torch.rand(num_layers, batch_size, num_queries, 4, generator=generator) * 0.5 + 0.25
+    num_matched = num_layers * batch_size * per_image
+    query = torch.cat([torch.randperm(num_queries, generator=generator)[:per_image]
+                       for _ in range(num_layers * batch_size)])  # fmt: skip
+    return Matched(
+        logits=logits.requires_grad_(),
+        boxes=boxes.requires_grad_(),
+        layer=torch.arange(num_layers).repeat_interleave(batch_size * per_image),
+        image=torch.arange(batch_size).repeat_interleave(per_image).repeat(num_layers),
+        query=query,
+        labels=torch.randint(0, 3, (num_matched,), generator=generator),
+        target_boxes=torch.rand(num_matched, 4, generator=generator) * 0.5 + 0.25,
+        num_targets=torch.full((batch_size,), float(per_image)),
+        last_layer=slice(num_matched - batch_size * per_image, None),
+    )
+
+
+def test_loss_compiles_as_one_graph_for_new_sizes(tiny):
+    """The losses after the matching (focal, L1, GIoU, class and cardinality errors) compile fullgraph
+    with dynamic sizes: no graph break, one recompile at most over three batch/query/match counts, and
+    the eager values and gradients."""
+    criterion = build_criterion(tiny(True))
+
+    def losses(matched, num_boxes):
+        terms = {}
+        for loss in criterion.losses:
+            terms.update(criterion.loss_table[loss](matched, num_boxes))
+        return terms
+
+    explanation = torch._dynamo.explain(losses)(_matched(3, 2, 10, 3, 0), torch.tensor(6.0))
+    assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
+    torch._dynamo.reset()
+    backend = CountingBackend()
+    compiled = torch.compile(losses, fullgraph=True, dynamic=True, backend=backend)
+    for sizes in ((3, 2, 10, 3, 1), (3, 3, 12, 4, 2), (3, 4, 17, 5, 3)):
+        matched = _matched(*sizes)
+        results = []
+        for function in (losses, compiled):
+            terms = function(matched, torch.tensor(7.0))
+            total = terms["loss_ce"].sum() + terms["loss_bbox"].sum() + terms["loss_giou"].sum()
+            results.append((terms, torch.autograd.grad(total, (matched.logits, matched.boxes))))
+        (expected, expected_grads), (actual, actual_grads) = results
+        for name in expected:
+            torch.testing.assert_close(actual[name], expected[name])
+        for grad, expected_grad in zip(actual_grads, expected_grads):
+            torch.testing.assert_close(grad, expected_grad)
+    assert backend.compilations <= 2, f"{backend.compilations} compilations for three sizes"
+
+
 @pytest.mark.slow
 def test_fullgraph_dynamic_compile_matches_eager_forward_and_backward(tiny):
     torch.manual_seed(0)

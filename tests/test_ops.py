@@ -58,6 +58,11 @@ def make_inputs(
     return value, spatial_shapes.to(device), level_start_index.to(device), sampling_locations, attention_weights
 
 
+def flat(spatial_shapes) -> list[int]:
+    """The op schema's level list: height_0, width_0, height_1, width_1, ..."""
+    return [int(size) for size in torch.as_tensor(spatial_shapes).flatten().tolist()]
+
+
 def output_and_grads(inputs, backend, grad_output=None):
     """Output and (grad_value, grad_sampling_locations, grad_attention_weights) for a fixed grad_output."""
     value, spatial_shapes, level_start_index, sampling_locations, attention_weights = inputs
@@ -162,9 +167,8 @@ def test_gradcheck():
     leaves = [t.requires_grad_() for t in (value, sampling_locations, attention_weights)]
 
     def function(value, sampling_locations, attention_weights):
-        return torch.ops.ddetr.ms_deform_attn_forward(
-            value, spatial_shapes, level_start_index, sampling_locations, attention_weights
-        )
+        levels = flat(spatial_shapes)
+        return torch.ops.ddetr.ms_deform_attn_forward(value, levels, sampling_locations, attention_weights)
 
     assert torch.autograd.gradcheck(function, leaves, eps=1e-6, atol=1e-6)
 
@@ -219,14 +223,12 @@ def test_opcheck_forward_and_backward():
     )
     leaves = [t.requires_grad_() for t in (value, sampling_locations, attention_weights)]
     torch.library.opcheck(
-        torch.ops.ddetr.ms_deform_attn_forward.default,
-        (leaves[0], spatial_shapes, level_start_index, leaves[1], leaves[2]),
+        torch.ops.ddetr.ms_deform_attn_forward.default, (leaves[0], flat(spatial_shapes), leaves[1], leaves[2])
     )
     grad_output = torch.randn(value.shape[0], sampling_locations.shape[1], value.shape[2] * value.shape[3])
     torch.library.opcheck(
         torch.ops.ddetr.ms_deform_attn_backward.default,
-        (grad_output, value.detach(), spatial_shapes, level_start_index, sampling_locations.detach(),
-         attention_weights.detach()),
+        (grad_output, value.detach(), flat(spatial_shapes), sampling_locations.detach(), attention_weights.detach()),
     )
 
 
@@ -310,20 +312,79 @@ def test_unsupported_dtype_mix_raises():
     value, spatial_shapes, level_start_index, sampling_locations, attention_weights = make_inputs()
     with pytest.raises(RuntimeError, match="float32 for a float16/bfloat16 value"):
         torch.ops.ddetr.ms_deform_attn_forward(
-            value.float(), spatial_shapes, level_start_index, sampling_locations, attention_weights
+            value.float(), flat(spatial_shapes), sampling_locations, attention_weights
         )
     with pytest.raises(RuntimeError, match="share one dtype"):
         torch.ops.ddetr.ms_deform_attn_forward(
-            value.bfloat16(), spatial_shapes, level_start_index, sampling_locations.float(), attention_weights
+            value.bfloat16(), flat(spatial_shapes), sampling_locations.float(), attention_weights
         )
 
 
 def test_invalid_levels_raise():
     value, spatial_shapes, level_start_index, sampling_locations, attention_weights = make_inputs()
     with pytest.raises(RuntimeError, match="does not fit"):
-        torch.ops.ddetr.ms_deform_attn_forward(
-            value, spatial_shapes * 2, level_start_index, sampling_locations, attention_weights
-        )
+        torch.ops.ddetr.ms_deform_attn_forward(value, flat(spatial_shapes * 2), sampling_locations, attention_weights)
+    with pytest.raises(RuntimeError, match="must hold \\(height, width\\) of num_levels = 3 levels, that is 6 ints"):
+        torch.ops.ddetr.ms_deform_attn_forward(value, flat(spatial_shapes[:2]), sampling_locations, attention_weights)
+    # the wrapper's tensor form: starts that are not the running sum of the sizes
+    with pytest.raises(ValueError, match="not the running sum"):
+        ms_deform_attn(value, spatial_shapes, level_start_index + 1, sampling_locations, attention_weights, "cpu")
+
+
+def test_fake_kernel_checks_the_levels():
+    """The fake (shape) kernels check what the compiled ones check about sizes, so a wrong level list is
+    caught while tracing (torch.compile, export), not only when the kernel runs."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    value, spatial_shapes, _, sampling_locations, attention_weights = make_inputs()
+    levels, too_big, too_few = flat(spatial_shapes), flat(spatial_shapes * 2), flat(spatial_shapes[:2])
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(t) for t in (value, sampling_locations, attention_weights)]
+        output = torch.ops.ddetr.ms_deform_attn_forward(fake[0], levels, fake[1], fake[2])
+        assert output.shape == (2, 7, 10)
+        with pytest.raises(RuntimeError, match="do not fit in num_values = 55"):
+            torch.ops.ddetr.ms_deform_attn_forward(fake[0], too_big, fake[1], fake[2])
+        with pytest.raises(RuntimeError, match="of 3 levels"):
+            torch.ops.ddetr.ms_deform_attn_forward(fake[0], too_few, fake[1], fake[2])
+        grad_output = torch.empty(2, 7, 10, dtype=value.dtype)
+        with pytest.raises(RuntimeError, match="do not fit"):
+            torch.ops.ddetr.ms_deform_attn_backward(grad_output, fake[0], too_big, fake[1], fake[2])
+
+
+def test_shapes_as_ints_tensors_and_starts_agree():
+    """The level list, the (L, 2) tensor (read on the host) and the tensor with ``shapes`` give one result."""
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights = make_inputs()
+    pairs = [tuple(pair) for pair in spatial_shapes.tolist()]
+    expected = ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, "cpu")
+    for shapes_argument, starts, shapes in ((pairs, None, None), (spatial_shapes, None, None),
+                                            (spatial_shapes, level_start_index, pairs)):
+        output = ms_deform_attn(value, shapes_argument, starts, sampling_locations, attention_weights, "cpu", shapes)
+        torch.testing.assert_close(output, expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "shapes",
+    [
+        [[2**61, 8], [3, 7], [2, 2]],  # 2^64 pixels: the product wraps around to 0 in int64
+        [[2**62, 4], [3, 7], [2, 2]],
+        [[6, 5], [2**32 + 1, 2**32 - 1], [2, 2]],  # (2^64 - 1) pixels: -1 in int64
+        [[6, 5], [2**62, 2], [2**62, 2]],  # each 2^63 pixels: the running sum wraps around
+        [[6, 5], [3, 7], [-2, -3]],  # a negative size whose product is positive
+        [[0, 2**63 - 1], [6, 5], [2**63 - 1, 1]],  # empty levels fit whatever their width, the third does not
+    ],
+    ids=["product_wraps_to_zero", "product_wraps_negative", "product_is_minus_one", "sum_overflows",
+         "negative_sizes", "huge_empty_levels"],
+)
+def test_overflowing_levels_raise(shapes):
+    """Level sizes whose product (or running sum) overflows int64 are rejected, forward and backward,
+    instead of passing the bounds check and reading or writing outside value."""
+    value, _, _, sampling_locations, attention_weights = make_inputs()
+    levels = [size for pair in shapes for size in pair]
+    with pytest.raises(RuntimeError, match="does not fit in num_values = 55"):
+        torch.ops.ddetr.ms_deform_attn_forward(value, levels, sampling_locations, attention_weights)
+    grad_output = torch.ones(2, 7, 10, dtype=value.dtype)
+    with pytest.raises(RuntimeError, match="does not fit in num_values = 55"):
+        torch.ops.ddetr.ms_deform_attn_backward(grad_output, value, levels, sampling_locations, attention_weights)
 
 
 def test_failed_build_falls_back_with_one_warning(monkeypatch):
@@ -386,8 +447,7 @@ class TestCuda:
         )
         leaves = [t.requires_grad_() for t in (value, sampling_locations, attention_weights)]
         torch.library.opcheck(
-            torch.ops.ddetr.ms_deform_attn_forward.default,
-            (leaves[0], spatial_shapes, level_start_index, leaves[1], leaves[2]),
+            torch.ops.ddetr.ms_deform_attn_forward.default, (leaves[0], flat(spatial_shapes), leaves[1], leaves[2])
         )
 
     @pytest.mark.parametrize("value_dtype", [torch.bfloat16, torch.float16])
@@ -438,21 +498,18 @@ class TestCuda:
         for grad, expected in zip(grads, aligned_grads):
             torch.testing.assert_close(grad, expected)
 
-    @pytest.mark.parametrize("shapes_on", ["cpu", "cuda"])
-    def test_invalid_levels_raise(self, shapes_on):
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights = make_inputs(device="cuda")
-        with pytest.raises(RuntimeError, match="does not fit"):
-            torch.ops.ddetr.ms_deform_attn_forward(
-                value, (spatial_shapes * 2).to(shapes_on), level_start_index.to(shapes_on), sampling_locations,
-                attention_weights,
-            )
+    @pytest.mark.parametrize("shapes", [[[12, 10], [6, 14], [4, 4]], [[2**61, 8], [3, 7], [2, 2]],
+                                        [[0, 2**40], [6, 5], [3, 7]]], ids=["too_big", "overflowing", "not_int"])
+    def test_invalid_levels_raise(self, shapes):
+        value, _, _, sampling_locations, attention_weights = make_inputs(device="cuda")
+        levels = [size for pair in shapes for size in pair]
+        match = "above 2\\^31 - 1" if shapes[0][0] == 0 else "does not fit"
+        with pytest.raises(RuntimeError, match=match):
+            torch.ops.ddetr.ms_deform_attn_forward(value, levels, sampling_locations, attention_weights)
         grad_output = torch.ones(value.shape[0], sampling_locations.shape[1], value.shape[2] * value.shape[3],
                                  dtype=value.dtype, device="cuda")
-        with pytest.raises(RuntimeError, match="does not fit"):
-            torch.ops.ddetr.ms_deform_attn_backward(
-                grad_output, value, spatial_shapes.to(shapes_on), (level_start_index + 50).to(shapes_on),
-                sampling_locations, attention_weights,
-            )
+        with pytest.raises(RuntimeError, match=match):
+            torch.ops.ddetr.ms_deform_attn_backward(grad_output, value, levels, sampling_locations, attention_weights)
 
     def test_deterministic_mode_alerts(self):
         inputs = make_inputs(device="cuda", dtype=torch.float32)

@@ -99,6 +99,8 @@ def test_concurrent_first_use_builds_safely(tmp_path):
     assert "built " in outputs[1][0]
     builds = list((tmp_path / "cache").iterdir())
     assert len(builds) == 1 and (builds[0] / "ready").is_file()
+    # build() made the cache root and the build folder private (cpp_extension would leave them 0755)
+    assert [(path.stat().st_mode & 0o777) for path in (tmp_path / "cache", builds[0])] == [0o700, 0o700]
 
     later = subprocess.run([sys.executable, "-c", RUN_OP], env=env, capture_output=True, text=True, timeout=300)
     assert later.returncode == 0, later.stderr

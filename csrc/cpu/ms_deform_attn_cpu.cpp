@@ -348,16 +348,12 @@ void backward_kernel(const scalar_t* grad_output, const scalar_t* value, const i
   });
 }
 
-at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
-                                      const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
-                                      const at::Tensor& attention_weights) {
-  const MSDeformAttnSizes sizes =
-      check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, at::IntArrayRef spatial_shapes,
+                                      const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
+  const MSDeformAttnSizes sizes = check_ms_deform_attn_inputs(value, sampling_locations, attention_weights);
   TORCH_CHECK(value.is_cpu(), "ms_deform_attn (CPU): value must be a CPU tensor");
-  const std::string error = levels_error(spatial_shapes, level_start_index, sizes.num_values);
-  TORCH_CHECK(error.empty(), error);
-  const at::Tensor spatial_shapes_c = spatial_shapes.contiguous();
-  const at::Tensor level_start_index_c = level_start_index.contiguous();
+  const LevelStarts levels = level_starts(spatial_shapes, sizes.num_levels, sizes.num_values);
+  TORCH_CHECK(levels.error.empty(), levels.error);
   const at::Tensor value_c = value.contiguous();
   const at::Tensor sampling_locations_c = sampling_locations.contiguous();
   const at::Tensor attention_weights_c = attention_weights.contiguous();
@@ -371,8 +367,7 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor&
       [&](auto value_tag, auto location_tag) {
         using scalar_t = decltype(value_tag);
         using loc_t = decltype(location_tag);
-        forward_kernel<scalar_t, loc_t>(value_c.const_data_ptr<scalar_t>(), spatial_shapes_c.const_data_ptr<int64_t>(),
-                                        level_start_index_c.const_data_ptr<int64_t>(),
+        forward_kernel<scalar_t, loc_t>(value_c.const_data_ptr<scalar_t>(), spatial_shapes.data(), levels.start.data(),
                                         sampling_locations_c.const_data_ptr<loc_t>(),
                                         attention_weights_c.const_data_ptr<loc_t>(),
                                         output.mutable_data_ptr<scalar_t>(), sizes);
@@ -381,19 +376,16 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor&
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
-    const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& spatial_shapes,
-    const at::Tensor& level_start_index, const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
-  const MSDeformAttnSizes sizes =
-      check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+    const at::Tensor& grad_output, const at::Tensor& value, at::IntArrayRef spatial_shapes,
+    const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
+  const MSDeformAttnSizes sizes = check_ms_deform_attn_inputs(value, sampling_locations, attention_weights);
   check_ms_deform_attn_grad_output(grad_output, sizes);
   TORCH_CHECK(value.is_cpu() && grad_output.is_cpu(), "ms_deform_attn_backward (CPU): tensors must be on the CPU");
   TORCH_CHECK(grad_output.scalar_type() == value.scalar_type(),
               message("ms_deform_attn_backward: grad_output dtype ", grad_output.scalar_type(),
                       " differs from value dtype ", value.scalar_type()));
-  const std::string error = levels_error(spatial_shapes, level_start_index, sizes.num_values);
-  TORCH_CHECK(error.empty(), error);
-  const at::Tensor spatial_shapes_c = spatial_shapes.contiguous();
-  const at::Tensor level_start_index_c = level_start_index.contiguous();
+  const LevelStarts levels = level_starts(spatial_shapes, sizes.num_levels, sizes.num_values);
+  TORCH_CHECK(levels.error.empty(), levels.error);
   const at::Tensor grad_output_c = grad_output.contiguous();
   const at::Tensor sampling_locations_c = sampling_locations.contiguous();
   const at::Tensor attention_weights_c = attention_weights.contiguous();
@@ -434,7 +426,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
         using opmath_t = at::opmath_type<scalar_t>;
         backward_kernel<scalar_t, loc_t>(
             grad_output_c.const_data_ptr<scalar_t>(), value_c.const_data_ptr<scalar_t>(),
-            spatial_shapes_c.const_data_ptr<int64_t>(), level_start_index_c.const_data_ptr<int64_t>(),
+            spatial_shapes.data(), levels.start.data(),
             sampling_locations_c.const_data_ptr<loc_t>(), attention_weights_c.const_data_ptr<loc_t>(),
             grad_value_accumulator.mutable_data_ptr<opmath_t>(), grad_sampling_locations.mutable_data_ptr<loc_t>(),
             grad_attention_weights.mutable_data_ptr<loc_t>(), sizes, layout, num_chunks);

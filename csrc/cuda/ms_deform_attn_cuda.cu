@@ -21,9 +21,9 @@
 // bfloat16 (autocast); their gradients come back in their own dtype. Accumulation is float32 (float64
 // for float64).
 //
-// Levels are passed by value as kernel parameters (validated on the host), so the op reads no shape
-// tensor on the device and, given spatial_shapes / level_start_index on the CPU, makes no copy and no
-// synchronisation. Given on the GPU, they are copied to the host once per call (a synchronisation).
+// Levels come as a list of ints in the op's schema (no tensor) and go to the kernels by value as kernel
+// parameters, with their start offsets derived on the host from the shapes: no copy, no
+// synchronisation, and nothing that stops the op from being captured in a CUDA graph.
 #include <ATen/core/Tensor.h>
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
@@ -56,28 +56,29 @@ struct Levels {
   int start[kMaxLevels];
 };
 
-// Fills `levels`; returns why they are invalid ("" when valid); the caller throws.
-std::string fill_levels(const at::Tensor& spatial_shapes, const at::Tensor& level_start_index, int64_t num_values,
-                        Levels& levels) {
-  if (spatial_shapes.size(0) > kMaxLevels) {
+// Fills `levels` from the (height, width) list, with the start offsets derived from it; returns why
+// the levels are invalid ("" when valid); the caller throws. Nothing is copied from the device.
+std::string fill_levels(at::IntArrayRef spatial_shapes, int64_t num_levels, int64_t num_values, Levels& levels) {
+  if (num_levels > kMaxLevels) {
     return "ms_deform_attn (CUDA): at most " + std::to_string(kMaxLevels) + " levels are supported, got " +
-           std::to_string(spatial_shapes.size(0));
+           std::to_string(num_levels);
   }
-  // only shape tensors on the GPU cost a copy (and a synchronisation); the model passes them on the CPU
-  const at::Tensor shapes = spatial_shapes.to(at::kCPU);
-  const at::Tensor starts = level_start_index.to(at::kCPU);
-  std::string error = levels_error(shapes, starts, num_values);
-  if (!error.empty()) {
-    return error;
+  const LevelStarts starts = level_starts(spatial_shapes, num_levels, num_values);
+  if (!starts.error.empty()) {
+    return starts.error;
   }
-  const auto shape = shapes.accessor<int64_t, 2>();
-  const auto start = starts.accessor<int64_t, 1>();
-  for (int64_t level = 0; level < shapes.size(0); ++level) {
-    levels.height[level] = static_cast<int>(shape[level][0]);
-    levels.width[level] = static_cast<int>(shape[level][1]);
-    levels.start[level] = static_cast<int>(start[level]);
+  for (int64_t level = 0; level < num_levels; ++level) {
+    const int64_t height = spatial_shapes[2 * level], width = spatial_shapes[2 * level + 1];
+    // the levels fit in value, but a zero height leaves the width unbounded: keep every number an int
+    constexpr int64_t int_max = std::numeric_limits<int>::max();
+    if (height > int_max || width > int_max || starts.start[level] > int_max) {
+      return "ms_deform_attn (CUDA): level " + std::to_string(level) + " has a height, width or start above 2^31 - 1";
+    }
+    levels.height[level] = static_cast<int>(height);
+    levels.width[level] = static_cast<int>(width);
+    levels.start[level] = static_cast<int>(starts.start[level]);
   }
-  return error;
+  return "";
 }
 
 // VEC values of type T, loaded and stored as one aligned access.
@@ -389,14 +390,12 @@ int64_t num_blocks(const KernelSizes& kernel) {
   return (threads + kThreadsPerBlock - 1) / kThreadsPerBlock;
 }
 
-at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value, const at::Tensor& spatial_shapes,
-                                       const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
-                                       const at::Tensor& attention_weights) {
-  const MSDeformAttnSizes sizes =
-      check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value, at::IntArrayRef spatial_shapes,
+                                       const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
+  const MSDeformAttnSizes sizes = check_ms_deform_attn_inputs(value, sampling_locations, attention_weights);
   TORCH_CHECK(value.is_cuda(), "ms_deform_attn (CUDA): value must be a CUDA tensor");
   Levels levels{};
-  const std::string error = fill_levels(spatial_shapes, level_start_index, sizes.num_values, levels);
+  const std::string error = fill_levels(spatial_shapes, sizes.num_levels, sizes.num_values, levels);
   TORCH_CHECK(error.empty(), error);
   const c10::cuda::OptionalCUDAGuard device_guard(value.device());
   const at::Tensor value_c = value.contiguous();
@@ -437,10 +436,9 @@ at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value, const at::Tensor
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
-    const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& spatial_shapes,
-    const at::Tensor& level_start_index, const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
-  const MSDeformAttnSizes sizes =
-      check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+    const at::Tensor& grad_output, const at::Tensor& value, at::IntArrayRef spatial_shapes,
+    const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
+  const MSDeformAttnSizes sizes = check_ms_deform_attn_inputs(value, sampling_locations, attention_weights);
   check_ms_deform_attn_grad_output(grad_output, sizes);
   TORCH_CHECK(value.is_cuda() && grad_output.device() == value.device(),
               "ms_deform_attn_backward (CUDA): grad_output and value must be on one CUDA device");
@@ -450,7 +448,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
   // the float atomics into grad_value make the summation order vary from run to run
   at::globalContext().alertNotDeterministic("ms_deform_attn_backward_cuda");
   Levels levels{};
-  const std::string error = fill_levels(spatial_shapes, level_start_index, sizes.num_values, levels);
+  const std::string error = fill_levels(spatial_shapes, sizes.num_levels, sizes.num_values, levels);
   TORCH_CHECK(error.empty(), error);
   const c10::cuda::OptionalCUDAGuard device_guard(value.device());
   const at::Tensor grad_output_c = grad_output.contiguous();

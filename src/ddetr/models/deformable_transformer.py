@@ -319,12 +319,19 @@ class DeformableTransformer(nn.Module):
         src_flatten = torch.cat(src_flatten, 1)  # (B, S, D)
         mask_flatten = torch.cat(mask_flatten, 1)  # (B, S)
         pos_flatten = torch.cat(pos_flatten, 1)  # (B, S, D)
-        # shapes are Python ints; the op reads them on the host: CPU tensors cost no device sync or copy
-        spatial_shapes = torch.tensor(shapes, dtype=torch.long)  # (L, 2)
+        # The op takes `shapes` as ints (SymInts under torch.compile, so image sizes need no recompile);
+        # the (L, 2) / (L,) tensors (offset normalisers, hooks) live on the device: no host tensor in the
+        # graph, and in eager one small asynchronous copy per forward
         starts = [0]
         for height, width in shapes[:-1]:
             starts.append(starts[-1] + height * width)
-        level_start_index = torch.tensor(starts, dtype=torch.long)  # (L,)
+        rows = [(height, width, start) for (height, width), start in zip(shapes, starts)]
+        device = src_flatten.device
+        if torch.compiler.is_compiling():
+            level_table = torch.tensor(rows, dtype=torch.long, device=device)  # (L, 3)
+        else:
+            level_table = torch.tensor(rows, dtype=torch.long).to(device, non_blocking=True)  # (L, 3)
+        spatial_shapes, level_start_index = level_table[:, :2], level_table[:, 2]  # (L, 2), (L,)
         ratios = torch.stack([valid_ratios(mask) for mask in masks], 1)  # (B, L, 2)
 
         memory = self.encoder(

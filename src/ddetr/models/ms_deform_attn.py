@@ -67,7 +67,7 @@ class MSDeformAttn(nn.Module):
         reference_points: torch.Tensor,
         value_input: torch.Tensor,
         spatial_shapes: torch.Tensor,
-        level_start_index: torch.Tensor,
+        level_start_index: torch.Tensor | None,
         padding_mask: torch.Tensor | None = None,
         return_attention: bool = False,
         shapes: Sequence[tuple[int, int]] | None = None,
@@ -80,13 +80,14 @@ class MSDeformAttn(nn.Module):
                 (batch_size, num_queries, num_levels, 4) as (cx, cy, w, h): offsets are then relative
                 to the box size (``offset / num_points * wh / 2``).
             value_input: (batch_size, num_values, hidden_dim), the levels flattened one after another.
-            spatial_shapes: (num_levels, 2) int64 (height, width) of every level, on the CPU (no device
-                sync in the op) or on the device.
-            level_start_index: (num_levels,) int64 offset of every level in ``num_values``, same device.
+            spatial_shapes: (num_levels, 2) int64 (height, width) of every level, best on the device
+                (it gives the offset normalisers; the op takes ``shapes``).
+            level_start_index: (num_levels,) int64 offset of every level in ``num_values`` (the levels
+                lie one after another; see ``ddetr.ops.ms_deform_attn``), or None.
             padding_mask: (batch_size, num_values) bool, True on padding (those values are zeroed).
             return_attention: also return the sampling locations and attention weights.
-            shapes: ``spatial_shapes`` as Python ints, passed to the op's PyTorch path (symbolic
-                sizes under ``torch.export`` with dynamic image sizes).
+            shapes: ``spatial_shapes`` as Python ints (SymInts under ``torch.compile``), passed to the
+                op so that it reads no tensor; when None the op reads ``spatial_shapes`` on the host.
 
         Returns:
             output (batch_size, num_queries, hidden_dim); with ``return_attention`` also
@@ -114,7 +115,7 @@ class MSDeformAttn(nn.Module):
         )  # (B, Lq, M, L, P)
         if reference_points.shape[-1] == 2:
             # offsets are in pixels of each level: divide x by its width and y by its height
-            # (L, 2) as (W, H); the shapes may be on the host (no sync): a small asynchronous copy
+            # (L, 2) as (W, H); shapes on the host take a small asynchronous copy (no sync)
             offset_normalizer = spatial_shapes.flip(-1).to(device=query.device, dtype=torch.float32, non_blocking=True)
             sampling_locations = (
                 reference_points[:, :, None, :, None, :]

@@ -15,11 +15,11 @@ from collections.abc import Sequence
 import torch
 
 from ddetr.ops import _build
-from ddetr.ops.reference import ms_deform_attn_pytorch
+from ddetr.ops.reference import ms_deform_attn_pytorch, spatial_shapes_list
 
 BACKENDS = ("auto", "pytorch", "cpu", "cuda")
 
-__all__ = ["BACKENDS", "compiled_op_available", "ms_deform_attn", "ms_deform_attn_pytorch"]
+__all__ = ["BACKENDS", "compiled_op_available", "level_shapes", "ms_deform_attn", "ms_deform_attn_pytorch"]
 
 
 @torch.compiler.assume_constant_result
@@ -71,10 +71,40 @@ def op_dtypes(
     return common, common
 
 
+def level_shapes(
+    spatial_shapes: torch.Tensor | Sequence[tuple[int, int]],
+    level_start_index: torch.Tensor | None = None,
+    shapes: Sequence[tuple[int, int]] | None = None,
+) -> list[tuple[int, int]]:
+    """The (height, width) of every level as ints (SymInts under ``torch.compile``): ``shapes`` if given,
+    else ``spatial_shapes`` as a sequence, else read from the ``spatial_shapes`` tensor on the host.
+
+    The levels lie one after another in value, so their start offsets follow from the shapes (the
+    kernels derive them); a ``level_start_index`` tensor is checked against them when the shapes are
+    read from a tensor (a host read anyway) and raises ``ValueError`` if it differs.
+    """
+    if shapes is not None:
+        return list(shapes)
+    if not isinstance(spatial_shapes, torch.Tensor):
+        return list(spatial_shapes)
+    read = spatial_shapes_list(spatial_shapes)
+    if level_start_index is not None and not torch.compiler.is_compiling():
+        expected = [0]
+        for height, width in read[:-1]:
+            expected.append(expected[-1] + height * width)
+        given = [int(start) for start in level_start_index.tolist()]
+        if given != expected:
+            raise ValueError(
+                f"ms_deform_attn: level_start_index {given} is not the running sum of height * width of the "
+                f"levels {read} ({expected}); the levels must lie one after another in value"
+            )
+    return read
+
+
 def ms_deform_attn(
     value: torch.Tensor,
-    spatial_shapes: torch.Tensor,
-    level_start_index: torch.Tensor,
+    spatial_shapes: torch.Tensor | Sequence[tuple[int, int]],
+    level_start_index: torch.Tensor | None,
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
     backend: str = "auto",
@@ -84,15 +114,20 @@ def ms_deform_attn(
 
     Args:
         value: (batch_size, num_values, num_heads, head_dim), the flattened levels one after another.
-        spatial_shapes: (num_levels, 2) int64, (height, width) of every level.
-        level_start_index: (num_levels,) int64, where every level starts in ``num_values``.
+        spatial_shapes: (height, width) of every level: a sequence of int pairs (SymInts under
+            ``torch.compile``; nothing is read from a tensor), or a (num_levels, 2) int64 tensor, read
+            on the host (a device synchronisation for a CUDA tensor, and not traceable by
+            ``torch.compile``).
+        level_start_index: (num_levels,) int64, where every level starts in ``num_values``, or None.
+            The levels lie one after another, so the kernels derive the starts from the shapes; the
+            tensor is only checked when ``spatial_shapes`` is a tensor too (see :func:`level_shapes`).
         sampling_locations: (batch_size, num_queries, num_heads, num_levels, num_points, 2), (x, y)
             in [0, 1]; samples outside the map read zeros.
         attention_weights: (batch_size, num_queries, num_heads, num_levels, num_points).
         backend: "auto" (compiled kernel for the tensors' device if available, else PyTorch),
             "pytorch", "cpu" or "cuda" (the compiled kernel; raises if it cannot be used).
-        shapes: ``spatial_shapes`` as Python ints, for the PyTorch path (symbolic sizes under
-            ``torch.export`` with dynamic image sizes); the compiled kernels read the tensor.
+        shapes: the level shapes as Python ints (or SymInts), when ``spatial_shapes`` is a tensor:
+            then used instead of reading it.
 
     Returns:
         (batch_size, num_queries, num_heads * head_dim) in value's dtype, differentiable in value,
@@ -106,21 +141,17 @@ def ms_deform_attn(
         sampling_locations.to(location_dtype),
         attention_weights.to(location_dtype),
     )
+    shapes = level_shapes(spatial_shapes, level_start_index, shapes)
     if backend == "pytorch":
-        return ms_deform_attn_pytorch(
-            value, spatial_shapes, level_start_index, sampling_locations, attention_weights, shapes
-        )
+        return ms_deform_attn_pytorch(value, shapes, None, sampling_locations, attention_weights)
     device_type = value.device.type
     if backend == "auto":
         if not compiled_op_available(device_type):
-            return ms_deform_attn_pytorch(
-                value, spatial_shapes, level_start_index, sampling_locations, attention_weights, shapes
-            )
+            return ms_deform_attn_pytorch(value, shapes, None, sampling_locations, attention_weights)
     else:
         if device_type != backend:
             raise ValueError(f"attention backend {backend!r} needs {backend} tensors, got value on {value.device}")
         if not compiled_op_available(device_type):
             raise RuntimeError(f"attention backend {backend!r} is unavailable: {_unavailable_reason(device_type)}")
-    return torch.ops.ddetr.ms_deform_attn_forward(
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights
-    )
+    flat_shapes = [size for height_width in shapes for size in height_width]  # height_0, width_0, height_1, ...
+    return torch.ops.ddetr.ms_deform_attn_forward(value, flat_shapes, sampling_locations, attention_weights)

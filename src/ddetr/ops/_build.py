@@ -11,6 +11,11 @@ file lock (``<build dir>/lock``) while it builds, other processes wait on it, an
 lock next finds the build up to date. A ``ready`` marker, written atomically after a successful
 load, lets later processes load the library directly without ninja.
 
+The cache sits in a predictable place, so it is trusted only when no other user could have put
+code there: the folders are created ``0700``, and a library, its build folder or the cache root that
+is not owned by us or is group/world writable is neither built into nor loaded (one warning, then the
+PyTorch path, as after a failed build).
+
 Importing this module never needs a compiler: ``torch.utils.cpp_extension`` is imported on first
 build only.
 """
@@ -20,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import stat
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -81,15 +87,63 @@ def _cpu_fingerprint() -> str:
     return platform.machine()
 
 
+class UnsafeCacheError(RuntimeError):
+    """The build cache (folder or library) could have been written by another user; nothing is loaded from it."""
+
+
+def cache_root() -> Path:
+    """Root of the build cache: ``$DDETR_BUILD_DIR``, else ``$XDG_CACHE_HOME/ddetr/ops`` (``~/.cache``)."""
+    root = os.environ.get("DDETR_BUILD_DIR")
+    if root is None:
+        cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.path.join(cache_home, "ddetr", "ops")
+    return Path(root)
+
+
+def unsafe_reason(path: Path) -> str | None:
+    """Why ``path`` (an existing file or folder) cannot be trusted, or None: it must be owned by us and
+    not writable by the group or others. Always None where there are no POSIX owners (Windows)."""
+    if not hasattr(os, "getuid"):
+        return None
+    info = path.stat()
+    if info.st_uid != os.getuid():
+        return f"{path} is owned by uid {info.st_uid}, not by us (uid {os.getuid()})"
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        who = "others" if info.st_mode & stat.S_IWOTH else "its group"
+        return f"{path} is writable by {who} (mode {stat.filemode(info.st_mode)})"
+    return None
+
+
+def check_trusted(*paths: Path) -> None:
+    """Raises ``UnsafeCacheError`` naming the first of ``paths`` (those that exist) another user could write."""
+    for path in paths:
+        if path.exists():
+            reason = unsafe_reason(path)
+            if reason is not None:
+                raise UnsafeCacheError(reason)
+
+
+def make_private_directory(directory: Path) -> None:
+    """Creates ``directory`` and its missing parents with mode 0700 (whatever the umask)."""
+    missing = []
+    for path in (directory, *directory.parents):
+        if path.exists():
+            break
+        missing.append(path)
+    for path in reversed(missing):
+        try:
+            path.mkdir(mode=0o700)
+        except FileExistsError:  # another process made it first: checked by the caller like any folder
+            continue
+        os.chmod(path, 0o700)  # mkdir's mode is reduced by the umask, never widened
+
+
 def build_directory(with_cuda: bool) -> Path:
     """Cache directory of the build, e.g. ``~/.cache/ddetr/ops/torch2.14.1-cuda13.0-py311-<hash>``.
 
     The root is ``$DDETR_BUILD_DIR`` if set, else ``$XDG_CACHE_HOME/ddetr/ops`` (``~/.cache``).
     """
-    root = os.environ.get("DDETR_BUILD_DIR")
-    if root is None:
-        cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        root = os.path.join(cache_home, "ddetr", "ops")
+    root = cache_root()
     sources = csrc_dir()
     digest = hashlib.sha256()
     names = _CPU_SOURCES + _HEADERS + (_CUDA_SOURCES if with_cuda else ())
@@ -100,7 +154,7 @@ def build_directory(with_cuda: bool) -> Path:
     digest.update(f"{_BUILD_RECIPE_VERSION} {_cpu_fingerprint()} {os.environ.get('TORCH_CUDA_ARCH_LIST', '')}".encode())
     device = f"cuda{torch.version.cuda}" if with_cuda else "cpu"
     python = f"py{sys.version_info.major}{sys.version_info.minor}"
-    return Path(root) / f"torch{torch.__version__.replace('+', '_')}-{device}-{python}-{digest.hexdigest()[:16]}"
+    return root / f"torch{torch.__version__.replace('+', '_')}-{device}-{python}-{digest.hexdigest()[:16]}"
 
 
 def _library_path(directory: Path) -> Path:
@@ -121,13 +175,16 @@ def build(with_cuda: bool | None = None, verbose: bool = False) -> Path:
     directory = build_directory(with_cuda)
     library = _library_path(directory)
     ready_marker = directory / "ready"
+    # a folder or library another user can write may hold their code: neither build into it nor load it
+    check_trusted(directory.parent, directory, library, ready_marker)
     if ready_marker.is_file() and library.is_file():
         torch.ops.load_library(str(library))
         return library
 
     from torch.utils import cpp_extension  # needs a compiler only from here on
 
-    directory.mkdir(parents=True, exist_ok=True)
+    make_private_directory(directory)
+    check_trusted(directory.parent, directory)  # created by someone else between the check and here
     print(
         f"ddetr: compiling the deformable attention op ({'CPU+CUDA' if with_cuda else 'CPU'}) into {directory}, "
         "once per torch version and source change (about a minute)...",
@@ -177,6 +234,15 @@ def load_library(with_cuda: bool | None = None) -> bool:
         with_cuda = torch.cuda.is_available()
     try:
         build(with_cuda=with_cuda)
+    except UnsafeCacheError as error:
+        _STATE.error = f"{type(error).__name__}: {error}"
+        warnings.warn(
+            f"ddetr: not loading the compiled deformable attention op: {error}; using the slower PyTorch path "
+            "(make the cache private to you, or set DDETR_BUILD_DIR to a folder of your own)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False
     except Exception as error:  # noqa: BLE001 - any build failure means: use the fallback
         _STATE.error = _describe(error)
         warnings.warn(

@@ -23,15 +23,45 @@ def register() -> None:
     _REGISTERED = True
 
 
-def _forward_fake(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+def _check_fake_inputs(value, spatial_shapes, sampling_locations, attention_weights) -> None:
+    """The kernels' checks that concern sizes, with ``torch._check`` so that they hold symbolically under
+    ``torch.compile`` (the levels fit in value: with sizes taken from the feature maps this is known, so
+    it adds no guard and no recompile)."""
+    torch._check(value.dim() == 4, lambda: f"value must be (batch_size, num_values, num_heads, head_dim): {value.shape}")
+    torch._check(sampling_locations.dim() == 6, lambda: "sampling_locations must have 6 dimensions")
+    batch_size, num_values, num_heads, _ = value.shape
+    num_levels = sampling_locations.shape[3]
+    torch._check(
+        len(spatial_shapes) == 2 * num_levels,
+        lambda: f"spatial_shapes must hold (height, width) of {num_levels} levels, got {list(spatial_shapes)}",
+    )
+    torch._check(
+        sampling_locations.shape[0] == batch_size and sampling_locations.shape[2] == num_heads,
+        lambda: f"sampling_locations {sampling_locations.shape} does not match value {value.shape}",
+    )
+    torch._check(
+        attention_weights.dim() == 5 and all(a == b for a, b in zip(attention_weights.shape, sampling_locations.shape)),
+        lambda: f"attention_weights must be {sampling_locations.shape[:5]}, got {attention_weights.shape}",
+    )
+    total = 0
+    for height, width in zip(spatial_shapes[0::2], spatial_shapes[1::2]):
+        torch._check(height >= 0)
+        torch._check(width >= 0)
+        total = total + height * width
+    torch._check(total <= num_values, lambda: f"levels {list(spatial_shapes)} do not fit in num_values = {num_values}")
+
+
+def _forward_fake(value, spatial_shapes, sampling_locations, attention_weights):
     """Output shape only: (batch_size, num_queries, num_heads * head_dim)."""
+    _check_fake_inputs(value, spatial_shapes, sampling_locations, attention_weights)
     batch_size, _, num_heads, head_dim = value.shape
     num_queries = sampling_locations.shape[1]
     return value.new_empty((batch_size, num_queries, num_heads * head_dim))
 
 
-def _backward_fake(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+def _backward_fake(grad_output, value, spatial_shapes, sampling_locations, attention_weights):
     """Gradient shapes only: like value, sampling_locations and attention_weights (contiguous)."""
+    _check_fake_inputs(value, spatial_shapes, sampling_locations, attention_weights)
     return (
         value.new_empty(value.shape),
         sampling_locations.new_empty(sampling_locations.shape),
@@ -40,12 +70,14 @@ def _backward_fake(grad_output, value, spatial_shapes, level_start_index, sampli
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    value, spatial_shapes, sampling_locations, attention_weights = inputs
+    ctx.save_for_backward(value, sampling_locations, attention_weights)
+    ctx.spatial_shapes = spatial_shapes
 
 
 def _backward(ctx, grad_output):
-    value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
+    value, sampling_locations, attention_weights = ctx.saved_tensors
     grad_value, grad_sampling_locations, grad_attention_weights = torch.ops.ddetr.ms_deform_attn_backward(
-        grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+        grad_output, value, ctx.spatial_shapes, sampling_locations, attention_weights
     )
-    return grad_value, None, None, grad_sampling_locations, grad_attention_weights
+    return grad_value, None, grad_sampling_locations, grad_attention_weights

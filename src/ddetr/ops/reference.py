@@ -32,8 +32,8 @@ def spatial_shapes_list(spatial_shapes: torch.Tensor) -> list[tuple[int, int]]:
 
 def ms_deform_attn_pytorch(
     value: torch.Tensor,
-    spatial_shapes: torch.Tensor,
-    level_start_index: torch.Tensor,
+    spatial_shapes: torch.Tensor | Sequence[tuple[int, int]],
+    level_start_index: torch.Tensor | None,
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
     shapes: Sequence[tuple[int, int]] | None = None,
@@ -42,8 +42,9 @@ def ms_deform_attn_pytorch(
 
     Args:
         value: (batch_size, num_values, num_heads, head_dim), the flattened levels one after another.
-        spatial_shapes: (num_levels, 2) int64, (height, width) of every level.
-        level_start_index: (num_levels,) int64, where every level starts in ``num_values``
+        spatial_shapes: (height, width) of every level, as a sequence of int pairs or a
+            (num_levels, 2) int64 tensor.
+        level_start_index: (num_levels,) int64, where every level starts in ``num_values``, or None
             (unused here: the levels are split by their sizes).
         sampling_locations: (batch_size, num_queries, num_heads, num_levels, num_points, 2),
             (x, y) normalised to [0, 1]; outside that range samples read zeros.
@@ -64,7 +65,8 @@ def ms_deform_attn_pytorch(
     )
     batch_size, _, num_heads, head_dim = value.shape
     _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
-    shapes = spatial_shapes_list(spatial_shapes) if shapes is None else shapes
+    if shapes is None:
+        shapes = spatial_shapes_list(spatial_shapes) if isinstance(spatial_shapes, torch.Tensor) else spatial_shapes
     sizes = [height * width for height, width in shapes]
     value_per_level = value.split(sizes, dim=1)
     # grid_sample wants coordinates in [-1, 1]; align_corners=False makes -1 the left edge of pixel 0

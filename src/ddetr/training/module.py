@@ -24,6 +24,22 @@ class NonFiniteLossError(RuntimeError):
     """Raised when the training loss is NaN or infinite (on any rank) and the run is set to stop."""
 
 
+@dataclasses.dataclass
+class _PendingStep:
+    """A training step whose loss finiteness is still on its way to the host (see ``training_step``):
+    ``finite`` the host copy of the all-ranks flag (1.0 / 0.0, filled asynchronously), ``ready`` the
+    CUDA event after that copy (None on the CPU), the rest what its log and error message need."""
+
+    finite: torch.Tensor
+    ready: torch.cuda.Event | None
+    total: torch.Tensor
+    loss_dict: dict[str, torch.Tensor]
+    batch_size: int
+    global_step: int
+    epoch: int
+    batch_idx: int
+
+
 class DeformableDETRModule(L.LightningModule):
     """Deformable DETR for training, evaluation and prediction.
 
@@ -89,6 +105,8 @@ class DeformableDETRModule(L.LightningModule):
         # compile=True: the detector runs through torch.compile (dynamic image sizes). A run-time
         # choice, not part of the saved model; kept out of the module tree so state dict names stay.
         self.__dict__["detector"] = torch.compile(self.model, dynamic=True) if compile else self.model
+        self._pending: _PendingStep | None = None  # the previous training step, read late (training_step)
+        self._buffers_before_step: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
 
     # ------------------------------------------------------------------ inference
     def forward(self, images: list[torch.Tensor] | tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
@@ -104,7 +122,20 @@ class DeformableDETRModule(L.LightningModule):
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch, batch_idx: int):
+        """The loss of one batch; a non-finite loss (on any rank) stops the run or skips the step
+        (``on_nonfinite_loss``).
+
+        With a fused AdamW optimizer the finiteness never stalls the step: the all-ranks flag stays on
+        the device, where it makes the optimizer skip the update (``found_inf``) and (skip mode) keeps
+        the batch norm statistics of before the step; its copy to the host, made without blocking, is read at
+        the start of the next step (or before validation, at the end of the epoch), long after it
+        arrived. There the error is raised or the skip logged, naming the step it happened in, and a
+        finite step's loss is logged. Other optimizers cannot skip an update on the device, so for
+        them the flag is read in the step itself.
+        """
+        self._settle_pending_step()
         images, mask, targets = batch
+        deferred = self._fused_optimizer() is not None
         # a skipped step must leave no trace, also in the running statistics of batch norm
         buffers = {k: v.clone() for k, v in self.model.named_buffers()} if self.on_nonfinite_loss == "skip" else None
         outputs = self.detector((images, mask))
@@ -112,14 +143,17 @@ class DeformableDETRModule(L.LightningModule):
             loss_dict = self.criterion(outputs, targets)
             total = self.criterion.weighted_total(loss_dict)
         except NonFinitePredictionError:  # cannot be matched: report the predictions as the bad terms
-            total = torch.full((), float("nan"), device=images.device)
-            loss_dict = {name: total for name in ("pred_logits", "pred_boxes")}
+            if deferred:  # every rank still runs backward (DDP): a NaN loss with a graph, update skipped
+                total = (outputs["pred_logits"].sum() + outputs["pred_boxes"].sum()) * float("nan")
+            else:
+                total = torch.full((), float("nan"), device=images.device)
+            loss_dict = {name: total.detach() for name in ("pred_logits", "pred_boxes")}
+        batch_size = images.shape[0]
+        if deferred:
+            self._defer_finiteness(total, loss_dict, buffers, batch_size, batch_idx)
+            return total
         if not self._all_ranks_finite(total):
-            bad = sorted(k for k, v in loss_dict.items() if not torch.isfinite(v).all())
-            message = (
-                f"non-finite training loss at global step {self.global_step} (epoch {self.current_epoch}, "
-                f"batch {batch_idx}): total={total.item()}; non-finite terms on this rank: {bad or 'none'}"
-            )
+            message = self._nonfinite_message(total, loss_dict, self.global_step, self.current_epoch, batch_idx)
             if self.on_nonfinite_loss == "skip":
                 log.warning("%s; skipping the step", message)
                 with torch.no_grad():
@@ -128,11 +162,97 @@ class DeformableDETRModule(L.LightningModule):
                 self.log("train/skipped_nonfinite", 1.0, reduce_fx="sum", on_step=False, on_epoch=True)
                 return None
             raise NonFiniteLossError(message)
-        batch_size = images.shape[0]
-        self.log("train/loss", total, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch_size)
+        self._log_training_loss(total, loss_dict, batch_size, on_step=True)
+        return total
+
+    def _log_training_loss(self, total, loss_dict, batch_size: int, on_step: bool) -> None:
+        self.log("train/loss", total, prog_bar=True, on_step=on_step, on_epoch=True, batch_size=batch_size)
         main_terms = {f"train/{k}": v for k, v in loss_dict.items() if "_" not in k.removeprefix("loss_")}
         self.log_dict(main_terms, on_step=False, on_epoch=True, batch_size=batch_size)
-        return total
+
+    @staticmethod
+    def _nonfinite_message(total, loss_dict, global_step: int, epoch: int, batch_idx: int) -> str:
+        bad = sorted(k for k, v in loss_dict.items() if not torch.isfinite(v).all())
+        return (
+            f"non-finite training loss at global step {global_step} (epoch {epoch}, "
+            f"batch {batch_idx}): total={total.item()}; non-finite terms on this rank: {bad or 'none'}"
+        )
+
+    def _fused_optimizer(self) -> torch.optim.Optimizer | None:
+        """The fused AdamW of the running fit (it can skip an update on the device), else None."""
+        if self._trainer is None or not self.trainer.training or len(self.trainer.optimizers) != 1:
+            return None
+        optimizer = self.trainer.optimizers[0]
+        fused = isinstance(optimizer, torch.optim.AdamW) and bool(optimizer.defaults.get("fused"))
+        return optimizer if fused else None
+
+    def _defer_finiteness(self, total, loss_dict, buffers, batch_size: int, batch_idx: int) -> None:
+        """The device side of a step whose finiteness is read later: the all-ranks flag, the optimizer's
+        ``found_inf``, the batch norm statistics of before the step when non-finite, the host copy."""
+        with torch.no_grad():
+            finite = torch.isfinite(total.detach()).to(torch.float32)  # () 1.0 or 0.0
+            if self.trainer.world_size > 1 and torch.distributed.is_initialized():  # all ranks skip or stop together
+                # directly, not strategy.reduce: that adds a barrier, which waits on the host
+                torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+            self._fused_optimizer().found_inf = 1.0 - finite  # the fused kernel skips the update at 1
+            # backward still needs the buffers of this forward: restored after it (on_after_backward)
+            self._buffers_before_step = (finite.bool(), buffers) if buffers is not None else None
+            host = finite.to("cpu", non_blocking=True)  # from a GPU into pinned memory: nothing waits
+            ready = None
+            if finite.is_cuda:
+                ready = torch.cuda.Event()
+                ready.record()
+        detached = {name: value.detach() for name, value in loss_dict.items()}
+        self._pending = _PendingStep(host, ready, total.detach(), detached, batch_size, self.global_step,
+                                     self.current_epoch, batch_idx)  # fmt: skip
+
+    def on_after_backward(self) -> None:
+        """Deferred check, skip mode: a non-finite step keeps the batch norm statistics of before it."""
+        kept, self._buffers_before_step = self._buffers_before_step, None
+        if kept is None:
+            return
+        finite, buffers = kept
+        with torch.no_grad():
+            for name, value in self.model.named_buffers():
+                value.copy_(torch.where(finite, value, buffers[name]))
+
+    def _settle_pending_step(self, where: str = "step") -> None:
+        """Reads the previous step's finiteness (arrived long ago) and logs its loss, or its skip, or
+        raises ``NonFiniteLossError`` for it. ``where``: "step" (start of the next step), "epoch" (end of
+        the epoch: metrics on the epoch only), "validation" (before validating inside fit: only an error
+        is settled, the rest waits for the epoch's end), "end" (end of training: no metric can be logged,
+        a skip is only warned about)."""
+        pending = self._pending
+        if pending is None:
+            return
+        if pending.ready is not None:
+            pending.ready.synchronize()
+        finite = bool(pending.finite)
+        if where == "validation" and (finite or self.on_nonfinite_loss == "skip"):
+            return
+        self._pending = None
+        if finite:
+            if where != "end":
+                self._log_training_loss(pending.total, pending.loss_dict, pending.batch_size, on_step=where == "step")
+            return
+        message = self._nonfinite_message(
+            pending.total, pending.loss_dict, pending.global_step, pending.epoch, pending.batch_idx
+        )
+        if self.on_nonfinite_loss == "raise":
+            raise NonFiniteLossError(message)
+        log.warning("%s; skipped the step", message)
+        if where != "end":
+            self.log("train/skipped_nonfinite", 1.0, reduce_fx="sum", on_step=False, on_epoch=True)
+
+    def on_train_epoch_end(self) -> None:
+        self._settle_pending_step("epoch")
+
+    def on_validation_start(self) -> None:
+        if self._trainer is not None and self.trainer.training:  # validation inside fit
+            self._settle_pending_step("validation")
+
+    def on_train_end(self) -> None:  # stopped mid-epoch (max_steps): the last step
+        self._settle_pending_step("end")
 
     def _all_ranks_finite(self, loss: torch.Tensor) -> bool:
         """True only when the loss is finite on every rank, so all ranks stop or skip together."""
