@@ -148,3 +148,23 @@ def test_resuming_from_a_forced_final_validation_continues_exactly(ema, tmp_path
     for key in keys:
         for name, value in full_state[key].items():
             torch.testing.assert_close(resumed_state[key][name], value, rtol=0, atol=1e-6, msg=f"{key} {name}")
+
+
+def test_ddp_with_fewer_validation_images_than_ranks_is_refused_in_one_line(tmp_path, debug_overrides):
+    """A rank without validation images would skip Lightning's validation loop and leave the other ranks waiting
+    in the gathering of the detections; the run is refused before any rank starts."""
+    import os
+    import subprocess
+    import sys
+
+    overrides = debug_overrides(tmp_path, tmp_path / "data") + ["data.num_val=1", "trainer=ddp", "trainer.accelerator=cpu",
+                                                                "trainer.devices=2"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    result = subprocess.run([sys.executable, "-m", "ddetr.train", *overrides], capture_output=True, text=True,
+                            cwd=tmp_path, env=env, timeout=300)  # fmt: skip
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == ("error: 1 validation image(s) for 2 ranks: every rank needs at least one; use at most 1 devices "
+                    "(trainer.devices, trainer.num_nodes) or more validation images")  # fmt: skip
+    assert not (tmp_path / "checkpoints").exists()

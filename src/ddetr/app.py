@@ -146,11 +146,12 @@ def hydra_app(config_name: str, run: Callable[[DictConfig], Any]) -> Callable[[]
     @functools.wraps(run)
     def configured_run(cfg: DictConfig) -> Any:
         from ddetr.training.checkpoints import CheckpointError
+        from ddetr.training.run import RunConfigError
 
         apply_matmul_precision(cfg)
         try:
             return run(cfg)
-        except CheckpointError as error:  # one line naming the file and the likely cause, no traceback
+        except (CheckpointError, RunConfigError) as error:  # one line saying what to change, no traceback
             raise SystemExit(f"error: {error}") from None
 
     hydra_main = hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=config_name)(configured_run)

@@ -230,6 +230,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         set_attention_backend(module.model, cfg.attn_backend)
     check_categories(module, datamodule, cfg.ckpt_path)
     trainer: L.Trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+    check_validation_setup(trainer, datamodule, cfg)
     trainer.validate(module, datamodule=datamodule)
 
     logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
