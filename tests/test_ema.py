@@ -7,6 +7,7 @@ import json
 import math
 import multiprocessing
 import socket
+from types import SimpleNamespace
 from pathlib import Path
 
 import lightning as L
@@ -73,6 +74,23 @@ def test_the_average_is_the_hand_computed_one():
     assert not torch.equal(module.net[0].weight, recorder.states[-1]["net.0.weight"])
 
 
+def test_before_the_first_update_the_weights_stand_for_the_average(tmp_path):
+    """The average starts as a copy of the initial weights; until its first update, the module keeps its own
+    weights at the end of the fit and in checkpoints."""
+    recorder, ema = RecordWeights(), WeightEMA(0.5, update_every_n_steps=100)
+    module = Toy()
+    data = torch.utils.data.DataLoader(torch.randn(3, 8, 3, generator=torch.Generator().manual_seed(1)), batch_size=None)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[recorder, ema])  # fmt: skip
+    trainer.fit(module, train_dataloaders=data)
+    assert ema.num_updates == 0
+    trainer.save_checkpoint(tmp_path / "early.ckpt")
+    saved = torch.load(tmp_path / "early.ckpt", map_location="cpu", weights_only=True)
+    assert "current_model_state" not in saved
+    for name, value in recorder.states[-1].items():
+        assert torch.equal(module.state_dict()[name], value) and torch.equal(saved["state_dict"][name], value), name
+
+
 @pytest.mark.parametrize("options", [dict(decay=1.0), dict(decay=0.9, update_every_n_steps=0), dict(decay=0.9, warmup_steps=-1)])
 def test_bad_settings_are_named(options):
     with pytest.raises(ValueError, match="ema"):
@@ -126,9 +144,9 @@ def _rank(rank: int, port: int, out) -> None:
         with torch.no_grad():  # batch norm statistics from each rank's own batches: they differ between ranks
             module.net[1].running_mean.fill_(float(rank + 1))
             module.net[1].running_var.fill_(float(10 * rank + 2))
-        ema._average_model.update_parameters(module)
+        ema.on_train_batch_end(SimpleNamespace(global_step=1), module, None, None, 0)  # the first update (a copy)
         ema.on_validation_epoch_start(None, module)  # the average swapped in for validation
-        out.put((rank, {k: v.clone() for k, v in module.state_dict().items()}))
+        out.put((rank, {k: v.tolist() for k, v in module.state_dict().items()}))
     finally:
         dist.destroy_process_group()
 
@@ -142,9 +160,9 @@ def test_the_validated_average_is_the_same_on_every_rank():
     processes = [context.Process(target=_rank, args=(rank, port, out)) for rank in range(2)]
     for process in processes:
         process.start()
-    states = dict(out.get(timeout=120) for _ in processes)
+    states = dict(out.get(timeout=300) for _ in processes)  # spawned processes import torch first
     for process in processes:
         process.join(timeout=60)
     for name, value in states[0].items():
-        assert torch.equal(states[1][name], value), name
-    assert float(states[0]["net.1.running_mean"][0]) == 1.0  # rank 0's (whose checkpoints are written)
+        assert states[1][name] == value, name
+    assert states[0]["net.1.running_mean"][0] == 1.0  # rank 0's (whose checkpoints are written)

@@ -22,7 +22,7 @@ def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path):
     processes = [context.Process(target=_claim, args=(str(tmp_path), barrier, out)) for _ in range(4)]
     for process in processes:
         process.start()
-    names = sorted(out.get(timeout=120) for _ in processes)
+    names = sorted(out.get(timeout=300) for _ in processes)
     for process in processes:
         process.join(timeout=60)
     assert names == sorted([SAME_SECOND, f"{SAME_SECOND}_2", f"{SAME_SECOND}_3", f"{SAME_SECOND}_4"])

@@ -402,6 +402,7 @@ class WeightEMA(WeightAveraging):
         self.update_every_n_steps = int(update_every_n_steps)
         self.warmup_steps = int(warmup_steps)
         self.num_updates = 0  # the averages taken so far (the first one copies the weights)
+        self._swapped = False  # whether the average is swapped in for the running validation
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         return step_idx is not None and (step_idx + 1) % self.update_every_n_steps == 0
@@ -426,13 +427,27 @@ class WeightEMA(WeightAveraging):
         if self._latest_update_step != latest:
             self.num_updates += 1
 
+    # Before the first update the average is still the initial weights: validation and checkpoints then use
+    # the weights themselves.
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
-        self._broadcast_buffers()
-        super().on_validation_epoch_start(trainer, pl_module)
+        self._swapped = self.num_updates > 0
+        if self._swapped:
+            self._broadcast_buffers()
+            super().on_validation_epoch_start(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if getattr(self, "_swapped", False):
+            super().on_validation_epoch_end(trainer, pl_module)
+            self._swapped = False
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self._broadcast_buffers()
-        super().on_train_end(trainer, pl_module)
+        if self.num_updates > 0:
+            self._broadcast_buffers()
+            super().on_train_end(trainer, pl_module)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        if self.num_updates > 0:
+            super().on_save_checkpoint(trainer, pl_module, checkpoint)
 
     def _broadcast_buffers(self) -> None:
         if self._average_model is None or not (dist.is_available() and dist.is_initialized()):

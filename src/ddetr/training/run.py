@@ -134,11 +134,13 @@ def run_end_callbacks(cfg: DictConfig) -> list[L.Callback]:
     """The callbacks of the top-level ``ema`` and ``early_stopping`` nodes that are on (``WeightEMA``,
     Lightning's ``EarlyStopping`` on val/AP)."""
     callbacks: list[L.Callback] = []
-    ema = cfg.get("ema") or {}
-    if ema.get("decay") is not None:
-        callbacks.append(WeightEMA(ema.decay, ema.get("update_every_n_steps", 1), ema.get("warmup_steps", 0)))
-    stopping = cfg.get("early_stopping") or {}
-    stopper = early_stopping(stopping.get("patience"), stopping.get("min_delta", 0.0))
+    ema, stopping = cfg.get("ema") or {}, cfg.get("early_stopping") or {}
+    try:
+        if ema.get("decay") is not None:
+            callbacks.append(WeightEMA(ema.decay, ema.get("update_every_n_steps", 1), ema.get("warmup_steps", 0)))
+        stopper = early_stopping(stopping.get("patience"), stopping.get("min_delta", 0.0))
+    except ValueError as error:  # a setting out of range: one line naming it
+        raise RunConfigError(str(error)) from None
     if stopper is not None:
         callbacks.append(stopper)
     return callbacks
