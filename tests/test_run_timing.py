@@ -21,4 +21,4 @@ def test_an_unvalidated_last_epoch_is_validated_and_the_run_is_timed(tmp_path, d
     header = logged[0].split(",")
     steps_validated = [row.split(",")[header.index("step")] for row in logged[1:]
                        if row.split(",")[header.index("val/AP50")]]  # fmt: skip
-    assert steps_validated == ["5", "9"]  # after epoch 2 (step 6) and after the last of the 9 steps
+    assert steps_validated == ["5", "8"]  # after epoch 2 (step 6) and after the last of the 9 steps, inside the fit

@@ -43,15 +43,35 @@ def wandb_offline() -> bool:
         return True
 
 
-def run_name() -> str:
-    """The run directory's name: ``slurm_<job id>`` in a SLURM batch job (a requeued job finds its
-    checkpoints again), else the start time."""
+def claim_run_dir(parent: str | os.PathLike, name: str) -> Path:
+    """Creates and returns a new directory ``parent/name``, or ``parent/name_2``, ``name_3``, ... when that one
+    exists: ``mkdir`` either creates a directory or fails, so runs that start together (in the same second,
+    on machines that share the log folder) each get their own."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    for number in range(1, 10_000):
+        candidate = parent / (name if number == 1 else f"{name}_{number}")
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        return candidate
+    raise FileExistsError(f"no free run directory name {name}_N under {parent}")
+
+
+@functools.cache
+def run_dir(parent: str) -> str:
+    """The run directory under ``parent``: ``slurm_<job id>`` in a SLURM batch job (a requeued job finds its
+    checkpoints again), else a new directory named after the start time (``claim_run_dir``). Once per process:
+    resolving the config again (Lightning's DDP launcher reads it to start the other ranks) gives the same."""
     from datetime import datetime
 
     from ddetr.training.callbacks import slurm_job_id
 
     job_id = slurm_job_id()
-    return f"slurm_{job_id}" if job_id else datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    if job_id:
+        return str(Path(parent) / f"slurm_{job_id}")
+    return str(claim_run_dir(parent, datetime.now().strftime("%Y-%m-%d_%H-%M-%S")))
 
 
 def model_schema() -> dict[str, Any]:
@@ -78,7 +98,7 @@ def register_resolvers() -> None:
     from hydra.core.config_store import ConfigStore
 
     OmegaConf.register_new_resolver("ddetr.wandb_offline", wandb_offline, replace=True)
-    OmegaConf.register_new_resolver("ddetr.run_name", run_name, replace=True)
+    OmegaConf.register_new_resolver("ddetr.run_dir", run_dir, replace=True)
     ConfigStore.instance().store(group="model", name="official", node=OmegaConf.create(model_schema()))
     register_optuna_direction()
 
@@ -164,11 +184,12 @@ def hydra_app(config_name: str, run: Callable[[DictConfig], Any]) -> Callable[[]
     def configured_run(cfg: DictConfig) -> Any:
         from ddetr.data.validation import DatasetError
         from ddetr.training.checkpoints import CheckpointError
+        from ddetr.training.run import RunConfigError
 
         apply_matmul_precision(cfg)
         try:
             return run(cfg)
-        except (CheckpointError, DatasetError) as error:  # one line naming the file and the likely cause, no traceback
+        except (CheckpointError, DatasetError, RunConfigError) as error:  # one line naming the file or setting and the likely cause, no traceback
             raise SystemExit(f"error: {error}") from None
 
     hydra_main = hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=config_name)(configured_run)

@@ -33,9 +33,10 @@ class PostProcess(nn.Module):
         Returns:
             One dict per image: ``scores`` (K,) sigmoid probabilities, descending; ``labels`` (K,)
             int64 head indices; ``boxes`` (K, 4) absolute (x0, y0, x1, y1). K is
-            ``min(num_select, num_queries * num_classes)``.
+            ``min(num_select, num_queries * num_classes)``. Scores and boxes are float32 whatever the
+            outputs' dtype (bfloat16 or float16 under mixed precision).
         """
-        logits, pred_boxes = outputs["pred_logits"], outputs["pred_boxes"]
+        logits, pred_boxes = outputs["pred_logits"].float(), outputs["pred_boxes"].float()
         batch_size, num_queries, num_classes = logits.shape
         if target_sizes.shape != (batch_size, 2):
             raise ValueError(

@@ -230,6 +230,10 @@ def _mean_defined(values: np.ndarray) -> float | None:
 
 
 def _numpy(value: Any) -> np.ndarray:
+    """A tensor or array-like as a NumPy array; floating tensors of dtypes NumPy lacks (bfloat16) as float32."""
     if isinstance(value, torch.Tensor):
-        return value.detach().cpu().numpy()
+        value = value.detach()
+        if value.is_floating_point() and value.dtype not in (torch.float32, torch.float64, torch.float16):
+            value = value.float()
+        return value.cpu().numpy()
     return np.asarray(value)

@@ -321,6 +321,29 @@ class DeformableDETRModule(L.LightningModule):
         }
         return [{"params": params, "lr": lrs[name], "name": name} for name, params in groups.items() if params]
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clips as Lightning does (``trainer.gradient_clip_val``, ``gradient_clip_algorithm``), also for the
+        fused AdamW (``optim.fused``) under mixed precision, which Lightning refuses.
+
+        A fused optimiser unscales the gradients inside its step (``_step_supports_amp_scaling``), so Lightning
+        cannot clip them first. Without a gradient scaler (``bf16-mixed``, and ``16-mixed`` on the CPU) the
+        gradients are not scaled at all and clip as they are; with one (``16-mixed`` on a GPU) they are
+        unscaled here first, and ``GradScaler.step`` then hands the fused step unscaled gradients (and skips the
+        step when they hold inf or NaN)."""
+        if not gradient_clip_val:
+            return
+        precision = self.trainer.precision_plugin
+        if not getattr(optimizer, "_step_supports_amp_scaling", False):
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        scaler = getattr(precision, "scaler", None)
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        if gradient_clip_algorithm == "value":
+            precision.clip_grad_by_value(optimizer, gradient_clip_val)
+        else:
+            precision.clip_grad_by_norm(optimizer, gradient_clip_val)
+
     def configure_optimizers(self):
         cfg = self.optim_cfg
         groups = scale_to_batch(self.param_groups(), cfg.reference_batch, cfg.lr_scaling, self._trainer)

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ddetr.app import trust_checkpoint
 from ddetr.models.ms_deform_attn import set_attention_backend
-from ddetr.training.callbacks import Preempted, RunTimer, slurm_job_id
+from ddetr.training.callbacks import Preempted, RunTimer, WeightEMA, early_stopping, slurm_job_id
 from ddetr.training.checkpoints import check_resume_checkpoint, load_module, load_pretrained
 from ddetr.training.evaluation import METRIC_NAMES
 from ddetr.training.evaluation_pictures import write_evaluation_pictures, write_final_pictures
@@ -23,6 +23,10 @@ from ddetr.training.evaluation_pictures import write_evaluation_pictures, write_
 log = logging.getLogger(__name__)
 
 FINAL_METRICS = ("val/AP", "val/AP50", "val/AP75", "val/APs", "val/APm", "val/APl")
+
+
+class RunConfigError(ValueError):
+    """A combination of settings the run refuses before it starts; the message is one line saying what to change."""
 
 
 def instantiate_group(group: DictConfig | None) -> list[Any]:
@@ -131,10 +135,43 @@ def resume_path(cfg: DictConfig) -> str | None:
     return newest
 
 
+def run_end_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """The callbacks of the top-level ``ema`` and ``early_stopping`` nodes that are on (``WeightEMA``,
+    Lightning's ``EarlyStopping`` on val/AP)."""
+    callbacks: list[L.Callback] = []
+    ema, stopping = cfg.get("ema") or {}, cfg.get("early_stopping") or {}
+    try:
+        if ema.get("decay") is not None:
+            callbacks.append(WeightEMA(ema.decay, ema.get("update_every_n_steps", 1), ema.get("warmup_steps", 0)))
+        stopper = early_stopping(stopping.get("patience"), stopping.get("min_delta", 0.0))
+    except ValueError as error:  # a setting out of range: one line naming it
+        raise RunConfigError(str(error)) from None
+    if stopper is not None:
+        callbacks.append(stopper)
+    return callbacks
+
+
+def check_validation_setup(trainer: L.Trainer, datamodule, cfg: DictConfig) -> None:
+    """Raises ``RunConfigError`` for settings that cannot work together, before anything starts: early stopping
+    without validation; more ranks than validation images (a rank without images would skip the validation
+    loop and leave its peers waiting in the gathering of the detections)."""
+    validates = trainer.limit_val_batches != 0
+    if (cfg.get("early_stopping") or {}).get("patience") is not None and not validates:
+        raise RunConfigError("early_stopping.patience needs validation, but trainer.limit_val_batches=0")
+    num_val = len(datamodule.val_dataset)
+    if validates and trainer.world_size > num_val:
+        raise RunConfigError(
+            f"{num_val} validation image(s) for {trainer.world_size} ranks: every rank needs at least one; "
+            f"use at most {num_val} devices (trainer.devices, trainer.num_nodes) or more validation images"
+        )
+
+
 def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str, float]:
-    """Trains (validating every ``trainer.check_val_every_n_epoch`` epochs and after the last one) as
+    """Trains (validating every ``trainer.check_val_every_n_epoch`` epochs and after the final step) as
     ``cfg`` says; returns the final validation metrics.
 
+    However the fit ends (``max_epochs``, ``max_steps``, early stopping, the time limit ``max_time``), its final
+    weights are validated inside the fit and saved as ``checkpoints/last.ckpt`` (``LastCheckpoint``).
     ``extra_callbacks`` run before the configured ones (notebooks, tests)."""
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
@@ -146,9 +183,10 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     datamodule = instantiate(cfg.data)
     module = build_module(cfg, datamodule)
     timer = RunTimer()
-    callbacks = [*extra_callbacks, *instantiate_group(cfg.get("callbacks")), timer]
+    callbacks = [*extra_callbacks, *instantiate_group(cfg.get("callbacks")), *run_end_callbacks(cfg), timer]
     loggers = instantiate_group(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    check_validation_setup(trainer, datamodule, cfg)
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
@@ -160,7 +198,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
         print(f"\nTraining {stop}")
         return {}
     if timer.validated_at_step != trainer.global_step and trainer.limit_val_batches:
-        # the last epochs were not validated (check_val_every_n_epoch): the table is of the final weights
+        # the fit trained no step (resumed from a run that had ended): the table is of the checkpoint's weights
         trainer.validate(module, datamodule=datamodule, verbose=False)  # the timer counts it too
         timer.stop()
 
@@ -169,7 +207,8 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     if trainer.is_global_zero:
         final = {name: metrics[name] for name in FINAL_METRICS if name in metrics}
         path = Path(cfg.paths.output_dir) / cfg.metrics_file if cfg.get("metrics_file") else None
-        timing = {"wall_s": round(timer.total_s, 1), "validation_s": round(timer.validation_s, 1), "steps": trainer.global_step}
+        timing = {"wall_s": round(timer.total_s, 1), "validation_s": round(timer.validation_s, 1), "steps": trainer.global_step,
+                  "stopped": timer.stop_reason}  # fmt: skip
         pictures = write_final_pictures(trainer, module.evaluator, cfg.paths.output_dir, cfg.get("confusion_threshold"))
         report_metrics(final or metrics, module.evaluator, path, "Final validation metrics",
                        {"all": metrics, "epochs": trainer.current_epoch, **timing, **pictures})  # fmt: skip
@@ -201,6 +240,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         set_attention_backend(module.model, cfg.attn_backend)
     check_categories(module, datamodule, cfg.ckpt_path)
     trainer: L.Trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+    check_validation_setup(trainer, datamodule, cfg)
     trainer.validate(module, datamodule=datamodule)
 
     logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
