@@ -112,19 +112,24 @@ class MSDeformAttn(nn.Module):
         attention_weights = F.softmax(attention_weights, -1).view(
             batch_size, num_queries, self.num_heads, self.num_levels, self.num_points
         )  # (B, Lq, M, L, P)
+        # The operands broadcast against the offsets (B, Lq, M, L, P, 2) are expanded over the points and
+        # made contiguous, so their innermost run is L * P * 2 values instead of 2: the same arithmetic,
+        # element for element, which the CPU's broadcasting kernels run 5-20x faster (benchmarks/step_parts).
+        points = (self.num_levels, self.num_points, 2)
         if reference_points.shape[-1] == 2:
             # offsets are in pixels of each level: divide x by its width and y by its height
             # (L, 2) as (W, H); the shapes may be on the host (no sync): a small asynchronous copy
             offset_normalizer = spatial_shapes.flip(-1).to(device=query.device, dtype=torch.float32, non_blocking=True)
-            sampling_locations = (
-                reference_points[:, :, None, :, None, :]
-                + sampling_offsets / offset_normalizer[None, None, None, :, None, :]
-            )
+            normalizer = offset_normalizer[:, None, :].expand(points).contiguous()  # (L, 2) -> (L, P, 2)
+            reference = reference_points[:, :, None, :, None, :].expand(batch_size, num_queries, 1, *points)
+            sampling_locations = reference.contiguous() + sampling_offsets / normalizer  # (B, Lq, M, L, P, 2)
         elif reference_points.shape[-1] == 4:
+            # (B, Lq, L, 2) each -> (B, Lq, 1, L, P, 2)
+            centre = reference_points[:, :, None, :, None, :2].expand(batch_size, num_queries, 1, *points)
+            size = reference_points[:, :, None, :, None, 2:].expand(batch_size, num_queries, 1, *points)
             sampling_locations = (
-                reference_points[:, :, None, :, None, :2]
-                + sampling_offsets / self.num_points * reference_points[:, :, None, :, None, 2:] * 0.5
-            )
+                centre.contiguous() + sampling_offsets / self.num_points * size.contiguous() * 0.5
+            )  # (B, Lq, M, L, P, 2)
         else:
             raise ValueError(f"reference_points must end in 2 or 4 coordinates, got {reference_points.shape[-1]}")
         output = ms_deform_attn(
