@@ -59,3 +59,20 @@ def test_sampling_location_gradients_equal_the_broadcast_formula(coordinates):
     want = torch.autograd.grad((expected * weights).sum(), [query, reference])
     for name, a, b in zip(("query", "reference"), got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=f"gradient of {name}")
+
+
+@pytest.mark.parametrize("size", [1, 8, 12, 16, 20])
+def test_softmax_last_dim_equals_the_softmax(size):
+    from ddetr.models.ms_deform_attn import softmax_last_dim
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50, 4, size, dtype=torch.float64) * 4
+    expected = torch.exp(logits) / torch.exp(logits).sum(-1, keepdim=True)  # the definition, in float64
+    # float32 against the float64 definition: within float32 rounding, as torch.softmax
+    torch.testing.assert_close(softmax_last_dim(logits.float()).double(), expected, rtol=2e-6, atol=1e-7)
+    logits.requires_grad_(True)
+    weights = torch.randn(logits.shape, dtype=torch.float64)
+    got = torch.autograd.grad((softmax_last_dim(logits) * weights).sum(), logits)[0]
+    want = torch.autograd.grad((torch.softmax(logits, -1) * weights).sum(), logits)[0]
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert softmax_last_dim(logits).is_contiguous()
