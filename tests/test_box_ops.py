@@ -122,6 +122,7 @@ def test_giou_elementwise_gradients_equal_the_corner_formula():
     pred = torch.cat([torch.rand(40, 2), torch.rand(40, 2) * 0.5 + 0.01], -1).double().requires_grad_()
     target = torch.cat([torch.rand(40, 2), torch.rand(40, 2) * 0.5 + 0.01], -1).double()
     target[:5] = pred[:5].detach()  # ties
-    got = torch.autograd.grad(generalized_box_iou_elementwise(box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(target)).sum(), pred)[0]
+    giou = generalized_box_iou_elementwise(box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(target))
+    got = torch.autograd.grad(giou.sum(), pred)[0]
     want = torch.autograd.grad(_giou_by_corners(box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(target)).sum(), pred)[0]
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

@@ -48,7 +48,6 @@ import time
 from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
-from types import ModuleType
 
 import torch
 
@@ -208,7 +207,9 @@ def part_closures(case: Case) -> dict[str, Callable[[], object]]:
     def matcher():
         padded = importlib.import_module(type(criterion.matcher).__module__).pad_targets(targets, images.device)
         layers = [*detached_outputs.get("aux_outputs", []), detached_outputs]
-        stacks = [(torch.stack([o["pred_logits"] for o in layers]), torch.stack([o["pred_boxes"] for o in layers]), padded)]
+        logits = torch.stack([o["pred_logits"] for o in layers])  # (num_layers, B, Q, C)
+        boxes = torch.stack([o["pred_boxes"] for o in layers])  # (num_layers, B, Q, 4)
+        stacks = [(logits, boxes, padded)]
         if "enc_outputs" in detached_outputs:
             enc = detached_outputs["enc_outputs"]
             stacks.append((enc["pred_logits"][None], enc["pred_boxes"][None], padded.class_agnostic()))
@@ -314,7 +315,8 @@ def time_parts(cases: list[Case], warmup: int, repeat: int, parts: list[str]) ->
                 timed[case_index][1]()
                 times[case_index].append((time.perf_counter() - begin) * 1e3)
         medians[part] = {case.name: statistics.median(t) for (case, _), t in zip(timed, times, strict=True)}
-        print(f"  {part}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in medians[part].items()), file=sys.stderr, flush=True)
+        line = ", ".join(f"{k} {v:.1f} ms" for k, v in medians[part].items())
+        print(f"  {part}: {line}", file=sys.stderr, flush=True)
     return medians
 
 
@@ -368,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
         package = baseline_package(args.baseline)
         base = build_case(f"{args.baseline}", package, inputs, new)
         differences = check_same(new, base)
-        print("max |new - baseline|, one step without dropout: " + ", ".join(f"{k} {v:.3g}" for k, v in differences.items()))
+        line = ", ".join(f"{k} {v:.3g}" for k, v in differences.items())
+        print(f"max |new - baseline|, one step without dropout: {line}")
         cases = [base, new]
     medians = time_parts(cases, args.warmup, args.repeat, [p for p in args.parts.split(",") if p])
     print(format_table(medians, [c.name for c in cases]))
