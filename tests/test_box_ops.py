@@ -9,6 +9,7 @@ from ddetr.models.box_ops import (
     box_iou,
     box_xyxy_to_cxcywh,
     generalized_box_iou,
+    generalized_box_iou_elementwise,
 )
 
 UNIT = [0.0, 0.0, 1.0, 1.0]
@@ -87,3 +88,41 @@ def test_giou_passes_nan_through():
 def test_empty_inputs():
     assert generalized_box_iou(torch.zeros(0, 4), torch.tensor([UNIT])).shape == (0, 1)
     assert box_iou(torch.tensor([UNIT]), torch.zeros(0, 4))[0].shape == (1, 0)
+
+
+def _giou_by_corners(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+    """A straightforward broadcast GIoU on the (x0, y0) / (x1, y1) corner pairs (the earlier code)."""
+    area1 = (boxes1[..., 2] - boxes1[..., 0]) * (boxes1[..., 3] - boxes1[..., 1])
+    area2 = (boxes2[..., 2] - boxes2[..., 0]) * (boxes2[..., 3] - boxes2[..., 1])
+    inter = (torch.min(boxes1[..., 2:], boxes2[..., 2:]) - torch.max(boxes1[..., :2], boxes2[..., :2])).clamp(min=0)
+    intersection = inter[..., 0] * inter[..., 1]
+    union = area1 + area2 - intersection
+    encl = (torch.max(boxes1[..., 2:], boxes2[..., 2:]) - torch.min(boxes1[..., :2], boxes2[..., :2])).clamp(min=0)
+    enclosing = encl[..., 0] * encl[..., 1]
+    return intersection / union - (enclosing - union) / enclosing
+
+
+def test_giou_elementwise_broadcast_equals_pairwise_and_corner_formula():
+    torch.manual_seed(0)
+    # (layers * images, queries, 1, 4) against (layers * images, 1, targets, 4), as the matcher's cost
+    centres, sizes = torch.rand(6, 30, 2), torch.rand(6, 30, 2) * 0.5 + 0.01
+    pred = box_cxcywh_to_xyxy(torch.cat([centres, sizes], -1))
+    target = box_cxcywh_to_xyxy(torch.cat([torch.rand(6, 5, 2), torch.rand(6, 5, 2) * 0.5 + 0.01], -1))
+    target[:, 0] = pred[:, 0]  # identical boxes (GIoU 1) and ties in every min / max
+    cost = generalized_box_iou_elementwise(pred[:, :, None], target[:, None])  # (6, 30, 5)
+    assert cost.shape == (6, 30, 5)
+    assert torch.equal(cost, _giou_by_corners(pred[:, :, None], target[:, None]))
+    for index in range(6):
+        assert torch.equal(cost[index], generalized_box_iou(pred[index], target[index]))
+    assert torch.allclose(cost[:, 0, 0], torch.ones(6))
+
+
+def test_giou_elementwise_gradients_equal_the_corner_formula():
+    torch.manual_seed(1)
+    pred = torch.cat([torch.rand(40, 2), torch.rand(40, 2) * 0.5 + 0.01], -1).double().requires_grad_()
+    target = torch.cat([torch.rand(40, 2), torch.rand(40, 2) * 0.5 + 0.01], -1).double()
+    target[:5] = pred[:5].detach()  # ties
+    giou = generalized_box_iou_elementwise(box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(target))
+    got = torch.autograd.grad(giou.sum(), pred)[0]
+    want = torch.autograd.grad(_giou_by_corners(box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(target)).sum(), pred)[0]
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

@@ -1,8 +1,9 @@
 """Benchmarks: ``python -m ddetr.bench op ...`` (the attention op, ``ddetr.benchmarks.op``),
 ``python -m ddetr.bench model ...`` (the whole detector against transformers, ``ddetr.benchmarks.model``)
 ``python -m ddetr.bench step ...`` (operators, host reads and saved activations of one train step,
-``ddetr.benchmarks.step_census``) and ``python -m ddetr.bench data ...`` (start-up, memory and loader
-speed of the training data, ``ddetr.benchmarks.data``)."""
+``ddetr.benchmarks.step_census``), ``python -m ddetr.bench data ...`` (start-up, memory and loader
+speed of the training data, ``ddetr.benchmarks.data``) and ``python -m ddetr.bench parts ...`` (the parts
+of a CPU train step against a baseline revision, ``ddetr.benchmarks.step_parts``)."""
 
 import sys
 
@@ -17,6 +18,10 @@ def main(argv: list[str] | None = None) -> int:
         from ddetr.benchmarks.data import main as data_main
 
         return data_main(argv[1:])
+    if argv[:1] == ["parts"]:
+        from ddetr.benchmarks.step_parts import main as parts_main
+
+        return parts_main(argv[1:])
     if argv[:1] == ["model"]:
         from ddetr.benchmarks.model import main as model_main
 
