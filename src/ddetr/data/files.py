@@ -12,6 +12,8 @@ import os
 import stat
 from typing import BinaryIO
 
+from .validation import DatasetError
+
 
 class NotRegularFileError(OSError):
     """The path exists but is not a regular file (a FIFO, socket, device or folder)."""
@@ -35,6 +37,16 @@ def open_regular_file(path: str | os.PathLike) -> BinaryIO:
     except BaseException:
         os.close(fd)
         raise
+
+
+def read_text_lines(path: str | os.PathLike, what: str) -> list[str]:
+    """The lines of a UTF-8 text file (a split list, an image list); ``DatasetError`` naming the file and
+    ``what`` it is when it cannot be read."""
+    try:
+        with open_regular_file(path) as file:
+            return file.read().decode("utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{path}: cannot read {what}: {exc}") from exc
 
 
 def _kind(mode: int) -> str:

@@ -25,8 +25,10 @@ Every failure raises `ImageLoadError(reason)`; the dataset decides whether to sk
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
+from collections.abc import Iterator
 from typing import Literal
 
 import numpy as np
@@ -70,28 +72,10 @@ def load_rgb_image(
         raise ValueError(
             f"exif_transpose must be 'auto', 'always' or 'never', got {exif_transpose!r}"
         )
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with open_regular_file(path) as file, Image.open(file) as image:
-                _check_pixels(image.size, max_image_pixels)
-                image.load()  # decode now: truncated/corrupt data fails here
-                image = _orient(image, expected_size, exif_transpose)
-                pixels = _to_rgb_array(image)
-    except ImageLoadError:
-        raise
-    except FileNotFoundError as exc:
-        raise ImageLoadError("file not found") from exc
-    except NotRegularFileError as exc:
-        raise ImageLoadError(str(exc)) from exc
-    except Image.DecompressionBombError as exc:
-        raise ImageLoadError(
-            f"too many pixels (decompression bomb guard): {exc}"
-        ) from exc
-    except (OSError, SyntaxError, ValueError, Image.UnidentifiedImageError) as exc:
-        raise ImageLoadError(
-            f"cannot decode image: {type(exc).__name__}: {exc}"
-        ) from exc
+    with _opened_image(path, max_image_pixels, "cannot decode image") as image:
+        image.load()  # decode now: truncated/corrupt data fails here
+        image = _orient(image, expected_size, exif_transpose)
+        pixels = _to_rgb_array(image)
 
     if expected_size is not None:
         height, width = pixels.shape[:2]
@@ -108,12 +92,20 @@ def read_image_size(path: str | os.PathLike, max_image_pixels: int | None = DEFA
     Raises:
         ImageLoadError: missing, not a regular file, not an image, too many pixels.
     """
+    with _opened_image(path, max_image_pixels, "cannot read image header") as image:
+        return image.size
+
+
+@contextlib.contextmanager
+def _opened_image(path: str | os.PathLike, max_image_pixels: int | None, failure: str) -> Iterator[Image.Image]:
+    """The PIL image of a regular file whose header passed the pixel limit; every failure of opening it, or of
+    what the caller does with it, raised as ``ImageLoadError`` (``failure`` starts the message of a decoding one)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with open_regular_file(path) as file, Image.open(file) as image:
                 _check_pixels(image.size, max_image_pixels)
-                return image.size
+                yield image
     except ImageLoadError:
         raise
     except FileNotFoundError as exc:
@@ -123,7 +115,7 @@ def read_image_size(path: str | os.PathLike, max_image_pixels: int | None = DEFA
     except Image.DecompressionBombError as exc:
         raise ImageLoadError(f"too many pixels (decompression bomb guard): {exc}") from exc
     except (OSError, SyntaxError, ValueError, Image.UnidentifiedImageError) as exc:
-        raise ImageLoadError(f"cannot read image header: {type(exc).__name__}: {exc}") from exc
+        raise ImageLoadError(f"{failure}: {type(exc).__name__}: {exc}") from exc
 
 
 def _check_pixels(size: tuple[int, int], limit: int | None) -> None:

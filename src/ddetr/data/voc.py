@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .conversion import ConvertedSplit, ProblemLog
-from .files import open_regular_file
+from .files import open_regular_file, read_text_lines
 from .image_loading import DEFAULT_MAX_IMAGE_PIXELS, ImageLoadError, read_image_size
 from .validation import DatasetError
 
@@ -46,11 +46,7 @@ _SAFE_ID = re.compile(r"^[^/\\\x00]+$")
 def split_ids(data_dir: Path, split: str) -> list[str]:
     """Image ids of ImageSets/Main/<split>.txt (first word of each non-empty line)."""
     path = data_dir / "ImageSets" / "Main" / f"{split}.txt"
-    try:
-        with open_regular_file(path) as file:
-            lines = file.read().decode("utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"{path}: cannot read the split list: {exc}") from exc
+    lines = read_text_lines(path, "the split list")
     ids = []
     for number, line in enumerate(lines, start=1):
         fields = line.split()

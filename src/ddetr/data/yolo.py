@@ -35,7 +35,7 @@ from typing import Any
 import yaml
 
 from .conversion import ConvertedSplit, ProblemLog
-from .files import open_regular_file
+from .files import open_regular_file, read_text_lines
 from .image_loading import DEFAULT_MAX_IMAGE_PIXELS, ImageLoadError, read_image_size
 from .validation import DatasetError
 
@@ -124,11 +124,7 @@ def image_paths(config: dict[str, Any], split: str, root: Path, path: Path) -> l
 
 
 def _listed_images(list_file: Path) -> list[Path]:
-    try:
-        with open_regular_file(list_file) as file:
-            lines = file.read().decode("utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"{list_file}: cannot read the image list: {exc}") from exc
+    lines = read_text_lines(list_file, "the image list")
     images = []
     for line in lines:
         line = line.strip()
