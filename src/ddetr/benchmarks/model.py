@@ -47,6 +47,7 @@ from contextlib import nullcontext
 
 import torch
 
+from ddetr.benchmarks.table import text_table
 from ddetr.models.build import build_criterion, build_deformable_detr
 from ddetr.models.config import BackboneConfig, DeformableDETRConfig
 
@@ -305,9 +306,7 @@ def format_table(results: list[Result]) -> str:
             rows.append((r.name, "failed", r.error[:60], "", "", "", ""))
         else:
             rows.append((r.name, _fmt(r.train_ms), _fmt(r.infer_ms), _fmt(r.train_mib, 0), _fmt(r.infer_mib, 0), *ratios))
-    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)) for row in [header, *rows]]
-    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
+    return text_table(header, rows)
 
 
 def plan(modes: list[str], with_transformers: bool) -> list[tuple[str, str]]:

@@ -35,6 +35,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ddetr.benchmarks.model import QUICK, VARIANTS, Setup, ddetr_steps, make_inputs, transformers_steps, with_images
+from ddetr.benchmarks.table import text_table
 
 # operators that only make a new view of existing memory (or compute dtypes): no kernel
 VIEW_OPERATORS = frozenset(
@@ -151,9 +152,7 @@ def format_census(rows: list[tuple[str, Census]]) -> str:
         )
         for name, c in rows
     ]  # fmt: skip
-    widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
-    text = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in [header, *lines]]
-    return "\n".join([text[0], "-" * len(text[0]), *text[1:]])
+    return text_table(header, lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,6 +51,8 @@ from pathlib import Path
 
 import torch
 
+from ddetr.benchmarks.table import text_table
+
 PARTS = ("backbone", "transformer", "position encoding", "criterion", "matcher", "optimizer", "data", "step")
 
 
@@ -332,9 +334,7 @@ def format_table(medians: dict[str, dict[str, float]], names: list[str]) -> str:
         if len(names) == 2:
             row.append(f"{values[names[1]] / values[names[0]]:.2f}" if len(values) == 2 else "-")
         rows.append(row)
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [header, *rows]]
-    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
+    return text_table(header, rows)
 
 
 def main(argv: list[str] | None = None) -> int:
