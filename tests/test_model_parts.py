@@ -22,7 +22,7 @@ from ddetr.models.geometry import (
     inverse_sigmoid,
     valid_ratios,
 )
-from ddetr.models.image_list import pad_images
+from ddetr.image_list import pad_images
 from ddetr.models.ms_deform_attn import MSDeformAttn
 from ddetr.models.position_encoding import PositionEmbeddingSine
 from ddetr.models.relu_dropout import relu_dropout

@@ -141,7 +141,7 @@ def trust_checkpoint(cfg: DictConfig) -> bool:
     files in full?
 
     False (the default): every checkpoint is read weights-only (tensors and plain values); a file that asks
-    for any other class is refused (``ddetr.training.checkpoints``). True: such a file is unpickled, and a
+    for any other class is refused (``ddetr.checkpoints``). True: such a file is unpickled, and a
     hostile one runs whatever code it holds; only for files whose source you trust.
     """
     value = cfg.get("trust_checkpoint", False)
@@ -183,7 +183,7 @@ def hydra_app(config_name: str, run: Callable[[DictConfig], Any]) -> Callable[[]
     @functools.wraps(run)
     def configured_run(cfg: DictConfig) -> Any:
         from ddetr.data.validation import DatasetError
-        from ddetr.training.checkpoints import CheckpointError
+        from ddetr.checkpoints import CheckpointError
         from ddetr.training.run import RunConfigError
 
         apply_matmul_precision(cfg)

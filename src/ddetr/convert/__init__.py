@@ -69,7 +69,7 @@ def _build_module(state_dict: StateDict, config: DeformableDETRConfig, source: s
 def _official_state(path: str | Path, trust: bool = False) -> tuple[StateDict, dict[str, Any]]:
     """The weights and the saved ``args`` of an official checkpoint, read weights-only: ``args`` is an
     ``argparse.Namespace``, the one class allowed besides torch's (``trust``: unpickled in full)."""
-    from ddetr.training.checkpoints import CheckpointError, load_file
+    from ddetr.checkpoints import CheckpointError, load_file
 
     checkpoint = load_file(path, "official checkpoint", trust=trust, safe_classes=(argparse.Namespace,))
     if not isinstance(checkpoint, dict) or "model" not in checkpoint:
@@ -116,7 +116,7 @@ def load_official(path: str | Path, trust_checkpoint: bool = False, **flags: Any
 
 def _read_hf_weights(path: Path, trust: bool = False) -> StateDict:
     """The state dict of a ``.safetensors`` file, or of a torch file read weights-only (``trust``: in full)."""
-    from ddetr.training.checkpoints import load_file
+    from ddetr.checkpoints import load_file
 
     if path.suffix == ".safetensors":
         try:

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
-from ddetr.models.image_list import pad_images
+from ddetr.image_list import pad_images
 
 from .category_mapping import MappingMode
 from .coco import CocoDetection

@@ -20,7 +20,7 @@ from ddetr.app import trust_checkpoint
 from ddetr.data.image_loading import ImageLoadError
 from ddetr.data.image_loading import load_rgb_image
 from ddetr.data.transforms import make_val_transforms
-from ddetr.training.checkpoints import load_module
+from ddetr.checkpoints import load_module
 
 log = logging.getLogger(__name__)
 

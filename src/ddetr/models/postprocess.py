@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ddetr.models.box_ops import box_cxcywh_to_xyxy
+from ddetr.boxes import box_cxcywh_to_xyxy
 
 
 class PostProcess(nn.Module):

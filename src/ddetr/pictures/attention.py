@@ -31,7 +31,7 @@ from matplotlib.patches import Rectangle
 from PIL import Image
 from torch import nn
 
-from ddetr.models.box_ops import box_cxcywh_to_xyxy
+from ddetr.boxes import box_cxcywh_to_xyxy
 
 LEVEL_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 COLORMAP = "jet"

@@ -54,7 +54,7 @@ class DeformableDETRModule(L.LightningModule):
     defaults of those dataclasses. The resolved values are saved as plain hyper-parameters, so
     ``DeformableDETRModule.load_from_checkpoint(path)`` rebuilds the model without Hydra.
     Initialising from another checkpoint (``model.init_from``) belongs to the start of training
-    (``ddetr.training.checkpoints.load_pretrained``), not to the module's identity; so does
+    (``ddetr.checkpoints.load_pretrained``), not to the module's identity; so does
     ``compile=True`` (run the detector through ``torch.compile`` with dynamic shapes).
     """
 
