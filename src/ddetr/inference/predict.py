@@ -19,14 +19,12 @@ from tqdm import tqdm
 from ddetr.app import trust_checkpoint
 from ddetr.data.image_loading import ImageLoadError
 from ddetr.data.image_loading import load_rgb_image
-from ddetr.data.transforms import make_val_transforms
+from ddetr.data.transforms import OFFICIAL_MAX_SIZE, OFFICIAL_VAL_SIZE, make_val_transforms
 from ddetr.checkpoints import load_module
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-DEFAULT_SIZE = 800  # the official evaluation resize (shortest side)
-DEFAULT_MAX_SIZE = 1333  # ... and the cap on the longest side
 
 
 def resolve_device(name: str) -> torch.device:
@@ -99,13 +97,13 @@ def resolve_resize(size: int | None, max_size: int | None, ckpt_path: str | os.P
         if "size" in trained:
             return (
                 int(size if size is not None else trained["size"]),
-                int(max_size if max_size is not None else trained.get("max_size", DEFAULT_MAX_SIZE)),
+                int(max_size if max_size is not None else trained.get("max_size", OFFICIAL_MAX_SIZE)),
                 str(run_config),
             )
     source = "config" if size is not None and max_size is not None else "official defaults"
     return (
-        int(size if size is not None else DEFAULT_SIZE),
-        int(max_size if max_size is not None else DEFAULT_MAX_SIZE),
+        int(size if size is not None else OFFICIAL_VAL_SIZE),
+        int(max_size if max_size is not None else OFFICIAL_MAX_SIZE),
         source,
     )
 
