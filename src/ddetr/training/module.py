@@ -73,7 +73,7 @@ class DeformableDETRModule(L.LightningModule):
         super().__init__()
         if on_nonfinite_loss not in ("raise", "skip"):
             raise ValueError(f"on_nonfinite_loss must be 'raise' or 'skip', got {on_nonfinite_loss!r}")
-        if architecture.pop("init_from", None):  # saved by checkpoints before 0.2: the weights are in the checkpoint
+        if architecture.pop("init_from", None):  # saved by earlier checkpoints: the weights are in the checkpoint
             log.debug("ignoring the init_from hyper-parameter of an older checkpoint")
         base = config.to_dict() if config is not None else {}
         self.config = DeformableDETRConfig.from_dict(base, **architecture)
