@@ -3,7 +3,7 @@
 ``load_official(path, **flags)`` and ``load_hf(path, **flags)`` return a ``DeformableDETRModule`` in
 eval mode; ``python -m ddetr.convert {official,hf} IN OUT [key=value ...]`` writes a Lightning-style
 checkpoint that ``DeformableDETRModule.load_from_checkpoint`` (and training, evaluation and
-prediction) accept. The name mappings live in ``official`` and ``transformers``; the options and
+prediction) accept (``ddetr.convert.cli.main``). The name mappings live in ``official`` and ``transformers``; the options and
 their defaults are those of ``DeformableDETRConfig`` (``OFFICIAL_OPTIONS``).
 """
 
@@ -35,9 +35,7 @@ __all__ = [
     "infer_official_flags",
     "load_hf",
     "load_official",
-    "main",
     "official_to_ddetr",
-    "parse_overrides",
 ]
 
 
@@ -164,17 +162,3 @@ def load_hf(path: str | Path, trust_checkpoint: bool = False, **flags: Any):
     verify_flags(resolved, official, str(path))
     config = model_config(num_classes_of(official), resolved)
     return _build_module(official_to_ddetr(official, **resolved), config, str(path))
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m ddetr.convert``; see ``ddetr.convert.cli``."""
-    from ddetr.convert.cli import main as cli_main
-
-    return cli_main(argv)
-
-
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["with_box_refine=true", "num_queries=100"]`` -> ``{"with_box_refine": True, "num_queries": 100}``."""
-    from ddetr.convert.cli import parse_overrides as parse
-
-    return parse(items)
