@@ -209,10 +209,45 @@ def coco_results(
     return results
 
 
+def readable_items(batch: list[dict[str, Any]], files: Sequence[Path], skipped: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    """The items of ``batch`` whose image could be read; each other one is appended to ``skipped`` as
+    (file, reason) and named in a warning."""
+    for item in batch:
+        if item["error"] is not None:
+            skipped.append((str(files[item["index"]]), item["error"]))
+            log.warning("skipping %s: %s", files[item["index"]], item["error"])
+    return [item for item in batch if item["error"] is None]
+
+
+def save_attention_pictures(
+    folder: Path, recorder, outputs: dict[str, Any], model, batch: list[dict[str, Any]], cfg: DictConfig,
+    class_names: Sequence[str],
+) -> None:
+    """The sampling-location pictures of a batch's top detections (``recorder`` held the decoder's
+    attention during the forward that gave ``outputs``): ``<folder>/<name>_<rank>.png``."""
+    from ddetr.pictures.attention import level_strides, pictures_from_attention
+
+    pictures = pictures_from_attention(
+        recorder.attention,
+        {key: outputs[key].cpu() for key in ("pred_logits", "pred_boxes")},
+        level_strides(model),
+        [item["image"] for item in batch],
+        [item["pixels"] for item in batch],
+        top_k=cfg.attention_top_k,
+        threshold=cfg.threshold,
+        class_names=class_names,
+    )
+    for item, image_pictures in zip(batch, pictures):
+        for rank, (_, picture) in enumerate(image_pictures):
+            path = folder / f"{item['name']}_{rank}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            picture.save(path)
+
+
 def predict(cfg: DictConfig) -> dict[str, Any]:
     """Runs prediction as ``cfg`` says (see the module docstring); returns a summary dict with
     ``num_images``, ``num_detections``, ``skipped`` (list of (file, reason)) and the written paths."""
-    from ddetr.pictures.attention import DecoderAttentionRecorder, level_strides, pictures_from_attention
+    from ddetr.pictures.attention import DecoderAttentionRecorder
     from ddetr.pictures.drawing import draw_detections
 
     device = resolve_device(cfg.device)
@@ -240,11 +275,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     taken: set[str] = set()
     recorder = DecoderAttentionRecorder(model)
     for batch in tqdm(loader, desc="predict", unit="batch", disable=not cfg.progress_bar):
-        for item in batch:
-            if item["error"] is not None:
-                skipped.append((str(files[item["index"]]), item["error"]))
-                log.warning("skipping %s: %s", files[item["index"]], item["error"])
-        batch = [item for item in batch if item["error"] is None]
+        batch = readable_items(batch, files, skipped)
         if not batch:
             continue
         images = [item["image"].to(device) for item in batch]
@@ -275,21 +306,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
             ).save(picture_path)  # fmt: skip
             item["name"] = name
         if cfg.attention:
-            pictures = pictures_from_attention(
-                recorder.attention,
-                {key: outputs[key].cpu() for key in ("pred_logits", "pred_boxes")},
-                level_strides(model),
-                [item["image"] for item in batch],
-                [item["pixels"] for item in batch],
-                top_k=cfg.attention_top_k,
-                threshold=cfg.threshold,
-                class_names=class_names,
-            )
-            for item, image_pictures in zip(batch, pictures):
-                for rank, (_, picture) in enumerate(image_pictures):
-                    path = output / "attention" / f"{item['name']}_{rank}.png"
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    picture.save(path)
+            save_attention_pictures(output / "attention", recorder, outputs, model, batch, cfg, class_names)
 
     detections_path = output / cfg.results_file
     detections_path.write_text(json.dumps(results))
