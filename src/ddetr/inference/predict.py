@@ -308,6 +308,15 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         if cfg.attention:
             save_attention_pictures(output / "attention", recorder, outputs, model, batch, cfg, class_names)
 
+    return write_results(output, cfg, results, images_json, skipped)
+
+
+def write_results(
+    output: Path, cfg: DictConfig, results: list[dict[str, Any]], images_json: list[dict[str, Any]],
+    skipped: list[tuple[str, str]],
+) -> dict[str, Any]:
+    """Writes the COCO results (``cfg.results_file``) and ``images.json``, prints what was done and skipped;
+    returns ``predict``'s summary dict."""
     detections_path = output / cfg.results_file
     detections_path.write_text(json.dumps(results))
     (output / "images.json").write_text(json.dumps(images_json, indent=1))
