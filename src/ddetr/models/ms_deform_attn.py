@@ -113,7 +113,21 @@ class MSDeformAttn(nn.Module):
         attention_weights = F.softmax(attention_weights, -1).view(
             batch_size, num_queries, self.num_heads, self.num_levels, self.num_points
         )  # (B, Lq, M, L, P)
-        sampling_locations = locations_from_offsets(reference_points, sampling_offsets, spatial_shapes, self.num_points)
+        if reference_points.shape[-1] == 2:
+            # offsets are in pixels of each level: divide x by its width and y by its height
+            # (L, 2) as (W, H); shapes on the host take a small asynchronous copy (no sync)
+            offset_normalizer = spatial_shapes.flip(-1).to(device=query.device, dtype=torch.float32, non_blocking=True)
+            sampling_locations = (
+                reference_points[:, :, None, :, None, :]
+                + sampling_offsets / offset_normalizer[None, None, None, :, None, :]
+            )
+        elif reference_points.shape[-1] == 4:
+            sampling_locations = (
+                reference_points[:, :, None, :, None, :2]
+                + sampling_offsets / self.num_points * reference_points[:, :, None, :, None, 2:] * 0.5
+            )
+        else:
+            raise ValueError(f"reference_points must end in 2 or 4 coordinates, got {reference_points.shape[-1]}")
         output = ms_deform_attn(
             value, spatial_shapes, level_start_index, sampling_locations, attention_weights, self.backend, shapes
         )  # (B, Lq, M*D)
@@ -121,35 +135,6 @@ class MSDeformAttn(nn.Module):
         if return_attention:
             return output, sampling_locations, attention_weights
         return output
-
-
-def locations_from_offsets(
-    reference_points: torch.Tensor, sampling_offsets: torch.Tensor, spatial_shapes: torch.Tensor, num_points: int
-) -> torch.Tensor:
-    """The sampling locations in [0, 1] of the predicted offsets around the reference points.
-
-    Args:
-        reference_points: (batch_size, num_queries, num_levels, 2) points, offsets then in pixels of each
-            level; or (..., 4) boxes (cx, cy, w, h), offsets then relative to the box (``offset / num_points * wh / 2``).
-        sampling_offsets: (batch_size, num_queries, num_heads, num_levels, num_points, 2) float32.
-        spatial_shapes: (num_levels, 2) int64 (height, width) of every level.
-
-    Returns:
-        (batch_size, num_queries, num_heads, num_levels, num_points, 2) as (x, y).
-    """
-    if reference_points.shape[-1] == 2:
-        # offsets are in pixels of each level: divide x by its width and y by its height
-        # (L, 2) as (W, H); shapes on the host take a small asynchronous copy (no sync)
-        offset_normalizer = spatial_shapes.flip(-1).to(
-            device=sampling_offsets.device, dtype=torch.float32, non_blocking=True
-        )
-        return reference_points[:, :, None, :, None, :] + sampling_offsets / offset_normalizer[None, None, None, :, None, :]
-    if reference_points.shape[-1] == 4:
-        return (
-            reference_points[:, :, None, :, None, :2]
-            + sampling_offsets / num_points * reference_points[:, :, None, :, None, 2:] * 0.5
-        )
-    raise ValueError(f"reference_points must end in 2 or 4 coordinates, got {reference_points.shape[-1]}")
 
 
 def set_attention_backend(model: nn.Module, backend: str) -> None:
