@@ -22,7 +22,7 @@ from ddetr.models.backbones import (
     build_backbone,
     register_backbone,
 )
-from ddetr.models.image_list import pad_images
+from ddetr.image_list import pad_images
 
 timm = pytest.importorskip("timm")
 
@@ -272,7 +272,7 @@ def test_timm_backbone_trains_evaluates_predicts_and_exports(tmp_path, data_root
     from ddetr.app import compose
     from ddetr.inference.export import ExportableDetector, example_inputs, export
     from ddetr.inference.predict import predict
-    from ddetr.training.checkpoints import load_module
+    from ddetr.checkpoints import load_module
     from ddetr.training.run import evaluate, train
 
     run = tmp_path / "run"

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ddetr.models.box_ops import (
+from ddetr.boxes import (
     box_area,
     box_cxcywh_to_xyxy,
     box_iou,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddetr.training.checkpoints import (
+from ddetr.checkpoints import (
     CheckpointError,
     check_resume_checkpoint,
     load_module,

@@ -27,10 +27,11 @@ import yaml
 from conftest import _debug_overrides
 
 from ddetr.app import compose
-from ddetr.convert import load_hf, load_official, main as convert_main
+from ddetr.convert import load_hf, load_official
+from ddetr.convert.cli import main as convert_main
 from ddetr.inference.export import export
 from ddetr.inference.predict import predict, resolve_resize
-from ddetr.training.checkpoints import (
+from ddetr.checkpoints import (
     AtomicCheckpointIO,
     CheckpointRefusedError,
     check_resume_checkpoint,

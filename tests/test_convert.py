@@ -18,10 +18,9 @@ from ddetr.convert import (
     infer_official_flags,
     load_hf,
     load_official,
-    main,
     official_to_ddetr,
-    parse_overrides,
 )
+from ddetr.convert.cli import main, parse_overrides
 
 
 @pytest.fixture(scope="module")

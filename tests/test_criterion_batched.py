@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
-from ddetr.models.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from ddetr.boxes import box_cxcywh_to_xyxy, generalized_box_iou
 from ddetr.models.build import build_criterion
 from ddetr.models.criterion import sigmoid_focal_loss
 from test_criterion import random_batch

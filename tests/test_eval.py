@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ddetr.app import compose
-from ddetr.training.checkpoints import save_checkpoint
+from ddetr.checkpoints import save_checkpoint
 from ddetr.data import ensure_synthetic_dataset
 from ddetr.training.run import evaluate
 from ddetr.training.module import DeformableDETRModule

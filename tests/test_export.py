@@ -9,11 +9,11 @@ import torch
 
 from ddetr import ops
 from ddetr.app import compose
-from ddetr.training.checkpoints import save_checkpoint
+from ddetr.checkpoints import save_checkpoint
 from ddetr.inference.export import ExportableDetector, example_inputs, export
 from ddetr.models.ms_deform_attn import set_attention_backend
 from ddetr.training.module import DeformableDETRModule
-from ddetr.training.checkpoints import load_module
+from ddetr.checkpoints import load_module
 
 HEIGHT, WIDTH = 64, 96
 

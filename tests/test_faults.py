@@ -13,7 +13,7 @@ import lightning as L
 import pytest
 import torch
 
-from ddetr.training.checkpoints import AtomicCheckpointIO
+from ddetr.checkpoints import AtomicCheckpointIO
 from ddetr.app import compose
 from ddetr.training.module import NonFiniteLossError
 from ddetr.training.run import train
@@ -143,7 +143,7 @@ def test_nonfinite_loss_can_skip_the_step(tmp_path, data_root, debug_overrides):
 
 KILL_DURING_SAVE = """
 import os, sys, torch
-from ddetr.training.checkpoints import AtomicCheckpointIO
+from ddetr.checkpoints import AtomicCheckpointIO
 
 class KillWhilePickled:
     def __reduce__(self):

@@ -22,7 +22,7 @@ from ddetr.models.geometry import (
     inverse_sigmoid,
     valid_ratios,
 )
-from ddetr.models.image_list import pad_images
+from ddetr.image_list import pad_images, valid_extent
 from ddetr.models.ms_deform_attn import MSDeformAttn
 from ddetr.models.position_encoding import PositionEmbeddingSine
 from ddetr.models.relu_dropout import relu_dropout
@@ -41,6 +41,13 @@ def test_pad_images_pads_bottom_right_with_zeros():
 
 
 # ----------------------------------------------------------------------------- position encoding
+def test_valid_extent_reads_back_the_padded_sizes():
+    images = [torch.ones(3, 5, 7), torch.ones(3, 9, 2), torch.ones(3, 1, 1)]
+    _, mask = pad_images(images)
+    heights, widths = valid_extent(mask)
+    assert heights.tolist() == [5, 9, 1] and widths.tolist() == [7, 2, 1]
+
+
 def test_sine_position_encoding_hand_values():
     mask = torch.zeros(1, 2, 3, dtype=torch.bool)
     mask[0, :, 2] = True  # last column is padding: valid width 2

@@ -46,4 +46,4 @@ def test_each_image_uses_its_own_size():
 
 def test_bad_target_sizes_raise():
     with pytest.raises(ValueError, match=r"\(h, w\)"):
-        PostProcess()(hand_built_outputs(), torch.tensor([100, 200]))
+        PostProcess(num_select=100)(hand_built_outputs(), torch.tensor([100, 200]))

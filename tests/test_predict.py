@@ -13,12 +13,12 @@ import torch
 from PIL import Image
 
 from ddetr.app import compose
-from ddetr.training.checkpoints import save_checkpoint
+from ddetr.checkpoints import save_checkpoint
 from ddetr.data import ensure_synthetic_dataset, make_val_transforms
 from ddetr.data.category_mapping import COCO91_NAMES
 from ddetr.training.module import DeformableDETRModule
 from ddetr.inference.predict import predict, resolve_class_names, resolve_resize
-from ddetr.training.checkpoints import load_module
+from ddetr.checkpoints import load_module
 
 ROOT = Path(__file__).resolve().parents[1]
 

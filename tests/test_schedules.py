@@ -93,7 +93,7 @@ def test_the_cosine_state_resumes():
     (second,) = lr_schedulers(optimizer(1.0), cfg, total_steps=20)
     second["scheduler"].load_state_dict(state)
     assert second["scheduler"].get_last_lr() == pytest.approx(first["scheduler"].get_last_lr())
-    assert WarmupCosine(20, 3)(7) == pytest.approx(second["scheduler"].get_last_lr()[0])
+    assert WarmupCosine(20, 3, OptimConfig().min_lr_factor)(7) == pytest.approx(second["scheduler"].get_last_lr()[0])
 
 
 def test_the_default_run_is_sized_in_epochs_and_validates_its_last_epoch():

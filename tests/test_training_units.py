@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ddetr.data.samplers import ResumableDistributedSampler
-from ddetr.training.checkpoints import load_pretrained, save_checkpoint
+from ddetr.checkpoints import load_pretrained, save_checkpoint
 from ddetr.training.module import DeformableDETRModule
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import netrc
 import os
 from collections.abc import Callable
@@ -85,11 +86,19 @@ def model_schema() -> dict[str, Any]:
         "num_classes": None,  # null: taken from the data module
         "loss": dataclasses.asdict(LossConfig()),
         "optim": dataclasses.asdict(OptimConfig()),
-        "num_select": 100,
-        "on_nonfinite_loss": "raise",  # raise | skip
+        **module_defaults("num_select", "on_nonfinite_loss"),  # on_nonfinite_loss: raise | skip
         "init_from": None,  # a ddetr checkpoint to start training from (not part of the saved model)
-        "compile": False,  # run the detector through torch.compile (dynamic shapes; not part of the saved model)
+        # compile: run the detector through torch.compile (dynamic shapes; not part of the saved model)
+        **module_defaults("compile"),
     }
+
+
+def module_defaults(*names: str) -> dict[str, Any]:
+    """The defaults of ``DeformableDETRModule``'s options ``names``, read from its signature (their one place)."""
+    from ddetr.training.module import DeformableDETRModule
+
+    parameters = inspect.signature(DeformableDETRModule.__init__).parameters
+    return {name: parameters[name].default for name in names}
 
 
 def register_resolvers() -> None:
@@ -141,7 +150,7 @@ def trust_checkpoint(cfg: DictConfig) -> bool:
     files in full?
 
     False (the default): every checkpoint is read weights-only (tensors and plain values); a file that asks
-    for any other class is refused (``ddetr.training.checkpoints``). True: such a file is unpickled, and a
+    for any other class is refused (``ddetr.checkpoints``). True: such a file is unpickled, and a
     hostile one runs whatever code it holds; only for files whose source you trust.
     """
     value = cfg.get("trust_checkpoint", False)
@@ -174,8 +183,6 @@ def apply_matmul_precision(cfg: DictConfig) -> None:
 def hydra_app(config_name: str, run: Callable[[DictConfig], Any]) -> Callable[[], Any]:
     """The ``main()`` of an entry point: ``run(cfg)`` under ``@hydra.main`` with ``conf/<config_name>.yaml``,
     after the process-wide settings every entry point shares (``matmul_precision``)."""
-    import functools
-
     import hydra
 
     register_resolvers()
@@ -183,7 +190,7 @@ def hydra_app(config_name: str, run: Callable[[DictConfig], Any]) -> Callable[[]
     @functools.wraps(run)
     def configured_run(cfg: DictConfig) -> Any:
         from ddetr.data.validation import DatasetError
-        from ddetr.training.checkpoints import CheckpointError
+        from ddetr.checkpoints import CheckpointError
         from ddetr.training.run import RunConfigError
 
         apply_matmul_precision(cfg)

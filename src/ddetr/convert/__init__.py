@@ -3,7 +3,7 @@
 ``load_official(path, **flags)`` and ``load_hf(path, **flags)`` return a ``DeformableDETRModule`` in
 eval mode; ``python -m ddetr.convert {official,hf} IN OUT [key=value ...]`` writes a Lightning-style
 checkpoint that ``DeformableDETRModule.load_from_checkpoint`` (and training, evaluation and
-prediction) accept. The name mappings live in ``official`` and ``transformers``; the options and
+prediction) accept (``ddetr.convert.cli.main``). The name mappings live in ``official`` and ``transformers``; the options and
 their defaults are those of ``DeformableDETRConfig`` (``OFFICIAL_OPTIONS``).
 """
 
@@ -35,9 +35,7 @@ __all__ = [
     "infer_official_flags",
     "load_hf",
     "load_official",
-    "main",
     "official_to_ddetr",
-    "parse_overrides",
 ]
 
 
@@ -69,7 +67,7 @@ def _build_module(state_dict: StateDict, config: DeformableDETRConfig, source: s
 def _official_state(path: str | Path, trust: bool = False) -> tuple[StateDict, dict[str, Any]]:
     """The weights and the saved ``args`` of an official checkpoint, read weights-only: ``args`` is an
     ``argparse.Namespace``, the one class allowed besides torch's (``trust``: unpickled in full)."""
-    from ddetr.training.checkpoints import CheckpointError, load_file
+    from ddetr.checkpoints import CheckpointError, load_file
 
     checkpoint = load_file(path, "official checkpoint", trust=trust, safe_classes=(argparse.Namespace,))
     if not isinstance(checkpoint, dict) or "model" not in checkpoint:
@@ -116,7 +114,7 @@ def load_official(path: str | Path, trust_checkpoint: bool = False, **flags: Any
 
 def _read_hf_weights(path: Path, trust: bool = False) -> StateDict:
     """The state dict of a ``.safetensors`` file, or of a torch file read weights-only (``trust``: in full)."""
-    from ddetr.training.checkpoints import load_file
+    from ddetr.checkpoints import load_file
 
     if path.suffix == ".safetensors":
         try:
@@ -164,17 +162,3 @@ def load_hf(path: str | Path, trust_checkpoint: bool = False, **flags: Any):
     verify_flags(resolved, official, str(path))
     config = model_config(num_classes_of(official), resolved)
     return _build_module(official_to_ddetr(official, **resolved), config, str(path))
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m ddetr.convert``; see ``ddetr.convert.cli``."""
-    from ddetr.convert.cli import main as cli_main
-
-    return cli_main(argv)
-
-
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["with_box_refine=true", "num_queries=100"]`` -> ``{"with_box_refine": True, "num_queries": 100}``."""
-    from ddetr.convert.cli import parse_overrides as parse
-
-    return parse(items)

@@ -10,7 +10,7 @@ from typing import Any
 
 from ddetr.convert import load_hf, load_official
 from ddetr.models.config import OFFICIAL_OPTIONS
-from ddetr.training.checkpoints import CheckpointError, save_checkpoint
+from ddetr.checkpoints import CheckpointError, save_checkpoint
 
 
 def _parse_value(text: str) -> Any:

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from ddetr.models.backbones.resnet import RESNET_LAYOUTS
 from ddetr.models.config import OFFICIAL_OPTIONS, DeformableDETRConfig
 
 StateDict = dict[str, torch.Tensor]
@@ -160,7 +161,7 @@ def infer_official_flags(state_dict: Mapping[str, torch.Tensor]) -> dict[str, An
         flags["num_queries"] = state_dict["query_embed.weight"].shape[0]
     blocks = {int(m.group(1)) for k in state_dict if (m := re.match(r"backbone\.0\.body\.layer3\.(\d+)\.", k))}
     bottleneck = "backbone.0.body.layer1.0.conv3.weight" in state_dict
-    depth = {(2, False): "resnet18", (6, False): "resnet34", (6, True): "resnet50", (23, True): "resnet101"}
+    depth = {layout: name for name, layout in RESNET_LAYOUTS.items()}
     if blocks and (len(blocks), bottleneck) in depth:
         flags["backbone"] = depth[(len(blocks), bottleneck)]
     return flags

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ddetr.models.box_ops import box_xyxy_to_cxcywh
+from ddetr.boxes import box_xyxy_to_cxcywh
 
 from .annotations import CleanAnnotations, clean_annotations
 from .category_mapping import CategoryMapping, MappingMode

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
-from ddetr.models.image_list import pad_images
+from ddetr.image_list import pad_images
 
 from .category_mapping import MappingMode
 from .coco import CocoDetection
@@ -24,7 +24,7 @@ from .image_loading import DEFAULT_MAX_IMAGE_PIXELS, ExifMode
 from .samplers import ResumableDistributedSampler, UnpaddedDistributedSampler
 from .skips import SkipReport, pop_batch_skips
 from .conversion import ConvertedSplit
-from .synthetic import ensure_synthetic_dataset
+from .synthetic import SYNTHETIC_DEFAULTS, ensure_synthetic_dataset
 from .transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -434,13 +434,13 @@ class SyntheticDataModule(DetectionDataModule):
     def __init__(
         self,
         root: str | os.PathLike = "data/synthetic",
-        num_train: int = 2000,
-        num_val: int = 200,
-        image_size: int = 128,
-        synthetic_seed: int = 0,
-        max_objects: int = 10,
-        min_object_frac: float = 0.04,
-        max_object_frac: float = 0.5,
+        num_train: int = SYNTHETIC_DEFAULTS.num_train,
+        num_val: int = SYNTHETIC_DEFAULTS.num_val,
+        image_size: int = SYNTHETIC_DEFAULTS.image_size,
+        synthetic_seed: int = SYNTHETIC_DEFAULTS.seed,
+        max_objects: int = SYNTHETIC_DEFAULTS.max_objects,
+        min_object_frac: float = SYNTHETIC_DEFAULTS.min_object_frac,
+        max_object_frac: float = SYNTHETIC_DEFAULTS.max_object_frac,
         **kwargs: Any,
     ):
         root = str(root)  # a plain string in the saved hyper-parameters (weights_only loading)

@@ -44,6 +44,7 @@ import multiprocessing
 import os
 import shutil
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -60,15 +61,32 @@ _SPLIT_CODES = {"train": 1, "val": 2}
 _PLACEMENT_TRIES = 8
 
 
+@dataclass(frozen=True)
+class SyntheticDefaults:
+    """The generation defaults, the one place for `ensure_synthetic_dataset` and `SyntheticDataModule`
+    (96-pixel images: the default run's size, conf/data/synthetic.yaml)."""
+
+    num_train: int = 2000
+    num_val: int = 200
+    image_size: int = 96
+    seed: int = 0
+    max_objects: int = 10
+    min_object_frac: float = 0.04
+    max_object_frac: float = 0.5
+
+
+SYNTHETIC_DEFAULTS = SyntheticDefaults()
+
+
 def ensure_synthetic_dataset(
     root: str | os.PathLike,
-    num_train: int = 2000,
-    num_val: int = 200,
-    image_size: int = 128,
-    seed: int = 0,
-    max_objects: int = 10,
-    min_object_frac: float = 0.04,
-    max_object_frac: float = 0.5,
+    num_train: int = SYNTHETIC_DEFAULTS.num_train,
+    num_val: int = SYNTHETIC_DEFAULTS.num_val,
+    image_size: int = SYNTHETIC_DEFAULTS.image_size,
+    seed: int = SYNTHETIC_DEFAULTS.seed,
+    max_objects: int = SYNTHETIC_DEFAULTS.max_objects,
+    min_object_frac: float = SYNTHETIC_DEFAULTS.min_object_frac,
+    max_object_frac: float = SYNTHETIC_DEFAULTS.max_object_frac,
     min_visible_frac: float = 0.6,
     progress: bool = True,
     num_workers: int | None = None,

@@ -34,6 +34,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 OFFICIAL_TRAIN_SCALES = tuple(range(480, 801, 32))
 OFFICIAL_CROP_RESIZE_SCALES = (400, 500, 600)
+OFFICIAL_MAX_SIZE = 1333  # the cap on the longest side, in training and evaluation
+OFFICIAL_VAL_SIZE = 800  # the evaluation resize's shortest side
 
 
 def shortest_side_resize_hw(
@@ -228,7 +230,7 @@ class DetectionTransform:
 
 def make_train_transforms(
     scales: Sequence[int] = OFFICIAL_TRAIN_SCALES,
-    max_size: int = 1333,
+    max_size: int = OFFICIAL_MAX_SIZE,
     crop_resize_scales: Sequence[int] = OFFICIAL_CROP_RESIZE_SCALES,
     crop_min_size: int = 384,
     crop_max_size: int = 600,
@@ -258,8 +260,8 @@ def make_train_transforms(
 
 
 def make_val_transforms(
-    size: int = 800,
-    max_size: int = 1333,
+    size: int = OFFICIAL_VAL_SIZE,
+    max_size: int = OFFICIAL_MAX_SIZE,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
 ) -> DetectionTransform:

@@ -175,7 +175,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     """Exports as ``cfg`` says; returns ``{"path", "format", "exporter", "max_abs_diff"}`` and, for ONNX,
     ``"input_shapes"`` (input name -> dims, a name where the dimension is dynamic)."""
     from ddetr.app import trust_checkpoint
-    from ddetr.training.checkpoints import load_module
+    from ddetr.checkpoints import load_module
 
     if cfg.format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {cfg.format!r}")

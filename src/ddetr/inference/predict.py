@@ -19,14 +19,12 @@ from tqdm import tqdm
 from ddetr.app import trust_checkpoint
 from ddetr.data.image_loading import ImageLoadError
 from ddetr.data.image_loading import load_rgb_image
-from ddetr.data.transforms import make_val_transforms
-from ddetr.training.checkpoints import load_module
+from ddetr.data.transforms import OFFICIAL_MAX_SIZE, OFFICIAL_VAL_SIZE, make_val_transforms
+from ddetr.checkpoints import load_module
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-DEFAULT_SIZE = 800  # the official evaluation resize (shortest side)
-DEFAULT_MAX_SIZE = 1333  # ... and the cap on the longest side
 
 
 def resolve_device(name: str) -> torch.device:
@@ -99,13 +97,13 @@ def resolve_resize(size: int | None, max_size: int | None, ckpt_path: str | os.P
         if "size" in trained:
             return (
                 int(size if size is not None else trained["size"]),
-                int(max_size if max_size is not None else trained.get("max_size", DEFAULT_MAX_SIZE)),
+                int(max_size if max_size is not None else trained.get("max_size", OFFICIAL_MAX_SIZE)),
                 str(run_config),
             )
     source = "config" if size is not None and max_size is not None else "official defaults"
     return (
-        int(size if size is not None else DEFAULT_SIZE),
-        int(max_size if max_size is not None else DEFAULT_MAX_SIZE),
+        int(size if size is not None else OFFICIAL_VAL_SIZE),
+        int(max_size if max_size is not None else OFFICIAL_MAX_SIZE),
         source,
     )
 
@@ -211,10 +209,45 @@ def coco_results(
     return results
 
 
+def readable_items(batch: list[dict[str, Any]], files: Sequence[Path], skipped: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    """The items of ``batch`` whose image could be read; each other one is appended to ``skipped`` as
+    (file, reason) and named in a warning."""
+    for item in batch:
+        if item["error"] is not None:
+            skipped.append((str(files[item["index"]]), item["error"]))
+            log.warning("skipping %s: %s", files[item["index"]], item["error"])
+    return [item for item in batch if item["error"] is None]
+
+
+def save_attention_pictures(
+    folder: Path, recorder, outputs: dict[str, Any], model, batch: list[dict[str, Any]], cfg: DictConfig,
+    class_names: Sequence[str],
+) -> None:
+    """The sampling-location pictures of a batch's top detections (``recorder`` held the decoder's
+    attention during the forward that gave ``outputs``): ``<folder>/<name>_<rank>.png``."""
+    from ddetr.pictures.attention import level_strides, pictures_from_attention
+
+    pictures = pictures_from_attention(
+        recorder.attention,
+        {key: outputs[key].cpu() for key in ("pred_logits", "pred_boxes")},
+        level_strides(model),
+        [item["image"] for item in batch],
+        [item["pixels"] for item in batch],
+        top_k=cfg.attention_top_k,
+        threshold=cfg.threshold,
+        class_names=class_names,
+    )
+    for item, image_pictures in zip(batch, pictures):
+        for rank, (_, picture) in enumerate(image_pictures):
+            path = folder / f"{item['name']}_{rank}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            picture.save(path)
+
+
 def predict(cfg: DictConfig) -> dict[str, Any]:
     """Runs prediction as ``cfg`` says (see the module docstring); returns a summary dict with
     ``num_images``, ``num_detections``, ``skipped`` (list of (file, reason)) and the written paths."""
-    from ddetr.pictures.attention import DecoderAttentionRecorder, level_strides, pictures_from_attention
+    from ddetr.pictures.attention import DecoderAttentionRecorder
     from ddetr.pictures.drawing import draw_detections
 
     device = resolve_device(cfg.device)
@@ -242,11 +275,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     taken: set[str] = set()
     recorder = DecoderAttentionRecorder(model)
     for batch in tqdm(loader, desc="predict", unit="batch", disable=not cfg.progress_bar):
-        for item in batch:
-            if item["error"] is not None:
-                skipped.append((str(files[item["index"]]), item["error"]))
-                log.warning("skipping %s: %s", files[item["index"]], item["error"])
-        batch = [item for item in batch if item["error"] is None]
+        batch = readable_items(batch, files, skipped)
         if not batch:
             continue
         images = [item["image"].to(device) for item in batch]
@@ -277,22 +306,17 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
             ).save(picture_path)  # fmt: skip
             item["name"] = name
         if cfg.attention:
-            pictures = pictures_from_attention(
-                recorder.attention,
-                {key: outputs[key].cpu() for key in ("pred_logits", "pred_boxes")},
-                level_strides(model),
-                [item["image"] for item in batch],
-                [item["pixels"] for item in batch],
-                top_k=cfg.attention_top_k,
-                threshold=cfg.threshold,
-                class_names=class_names,
-            )
-            for item, image_pictures in zip(batch, pictures):
-                for rank, (_, picture) in enumerate(image_pictures):
-                    path = output / "attention" / f"{item['name']}_{rank}.png"
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    picture.save(path)
+            save_attention_pictures(output / "attention", recorder, outputs, model, batch, cfg, class_names)
 
+    return write_results(output, cfg, results, images_json, skipped)
+
+
+def write_results(
+    output: Path, cfg: DictConfig, results: list[dict[str, Any]], images_json: list[dict[str, Any]],
+    skipped: list[tuple[str, str]],
+) -> dict[str, Any]:
+    """Writes the COCO results (``cfg.results_file``) and ``images.json``, prints what was done and skipped;
+    returns ``predict``'s summary dict."""
     detections_path = output / cfg.results_file
     detections_path.write_text(json.dumps(results))
     (output / "images.json").write_text(json.dumps(images_json, indent=1))

@@ -176,7 +176,7 @@ OFFICIAL_OPTIONS = (
 
 @dataclass
 class LossConfig:
-    """Matcher costs, loss weights and the focal alpha (official names and values)."""
+    """Matcher costs, loss weights and the focal loss's alpha and gamma (official names and values)."""
 
     set_cost_class: float = 2.0
     set_cost_bbox: float = 5.0
@@ -185,6 +185,7 @@ class LossConfig:
     bbox_loss_coef: float = 5.0
     giou_loss_coef: float = 2.0
     focal_alpha: float = 0.25
+    focal_gamma: float = 2.0  # the focal loss's exponent, in the loss and the matcher's class cost
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None = None) -> LossConfig:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddetr.models.box_ops import box_cxcywh_to_xyxy, generalized_box_iou_elementwise
+from ddetr.boxes import box_cxcywh_to_xyxy, generalized_box_iou_elementwise
 from ddetr.models.config import LossConfig
 from ddetr.models.matcher import HungarianMatcher, Indices, PaddedTargets, pad_targets
 

@@ -13,7 +13,7 @@ from ddetr.models.backbones import build_backbone
 from ddetr.models.config import DeformableDETRConfig
 from ddetr.models.deformable_transformer import DeformableTransformer
 from ddetr.models.geometry import boxes_from_reference
-from ddetr.models.image_list import pad_images, resize_mask
+from ddetr.image_list import pad_images, resize_mask
 from ddetr.models.position_encoding import PositionEmbeddingSine
 
 Images = Sequence[torch.Tensor] | tuple[torch.Tensor, torch.Tensor]

@@ -10,7 +10,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from ddetr.models.box_ops import box_cxcywh_to_xyxy, generalized_box_iou_elementwise
+from ddetr.boxes import box_cxcywh_to_xyxy, generalized_box_iou_elementwise
 from ddetr.models.config import LossConfig
 
 Indices = list[tuple[torch.Tensor, torch.Tensor]]

@@ -166,3 +166,12 @@ def set_attention_backend(model: nn.Module, backend: str) -> None:
     for submodule in model.modules():
         if isinstance(submodule, MSDeformAttn):
             submodule.backend = backend
+
+
+def attention_backend(model: nn.Module) -> str:
+    """The backend the ``MSDeformAttn`` layers of ``model`` run with: after ``set_attention_backend`` the
+    layers, not the config the model was built from (``attn_backend``), hold the current one."""
+    backends = {submodule.backend for submodule in model.modules() if isinstance(submodule, MSDeformAttn)}
+    if len(backends) != 1:
+        raise ValueError(f"expected one attention backend in the model, found {sorted(backends)}")
+    return backends.pop()

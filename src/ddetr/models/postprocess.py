@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ddetr.models.box_ops import box_cxcywh_to_xyxy
+from ddetr.boxes import box_cxcywh_to_xyxy
 
 
 class PostProcess(nn.Module):
@@ -14,7 +14,7 @@ class PostProcess(nn.Module):
     A query may appear several times with different classes, as in the official.
     """
 
-    def __init__(self, num_select: int = 100) -> None:
+    def __init__(self, num_select: int) -> None:
         super().__init__()
         if num_select < 1:
             raise ValueError(f"PostProcess: num_select must be >= 1, got {num_select}")

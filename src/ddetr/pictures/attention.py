@@ -31,7 +31,7 @@ from matplotlib.patches import Rectangle
 from PIL import Image
 from torch import nn
 
-from ddetr.models.box_ops import box_cxcywh_to_xyxy
+from ddetr.boxes import box_cxcywh_to_xyxy
 
 LEVEL_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 COLORMAP = "jet"
@@ -188,26 +188,7 @@ def draw_attention(
     FigureCanvasAgg(figure)
     axes = figure.add_subplot(1, 1, 1)
     axes.imshow(image)
-    num_levels = locations_xy.shape[1]
-    norm = Normalize(vmin=0.0, vmax=max(float(weights.max()), 1e-6))
-    colormap = colormaps[COLORMAP]
-    scatter = None
-    for level in range(num_levels):
-        points = locations_xy[:, level].reshape(-1, 2)  # (M, P, 2) -> (M*P, 2)
-        level_weights = weights[:, level].reshape(-1)  # (M, P) -> (M*P,)
-        order = level_weights.argsort()  # strongest drawn last, on top
-        scatter = axes.scatter(
-            points[order, 0].numpy(),
-            points[order, 1].numpy(),
-            c=level_weights[order].numpy(),
-            cmap=colormap,
-            norm=norm,
-            marker=LEVEL_MARKERS[level % len(LEVEL_MARKERS)],
-            s=36,
-            edgecolors="black",
-            linewidths=0.4,
-            label=f"level {level}",
-        )
+    scatter = scatter_sampling_points(axes, locations_xy, weights)
     if box_xyxy is not None:
         x0, y0, x1, y1 = (float(v) for v in box_xyxy)
         axes.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="lime", linewidth=2))
@@ -227,6 +208,36 @@ def draw_attention(
     figure.canvas.draw()
     rgba = np.asarray(figure.canvas.buffer_rgba())  # (fig_height, fig_width, 4)
     return Image.fromarray(rgba[..., :3].copy())
+
+
+def scatter_sampling_points(axes, locations_xy: torch.Tensor, weights: torch.Tensor):
+    """Draws one query's sampling locations on ``axes``, a marker shape per level, coloured by weight
+    (strongest on top); returns the last scatter (for the colour bar), None without levels.
+
+    Args:
+        locations_xy: (num_heads, num_levels, num_points, 2) in pixels.
+        weights: (num_heads, num_levels, num_points).
+    """
+    norm = Normalize(vmin=0.0, vmax=max(float(weights.max()), 1e-6))
+    colormap = colormaps[COLORMAP]
+    scatter = None
+    for level in range(locations_xy.shape[1]):
+        points = locations_xy[:, level].reshape(-1, 2)  # (M, P, 2) -> (M*P, 2)
+        level_weights = weights[:, level].reshape(-1)  # (M, P) -> (M*P,)
+        order = level_weights.argsort()  # strongest drawn last, on top
+        scatter = axes.scatter(
+            points[order, 0].numpy(),
+            points[order, 1].numpy(),
+            c=level_weights[order].numpy(),
+            cmap=colormap,
+            norm=norm,
+            marker=LEVEL_MARKERS[level % len(LEVEL_MARKERS)],
+            s=36,
+            edgecolors="black",
+            linewidths=0.4,
+            label=f"level {level}",
+        )
+    return scatter
 
 
 @torch.no_grad()

@@ -1,1 +1,1 @@
-"""Training: the LightningModule, callbacks, COCO evaluation, checkpoint I/O and the run functions."""
+"""Training: the LightningModule, callbacks, COCO evaluation and the run functions."""

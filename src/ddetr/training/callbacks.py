@@ -22,6 +22,7 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, Timer, WeightAveraging
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 
+from ddetr.image_list import valid_extent
 from ddetr.pictures.drawing import denormalize, draw_detections
 
 log = logging.getLogger(__name__)
@@ -155,10 +156,11 @@ class ValidationImages(L.Callback):
         if batch_idx != 0 or trainer.sanity_checking or not trainer.is_global_zero or not outputs:
             return
         images, mask, targets = batch
+        heights, widths = valid_extent(mask)
         pictures = []
-        for image, image_mask, target, detection in list(zip(images, mask, targets, outputs["detections"]))[: self.num_images]:
-            valid_height = int((~image_mask[:, 0]).sum())
-            valid_width = int((~image_mask[0, :]).sum())
+        for image, valid_height, valid_width, target, detection in list(
+            zip(images, heights.tolist(), widths.tolist(), targets, outputs["detections"])
+        )[: self.num_images]:
             pixels = denormalize(image[:, :valid_height, :valid_width])
             keep = detection["scores"] >= self.score_threshold
             # detections are in original-image coordinates; draw them on the resized image

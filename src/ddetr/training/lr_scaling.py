@@ -27,7 +27,7 @@ RULES = ("none", "linear", "sqrt")
 def lr_factor(reference_batch: int, actual_batch: int, rule: str) -> float:
     """The multiplier of every learning rate for ``actual_batch`` instead of ``reference_batch``."""
     if rule not in RULES:
-        raise ValueError(f"model.optim.lr_scaling must be one of {RULES}, got {rule!r}")
+        raise ValueError(f"OptimConfig.lr_scaling must be one of {RULES}, got {rule!r}")
     if reference_batch < 1 or actual_batch < 1:
         raise ValueError(f"batch sizes must be positive, got reference {reference_batch} and actual {actual_batch}")
     ratio = actual_batch / reference_batch
@@ -61,6 +61,6 @@ def scale_to_batch(groups: list[dict[str, Any]], reference_batch: int | None, ru
         lrs = ", ".join(f"{group.get('name', index)} {group['lr']:.3g}" for index, group in enumerate(scaled))
         log.warning(
             "learning rates follow the batch: reference total batch %d, actual %d (%s), rule %s (x%.3g): %s "
-            "(model.optim.lr_scaling=none keeps the recipe's)", reference_batch, total, made_of, rule, factor, lrs,
+            '(lr_scaling="none" keeps the recipe\'s)', reference_batch, total, made_of, rule, factor, lrs,
         )  # fmt: skip
     return scaled

@@ -54,7 +54,7 @@ class DeformableDETRModule(L.LightningModule):
     defaults of those dataclasses. The resolved values are saved as plain hyper-parameters, so
     ``DeformableDETRModule.load_from_checkpoint(path)`` rebuilds the model without Hydra.
     Initialising from another checkpoint (``model.init_from``) belongs to the start of training
-    (``ddetr.training.checkpoints.load_pretrained``), not to the module's identity; so does
+    (``ddetr.checkpoints.load_pretrained``), not to the module's identity; so does
     ``compile=True`` (run the detector through ``torch.compile`` with dynamic shapes).
     """
 
@@ -73,7 +73,7 @@ class DeformableDETRModule(L.LightningModule):
         super().__init__()
         if on_nonfinite_loss not in ("raise", "skip"):
             raise ValueError(f"on_nonfinite_loss must be 'raise' or 'skip', got {on_nonfinite_loss!r}")
-        if architecture.pop("init_from", None):  # saved by checkpoints before 0.2: the weights are in the checkpoint
+        if architecture.pop("init_from", None):  # saved by earlier checkpoints: the weights are in the checkpoint
             log.debug("ignoring the init_from hyper-parameter of an older checkpoint")
         base = config.to_dict() if config is not None else {}
         self.config = DeformableDETRConfig.from_dict(base, **architecture)

@@ -14,9 +14,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ddetr.app import trust_checkpoint
-from ddetr.models.ms_deform_attn import set_attention_backend
+from ddetr.models.ms_deform_attn import attention_backend, set_attention_backend
 from ddetr.training.callbacks import Preempted, RunTimer, WeightEMA, early_stopping, slurm_job_id
-from ddetr.training.checkpoints import check_resume_checkpoint, load_module, load_pretrained
+from ddetr.checkpoints import check_resume_checkpoint, load_module, load_pretrained
 from ddetr.training.evaluation import METRIC_NAMES
 from ddetr.training.evaluation_pictures import write_evaluation_pictures, write_final_pictures
 
@@ -61,7 +61,7 @@ def attention_backend_used(module: L.LightningModule) -> str:
     from ddetr.ops import compiled_op_available
 
     device = module.device.type
-    if module.config.attn_backend == "pytorch":
+    if attention_backend(module.model) == "pytorch":
         return "the PyTorch path (model.attn_backend=pytorch)"
     if compiled_op_available(device):
         return f"the compiled {device} op"

@@ -25,7 +25,7 @@ class WarmupCosine:
 
     A plain object (not a lambda), so ``LambdaLR.state_dict()`` saves it with the checkpoint."""
 
-    def __init__(self, total_steps: int, warmup_steps: int = 0, min_factor: float = 0.01) -> None:
+    def __init__(self, total_steps: int, warmup_steps: int, min_factor: float) -> None:
         self.total_steps = max(int(total_steps), 1)
         self.warmup_steps = max(int(warmup_steps), 0)
         self.min_factor = float(min_factor)
@@ -43,7 +43,7 @@ class WarmupDrop:
     then x ``gamma`` from ``drop_fraction`` of ``total_steps`` on (the official recipe's late drop,
     sized in steps to the run). A plain object, saved with the scheduler's state."""
 
-    def __init__(self, total_steps: int, warmup_steps: int = 0, drop_fraction: float = 0.8, gamma: float = 0.1) -> None:
+    def __init__(self, total_steps: int, warmup_steps: int, drop_fraction: float, gamma: float) -> None:
         self.warmup_steps = max(int(warmup_steps), 0)
         self.drop_step = int(round(max(int(total_steps), 1) * float(drop_fraction)))
         self.gamma = float(gamma)

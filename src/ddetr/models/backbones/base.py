@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ddetr.models.image_list import resize_mask
+from ddetr.image_list import resize_mask
 
 LEVEL_STRIDES = (8, 16, 32)  # the strides of the backbone levels the detector uses, finest first
 

@@ -19,7 +19,9 @@ from ddetr.models.config import BackboneConfig
 if TYPE_CHECKING:
     from ddetr.models.config import DeformableDETRConfig
 
-RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
+# each ResNet's layout: (blocks in layer3, bottleneck blocks); the converters tell the depth of a checkpoint by it
+RESNET_LAYOUTS = {"resnet18": (2, False), "resnet34": (6, False), "resnet50": (6, True), "resnet101": (23, True)}
+RESNETS = tuple(RESNET_LAYOUTS)
 STAGES = ("layer2", "layer3", "layer4")  # the stages at strides 8, 16, 32
 NORM_LAYERS = {"frozen": FrozenBatchNorm2d, "batch": nn.BatchNorm2d}
 TORCHVISION_WEIGHT_NAMES = {"DEFAULT", "IMAGENET1K_V1", "IMAGENET1K_V2"}
@@ -76,7 +78,7 @@ class ResNetBackbone(Backbone):
         if name not in RESNETS:
             raise ValueError(f"unknown ResNet {name!r}; expected one of {RESNETS}")
         strides = list(backbone_strides(num_levels))
-        if dilation and name in ("resnet18", "resnet34"):
+        if dilation and not RESNET_LAYOUTS[name][1]:
             raise ValueError(f"dilation (DC5) needs a bottleneck ResNet (resnet50/101); {name} has basic blocks")
         resnet = getattr(torchvision.models, name)(
             weights=None, replace_stride_with_dilation=[False, False, dilation], norm_layer=NORM_LAYERS[norm]

@@ -1,5 +1,5 @@
-"""Batching images of different sizes: zero padding at the bottom and right, the padding mask, and its
-resized copy at every feature level."""
+"""Batching images of different sizes: zero padding at the bottom and right, the padding mask, its
+resized copy at every feature level, and each image's extent read back from the mask."""
 
 from __future__ import annotations
 
@@ -32,6 +32,20 @@ def pad_images(images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tens
         batch[index, :, :height, :width] = image
         mask[index, :height, :width] = False
     return batch, mask
+
+
+def valid_extent(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The height and width of each image inside its padding (``pad_images`` pads at the bottom and right).
+
+    Args:
+        mask: (batch_size, height, width) bool, True on padding.
+
+    Returns:
+        valid_height, valid_width: (batch_size,) int64 each, the unpadded rows and columns.
+    """
+    valid_height = (~mask[:, :, 0]).sum(1)  # the first column: padding only below the image
+    valid_width = (~mask[:, 0, :]).sum(1)  # the first row: padding only to the right
+    return valid_height, valid_width
 
 
 def resize_mask(mask: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
