@@ -14,14 +14,24 @@ NAMES = {1: "a", 2: "b", 3: "c"}
 def coco_ground_truth(images: dict[int, list[tuple[int, list[float], int]]], names: dict[int, str] = NAMES) -> COCO:
     """A ground truth of ``{image_id: [(category_id, [x, y, w, h], iscrowd), ...]}``, images 200x200."""
     annotations = [
-        {"id": index, "image_id": image_id, "category_id": category, "bbox": list(box), "area": box[2] * box[3],
-         "iscrowd": crowd}
+        {
+            "id": index,
+            "image_id": image_id,
+            "category_id": category,
+            "bbox": list(box),
+            "area": box[2] * box[3],
+            "iscrowd": crowd,
+        }
         for index, (image_id, category, box, crowd) in enumerate(
-            ((i, *annotation) for i, boxes in images.items() for annotation in boxes), start=1)
-    ]  # fmt: skip
+            ((i, *annotation) for i, boxes in images.items() for annotation in boxes), start=1
+        )
+    ]
     coco = COCO()
-    coco.dataset = {"images": [{"id": i, "width": 200, "height": 200, "file_name": f"{i}.jpg"} for i in images],
-                    "annotations": annotations, "categories": [{"id": c, "name": n} for c, n in names.items()]}  # fmt: skip
+    coco.dataset = {
+        "images": [{"id": i, "width": 200, "height": 200, "file_name": f"{i}.jpg"} for i in images],
+        "annotations": annotations,
+        "categories": [{"id": c, "name": n} for c, n in names.items()],
+    }
     with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
     return coco
@@ -53,8 +63,9 @@ def random_case(draw_seed: int, num_images: int = 4, num_classes: int = 3):
             for _ in range(int(rng.integers(0, 3))):
                 jitter = rng.normal(0, 0.15, 4) * [w, h, w, h]
                 label = category - 1 if rng.uniform() < 0.7 else int(rng.integers(0, num_classes))
-                detections.append((label, [x + jitter[0], y + jitter[1], x + w + jitter[2], y + h + jitter[3]],
-                                   float(rng.uniform())))  # fmt: skip
+                detections.append(
+                    (label, [x + jitter[0], y + jitter[1], x + w + jitter[2], y + h + jitter[3]], float(rng.uniform()))
+                )
         for _ in range(int(rng.integers(0, 3))):
             x, y = rng.uniform(0, 150, 2)
             detections.append((int(rng.integers(0, num_classes)), [x, y, x + 20, y + 20], float(rng.uniform())))

@@ -35,9 +35,14 @@ def debug_overrides():
 # The tiny model of the tests (conf/model/tiny.yaml's sizes): ResNet-18 with trainable batch norm,
 # 32 channels, 2 heads, 1 + 2 layers, 10 queries; 4 levels, no refinement (the model defaults).
 TINY_OPTIONS = dict(
-    backbone={"name": "resnet18", "norm": "batch"}, hidden_dim=32, nheads=2, enc_layers=1, dec_layers=2,
-    dim_feedforward=32, num_queries=10,
-)  # fmt: skip
+    backbone={"name": "resnet18", "norm": "batch"},
+    hidden_dim=32,
+    nheads=2,
+    enc_layers=1,
+    dec_layers=2,
+    dim_feedforward=32,
+    num_queries=10,
+)
 
 
 @pytest.fixture(scope="session")

@@ -21,9 +21,17 @@ from ddetr.training.module import DeformableDETRModule
 def tiny_model(with_box_refine: bool = False, seed: int = 0):
     torch.manual_seed(seed)
     module = DeformableDETRModule(
-        num_classes=3, backbone={"name": "resnet18", "norm": "batch"}, hidden_dim=32, nheads=2, enc_layers=1,
-        dec_layers=2, dim_feedforward=32, num_queries=10, with_box_refine=with_box_refine, attn_backend="pytorch",
-    )  # fmt: skip
+        num_classes=3,
+        backbone={"name": "resnet18", "norm": "batch"},
+        hidden_dim=32,
+        nheads=2,
+        enc_layers=1,
+        dec_layers=2,
+        dim_feedforward=32,
+        num_queries=10,
+        with_box_refine=with_box_refine,
+        attn_backend="pytorch",
+    )
     return module.model.eval()
 
 

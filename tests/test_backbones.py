@@ -45,9 +45,16 @@ def random_state_dict(network: nn.Module, seed: int = 0) -> dict[str, torch.Tens
 
 def tiny_config(num_feature_levels: int = 4, **backbone) -> DeformableDETRConfig:
     return DeformableDETRConfig.from_dict(
-        num_classes=3, backbone=backbone, hidden_dim=32, nheads=2, enc_layers=1, dec_layers=1,
-        dim_feedforward=32, num_queries=5, num_feature_levels=num_feature_levels,
-    )  # fmt: skip
+        num_classes=3,
+        backbone=backbone,
+        hidden_dim=32,
+        nheads=2,
+        enc_layers=1,
+        dec_layers=1,
+        dim_feedforward=32,
+        num_queries=5,
+        num_feature_levels=num_feature_levels,
+    )
 
 
 # ----------------------------------------------------------------------------- registry
@@ -64,7 +71,12 @@ def test_registry_knows_the_builtin_names_and_names_the_unknown():
 # ----------------------------------------------------------------------------- torchvision ResNets
 @pytest.mark.parametrize(
     "name, norm, dilation",
-    [("resnet18", "batch", False), ("resnet18", "frozen", False), ("resnet50", "frozen", True), ("resnet50", "batch", False)],
+    [
+        ("resnet18", "batch", False),
+        ("resnet18", "frozen", False),
+        ("resnet50", "frozen", True),
+        ("resnet50", "batch", False),
+    ],
 )
 def test_a_torchvision_state_dict_loads_into_every_resnet_variant(tmp_path, name, norm, dilation):
     """Issue 19: ``torchvision.models.resnetX().state_dict()`` (with ``num_batches_tracked`` and ``fc``)
@@ -184,7 +196,11 @@ def test_a_timm_state_dict_file_loads_every_backbone_tensor_exactly(tmp_path, mo
     path = tmp_path / f"{model_name}.pth"
     torch.save(file_state, path)
     model = build_deformable_detr(tiny_config(name=f"timm:{model_name}", weights=str(path), norm="batch"))
-    ours = {key.removeprefix("backbone.body."): v for key, v in model.state_dict().items() if key.startswith("backbone.body.")}
+    ours = {
+        key.removeprefix("backbone.body."): v
+        for key, v in model.state_dict().items()
+        if key.startswith("backbone.body.")
+    }
     reference = timm.create_model(
         model_name, features_only=True, pretrained=True, pretrained_cfg_overlay={"file": str(path)}
     ).state_dict()
@@ -208,8 +224,12 @@ def test_a_wrong_weights_file_lists_the_keys(tmp_path):
 def test_timm_models_that_do_not_fit_are_named():
     with pytest.raises(ValueError, match=r"strides \[16\]; Deformable DETR needs 8, 16 and 32"):
         TimmBackbone("vit_tiny_patch16_224", kwargs={"depth": 3})
-    with pytest.raises(ValueError, match=r"accepts only \(224, 224\) inputs.*\+model.backbone.kwargs.strict_img_size=false"):
-        TimmBackbone("swin_tiny_patch4_window7_224", kwargs={k: v for k, v in SMALL_SWIN.items() if k != "strict_img_size"})
+    with pytest.raises(
+        ValueError, match=r"accepts only \(224, 224\) inputs.*\+model.backbone.kwargs.strict_img_size=false"
+    ):
+        TimmBackbone(
+            "swin_tiny_patch4_window7_224", kwargs={k: v for k, v in SMALL_SWIN.items() if k != "strict_img_size"}
+        )
 
 
 def test_without_timm_one_line_names_the_extra(monkeypatch):
@@ -282,28 +302,57 @@ def test_timm_backbone_trains_evaluates_predicts_and_exports(tmp_path, data_root
     module = load_module(checkpoint)
     assert isinstance(module.model.backbone, TimmBackbone)
 
-    evaluated = evaluate(compose(
-        [f"ckpt_path={checkpoint}", f"data.root={data_root}", "data.num_train=12", "data.num_val=6",
-         "data.image_size=64", "data.num_workers=0", "data.batch_size=2", "data.val_transforms.size=64",
-         "data.val_transforms.max_size=96", "trainer.accelerator=cpu", "+trainer.enable_progress_bar=false",
-         f"paths.output_dir={tmp_path}/eval", f"paths.log_dir={tmp_path}/logs"],
-        config_name="eval",
-    ))  # fmt: skip
+    evaluated = evaluate(
+        compose(
+            [
+                f"ckpt_path={checkpoint}",
+                f"data.root={data_root}",
+                "data.num_train=12",
+                "data.num_val=6",
+                "data.image_size=64",
+                "data.num_workers=0",
+                "data.batch_size=2",
+                "data.val_transforms.size=64",
+                "data.val_transforms.max_size=96",
+                "trainer.accelerator=cpu",
+                "+trainer.enable_progress_bar=false",
+                f"paths.output_dir={tmp_path}/eval",
+                f"paths.log_dir={tmp_path}/logs",
+            ],
+            config_name="eval",
+        )
+    )
     assert evaluated["val/AP"] == pytest.approx(metrics["val/AP"], abs=1e-6)
 
-    summary = predict(compose(
-        [f"ckpt_path={checkpoint}", f"input={data_root / 'val'}", f"output={tmp_path}/predict", "threshold=0.0",
-         f"paths.log_dir={tmp_path}/logs"],
-        config_name="predict",
-    ))  # fmt: skip
+    summary = predict(
+        compose(
+            [
+                f"ckpt_path={checkpoint}",
+                f"input={data_root / 'val'}",
+                f"output={tmp_path}/predict",
+                "threshold=0.0",
+                f"paths.log_dir={tmp_path}/logs",
+            ],
+            config_name="predict",
+        )
+    )
     assert summary["num_images"] == len(list((data_root / "val").glob("*.jpg"))) > 0
 
     onnx_path = tmp_path / "model.onnx"
-    export(compose(
-        [f"ckpt_path={checkpoint}", f"output={onnx_path}", "batch_size=2", "height=128", "width=160", "check=false",
-         f"paths.log_dir={tmp_path}/logs"],
-        config_name="export",
-    ))  # fmt: skip
+    export(
+        compose(
+            [
+                f"ckpt_path={checkpoint}",
+                f"output={onnx_path}",
+                "batch_size=2",
+                "height=128",
+                "width=160",
+                "check=false",
+                f"paths.log_dir={tmp_path}/logs",
+            ],
+            config_name="export",
+        )
+    )
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])

@@ -56,7 +56,9 @@ def test_failing_mode_is_reported_and_others_run(monkeypatch, capsys):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(model, "transformers_steps", broken)
-    monkeypatch.setattr(model, "QUICK", model.dataclasses.replace(model.QUICK, enc_layers=1, dec_layers=1, images=((48, 64),)))
+    monkeypatch.setattr(
+        model, "QUICK", model.dataclasses.replace(model.QUICK, enc_layers=1, dec_layers=1, images=((48, 64),))
+    )
     assert model.main(["--quick", "--device", "cpu", "--modes", "fp32", "--repeat", "1", "--warmup", "0"]) == 0
     out = capsys.readouterr().out
     assert "transformers fp32" in out and "failed" in out and "RuntimeError: boom" in out
@@ -78,7 +80,9 @@ def test_mode_timeout_stops_a_mode_and_the_run_goes_on(monkeypatch, capsys):
         _time.sleep(120)
 
     monkeypatch.setattr(model, "transformers_steps", slow)
-    monkeypatch.setattr(model, "QUICK", model.dataclasses.replace(model.QUICK, enc_layers=1, dec_layers=1, images=((48, 64),)))
+    monkeypatch.setattr(
+        model, "QUICK", model.dataclasses.replace(model.QUICK, enc_layers=1, dec_layers=1, images=((48, 64),))
+    )
     args = ["--quick", "--device", "cpu", "--modes", "fp32", "--repeat", "1", "--warmup", "0", "--mode-timeout", "20"]
     assert model.main(args) == 0
     out = capsys.readouterr().out

@@ -19,14 +19,31 @@ def test_pictures_summary_and_overfit_line(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     out = tmp_path / "check"
     result = subprocess.run(
-        [sys.executable, "-m", "ddetr.check_data", "preset=debug", f"output={out}", "overfit=true", "overfit_steps=3",
-         "overfit_images=4", "num_pictures=5", f"paths.output_dir={out}", f"paths.data_dir={tmp_path}/data"],
-        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "ddetr.check_data",
+            "preset=debug",
+            f"output={out}",
+            "overfit=true",
+            "overfit_steps=3",
+            "overfit_images=4",
+            "num_pictures=5",
+            f"paths.output_dir={out}",
+            f"paths.data_dir={tmp_path}/data",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
     # the last line is the verdict, and it follows the AP50 and the threshold
-    verdict = re.fullmatch(r"overfit: (PASS|FAIL) \(AP50 (\d\.\d{3}) on 4 training images after 3 steps; PASS needs >= 0.5\)", lines[-1])
+    verdict = re.fullmatch(
+        r"overfit: (PASS|FAIL) \(AP50 (\d\.\d{3}) on 4 training images after 3 steps; PASS needs >= 0.5\)", lines[-1]
+    )
     assert verdict, lines[-1]
     assert (verdict.group(1) == "PASS") == (float(verdict.group(2)) >= 0.5)
     report = json.loads((out / "check_data.json").read_text())

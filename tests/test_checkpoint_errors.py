@@ -47,8 +47,16 @@ def files(tmp_path_factory, tiny_config_module) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def tiny_config_module() -> DeformableDETRModule:
-    return DeformableDETRModule(num_classes=3, backbone={"name": "resnet18", "norm": "batch"}, hidden_dim=32, nheads=2,
-                                enc_layers=1, dec_layers=1, dim_feedforward=32, num_queries=5)  # fmt: skip
+    return DeformableDETRModule(
+        num_classes=3,
+        backbone={"name": "resnet18", "norm": "batch"},
+        hidden_dim=32,
+        nheads=2,
+        enc_layers=1,
+        dec_layers=1,
+        dim_feedforward=32,
+        num_queries=5,
+    )
 
 
 CAUSES = {
@@ -89,10 +97,21 @@ def test_command_line_stops_with_one_line(tmp_path, files, entry):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     extra = {"train": ["preset=debug"], "export": [f"output={tmp_path}/m.onnx"], "eval": []}[entry]
     result = subprocess.run(
-        [sys.executable, "-m", f"ddetr.{entry}", f"ckpt_path={files['truncated']}", f"paths.output_dir={tmp_path}",
-         f"paths.log_dir={tmp_path}/logs", *extra],
-        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            f"ddetr.{entry}",
+            f"ckpt_path={files['truncated']}",
+            f"paths.output_dir={tmp_path}",
+            f"paths.log_dir={tmp_path}/logs",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
+    )
     assert result.returncode == 1, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]

@@ -60,8 +60,16 @@ class WritesMarker:
 
 def tiny_module() -> DeformableDETRModule:
     torch.manual_seed(0)
-    return DeformableDETRModule(num_classes=3, backbone={"name": "resnet18", "norm": "batch"}, hidden_dim=32, nheads=2,
-                                enc_layers=1, dec_layers=1, dim_feedforward=32, num_queries=5)  # fmt: skip
+    return DeformableDETRModule(
+        num_classes=3,
+        backbone={"name": "resnet18", "norm": "batch"},
+        hidden_dim=32,
+        nheads=2,
+        enc_layers=1,
+        dec_layers=1,
+        dim_feedforward=32,
+        num_queries=5,
+    )
 
 
 SHAPES = ("whole", "lightning", "official", "raw_pickle")
@@ -76,8 +84,16 @@ def write_hostile(path: Path, shape: str, marker: Path) -> Path:
         torch.save(payload, path)
     elif shape == "lightning":
         module = tiny_module()
-        torch.save({"state_dict": module.state_dict(), "hyper_parameters": {**module.hparams, "extra": payload},
-                    "optimizer_states": [], "loops": {}, "pytorch-lightning_version": "2.6.0"}, path)  # fmt: skip
+        torch.save(
+            {
+                "state_dict": module.state_dict(),
+                "hyper_parameters": {**module.hparams, "extra": payload},
+                "optimizer_states": [],
+                "loops": {},
+                "pytorch-lightning_version": "2.6.0",
+            },
+            path,
+        )
     elif shape == "official":
         torch.save({"model": {"class_embed.0.weight": torch.zeros(3, 32)}, "epoch": 1, "args": payload}, path)
     else:
@@ -128,10 +144,22 @@ def entry_point_readers(tmp_path: Path, data_root: Path, debug_overrides) -> dic
     }
 
 
-ENTRY_POINTS = ("ddetr.eval", "ddetr.predict", "ddetr.export", "ddetr.train ckpt_path=", "ddetr.train model.init_from=",
-                "ddetr.convert official", "load_official", "load_hf (a torch file)", "load_module", "load_pretrained",
-                "check_resume_checkpoint", "read_checkpoint", "AtomicCheckpointIO.load_checkpoint",
-                "Trainer.fit(ckpt_path=)")  # fmt: skip
+ENTRY_POINTS = (
+    "ddetr.eval",
+    "ddetr.predict",
+    "ddetr.export",
+    "ddetr.train ckpt_path=",
+    "ddetr.train model.init_from=",
+    "ddetr.convert official",
+    "load_official",
+    "load_hf (a torch file)",
+    "load_module",
+    "load_pretrained",
+    "check_resume_checkpoint",
+    "read_checkpoint",
+    "AtomicCheckpointIO.load_checkpoint",
+    "Trainer.fit(ckpt_path=)",
+)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -166,8 +194,15 @@ def test_a_trusted_file_with_a_foreign_class_loads_only_with_trust_checkpoint(tm
 
     module = tiny_module()
     path = tmp_path / "with_a_class.ckpt"
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
-                "pytorch-lightning_version": "2.6.0", "note": Fraction(1, 3)}, path)  # fmt: skip
+    torch.save(
+        {
+            "state_dict": module.state_dict(),
+            "hyper_parameters": dict(module.hparams),
+            "pytorch-lightning_version": "2.6.0",
+            "note": Fraction(1, 3),
+        },
+        path,
+    )
     with pytest.raises(CheckpointRefusedError, match="fractions.Fraction"):
         load_module(path)
     loaded = load_module(path, trust=True)
@@ -176,8 +211,14 @@ def test_a_trusted_file_with_a_foreign_class_loads_only_with_trust_checkpoint(tm
     from PIL import Image
 
     Image.new("RGB", (64, 48), (90, 120, 30)).save(tmp_path / "photo.png")
-    options = [f"ckpt_path={path}", f"input={tmp_path / 'photo.png'}", f"output={tmp_path}/out", "device=cpu",
-               "progress_bar=false", f"paths.log_dir={tmp_path}/logs"]  # fmt: skip
+    options = [
+        f"ckpt_path={path}",
+        f"input={tmp_path / 'photo.png'}",
+        f"output={tmp_path}/out",
+        "device=cpu",
+        "progress_bar=false",
+        f"paths.log_dir={tmp_path}/logs",
+    ]
     with pytest.raises(CheckpointRefusedError, match="fractions.Fraction"):
         predict(compose(options, config_name="predict"))
     assert predict(compose([*options, "trust_checkpoint=true"], config_name="predict"))["num_images"] == 1
@@ -189,8 +230,14 @@ def test_command_line_refuses_with_one_line(tmp_path):
     marker = tmp_path / "MARKER"
     path = write_hostile(tmp_path / "hostile.ckpt", "lightning", marker)
     args = ["ddetr.eval", f"ckpt_path={path}", f"paths.output_dir={tmp_path}", f"paths.log_dir={tmp_path}/logs"]
-    result = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=tmp_path, timeout=300,
-                            env={**os.environ, "PYTHONPATH": str(ROOT / "src")})  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", *args],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+    )
     assert result.returncode == 1, result.stderr[-2000:]
     assert "Traceback" not in result.stderr and not marker.exists()
     last = result.stderr.strip().splitlines()[-1]
@@ -213,8 +260,10 @@ def trained(tmp_path_factory, data_root):
     torch.save(weights, weights_file)
     # as the official with initial weights: frozen batch norm, the stem never trains
     overrides = _debug_overrides(root / "run", data_root) + [
-        f"model.backbone.weights={weights_file}", "model.backbone.norm=frozen", "model.backbone.freeze_stem=true"
-    ]  # fmt: skip
+        f"model.backbone.weights={weights_file}",
+        "model.backbone.norm=frozen",
+        "model.backbone.freeze_stem=true",
+    ]
     train(compose(overrides))
     return overrides, weights, weights_file
 
@@ -223,8 +272,17 @@ def test_a_real_training_checkpoint_is_plain_values(trained):
     overrides, _, _ = trained
     ckpt = Path(compose(overrides).paths.output_dir) / "checkpoints" / "last.ckpt"
     state = torch.load(ckpt, map_location="cpu", weights_only=True)  # raises on anything but plain values
-    for key in ("state_dict", "optimizer_states", "lr_schedulers", "loops", "callbacks", "rng_states",
-                "hyper_parameters", "epoch", "global_step"):  # fmt: skip
+    for key in (
+        "state_dict",
+        "optimizer_states",
+        "lr_schedulers",
+        "loops",
+        "callbacks",
+        "rng_states",
+        "hyper_parameters",
+        "epoch",
+        "global_step",
+    ):
         assert key in state, key
     assert state["optimizer_states"][0]["state"], "the optimiser's moments are saved"
     assert any("ModelCheckpoint" in name for name in state["callbacks"])
@@ -270,19 +328,58 @@ def test_an_official_checkpoint_as_main_py_saves_it_converts(tmp_path, zipped):
     lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 40)
     # the official command line's options (main.py's argparse), the architecture those of the tiny model
     args = argparse.Namespace(
-        lr=2e-4, lr_backbone_names=["backbone.0"], lr_backbone=2e-5,
-        lr_linear_proj_names=["reference_points", "sampling_offsets"], lr_linear_proj_mult=0.1, batch_size=2,
-        weight_decay=1e-4, epochs=50, lr_drop=40, lr_drop_epochs=None, clip_max_norm=0.1, sgd=False,
-        frozen_weights=None, position_embedding="sine", position_embedding_scale=6.283185307179586, dropout=0.0,
-        enc_n_points=4, dec_n_points=4, masks=False, aux_loss=True, set_cost_class=2, set_cost_bbox=5,
-        set_cost_giou=2, cls_loss_coef=2, bbox_loss_coef=5, giou_loss_coef=2, focal_alpha=0.25,
-        dataset_file="coco", coco_path="./data/coco", remove_difficult=False, output_dir="exps/r50_deformable_detr",
-        device="cuda", seed=42, resume="", start_epoch=0, eval=False, num_workers=2, cache_mode=False,
+        lr=2e-4,
+        lr_backbone_names=["backbone.0"],
+        lr_backbone=2e-5,
+        lr_linear_proj_names=["reference_points", "sampling_offsets"],
+        lr_linear_proj_mult=0.1,
+        batch_size=2,
+        weight_decay=1e-4,
+        epochs=50,
+        lr_drop=40,
+        lr_drop_epochs=None,
+        clip_max_norm=0.1,
+        sgd=False,
+        frozen_weights=None,
+        position_embedding="sine",
+        position_embedding_scale=6.283185307179586,
+        dropout=0.0,
+        enc_n_points=4,
+        dec_n_points=4,
+        masks=False,
+        aux_loss=True,
+        set_cost_class=2,
+        set_cost_bbox=5,
+        set_cost_giou=2,
+        cls_loss_coef=2,
+        bbox_loss_coef=5,
+        giou_loss_coef=2,
+        focal_alpha=0.25,
+        dataset_file="coco",
+        coco_path="./data/coco",
+        remove_difficult=False,
+        output_dir="exps/r50_deformable_detr",
+        device="cuda",
+        seed=42,
+        resume="",
+        start_epoch=0,
+        eval=False,
+        num_workers=2,
+        cache_mode=False,
         **{**ddetr_flags("box_refine"), "two_stage": False},
-    )  # fmt: skip
+    )
     source = tmp_path / "checkpoint0049.pth"
-    torch.save({"model": official, "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-                "epoch": 49, "args": args}, source, _use_new_zipfile_serialization=zipped)  # fmt: skip
+    torch.save(
+        {
+            "model": official,
+            "optimizer": optimizer.state_dict(),
+            "lr_scheduler": lr_scheduler.state_dict(),
+            "epoch": 49,
+            "args": args,
+        },
+        source,
+        _use_new_zipfile_serialization=zipped,
+    )
     with pytest.raises(CheckpointRefusedError, match="argparse.Namespace"):
         load_file(source)  # Namespace is allowed for the official checkpoint's read only
 
@@ -347,4 +444,3 @@ def test_predict_reads_the_run_config_as_plain_yaml(tmp_path):
     with pytest.raises(ValueError, match="data.val_transforms.size .* not a whole number"):
         resolve_resize(None, None, interpolated)
     assert resolve_resize(96, 160, interpolated) == (96, 160, "config")  # explicit values: the file is not read
-

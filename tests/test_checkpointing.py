@@ -21,10 +21,14 @@ TARGETS = [
 def _gradients(options: dict, checkpointing: str, attn_backend: str) -> tuple[dict[str, torch.Tensor], int]:
     """Parameter gradients of one training step (dropout on) and the bytes autograd saved for backward."""
     torch.manual_seed(0)
-    model = build_deformable_detr(NUM_CLASSES, checkpointing=checkpointing, attn_backend=attn_backend, **options).train()
+    model = build_deformable_detr(
+        NUM_CLASSES, checkpointing=checkpointing, attn_backend=attn_backend, **options
+    ).train()
     criterion = build_criterion(NUM_CLASSES, **{k: v for k, v in options.items() if k != "dropout"})
-    images = [torch.randn(3, 64, 80, generator=torch.Generator().manual_seed(1)),
-              torch.randn(3, 48, 64, generator=torch.Generator().manual_seed(2))]  # fmt: skip
+    images = [
+        torch.randn(3, 64, 80, generator=torch.Generator().manual_seed(1)),
+        torch.randn(3, 48, 64, generator=torch.Generator().manual_seed(2)),
+    ]
     saved = []
 
     def pack(tensor):
@@ -46,7 +50,9 @@ def test_gradients_are_identical_and_less_is_saved(attn_backend, tiny_options):
         grads, saved = _gradients(tiny_options(**OVERRIDES), mode, attn_backend)
         assert grads.keys() == reference.keys()
         for name, grad in grads.items():
-            assert torch.equal(grad, reference[name]), f"{mode}: {name} differs by {(grad - reference[name]).abs().max()}"
+            assert torch.equal(grad, reference[name]), (
+                f"{mode}: {name} differs by {(grad - reference[name]).abs().max()}"
+            )
         if mode == "encoder":
             saved_encoder = saved
     # the outer graph keeps only the checkpointed layers' inputs: less is saved, and less again with the decoder

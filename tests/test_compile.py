@@ -77,8 +77,9 @@ def _matched(num_layers: int, batch_size: int, num_queries: int, per_image: int,
     logits = torch.randn(num_layers, batch_size, num_queries, 3, generator=generator)
     boxes = torch.rand(num_layers, batch_size, num_queries, 4, generator=generator) * 0.5 + 0.25
     num_matched = num_layers * batch_size * per_image
-    query = torch.cat([torch.randperm(num_queries, generator=generator)[:per_image]
-                       for _ in range(num_layers * batch_size)])  # fmt: skip
+    query = torch.cat(
+        [torch.randperm(num_queries, generator=generator)[:per_image] for _ in range(num_layers * batch_size)]
+    )
     return Matched(
         logits=logits.requires_grad_(),
         boxes=boxes.requires_grad_(),
@@ -132,7 +133,9 @@ def test_fullgraph_dynamic_compile_matches_eager_forward_and_backward(tiny):
     criterion = build_criterion(config)
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, dynamic=True, backend="aot_eager")
-    targets = [{"labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.3], [0.3, 0.6, 0.1, 0.1]])}] * 2
+    targets = [
+        {"labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.3], [0.3, 0.6, 0.1, 0.1]])}
+    ] * 2
     for size, seed in (((64, 80), 1), ((80, 96), 2)):  # a second size must not need a new graph
         inputs = batch(*size, seed)
         losses = []

@@ -47,13 +47,18 @@ def test_official_experiment_hyperparameters(name, tmp_path):
 def test_official_experiment_builds_the_variant(name, tmp_path):
     """The composed config instantiates the right model (small sizes so the test stays fast)."""
     backbone = "resnet50" if OFFICIAL[name]["dilation"] else "resnet18"  # DC5 needs bottleneck blocks
-    tiny = [f"model.backbone.name={backbone}", "model.hidden_dim=32", "model.enc_layers=1", "model.dec_layers=2",
-            "model.dim_feedforward=32", "model.num_queries=5", "model.nheads=2"]
+    tiny = [
+        f"model.backbone.name={backbone}",
+        "model.hidden_dim=32",
+        "model.enc_layers=1",
+        "model.dec_layers=2",
+        "model.dim_feedforward=32",
+        "model.num_queries=5",
+        "model.nheads=2",
+    ]
     cfg = compose([f"experiment={name}", f"paths.output_dir={tmp_path}", *tiny])
     module = instantiate(cfg.model, num_classes=3, _convert_="all")
-    outputs = module.model.eval()(
-        [__import__("torch").randn(3, 64, 80), __import__("torch").randn(3, 48, 64)]
-    )
+    outputs = module.model.eval()([__import__("torch").randn(3, 64, 80), __import__("torch").randn(3, 48, 64)])
     assert outputs["pred_logits"].shape == (2, 5, 3)
     assert len(outputs["aux_outputs"]) == 1
     assert ("enc_outputs" in outputs) == OFFICIAL[name]["two_stage"]

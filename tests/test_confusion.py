@@ -21,29 +21,43 @@ from _detections import prediction as image_prediction
 
 def test_a_hand_built_image_gives_the_hand_counted_matrix():
     # head index i is category i + 1: a, b, c
-    coco = coco_ground_truth({1: [(1, [0, 0, 10, 10], 0),     # A1
-                      (2, [20, 0, 10, 10], 0),    # B1
-                      (3, [40, 0, 10, 10], 0),    # C1
-                      (1, [60, 0, 10, 10], 0),    # A2
-                      (2, [100, 0, 50, 50], 1)]})  # a crowd region (not ground truth)  # fmt: skip
-    prediction = image_prediction([
-        (0, [0, 0, 10, 10], 0.9),       # a on A1: a -> a
-        (0, [20, 0, 30, 10], 0.8),      # a on B1: ground truth b detected as a
-        (2, [41, 0, 51, 10], 0.7),      # c on C1 (IoU 9/11): c -> c
-        (0, [0, 0, 10, 10], 0.6),       # a again on A1, already taken: a false detection (background row)
-        (1, [150, 150, 170, 170], 0.5),  # b on nothing: a false detection
-        (2, [110, 10, 130, 30], 0.5),   # c inside the crowd region: ignored
-        (1, [60, 0, 70, 10], 0.2),      # b on A2 below the threshold: dropped, so A2 is missed
-    ])  # fmt: skip
+    coco = coco_ground_truth(
+        {
+            1: [
+                (1, [0, 0, 10, 10], 0),  # A1
+                (2, [20, 0, 10, 10], 0),  # B1
+                (3, [40, 0, 10, 10], 0),  # C1
+                (1, [60, 0, 10, 10], 0),  # A2
+                (2, [100, 0, 50, 50], 1),
+            ]
+        }
+    )  # a crowd region (not ground truth)
+    prediction = image_prediction(
+        [
+            (0, [0, 0, 10, 10], 0.9),  # a on A1: a -> a
+            (0, [20, 0, 30, 10], 0.8),  # a on B1: ground truth b detected as a
+            (2, [41, 0, 51, 10], 0.7),  # c on C1 (IoU 9/11): c -> c
+            (0, [0, 0, 10, 10], 0.6),  # a again on A1, already taken: a false detection (background row)
+            (1, [150, 150, 170, 170], 0.5),  # b on nothing: a false detection
+            (2, [110, 10, 130, 30], 0.5),  # c inside the crowd region: ignored
+            (1, [60, 0, 70, 10], 0.2),  # b on A2 below the threshold: dropped, so A2 is missed
+        ]
+    )
     confusion = coco_confusion_matrix(coco, {1: prediction}, [1, 2, 3], score_threshold=0.3)
     assert confusion.labels == ["a", "b", "c", BACKGROUND]
-    expected = [[1, 0, 0, 1],   # a: A1 found, A2 missed
-                [1, 0, 0, 0],   # b: B1 detected as a
-                [0, 0, 1, 0],   # c: C1 found
-                [1, 1, 0, 0]]   # background: the duplicate a, the stray b; the crowd detection not counted  # fmt: skip
+    expected = [
+        [1, 0, 0, 1],  # a: A1 found, A2 missed
+        [1, 0, 0, 0],  # b: B1 detected as a
+        [0, 0, 1, 0],  # c: C1 found
+        [1, 1, 0, 0],
+    ]  # background: the duplicate a, the stray b; the crowd detection not counted
     assert confusion.matrix.tolist() == expected
-    assert confusion.to_json() == {"labels": ["a", "b", "c", "background"], "matrix": expected, "iou": 0.5,
-                                   "score_threshold": 0.3}  # fmt: skip
+    assert confusion.to_json() == {
+        "labels": ["a", "b", "c", "background"],
+        "matrix": expected,
+        "iou": 0.5,
+        "score_threshold": 0.3,
+    }
     # with the threshold at 0.1 the b detection on A2 counts: A2 is found as b
     lower = coco_confusion_matrix(coco, {1: prediction}, [1, 2, 3], score_threshold=0.1)
     assert lower.matrix[0].tolist() == [1, 1, 0, 0]
@@ -52,18 +66,28 @@ def test_a_hand_built_image_gives_the_hand_counted_matrix():
 def test_a_detection_takes_its_own_class_first_then_another():
     # G1 (class a) and G2 (class b) overlap; the better-scored b detection overlaps G1 more than G2
     coco = coco_ground_truth({1: [(1, [0, 0, 20, 20], 0), (2, [4, 0, 20, 20], 0)]})
-    prediction = image_prediction([
-        (1, [0, 0, 20, 20], 0.9),  # b: IoU 1 with G1 (a), 0.67 with G2 (b) -> takes G2, its own class
-        (0, [4, 0, 24, 20], 0.8),  # a: IoU 0.67 with G1 (a), 1 with G2 (taken) -> takes G1
-    ])  # fmt: skip
+    prediction = image_prediction(
+        [
+            (1, [0, 0, 20, 20], 0.9),  # b: IoU 1 with G1 (a), 0.67 with G2 (b) -> takes G2, its own class
+            (0, [4, 0, 24, 20], 0.8),  # a: IoU 0.67 with G1 (a), 1 with G2 (taken) -> takes G1
+        ]
+    )
     assert coco_confusion_matrix(coco, {1: prediction}, [1, 2, 3]).matrix.tolist() == [
-        [1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]  # fmt: skip
+        [1, 0, 0, 0],
+        [0, 1, 0, 0],
+        [0, 0, 0, 0],
+        [0, 0, 0, 0],
+    ]
     # a lower-scored detection of the right class wins the box over a better-scored confusion, which
     # then counts as a false detection
     coco = coco_ground_truth({1: [(1, [0, 0, 20, 20], 0)]})
     prediction = image_prediction([(1, [0, 0, 20, 20], 0.9), (0, [1, 0, 21, 20], 0.4)])
     assert coco_confusion_matrix(coco, {1: prediction}, [1, 2, 3]).matrix.tolist() == [
-        [1, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 1, 0, 0]]  # fmt: skip
+        [1, 0, 0, 0],
+        [0, 0, 0, 0],
+        [0, 0, 0, 0],
+        [0, 1, 0, 0],
+    ]
 
 
 def test_images_without_predictions_and_unknown_categories():
@@ -85,8 +109,10 @@ def test_rows_sum_to_the_ground_truth_and_columns_to_the_detections(seed, thresh
     assert matrix[:3].sum(axis=1).tolist() == ground_truth
     assert matrix[3, 3] == 0
     # every detection above the threshold is counted once, except those left in a crowd region
-    counted = [sum(int(((p["labels"] == label) & (p["scores"] >= threshold)).sum()) for p in predictions.values())
-               for label in range(3)]  # fmt: skip
+    counted = [
+        sum(int(((p["labels"] == label) & (p["scores"] >= threshold)).sum()) for p in predictions.values())
+        for label in range(3)
+    ]
     has_crowd = any(a["iscrowd"] for a in annotations)
     columns = matrix[:, :3].sum(axis=0).tolist()
     assert columns == counted if not has_crowd else all(c <= n for c, n in zip(columns, counted))

@@ -51,7 +51,11 @@ def test_cli_official_writes_a_checkpoint_that_loads_back(tmp_path, two_stage_ca
     hyper_parameters = checkpoint["hyper_parameters"]
     assert hyper_parameters["num_classes"] == NUM_CLASSES
     backbone = hyper_parameters["backbone"]
-    assert {k: backbone[k] for k in ("name", "dilation", "weights")} == {"name": "resnet18", "dilation": False, "weights": None}
+    assert {k: backbone[k] for k in ("name", "dilation", "weights")} == {
+        "name": "resnet18",
+        "dilation": False,
+        "weights": None,
+    }
     assert backbone == dataclasses.asdict(BackboneConfig(name="resnet18"))  # the rest: the official defaults
     assert hyper_parameters["two_stage"] and hyper_parameters["with_box_refine"] and hyper_parameters["dropout"] == 0.0
     loaded = DeformableDETRModule.load_from_checkpoint(target, map_location="cpu").eval()

@@ -190,8 +190,12 @@ def test_weight_dict_keys():
 def test_weighted_total_by_hand_and_missing_key():
     criterion = build_criterion(num_classes=3, dec_layers=2)
     loss_dict = {
-        "loss_ce": torch.tensor(1.0), "loss_bbox": torch.tensor(2.0), "loss_giou": torch.tensor(3.0),
-        "loss_ce_0": torch.tensor(4.0), "loss_bbox_0": torch.tensor(5.0), "loss_giou_0": torch.tensor(6.0),
+        "loss_ce": torch.tensor(1.0),
+        "loss_bbox": torch.tensor(2.0),
+        "loss_giou": torch.tensor(3.0),
+        "loss_ce_0": torch.tensor(4.0),
+        "loss_bbox_0": torch.tensor(5.0),
+        "loss_giou_0": torch.tensor(6.0),
         "class_error": torch.tensor(100.0),
     }
     # 2*1 + 5*2 + 2*3 + 2*4 + 5*5 + 2*6 = 63

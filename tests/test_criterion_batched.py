@@ -72,7 +72,9 @@ def test_batched_equals_per_layer(sizes, seed):
     for layer, aux in enumerate(outputs["aux_outputs"]):
         expected.update({f"{k}_{layer}": v for k, v in reference_layer(aux, targets, num_boxes, False).items()})
     agnostic = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
-    expected.update({f"{k}_enc": v for k, v in reference_layer(outputs["enc_outputs"], agnostic, num_boxes, False).items()})
+    expected.update(
+        {f"{k}_enc": v for k, v in reference_layer(outputs["enc_outputs"], agnostic, num_boxes, False).items()}
+    )
     assert set(losses) == set(expected)
     for name, value in expected.items():
         torch.testing.assert_close(losses[name], value.to(losses[name].dtype), atol=1e-6, rtol=1e-6, msg=name)

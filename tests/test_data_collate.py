@@ -13,11 +13,7 @@ def test_pads_bottom_right_with_mask():
     b = torch.arange(3 * 6 * 3, dtype=torch.float32).reshape(3, 6, 3) + 1
     targets = [{"image_id": 1}, {"image_id": 2}]
     images, mask, out_targets = collate_detection([(a, targets[0]), (b, targets[1])])
-    assert (
-        images.shape == (2, 3, 6, 5)
-        and mask.shape == (2, 6, 5)
-        and mask.dtype == torch.bool
-    )
+    assert images.shape == (2, 3, 6, 5) and mask.shape == (2, 6, 5) and mask.dtype == torch.bool
     assert torch.equal(images[0, :, :4, :5], a) and torch.equal(images[1, :, :6, :3], b)
     assert images[0, :, 4:].abs().sum() == 0 and images[1, :, :, 3:].abs().sum() == 0
     expected_a = torch.ones(6, 5, dtype=torch.bool)
@@ -29,9 +25,7 @@ def test_pads_bottom_right_with_mask():
 
 
 def test_same_size_has_no_padding():
-    images, mask, _ = collate_detection(
-        [(torch.ones(3, 4, 4), {}), (torch.zeros(3, 4, 4), {})]
-    )
+    images, mask, _ = collate_detection([(torch.ones(3, 4, 4), {}), (torch.zeros(3, 4, 4), {})])
     assert images.shape == (2, 3, 4, 4) and not mask.any()
 
 
@@ -59,8 +53,15 @@ def test_uint8_batches_normalised_after_transfer_equal_float32_batches(tmp_path)
     annotations = [{"id": i + 1, "image_id": i + 1, "category_id": 1, "bbox": [2, 3, 10, 12]} for i in range(3)]
     ann = tmp_path / "ann.json"
     ann.write_text(json.dumps({"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "x"}]}))
-    options = dict(batch_size=3, num_workers=0, seed=3, train_transforms=make_train_transforms(scales=[24, 32], max_size=48,
-                   crop_resize_scales=[30], crop_min_size=16, crop_max_size=24), val_transforms=make_val_transforms(24, 48))  # fmt: skip
+    options = dict(
+        batch_size=3,
+        num_workers=0,
+        seed=3,
+        train_transforms=make_train_transforms(
+            scales=[24, 32], max_size=48, crop_resize_scales=[30], crop_min_size=16, crop_max_size=24
+        ),
+        val_transforms=make_val_transforms(24, 48),
+    )
     batches = {}
     for uint8 in (True, False):
         module = DetectionDataModule(tmp_path, ann, tmp_path, ann, uint8_batches=uint8, **options)

@@ -37,8 +37,16 @@ def write_coco(root: Path) -> Path:
         _pixels(index, width, height).save(root / "images" / f"{stem}.jpg", quality=95)
         images.append({"id": index + 1, "file_name": f"{stem}.jpg", "width": width, "height": height})
         for label, x, y, w, h in boxes:
-            annotations.append({"id": len(annotations) + 1, "image_id": index + 1, "category_id": 10 + label,
-                                "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})  # fmt: skip
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": index + 1,
+                    "category_id": 10 + label,
+                    "bbox": [x, y, w, h],
+                    "area": w * h,
+                    "iscrowd": 0,
+                }
+            )
     categories = [{"id": 10 + i, "name": name} for i, name in enumerate(CLASSES)]
     path = root / "annotations.json"
     path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
@@ -53,20 +61,27 @@ def write_yolo(root: Path, coco_images: Path) -> Path:
             shutil.copy(coco_images / f"{stem}.jpg", root / "images" / split / f"{stem}.jpg")
             if not boxes and split == "val":
                 continue  # a negative without a label file (train: an empty one)
-            lines = [f"{label} {(x + w / 2) / width!r} {(y + h / 2) / height!r} {w / width!r} {h / height!r}"
-                     for label, x, y, w, h in boxes]  # fmt: skip
+            lines = [
+                f"{label} {(x + w / 2) / width!r} {(y + h / 2) / height!r} {w / width!r} {h / height!r}"
+                for label, x, y, w, h in boxes
+            ]
             (root / "labels" / split / f"{stem}.txt").write_text("\n".join(lines))
-    (root / "data.yaml").write_text("train: images/train\nval: images/val\nnames:\n" +
-                                    "".join(f"  {i}: {name}\n" for i, name in enumerate(CLASSES)))  # fmt: skip
+    (root / "data.yaml").write_text(
+        "train: images/train\nval: images/val\nnames:\n" + "".join(f"  {i}: {name}\n" for i, name in enumerate(CLASSES))
+    )
     return root
 
 
 def _voc_xml(stem: str, width: int, height: int, objects: list[tuple[str, int, int, int, int, int]]) -> str:
-    parts = [f"<annotation><filename>{stem}.jpg</filename><size><width>{width}</width><height>{height}</height>"
-             "<depth>3</depth></size>"]  # fmt: skip
+    parts = [
+        f"<annotation><filename>{stem}.jpg</filename><size><width>{width}</width><height>{height}</height>"
+        "<depth>3</depth></size>"
+    ]
     for name, difficult, xmin, ymin, xmax, ymax in objects:
-        parts.append(f"<object><name>{name}</name><difficult>{difficult}</difficult><bndbox><xmin>{xmin}</xmin>"
-                     f"<ymin>{ymin}</ymin><xmax>{xmax}</xmax><ymax>{ymax}</ymax></bndbox></object>")  # fmt: skip
+        parts.append(
+            f"<object><name>{name}</name><difficult>{difficult}</difficult><bndbox><xmin>{xmin}</xmin>"
+            f"<ymin>{ymin}</ymin><xmax>{xmax}</xmax><ymax>{ymax}</ymax></bndbox></object>"
+        )
     return "".join(parts) + "</annotation>"
 
 
@@ -87,8 +102,12 @@ def write_voc(root: Path, coco_images: Path) -> Path:
 def three_formats(tmp_path_factory):
     root = tmp_path_factory.mktemp("formats")
     coco = write_coco(root / "coco")
-    options = dict(batch_size=2, num_workers=0, val_transforms=make_val_transforms(size=64, max_size=96),
-                   train_transforms=make_val_transforms(size=64, max_size=96))  # fmt: skip
+    options = dict(
+        batch_size=2,
+        num_workers=0,
+        val_transforms=make_val_transforms(size=64, max_size=96),
+        train_transforms=make_val_transforms(size=64, max_size=96),
+    )
     return {
         "coco": DetectionDataModule(root / "coco" / "images", coco, root / "coco" / "images", coco, **options),
         "yolo": YoloDataModule(write_yolo(root / "yolo", root / "coco" / "images"), **options),
@@ -111,7 +130,9 @@ def test_three_formats_load_identical_records_and_samples(three_formats):
             for index in range(len(ref)):
                 (image_a, target_a), (image_b, target_b) = ref[(index, 7)], other[(index, 7)]
                 assert torch.equal(image_a, image_b)
-                assert torch.equal(target_a["boxes"], target_b["boxes"]) and torch.equal(target_a["labels"], target_b["labels"])
+                assert torch.equal(target_a["boxes"], target_b["boxes"]) and torch.equal(
+                    target_a["labels"], target_b["labels"]
+                )
     # against the hand-written table: image img3's boxes as (x0, y0, x1, y1)
     record = reference.train_dataset.records[3]
     np.testing.assert_array_equal(record.boxes, [[10, 5, 40, 25], [1, 1, 55, 39], [20, 20, 32, 32]])
@@ -123,10 +144,15 @@ def _jittered_detections(image_index: int) -> dict[str, torch.Tensor]:
     """Imperfect detections of IMAGES[image_index] in original pixels: shifted true boxes (the first with
     the wrong class) and one false positive, so that AP is strictly between 0 and 1."""
     _, width, height, boxes = IMAGES[image_index]
-    rows = [((label + 1) % 3 if k == 0 else label, [x + 2, y + 1, x + w + 1, y + h - 2])
-            for k, (label, x, y, w, h) in enumerate(boxes)] + [(0, [0, 0, width / 3, height / 3])]  # fmt: skip
-    return {"scores": torch.linspace(0.9, 0.3, len(rows)), "labels": torch.tensor([r[0] for r in rows]),
-            "boxes": torch.tensor([r[1] for r in rows], dtype=torch.float32)}  # fmt: skip
+    rows = [
+        ((label + 1) % 3 if k == 0 else label, [x + 2, y + 1, x + w + 1, y + h - 2])
+        for k, (label, x, y, w, h) in enumerate(boxes)
+    ] + [(0, [0, 0, width / 3, height / 3])]
+    return {
+        "scores": torch.linspace(0.9, 0.3, len(rows)),
+        "labels": torch.tensor([r[0] for r in rows]),
+        "boxes": torch.tensor([r[1] for r in rows], dtype=torch.float32),
+    }
 
 
 def test_one_checkpoint_evaluates_identically_on_all_three(three_formats, tiny_options):
@@ -177,10 +203,12 @@ def test_yolo_rules(tmp_path, caplog):
     assert train.reader_problems == {"coordinates outside [0, 1]": 1}
     assert any("b.txt:1" in r.getMessage() for r in caplog.records)
 
-    for text, message in [("0 0.5 0.5 0.2\n", r"b\.txt:1: expected 'class cx cy w h'"),
-                          ("0 0.5 0.5 0.2 0.2\n2 0.5 0.5 0.1 0.1\n", r"b\.txt:2: class index 2 is not one of the 2"),
-                          ("0 0.5 nan 0.2 0.2\n", r"b\.txt:1: values must be finite"),
-                          ("0 0.5 zero 0.2 0.2\n", r"b\.txt:1: not a number")]:  # fmt: skip
+    for text, message in [
+        ("0 0.5 0.5 0.2\n", r"b\.txt:1: expected 'class cx cy w h'"),
+        ("0 0.5 0.5 0.2 0.2\n2 0.5 0.5 0.1 0.1\n", r"b\.txt:2: class index 2 is not one of the 2"),
+        ("0 0.5 nan 0.2 0.2\n", r"b\.txt:1: values must be finite"),
+        ("0 0.5 zero 0.2 0.2\n", r"b\.txt:1: not a number"),
+    ]:
         (labels / "b.txt").write_text(text)
         with pytest.raises(DatasetError, match=message):
             YoloDataModule(root, num_workers=0).train_dataset
@@ -244,15 +272,28 @@ def test_check_data_summary_is_the_same_for_each_format(tmp_path, capsys):
     coco = write_coco(tmp_path / "coco")
     images = tmp_path / "coco" / "images"
     formats = {
-        "custom": [f"data.train_images={images}", f"data.train_annotations={coco}", f"data.val_images={images}",
-                   f"data.val_annotations={coco}"],  # fmt: skip
+        "custom": [
+            f"data.train_images={images}",
+            f"data.train_annotations={coco}",
+            f"data.val_images={images}",
+            f"data.val_annotations={coco}",
+        ],
         "yolo": [f"data.data_dir={write_yolo(tmp_path / 'yolo', images)}"],
         "voc": [f"data.data_dir={write_voc(tmp_path / 'voc', images)}", f"data.class_names=[{','.join(CLASSES)}]"],
     }
     reports, printed = {}, {}
     for name, overrides in formats.items():
-        cfg = compose([f"data={name}", *overrides, "data.num_workers=0", "num_pictures=2", f"output={tmp_path / name}",
-                       f"paths.output_dir={tmp_path / name}"], config_name="check_data")  # fmt: skip
+        cfg = compose(
+            [
+                f"data={name}",
+                *overrides,
+                "data.num_workers=0",
+                "num_pictures=2",
+                f"output={tmp_path / name}",
+                f"paths.output_dir={tmp_path / name}",
+            ],
+            config_name="check_data",
+        )
         reports[name] = check_data(cfg)
         printed[name] = capsys.readouterr().out
         assert len(list((tmp_path / name / "samples").glob("*.png"))) == 2
@@ -261,6 +302,7 @@ def test_check_data_summary_is_the_same_for_each_format(tmp_path, capsys):
         assert report["boxes_per_class"] == expected_per_class, name
         assert (report["images"], report["boxes"], report["images_without_boxes"]) == (4, 6, 1)
         assert {k: v for k, v in report.items() if k != "pictures"} == {
-            k: v for k, v in reports["custom"].items() if k != "pictures"}  # fmt: skip
+            k: v for k, v in reports["custom"].items() if k != "pictures"
+        }
         assert "4 images, 6 boxes, 3 classes" in printed[name]
     assert "0 difficult" in printed["voc"] and "0 crowd" in printed["yolo"]

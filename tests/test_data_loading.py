@@ -23,9 +23,7 @@ def _write_dataset(tmp_path, files: dict[str, tuple[int, int]]) -> tuple:
     images, annotations = [], []
     for i, (name, (width, height)) in enumerate(files.items(), start=1):
         images.append({"id": i, "file_name": name, "width": width, "height": height})
-        annotations.append(
-            {"id": i, "image_id": i, "category_id": 1, "bbox": [2, 3, 10, 6]}
-        )
+        annotations.append({"id": i, "image_id": i, "category_id": 1, "bbox": [2, 3, 10, 6]})
     path = tmp_path / "ann.json"
     path.write_text(
         json.dumps(
@@ -42,9 +40,7 @@ def _write_dataset(tmp_path, files: dict[str, tuple[int, int]]) -> tuple:
 def _gradient_rgb() -> np.ndarray:
     x = np.linspace(0, 255, W, dtype=np.float32)
     y = np.linspace(0, 255, H, dtype=np.float32)
-    return np.stack(
-        np.broadcast_arrays(x[None, :], y[:, None], np.full((H, W), 128.0)), axis=-1
-    ).astype(np.uint8)
+    return np.stack(np.broadcast_arrays(x[None, :], y[:, None], np.full((H, W), 128.0)), axis=-1).astype(np.uint8)
 
 
 def _exif_rotated(path, orientation: int) -> None:
@@ -62,9 +58,7 @@ def awkward_files(tmp_path):
     Image.fromarray(rgb).convert("RGBA").save(tmp_path / "rgba.png")
     Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg")
     Image.fromarray(rgb).convert("P").save(tmp_path / "palette.png")
-    Image.fromarray(rgb[..., 0].astype(np.uint16) * 257).save(
-        tmp_path / "deep.png"
-    )  # 16-bit grayscale
+    Image.fromarray(rgb[..., 0].astype(np.uint16) * 257).save(tmp_path / "deep.png")  # 16-bit grayscale
     Image.fromarray(rgb).convert("1").save(tmp_path / "bilevel.png")
     _exif_rotated(tmp_path / "exif6.jpg", 6)  # displayed rotated by 90 degrees
     _exif_rotated(tmp_path / "exif3.jpg", 3)  # displayed rotated by 180 degrees
@@ -109,23 +103,15 @@ def test_exif_orientation_follows_json_size(awkward_files):
     # JSON written for the stored pixels -> kept as stored, boxes stay consistent
     stored = load_rgb_image(awkward_files / "exif6.jpg", (W, H))
     assert stored.shape == (H, W, 3)
-    np.testing.assert_allclose(
-        stored.astype(float), _gradient_rgb().astype(float), atol=12
-    )
+    np.testing.assert_allclose(stored.astype(float), _gradient_rgb().astype(float), atol=12)
     # forcing the choice, and a size matching neither
-    assert load_rgb_image(
-        awkward_files / "exif6.jpg", None, exif_transpose="always"
-    ).shape == (W, H, 3)
-    assert load_rgb_image(
-        awkward_files / "exif6.jpg", None, exif_transpose="never"
-    ).shape == (H, W, 3)
+    assert load_rgb_image(awkward_files / "exif6.jpg", None, exif_transpose="always").shape == (W, H, 3)
+    assert load_rgb_image(awkward_files / "exif6.jpg", None, exif_transpose="never").shape == (H, W, 3)
     with pytest.raises(ImageLoadError, match="size mismatch"):
         load_rgb_image(awkward_files / "exif6.jpg", (W, W))
     # a non-swapping orientation applies the displayed orientation: 180 degrees
     rotated = load_rgb_image(awkward_files / "exif3.jpg", (W, H)).astype(float)
-    np.testing.assert_allclose(
-        rotated, _gradient_rgb()[::-1, ::-1].astype(float), atol=12
-    )
+    np.testing.assert_allclose(rotated, _gradient_rgb()[::-1, ::-1].astype(float), atol=12)
 
 
 @pytest.mark.parametrize(
@@ -168,9 +154,7 @@ def test_dataset_loads_every_kind_and_skips_bad_ones(awkward_files):
         assert image.dtype == torch.float32 and image.shape[0] == 3
         assert tuple(target["orig_size"].tolist()) == tuple(image.shape[1:])
         if name in ("truncated.jpg", "absent.jpg"):
-            assert (
-                target["image_id"] == ids["last.jpg"]
-            )  # replaced by the next loadable image
+            assert target["image_id"] == ids["last.jpg"]  # replaced by the next loadable image
         else:
             assert target["image_id"] == ids[name]
             width, height = files[name]
@@ -186,9 +170,7 @@ def test_dataset_loads_every_kind_and_skips_bad_ones(awkward_files):
 
 
 def test_skip_bad_images_false_raises_with_file_and_id(awkward_files):
-    image_dir, ann = _write_dataset(
-        awkward_files, {"rgb.jpg": (W, H), "truncated.jpg": (W, H)}
-    )
+    image_dir, ann = _write_dataset(awkward_files, {"rgb.jpg": (W, H), "truncated.jpg": (W, H)})
     dataset = CocoDetection(image_dir, ann, skip_bad_images=False)
     dataset[0]
     with pytest.raises(DatasetError) as info:
@@ -197,9 +179,7 @@ def test_skip_bad_images_false_raises_with_file_and_id(awkward_files):
 
 
 def test_all_bad_gives_clear_error(awkward_files):
-    image_dir, ann = _write_dataset(
-        awkward_files, {"absent.jpg": (W, H), "garbage.jpg": (W, H)}
-    )
+    image_dir, ann = _write_dataset(awkward_files, {"absent.jpg": (W, H), "garbage.jpg": (W, H)})
     with pytest.raises(DatasetError, match="consecutive bad images"):
         CocoDetection(image_dir, ann)[0]
 
@@ -222,8 +202,4 @@ def test_worker_processes_survive_and_skips_are_counted(awkward_files):
         assert all("skipped" not in target for target in batch[2])
         seen += batch[0].shape[0]
     assert seen == 8
-    assert (
-        len(report) == 1
-        and report.records[0].image_id == 8
-        and report.records[0].file.endswith("truncated.jpg")
-    )
+    assert len(report) == 1 and report.records[0].image_id == 8 and report.records[0].file.endswith("truncated.jpg")

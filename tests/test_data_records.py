@@ -19,8 +19,9 @@ from ddetr.data.validation import load_coco_json
 def _frozen_previous_cleaning(data: dict, keep_empty: bool = True) -> tuple[list[tuple], dict]:
     """The cleaning of ddetr before the flat arrays (commit 8859312), kept verbatim in its logic:
     per image (id, file_name, width, height, boxes float32 (n, 4) xyxy, category ids int64 (n,))."""
-    counts = dict.fromkeys(("images", "boxes", "crowd", "degenerate", "clipped", "outside", "empty_images",
-                            "dropped_empty_images"), 0)  # fmt: skip
+    counts = dict.fromkeys(
+        ("images", "boxes", "crowd", "degenerate", "clipped", "outside", "empty_images", "dropped_empty_images"), 0
+    )
     per_image = {image["id"]: [] for image in data["images"]}
     sizes = {image["id"]: (image["width"], image["height"]) for image in data["images"]}
     for ann in data["annotations"]:
@@ -59,8 +60,15 @@ def _frozen_previous_cleaning(data: dict, keep_empty: bool = True) -> tuple[list
 def _random_coco(rng: np.random.Generator, num_images: int = 30, num_annotations: int = 200) -> dict:
     """Sparse, shuffled ids; annotations in random image order; every cleaning rule exercised."""
     image_ids = rng.choice(10**6, num_images, replace=False).tolist()
-    images = [{"id": i, "file_name": f"d{k % 3}/{k}.png", "width": int(rng.integers(20, 60)),
-               "height": int(rng.integers(20, 60))} for k, i in enumerate(image_ids)]  # fmt: skip
+    images = [
+        {
+            "id": i,
+            "file_name": f"d{k % 3}/{k}.png",
+            "width": int(rng.integers(20, 60)),
+            "height": int(rng.integers(20, 60)),
+        }
+        for k, i in enumerate(image_ids)
+    ]
     category_ids = [3, 17, 1, 90]
     annotations = []
     for k in range(num_annotations):
@@ -70,10 +78,20 @@ def _random_coco(rng: np.random.Generator, num_images: int = 30, num_annotations
         bbox = [round(float(x), 2), round(float(y), 2), round(float(w), 2), round(float(h), 2)]
         if k % 7 == 0:
             bbox = [int(v) for v in bbox]
-        annotations.append({"id": 5 * k + 2, "image_id": image["id"], "category_id": category_ids[k % 4], "bbox": bbox,
-                            **({"iscrowd": 1} if k % 11 == 0 else {})})  # fmt: skip
-    return {"images": images, "annotations": annotations,
-            "categories": [{"id": c, "name": f"c{c}"} for c in category_ids]}  # fmt: skip
+        annotations.append(
+            {
+                "id": 5 * k + 2,
+                "image_id": image["id"],
+                "category_id": category_ids[k % 4],
+                "bbox": bbox,
+                **({"iscrowd": 1} if k % 11 == 0 else {}),
+            }
+        )
+    return {
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": c, "name": f"c{c}"} for c in category_ids],
+    }
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -106,8 +124,9 @@ def test_samples_equal_those_of_the_previous_records(tmp_path):
         Image.fromarray(pixels).save(tmp_path / image["file_name"])
     path = tmp_path / "ann.json"
     path.write_text(json.dumps(data))
-    transforms = make_train_transforms(scales=[32, 40], max_size=64, crop_resize_scales=[24], crop_min_size=16,
-                                       crop_max_size=30)  # fmt: skip
+    transforms = make_train_transforms(
+        scales=[32, 40], max_size=64, crop_resize_scales=[24], crop_min_size=16, crop_max_size=30
+    )
     dataset = CocoDetection(tmp_path, path, transforms, keep_coco=False)
     expected, _ = _frozen_previous_cleaning(data)
     mapping = dataset.mapping.category_id_to_label
@@ -121,8 +140,15 @@ def test_samples_equal_those_of_the_previous_records(tmp_path):
             assert torch.equal(target["labels"], out_labels.to(torch.int64))
             height, width = image.shape[-2:]
             xyxy = out_boxes.to(torch.float32).reshape(-1, 4)
-            cxcywh = torch.stack([(xyxy[:, 0] + xyxy[:, 2]) / 2, (xyxy[:, 1] + xyxy[:, 3]) / 2,
-                                  xyxy[:, 2] - xyxy[:, 0], xyxy[:, 3] - xyxy[:, 1]], -1)  # fmt: skip
+            cxcywh = torch.stack(
+                [
+                    (xyxy[:, 0] + xyxy[:, 2]) / 2,
+                    (xyxy[:, 1] + xyxy[:, 3]) / 2,
+                    xyxy[:, 2] - xyxy[:, 0],
+                    xyxy[:, 3] - xyxy[:, 1],
+                ],
+                -1,
+            )
             torch.testing.assert_close(target["boxes"], cxcywh / torch.tensor([width, height, width, height]))
 
 
@@ -148,7 +174,10 @@ def test_the_training_dataset_holds_no_object_per_image(tmp_path):
     assert len(seen) < 400, len(seen)
     arrays = vars(dataset.records)
     assert all(isinstance(a, np.ndarray) for a in arrays.values()) and len(arrays) == 7
-    assert isinstance(dataset.records, DetectionRecords) and dataset.records.num_boxes == dataset.annotation_counts["boxes"]
+    assert (
+        isinstance(dataset.records, DetectionRecords)
+        and dataset.records.num_boxes == dataset.annotation_counts["boxes"]
+    )
 
 
 def test_the_val_dataset_keeps_the_coco_index(tmp_path):

@@ -67,7 +67,9 @@ def test_fifo_and_device_are_skipped_not_read(tmp_path):
     _, target = dataset[0]
     assert target["image_id"] == 3
     assert [(r.image_id, r.reason) for r in target["skipped"]] == [
-        (1, "not a regular file (a FIFO)"), (2, "not a regular file (a character device)")]  # fmt: skip
+        (1, "not a regular file (a FIFO)"),
+        (2, "not a regular file (a character device)"),
+    ]
     strict = CocoDetection(images, _write(tmp_path, _coco(["pipe.jpg"]), "strict.json"), skip_bad_images=False)
     with pytest.raises(DatasetError, match=r"pipe\.jpg \(image id 1\): not a regular file"):
         strict[0]

@@ -40,9 +40,7 @@ def test_shortest_side_resize_matches_hand_values(hw, size, max_size, expected):
 
 
 def _image(height, width, seed=0):
-    return np.random.default_rng(seed).integers(
-        0, 256, (height, width, 3), dtype=np.uint8
-    )
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
 
 
 def test_val_transform_scales_boxes_exactly():
@@ -111,9 +109,7 @@ _coord = st.floats(min_value=-40.0, max_value=240.0, allow_nan=False, width=32)
 @given(
     height=st.integers(8, 200),
     width=st.integers(8, 200),
-    raw_boxes=st.lists(
-        st.tuples(_coord, _coord, _coord, _coord), min_size=0, max_size=12
-    ),
+    raw_boxes=st.lists(st.tuples(_coord, _coord, _coord, _coord), min_size=0, max_size=12),
     seed=st.integers(0, 2**31 - 1),
 )
 def test_train_transform_property(height, width, raw_boxes, seed):
@@ -129,9 +125,7 @@ def test_train_transform_property(height, width, raw_boxes, seed):
     boxes = np.array(boxes, dtype=np.float32).reshape(-1, 4)
     labels = np.arange(len(boxes)) * 10 + 3
     torch.manual_seed(seed)
-    image, out_boxes, out_labels = transform(
-        _image(height, width, seed % 7), boxes, labels
-    )
+    image, out_boxes, out_labels = transform(_image(height, width, seed % 7), boxes, labels)
     out_h, out_w = image.shape[1:]
     assert image.dtype == torch.float32 and image.shape[0] == 3
     assert out_boxes.dtype == torch.float32 and out_boxes.shape == (len(out_labels), 4)

@@ -15,15 +15,11 @@ from ddetr.data.validation import load_coco_json
 
 def _coco(images=None, annotations=None, categories=None) -> dict:
     return {
-        "images": images
-        if images is not None
-        else [{"id": 1, "file_name": "a.jpg", "width": 40, "height": 30}],
+        "images": images if images is not None else [{"id": 1, "file_name": "a.jpg", "width": 40, "height": 30}],
         "annotations": annotations
         if annotations is not None
         else [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 2, 10, 5]}],
-        "categories": categories
-        if categories is not None
-        else [{"id": 1, "name": "thing"}],
+        "categories": categories if categories is not None else [{"id": 1, "name": "thing"}],
     }
 
 
@@ -84,10 +80,7 @@ def test_wrong_types_are_reported(tmp_path):
 
 
 def test_duplicate_ids_first_five_shown(tmp_path):
-    images = [
-        {"id": i, "file_name": f"{i}.jpg", "width": 10, "height": 10}
-        for i in [1, 2, 3, 4, 5, 6, 7]
-    ] * 2
+    images = [{"id": i, "file_name": f"{i}.jpg", "width": 10, "height": 10} for i in [1, 2, 3, 4, 5, 6, 7]] * 2
     with pytest.raises(DatasetError) as info:
         load_coco_json(_write(tmp_path, _coco(images=images)))
     assert "duplicate image ids [1, 2, 3, 4, 5 and 2 more]" in str(info.value)
@@ -156,31 +149,30 @@ def test_cleaning_counts_and_boxes(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="ddetr.data.coco"):
         dataset = CocoDetection(tmp_path, path)
     assert dataset.annotation_counts == {
-        "images": 2, "boxes": 2, "crowd": 1, "degenerate": 2, "clipped": 1, "outside": 2,
-        "empty_images": 1, "dropped_empty_images": 0,
-    }  # fmt: skip
+        "images": 2,
+        "boxes": 2,
+        "crowd": 1,
+        "degenerate": 2,
+        "clipped": 1,
+        "outside": 2,
+        "empty_images": 1,
+        "dropped_empty_images": 0,
+    }
     summary = [r for r in caplog.records if "ann.json" in r.getMessage()]
     assert len(summary) == 1 and summary[0].levelno == logging.WARNING
     assert "dropped 2 degenerate and 2 outside" in summary[0].getMessage()
-    np.testing.assert_allclose(
-        dataset.records[0].boxes, [[1, 2, 11, 7], [0, 20, 6, 30]]
-    )
+    np.testing.assert_allclose(dataset.records[0].boxes, [[1, 2, 11, 7], [0, 20, 6, 30]])
     assert dataset.records[1].boxes.shape == (0, 4)
 
     # normalised cxcywh targets of the untransformed image
     _, target = dataset[0]
-    np.testing.assert_allclose(
-        target["boxes"][0].numpy(), [6 / 40, 4.5 / 30, 10 / 40, 5 / 30], rtol=1e-6
-    )
+    np.testing.assert_allclose(target["boxes"][0].numpy(), [6 / 40, 4.5 / 30, 10 / 40, 5 / 30], rtol=1e-6)
     assert target["labels"].tolist() == [0, 0] and target["image_id"] == 1
     _, empty = dataset[1]
     assert empty["boxes"].shape == (0, 4) and empty["labels"].shape == (0,)
 
     without_empty = CocoDetection(tmp_path, path, keep_empty=False)
-    assert (
-        len(without_empty) == 1
-        and without_empty.annotation_counts["dropped_empty_images"] == 1
-    )
+    assert len(without_empty) == 1 and without_empty.annotation_counts["dropped_empty_images"] == 1
 
 
 def test_category_mapping_modes():
@@ -207,9 +199,7 @@ def test_category_mapping_modes():
 def test_coco91_labels_in_targets(tmp_path):
     Image.new("RGB", (40, 30)).save(tmp_path / "a.jpg")
     data = _coco(
-        annotations=[
-            {"id": 1, "image_id": 1, "category_id": 90, "bbox": [1, 2, 10, 5]}
-        ],
+        annotations=[{"id": 1, "image_id": 1, "category_id": 90, "bbox": [1, 2, 10, 5]}],
         categories=[{"id": 1, "name": "person"}, {"id": 90, "name": "toothbrush"}],
     )
     dataset = CocoDetection(tmp_path, _write(tmp_path, data), category_mapping="coco91")

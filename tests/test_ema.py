@@ -49,9 +49,18 @@ def test_the_average_is_the_hand_computed_one():
     decay, every, warmup = 0.8, 2, 3
     recorder, ema = RecordWeights(), WeightEMA(decay, update_every_n_steps=every, warmup_steps=warmup)
     module = Toy()
-    data = torch.utils.data.DataLoader(torch.randn(7, 8, 3, generator=torch.Generator().manual_seed(1)), batch_size=None)
-    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[recorder, ema])  # fmt: skip
+    data = torch.utils.data.DataLoader(
+        torch.randn(7, 8, 3, generator=torch.Generator().manual_seed(1)), batch_size=None
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[recorder, ema],
+    )
     trainer.fit(module, train_dataloaders=data)
 
     # the reference: updates after steps 2, 4, 6 (every 2nd of 7); the first copies the weights, the n-th
@@ -64,8 +73,10 @@ def test_the_average_is_the_hand_computed_one():
             expected = {k: v.double() for k, v in state.items()}
         else:
             d = decay * (1.0 - math.exp(-updates / warmup))
-            expected = {k: (d * expected[k] + (1 - d) * v.double()) if v.is_floating_point() else v.double()
-                        for k, v in state.items()}  # fmt: skip
+            expected = {
+                k: (d * expected[k] + (1 - d) * v.double()) if v.is_floating_point() else v.double()
+                for k, v in state.items()
+            }
         updates += 1
     assert updates == 3 and ema.num_updates == 3
     # at the end of the fit the module holds the average
@@ -79,9 +90,18 @@ def test_before_the_first_update_the_weights_stand_for_the_average(tmp_path):
     weights at the end of the fit and in checkpoints."""
     recorder, ema = RecordWeights(), WeightEMA(0.5, update_every_n_steps=100)
     module = Toy()
-    data = torch.utils.data.DataLoader(torch.randn(3, 8, 3, generator=torch.Generator().manual_seed(1)), batch_size=None)
-    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[recorder, ema])  # fmt: skip
+    data = torch.utils.data.DataLoader(
+        torch.randn(3, 8, 3, generator=torch.Generator().manual_seed(1)), batch_size=None
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[recorder, ema],
+    )
     trainer.fit(module, train_dataloaders=data)
     assert ema.num_updates == 0
     trainer.save_checkpoint(tmp_path / "early.ckpt")
@@ -91,7 +111,9 @@ def test_before_the_first_update_the_weights_stand_for_the_average(tmp_path):
         assert torch.equal(module.state_dict()[name], value) and torch.equal(saved["state_dict"][name], value), name
 
 
-@pytest.mark.parametrize("options", [dict(decay=1.0), dict(decay=0.9, update_every_n_steps=0), dict(decay=0.9, warmup_steps=-1)])
+@pytest.mark.parametrize(
+    "options", [dict(decay=1.0), dict(decay=0.9, update_every_n_steps=0), dict(decay=0.9, warmup_steps=-1)]
+)
 def test_bad_settings_are_named(options):
     with pytest.raises(ValueError, match="ema"):
         WeightEMA(**options)
@@ -105,8 +127,12 @@ def data_root(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_checkpoints_hold_the_validated_average_and_eval_reproduces_it(tmp_path, data_root, debug_overrides):
     run = tmp_path / "run"
-    overrides = debug_overrides(run, data_root) + ["trainer.max_epochs=2", "ema.decay=0.5", "ema.warmup_steps=0",
-                                                   "callbacks.validation_images.num_images=0"]  # fmt: skip
+    overrides = debug_overrides(run, data_root) + [
+        "trainer.max_epochs=2",
+        "ema.decay=0.5",
+        "ema.warmup_steps=0",
+        "callbacks.validation_images.num_images=0",
+    ]
     metrics = train(compose(overrides))
     last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     # the average and the raw weights are both in the checkpoint, and they differ
@@ -114,11 +140,26 @@ def test_checkpoints_hold_the_validated_average_and_eval_reproduces_it(tmp_path,
     assert any(not torch.equal(last["state_dict"][k], last["current_model_state"][k]) for k in last["state_dict"])
 
     def evaluated(ckpt: Path) -> dict:
-        return evaluate(compose(
-            [f"ckpt_path={ckpt}", f"data.root={data_root}", "data.num_train=12", "data.num_val=6", "data.image_size=64",
-             "data.num_workers=0", "data.batch_size=4", "data.val_transforms.size=64", "data.val_transforms.max_size=96",
-             "trainer.accelerator=cpu", "+trainer.enable_progress_bar=false", f"paths.output_dir={tmp_path / ckpt.stem}",
-             f"paths.log_dir={tmp_path}/logs"], config_name="eval"))  # fmt: skip
+        return evaluate(
+            compose(
+                [
+                    f"ckpt_path={ckpt}",
+                    f"data.root={data_root}",
+                    "data.num_train=12",
+                    "data.num_val=6",
+                    "data.image_size=64",
+                    "data.num_workers=0",
+                    "data.batch_size=4",
+                    "data.val_transforms.size=64",
+                    "data.val_transforms.max_size=96",
+                    "trainer.accelerator=cpu",
+                    "+trainer.enable_progress_bar=false",
+                    f"paths.output_dir={tmp_path / ckpt.stem}",
+                    f"paths.log_dir={tmp_path}/logs",
+                ],
+                config_name="eval",
+            )
+        )
 
     # ddetr.eval of last.ckpt gives the final validation of training exactly
     final = evaluated(run / "checkpoints" / "last.ckpt")
@@ -127,7 +168,11 @@ def test_checkpoints_hold_the_validated_average_and_eval_reproduces_it(tmp_path,
     # and the best checkpoint holds the average that scored its val/AP
     (best,) = (run / "checkpoints").glob("epoch_*.ckpt")
     state = torch.load(best, map_location="cpu", weights_only=True)
-    (score,) = [v["best_model_score"] for k, v in state["callbacks"].items() if k.startswith("ModelCheckpoint{'monitor': 'val/AP'")]
+    (score,) = [
+        v["best_model_score"]
+        for k, v in state["callbacks"].items()
+        if k.startswith("ModelCheckpoint{'monitor': 'val/AP'")
+    ]
     assert evaluated(best)["val/AP"] == pytest.approx(float(score), abs=1e-7)
     written = json.loads((run / "metrics.json").read_text())
     assert written["val/AP"] == metrics["val/AP"]

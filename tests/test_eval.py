@@ -29,21 +29,33 @@ def write_checkpoint(path: Path, dataset: Path, options: dict, num_classes: int 
     categories = sorted(annotations["categories"], key=lambda c: c["id"])
     torch.manual_seed(0)
     module = DeformableDETRModule(
-        num_classes=num_classes or len(categories), **options,
+        num_classes=num_classes or len(categories),
+        **options,
         label_to_category_id=None if num_classes else [c["id"] for c in categories],
-    )  # fmt: skip
+    )
     save_checkpoint(module, path, "test")
     return path
 
 
 def eval_config(checkpoint: Path, dataset: Path, output: Path):
     return compose(
-        [f"ckpt_path={checkpoint}", f"data.root={dataset}", "data.num_train=2", "data.num_val=4",
-         "data.image_size=64", "data.num_workers=0", "data.batch_size=2", "data.val_transforms.size=96",
-         "data.val_transforms.max_size=144", "trainer.accelerator=cpu", "+trainer.enable_progress_bar=false",
-         f"paths.output_dir={output}", f"paths.log_dir={output}/logs"],
+        [
+            f"ckpt_path={checkpoint}",
+            f"data.root={dataset}",
+            "data.num_train=2",
+            "data.num_val=4",
+            "data.image_size=64",
+            "data.num_workers=0",
+            "data.batch_size=2",
+            "data.val_transforms.size=96",
+            "data.val_transforms.max_size=144",
+            "trainer.accelerator=cpu",
+            "+trainer.enable_progress_bar=false",
+            f"paths.output_dir={output}",
+            f"paths.log_dir={output}/logs",
+        ],
         config_name="eval",
-    )  # fmt: skip
+    )
 
 
 def test_eval_writes_metrics_and_the_same_detections_as_predict(tmp_path, dataset, capsys, tiny_options):
@@ -57,7 +69,7 @@ def test_eval_writes_metrics_and_the_same_detections_as_predict(tmp_path, datase
     assert written["val/AP"] == pytest.approx(metrics["val/AP"])
     assert written["val/APl"] is None  # null in JSON
     out = capsys.readouterr().out
-    table = out[out.index("COCO metrics of"):]
+    table = out[out.index("COCO metrics of") :]
     assert [line.split() for line in table.splitlines() if line.startswith("val/APl")] == [["val/APl", "n/a"]]
     assert table.count("n/a: undefined, not zero") == 1
     # per class, keyed by class name: AP, AP50 and the ground-truth boxes, which add up to the file's
@@ -65,7 +77,9 @@ def test_eval_writes_metrics_and_the_same_detections_as_predict(tmp_path, datase
     names = {c["id"]: c["name"] for c in annotations["categories"]}
     assert set(written["per_class"]) == set(names.values())
     for name in names.values():
-        expected_gt = sum(1 for a in annotations["annotations"] if names[a["category_id"]] == name and not a.get("iscrowd"))
+        expected_gt = sum(
+            1 for a in annotations["annotations"] if names[a["category_id"]] == name and not a.get("iscrowd")
+        )
         assert written["per_class"][name]["num_gt"] == expected_gt
         assert f"\n{name} " in table
 
@@ -89,8 +103,10 @@ def test_eval_writes_metrics_and_the_same_detections_as_predict(tmp_path, datase
         if (curve > -1).any():
             assert written["per_class"][names[category_id]]["AP"] == pytest.approx(curve[curve > -1].mean(), abs=1e-6)
     # and the evaluation is not blind: the ground truth as detections scores a perfect AP
-    perfect = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
-               for a in ground_truth.dataset["annotations"]]
+    perfect = [
+        {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
+        for a in ground_truth.dataset["annotations"]
+    ]
     exact = COCOeval(ground_truth, ground_truth.loadRes(perfect), iouType="bbox")
     exact.evaluate(), exact.accumulate(), exact.summarize()
     assert exact.stats[0] == pytest.approx(1.0)
@@ -98,12 +114,21 @@ def test_eval_writes_metrics_and_the_same_detections_as_predict(tmp_path, datase
     # prediction on the same files with the same resize gives the same detections
     predict(
         compose(
-            [f"ckpt_path={checkpoint}", f"input={dataset / 'val'}", f"output={tmp_path / 'predict'}", "size=96",
-             "max_size=144", "threshold=0.0", "device=cpu", "progress_bar=false",
-             f"annotations={dataset / 'annotations' / 'instances_val.json'}", f"paths.log_dir={tmp_path}/logs"],
+            [
+                f"ckpt_path={checkpoint}",
+                f"input={dataset / 'val'}",
+                f"output={tmp_path / 'predict'}",
+                "size=96",
+                "max_size=144",
+                "threshold=0.0",
+                "device=cpu",
+                "progress_bar=false",
+                f"annotations={dataset / 'annotations' / 'instances_val.json'}",
+                f"paths.log_dir={tmp_path}/logs",
+            ],
             config_name="predict",
         )
-    )  # fmt: skip
+    )
     predicted = json.loads((tmp_path / "predict" / "detections.json").read_text())
     key = lambda r: (r["image_id"], -round(r["score"], 5), r["category_id"])  # noqa: E731
     assert len(predicted) == len(results)

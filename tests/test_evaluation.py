@@ -28,12 +28,21 @@ def _gt(num_images: int = 3) -> COCO:
         boxes = [(3, [10 + i, 10, 30, 20])] + ([(7, [50, 30, 40, 40])] if i % 2 else [])
         for category, bbox in boxes:
             annotations.append(
-                {"id": len(annotations) + 1, "image_id": i, "category_id": category, "bbox": bbox,
-                 "area": bbox[2] * bbox[3], "iscrowd": 0}
-            )  # fmt: skip
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": i,
+                    "category_id": category,
+                    "bbox": bbox,
+                    "area": bbox[2] * bbox[3],
+                    "iscrowd": 0,
+                }
+            )
     coco = COCO()
-    coco.dataset = {"images": images, "annotations": annotations,
-                    "categories": [{"id": 3, "name": "c"}, {"id": 7, "name": "g"}]}  # fmt: skip
+    coco.dataset = {
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": 3, "name": "c"}, {"id": 7, "name": "g"}],
+    }
     with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
     return coco
@@ -106,14 +115,10 @@ def test_half_detected_matches_hand_value_and_pycocotools():
     evaluator = CocoEvaluator(coco, LABEL_TO_CATEGORY)
     evaluator.update(predictions)
     metrics = evaluator.compute()
-    per_category = evaluator.last_eval.eval["precision"][
-        0, :, :, 0, 2
-    ]  # IoU .5, all recall, cats, area all, 100 dets
+    per_category = evaluator.last_eval.eval["precision"][0, :, :, 0, 2]  # IoU .5, all recall, cats, area all, 100 dets
     ap50_cat3 = per_category[:, 0].mean()
     assert ap50_cat3 == pytest.approx(51 / 101)
-    assert per_category[:, 1].mean() == pytest.approx(
-        1.0
-    )  # cat 7: the 0.3 false positive ranks after the hit
+    assert per_category[:, 1].mean() == pytest.approx(1.0)  # cat 7: the 0.3 false positive ranks after the hit
     assert metrics["AP50"] == pytest.approx((51 / 101 + 1.0) / 2)
     assert metrics == pytest.approx(_reference(coco, evaluator.results_json()))
     # per class: the same hand values, by class name, with the number of ground-truth boxes
@@ -149,9 +154,7 @@ def test_imperfect_boxes_match_pycocotools():
     rng = np.random.default_rng(0)
     predictions = _perfect(coco)
     for prediction in predictions.values():
-        prediction["boxes"] = prediction["boxes"] + torch.tensor(
-            rng.normal(0, 4, prediction["boxes"].shape)
-        )
+        prediction["boxes"] = prediction["boxes"] + torch.tensor(rng.normal(0, 4, prediction["boxes"].shape))
     evaluator = CocoEvaluator(coco, LABEL_TO_CATEGORY)
     evaluator.update(predictions)
     metrics = evaluator.compute()
@@ -163,7 +166,10 @@ def test_zero_predictions_give_zero():
     evaluator = CocoEvaluator(_gt(), LABEL_TO_CATEGORY)
     # zero where ground truth exists; undefined (None) where none does (no box over 96x96 pixels)
     assert evaluator.compute() == {**dict.fromkeys(METRIC_NAMES, 0.0), "APl": None, "ARl": None}
-    assert evaluator.per_class == {"c": {"AP": 0.0, "AP50": 0.0, "num_gt": 3}, "g": {"AP": 0.0, "AP50": 0.0, "num_gt": 2}}
+    assert evaluator.per_class == {
+        "c": {"AP": 0.0, "AP50": 0.0, "num_gt": 3},
+        "g": {"AP": 0.0, "AP50": 0.0, "num_gt": 2},
+    }
     evaluator.update({1: {"scores": [], "labels": [], "boxes": np.zeros((0, 4))}})
     assert evaluator.compute()["AP"] == 0.0
 
@@ -180,12 +186,8 @@ def test_all_gt_images_count():
 def test_category_mapping_round_trip_and_dedupe():
     coco = _gt()
     evaluator = CocoEvaluator(coco, LABEL_TO_CATEGORY)
-    evaluator.update(
-        {1: {"scores": [0.5], "labels": [1], "boxes": [[10.0, 20.0, 40.0, 60.0]]}}
-    )
-    evaluator.update(
-        {1: {"scores": [0.9], "labels": [0], "boxes": [[0.0, 0.0, 1.0, 1.0]]}}
-    )  # duplicate: ignored
+    evaluator.update({1: {"scores": [0.5], "labels": [1], "boxes": [[10.0, 20.0, 40.0, 60.0]]}})
+    evaluator.update({1: {"scores": [0.9], "labels": [0], "boxes": [[0.0, 0.0, 1.0, 1.0]]}})  # duplicate: ignored
     results = evaluator.results_json()
     assert results == [
         {
@@ -227,9 +229,7 @@ def _rank_worker(rank: int, world_size: int, port: int, out: dict) -> None:
         evaluator = CocoEvaluator(coco, LABEL_TO_CATEGORY)
         predictions = _perfect(coco, image_ids=[1, 2, 3, 4])  # image 5 gets none
         for image_id, prediction in predictions.items():
-            prediction["boxes"] = (
-                prediction["boxes"] + image_id
-            )  # imperfect, image-dependent
+            prediction["boxes"] = prediction["boxes"] + image_id  # imperfect, image-dependent
         mine = {i: p for i, p in predictions.items() if i % world_size == rank}
         if rank == 1:
             mine[1] = predictions[1]  # a padding sampler repeated image 1 on this rank

@@ -70,7 +70,9 @@ def test_the_pr_picture_names_every_class_of_six_and_the_extremes_of_eighty(tmp_
     many = _legend(figure)
     assert many[0] == "the other 69 classes"  # 80 less the one without ground truth, less 10 named
     assert [entry.split(" (")[0] for entry in many[1:11]] == [
-        *(f"class {index}" for index in (79, 78, 77, 76, 75)), *(f"class {index}" for index in (5, 4, 3, 2, 0))]
+        *(f"class {index}" for index in (79, 78, 77, 76, 75)),
+        *(f"class {index}" for index in (5, 4, 3, 2, 0)),
+    ]
     assert "left out: 1 without ground truth" in figure.axes[0].get_title()
     with Image.open(save_figure(figure, tmp_path / "pr.png")) as picture:
         assert picture.size == (1100, 650)
@@ -83,8 +85,9 @@ def test_the_confusion_picture_labels_every_row_and_column(tmp_path):
     axis = figure.axes[0]
     assert [t.get_text() for t in axis.get_xticklabels()] == labels == [t.get_text() for t in axis.get_yticklabels()]
     assert sorted(int(t.get_text()) for t in axis.texts) == sorted(matrix[matrix > 0].tolist())  # counts in cells
-    large = draw_confusion_matrix(ConfusionMatrix([f"c{i}" for i in range(80)] + ["background"],
-                                                  np.eye(81, dtype=int), 0.5, 0.3))  # fmt: skip
+    large = draw_confusion_matrix(
+        ConfusionMatrix([f"c{i}" for i in range(80)] + ["background"], np.eye(81, dtype=int), 0.5, 0.3)
+    )
     assert len(large.axes[0].get_yticklabels()) == 81 and not large.axes[0].texts  # too small for numbers
     heights = {}
     for name, picture in (("six", figure), ("eighty", large)):
@@ -119,14 +122,27 @@ def test_training_and_eval_write_the_pictures_and_the_matrix(tmp_path, debug_ove
     assert {"val/pr_curves", "val/confusion_matrix"} <= set(events.Tags()["images"])
 
     output = tmp_path / "eval"
-    evaluate(compose(
-        [f"ckpt_path={run}/checkpoints/last.ckpt", f"data.root={data_root}", "data.num_train=12", "data.num_val=6",
-         "data.image_size=64", "data.num_workers=0", "data.batch_size=4", "data.val_transforms.size=64",
-         "data.val_transforms.max_size=96",
-         "trainer.accelerator=cpu", "+trainer.enable_progress_bar=false", "confusion_threshold=0.0",
-         f"paths.output_dir={output}", f"paths.log_dir={output}/logs"],
-        config_name="eval",
-    ))  # fmt: skip
+    evaluate(
+        compose(
+            [
+                f"ckpt_path={run}/checkpoints/last.ckpt",
+                f"data.root={data_root}",
+                "data.num_train=12",
+                "data.num_val=6",
+                "data.image_size=64",
+                "data.num_workers=0",
+                "data.batch_size=4",
+                "data.val_transforms.size=64",
+                "data.val_transforms.max_size=96",
+                "trainer.accelerator=cpu",
+                "+trainer.enable_progress_bar=false",
+                "confusion_threshold=0.0",
+                f"paths.output_dir={output}",
+                f"paths.log_dir={output}/logs",
+            ],
+            config_name="eval",
+        )
+    )
     evaluated = json.loads((output / "metrics.json").read_text())["confusion_matrix"]
     counts = np.asarray(evaluated["matrix"])
     assert counts[:-1].sum(axis=1).tolist() == ground_truth

@@ -29,10 +29,16 @@ def checkpoint(tmp_path_factory, tiny_options) -> Path:
 
 def export_config(checkpoint: Path, output: Path, *extra: str):
     return compose(
-        [f"ckpt_path={checkpoint}", f"output={output}", f"height={HEIGHT}", f"width={WIDTH}",
-         f"paths.log_dir={output.parent}/logs", *extra],
+        [
+            f"ckpt_path={checkpoint}",
+            f"output={output}",
+            f"height={HEIGHT}",
+            f"width={WIDTH}",
+            f"paths.log_dir={output.parent}/logs",
+            *extra,
+        ],
         config_name="export",
-    )  # fmt: skip
+    )
 
 
 def pytorch_outputs(checkpoint: Path, inputs: tuple[torch.Tensor, ...], backend: str) -> tuple[torch.Tensor, ...]:
@@ -94,8 +100,9 @@ def exported_ops(program: torch.export.ExportedProgram) -> set[str]:
 
 def test_torch_export_with_the_pytorch_backend(tmp_path, checkpoint):
     path = tmp_path / "model.pt2"
-    summary = export(export_config(checkpoint, path, "format=torch_export", "attn_backend=pytorch", "with_mask=true",
-                                   "batch_size=2"))  # fmt: skip
+    summary = export(
+        export_config(checkpoint, path, "format=torch_export", "attn_backend=pytorch", "with_mask=true", "batch_size=2")
+    )
     assert summary["max_abs_diff"] < 1e-5
     program = torch.export.load(str(path))
     assert not any("ddetr" in target for target in exported_ops(program))

@@ -19,8 +19,12 @@ from ddetr.training.module import NonFiniteLossError
 from ddetr.training.run import train
 
 
-EXACT = ["trainer.max_epochs=2", "data.num_train=20", "callbacks.model_checkpoint.save_top_k=0",
-         "callbacks.validation_images.num_images=0"]
+EXACT = [
+    "trainer.max_epochs=2",
+    "data.num_train=20",
+    "callbacks.model_checkpoint.save_top_k=0",
+    "callbacks.validation_images.num_images=0",
+]
 
 
 class RecordLosses(L.Callback):
@@ -83,8 +87,14 @@ def test_sigterm_from_outside_checkpoints_and_exits_cleanly(tmp_path, data_root,
     overrides = debug_overrides(tmp_path, data_root) + ["trainer.max_epochs=1000"]
     overrides = [o for o in overrides if not o.startswith("paths.output_dir")] + [f"hydra.run.dir={tmp_path}/run"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "ddetr.train", *overrides], cwd=tmp_path, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ddetr.train", *overrides],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     metrics_csv = tmp_path / "run" / "csv" / "metrics.csv"
     deadline = time.time() + 240
     while not metrics_csv.is_file() and time.time() < deadline and process.poll() is None:

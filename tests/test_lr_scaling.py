@@ -17,8 +17,13 @@ GROUPS = [{"name": "backbone", "lr": 2e-5}, {"name": "linear_proj", "lr": 2e-5},
 
 
 def fake_trainer(devices: int, nodes: int, batch: int, accumulation: int = 1):
-    return SimpleNamespace(num_devices=devices, num_nodes=nodes, accumulate_grad_batches=accumulation,
-                           datamodule=SimpleNamespace(batch_size=batch), is_global_zero=True)  # fmt: skip
+    return SimpleNamespace(
+        num_devices=devices,
+        num_nodes=nodes,
+        accumulate_grad_batches=accumulation,
+        datamodule=SimpleNamespace(batch_size=batch),
+        is_global_zero=True,
+    )
 
 
 def test_rules_hand_values():
@@ -63,10 +68,18 @@ def test_training_builds_the_optimiser_with_scaled_lrs(tmp_path, debug_overrides
         def on_train_start(self, trainer, pl_module):
             seen.update({g["name"]: g["lr"] for g in trainer.optimizers[0].param_groups})
 
-    cfg = compose(debug_overrides(tmp_path, tmp_path / "data") + [
-        "model.optim.reference_batch=16", "model.optim.lr_scaling=linear", "data.batch_size=2",
-        "+trainer.accumulate_grad_batches=2", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
-        "trainer.limit_val_batches=1"])  # fmt: skip
+    cfg = compose(
+        debug_overrides(tmp_path, tmp_path / "data")
+        + [
+            "model.optim.reference_batch=16",
+            "model.optim.lr_scaling=linear",
+            "data.batch_size=2",
+            "+trainer.accumulate_grad_batches=2",
+            "trainer.max_epochs=1",
+            "trainer.limit_train_batches=2",
+            "trainer.limit_val_batches=1",
+        ]
+    )
     with caplog.at_level(logging.WARNING, logger="ddetr.training.lr_scaling"):
         train(cfg, extra_callbacks=[Record()])
     optim = cfg.model.optim

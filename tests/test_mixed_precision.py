@@ -22,8 +22,15 @@ from ddetr.training.run import evaluate, train
 
 MODEL_CONFIGS = sorted(path.stem for path in (CONFIG_DIR / "model").glob("*.yaml"))
 # each config keeps its own options (norm, levels, refinement, two-stage, dropout, fused AdamW), at the tiny sizes
-TINY = ["model.backbone.name=resnet18", "model.hidden_dim=32", "model.nheads=2", "model.enc_layers=1",
-        "model.dec_layers=2", "model.dim_feedforward=32", "model.num_queries=10"]  # fmt: skip
+TINY = [
+    "model.backbone.name=resnet18",
+    "model.hidden_dim=32",
+    "model.nheads=2",
+    "model.enc_layers=1",
+    "model.dec_layers=2",
+    "model.dim_feedforward=32",
+    "model.num_queries=10",
+]
 # 16-mixed on the CPU: Lightning autocasts to float16 without a gradient scaler (on a GPU it adds one)
 PRECISIONS = ["bf16-mixed", "16-mixed"]
 
@@ -40,38 +47,84 @@ def test_every_model_config_is_covered():
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("model", MODEL_CONFIGS)
-def test_mixed_precision_trains_validates_evaluates_predicts_and_exports(model, precision, tmp_path, data_root, debug_overrides):
+def test_mixed_precision_trains_validates_evaluates_predicts_and_exports(
+    model, precision, tmp_path, data_root, debug_overrides
+):
     run = tmp_path / "run"
-    overrides = debug_overrides(run, data_root) + [f"model={model}", *TINY, f"trainer.precision={precision}",
-                                                   "trainer.limit_train_batches=2", "callbacks.validation_images.num_images=2"]  # fmt: skip
+    overrides = debug_overrides(run, data_root) + [
+        f"model={model}",
+        *TINY,
+        f"trainer.precision={precision}",
+        "trainer.limit_train_batches=2",
+        "callbacks.validation_images.num_images=2",
+    ]
     metrics = train(compose(overrides))
     assert all(value is None or math.isfinite(value) for value in metrics.values())
     assert list((run / "val_images").glob("epoch_*/*.png")), "detections drawn from mixed-precision scores"
     last = run / "checkpoints" / "last.ckpt"
-    assert all(value.dtype != torch.bfloat16 and value.dtype != torch.float16
-               for value in torch.load(last, map_location="cpu", weights_only=True)["state_dict"].values())  # fmt: skip
+    assert all(
+        value.dtype != torch.bfloat16 and value.dtype != torch.float16
+        for value in torch.load(last, map_location="cpu", weights_only=True)["state_dict"].values()
+    )
 
     # ddetr.eval of last.ckpt at the same precision reproduces training's final validation
-    evaluated = evaluate(compose(
-        [f"ckpt_path={last}", f"data.root={data_root}", "data.num_train=12", "data.num_val=6", "data.image_size=64",
-         "data.num_workers=0", "data.batch_size=4", "data.val_transforms.size=64", "data.val_transforms.max_size=96",
-         "trainer.accelerator=cpu", f"trainer.precision={precision}", "+trainer.enable_progress_bar=false",
-         f"paths.output_dir={tmp_path / 'eval'}", f"paths.log_dir={tmp_path}/logs"],
-        config_name="eval"))  # fmt: skip
+    evaluated = evaluate(
+        compose(
+            [
+                f"ckpt_path={last}",
+                f"data.root={data_root}",
+                "data.num_train=12",
+                "data.num_val=6",
+                "data.image_size=64",
+                "data.num_workers=0",
+                "data.batch_size=4",
+                "data.val_transforms.size=64",
+                "data.val_transforms.max_size=96",
+                "trainer.accelerator=cpu",
+                f"trainer.precision={precision}",
+                "+trainer.enable_progress_bar=false",
+                f"paths.output_dir={tmp_path / 'eval'}",
+                f"paths.log_dir={tmp_path}/logs",
+            ],
+            config_name="eval",
+        )
+    )
     for name in ("val/AP", "val/AP50", "val/AR100"):
         assert evaluated[name] == pytest.approx(metrics[name], abs=1e-9), name
 
     if precision != PRECISIONS[0]:
         return  # prediction and export run in float32: once per model is enough
-    summary = predict(compose(
-        [f"ckpt_path={last}", f"input={data_root / 'val'}", f"output={tmp_path / 'predict'}", "threshold=0.0",
-         "device=cpu", "progress_bar=false", f"paths.log_dir={tmp_path}/logs"], config_name="predict"))  # fmt: skip
+    summary = predict(
+        compose(
+            [
+                f"ckpt_path={last}",
+                f"input={data_root / 'val'}",
+                f"output={tmp_path / 'predict'}",
+                "threshold=0.0",
+                "device=cpu",
+                "progress_bar=false",
+                f"paths.log_dir={tmp_path}/logs",
+            ],
+            config_name="predict",
+        )
+    )
     assert summary["num_images"] == 6 and summary["num_detections"] > 0
     detections = json.loads((tmp_path / "predict" / "detections.json").read_text())
     assert all(math.isfinite(d["score"]) and all(map(math.isfinite, d["bbox"])) for d in detections)
-    exported = export(compose(
-        [f"ckpt_path={last}", f"output={tmp_path / 'model.pt2'}", "format=torch_export", "attn_backend=pytorch",
-         "height=64", "width=96", f"paths.log_dir={tmp_path}/logs"], config_name="export"))  # fmt: skip
+    exported = export(
+        compose(
+            [
+                f"ckpt_path={last}",
+                f"output={tmp_path / 'model.pt2'}",
+                "format=torch_export",
+                "attn_backend=pytorch",
+                "height=64",
+                "width=96",
+                f"paths.log_dir={tmp_path}/logs",
+            ],
+            config_name="export",
+        )
+    )
     assert exported["max_abs_diff"] < 1e-4
 
 
@@ -81,18 +134,32 @@ def tiny_batches(num_batches: int = 3) -> list:
     batches = []
     for _ in range(num_batches):
         images = torch.randn(2, 3, 64, 80, generator=generator)
-        targets = [{"labels": torch.randint(0, 3, (2,), generator=generator),
-                    "boxes": torch.rand(2, 4, generator=generator) * 0.3 + 0.3} for _ in range(2)]  # fmt: skip
+        targets = [
+            {
+                "labels": torch.randint(0, 3, (2,), generator=generator),
+                "boxes": torch.rand(2, 4, generator=generator) * 0.3 + 0.3,
+            }
+            for _ in range(2)
+        ]
         batches.append((images, torch.zeros(2, 64, 80, dtype=torch.bool), targets))
     return batches
 
 
 def fit_weights(tiny_options, fused: bool, clip: float | None, plugins: list) -> torch.Tensor:
     torch.manual_seed(0)
-    module = DeformableDETRModule(num_classes=3, **tiny_options(backbone={"name": "resnet18", "norm": "frozen"}),
-                                  optim={"fused": fused})  # fmt: skip
-    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, gradient_clip_val=clip, plugins=plugins)  # fmt: skip
+    module = DeformableDETRModule(
+        num_classes=3, **tiny_options(backbone={"name": "resnet18", "norm": "frozen"}), optim={"fused": fused}
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        gradient_clip_val=clip,
+        plugins=plugins,
+    )
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(tiny_batches(), batch_size=None))
     return torch.cat([p.detach().flatten() for p in module.parameters()])
 
@@ -102,7 +169,9 @@ def scaled_float16() -> list:
     return [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**12))]
 
 
-@pytest.mark.parametrize("plugins", [scaled_float16, lambda: [MixedPrecision("bf16-mixed", "cpu")]], ids=["16-scaler", "bf16"])
+@pytest.mark.parametrize(
+    "plugins", [scaled_float16, lambda: [MixedPrecision("bf16-mixed", "cpu")]], ids=["16-scaler", "bf16"]
+)
 def test_fused_adamw_clips_under_mixed_precision_as_the_unfused_one(plugins, tiny_options):
     """Lightning refuses to clip for an optimiser that unscales inside its step; the module clips the unscaled
     gradients itself. Reference: PyTorch's default (for-each) AdamW, which Lightning unscales and clips."""
@@ -116,7 +185,10 @@ def test_fused_adamw_clips_under_mixed_precision_as_the_unfused_one(plugins, tin
 # ------------------------------------------------------------------ detections in float32
 def test_postprocess_gives_float32_for_low_precision_outputs():
     generator = torch.Generator().manual_seed(0)
-    outputs = {"pred_logits": torch.randn(2, 10, 4, generator=generator), "pred_boxes": torch.rand(2, 10, 4, generator=generator)}
+    outputs = {
+        "pred_logits": torch.randn(2, 10, 4, generator=generator),
+        "pred_boxes": torch.rand(2, 10, 4, generator=generator),
+    }
     sizes = torch.tensor([[480, 640], [300, 200]])
     for dtype in (torch.bfloat16, torch.float16):
         low = {name: value.to(dtype) for name, value in outputs.items()}
@@ -131,11 +203,16 @@ def test_evaluator_takes_bfloat16_detections():
     from pycocotools.coco import COCO
 
     coco = COCO()
-    coco.dataset = {"images": [{"id": 1, "width": 64, "height": 64}], "categories": [{"id": 1, "name": "a"}],
-                    "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [8, 8, 16, 16], "area": 256, "iscrowd": 0}]}  # fmt: skip
+    coco.dataset = {
+        "images": [{"id": 1, "width": 64, "height": 64}],
+        "categories": [{"id": 1, "name": "a"}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [8, 8, 16, 16], "area": 256, "iscrowd": 0}],
+    }
     coco.createIndex()
     evaluator = CocoEvaluator(coco, [1])
     box = torch.tensor([[8.0, 8.0, 24.0, 24.0]], dtype=torch.bfloat16)  # exact in bfloat16
-    evaluator.update({1: {"scores": torch.tensor([0.75], dtype=torch.bfloat16), "labels": torch.tensor([0]), "boxes": box}})
+    evaluator.update(
+        {1: {"scores": torch.tensor([0.75], dtype=torch.bfloat16), "labels": torch.tensor([0]), "boxes": box}}
+    )
     assert evaluator.compute()["AP"] == pytest.approx(1.0)
     assert evaluator.predictions[1]["scores"].tolist() == [0.75]

@@ -14,6 +14,7 @@ from _hf_oracle import ddetr_flags, hf_model, hf_outputs, official_names_from_hf
 from ddetr.convert import hf_to_ddetr, official_to_ddetr
 from ddetr.models import build_deformable_detr
 
+
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def case(request):
     """(variant, transformers model, its outputs on the padded batch, images, padded, mask)."""
@@ -88,8 +89,11 @@ def test_loss_terms_match_transformers(case):
         theirs = model(pixel_values=padded, pixel_mask=(~mask).long(), labels=hf_labels).loss_dict
         mine = criterion(ours((padded, mask)), targets)
     compared = [key for key in theirs if key.startswith(("loss_ce", "loss_bbox", "loss_giou"))]
-    expected_keys = {f"{name}{suffix}" for name in ("loss_ce", "loss_bbox", "loss_giou")
-                     for suffix in ["", *(f"_{layer}" for layer in range(flags["dec_layers"] - 1))]}
+    expected_keys = {
+        f"{name}{suffix}"
+        for name in ("loss_ce", "loss_bbox", "loss_giou")
+        for suffix in ["", *(f"_{layer}" for layer in range(flags["dec_layers"] - 1))]
+    }
     assert expected_keys <= set(compared)
     for key in compared:
         _assert_close(mine[key], theirs[key].to(mine[key].dtype), 1e-4, key)

@@ -157,7 +157,9 @@ def test_frozen_batch_norm_under_autocast_inference_mode_and_then_training():
         frozen(x)
     x.requires_grad_(True)
     frozen(x).sum().backward()  # ... is still usable where autograd saves it for backward
-    torch.testing.assert_close(x.grad, (norm.weight / (norm.running_var + norm.eps).sqrt())[:, None, None].expand(2, 5, 3, 4))
+    torch.testing.assert_close(
+        x.grad, (norm.weight / (norm.running_var + norm.eps).sqrt())[:, None, None].expand(2, 5, 3, 4)
+    )
 
 
 def _ddp_frozen_norm_worker(rank: int, port: int, out: dict) -> None:
@@ -376,7 +378,9 @@ def test_asking_for_a_download_offline_fails_clearly(monkeypatch):
         raise urllib.error.URLError("no network (simulated)")
 
     monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", offline)
-    with pytest.raises(RuntimeError, match=r"cannot download torchvision's ResNet18 IMAGENET1K_V1.*model.backbone.weights="):
+    with pytest.raises(
+        RuntimeError, match=r"cannot download torchvision's ResNet18 IMAGENET1K_V1.*model.backbone.weights="
+    ):
         ResNetBackbone("resnet18", num_levels=1, weights="IMAGENET1K_V1")
     with pytest.raises(FileNotFoundError, match="no_such_file.pth"):
         ResNetBackbone("resnet18", num_levels=1, weights="no_such_file.pth")

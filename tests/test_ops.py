@@ -44,8 +44,9 @@ def make_inputs(
     num_values, num_levels = int(sizes.sum()), len(shapes)
     value = torch.randn(batch_size, num_values, num_heads, head_dim, generator=generator, dtype=torch.float64)
     sampling_locations = (
-        torch.rand(batch_size, num_queries, num_heads, num_levels, num_points, 2, generator=generator,
-                   dtype=torch.float64)
+        torch.rand(
+            batch_size, num_queries, num_heads, num_levels, num_points, 2, generator=generator, dtype=torch.float64
+        )
         * (high - low)
         + low
     )  # (B, Lq, M, L, P, 2)
@@ -209,8 +210,9 @@ def test_reduced_precision_cpu(dtype):
 
     def check(actual, expected, name):
         scale = expected.abs().max().clamp_min(1.0)
-        torch.testing.assert_close(actual.double(), expected, atol=tolerance * scale, rtol=tolerance,
-                                   msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            actual.double(), expected, atol=tolerance * scale, rtol=tolerance, msg=lambda m: f"{name}: {m}"
+        )
 
     check(output, expected_output, "output")
     for name, grad, expected in zip(("value", "sampling_locations", "attention_weights"), grads, expected_grads):
@@ -239,7 +241,11 @@ def test_torch_compile_fullgraph():
 
     def attend(value, sampling_locations, attention_weights):
         output = ms_deform_attn(
-            value * 2, spatial_shapes, level_start_index, sampling_locations.sigmoid(), attention_weights,
+            value * 2,
+            spatial_shapes,
+            level_start_index,
+            sampling_locations.sigmoid(),
+            attention_weights,
             backend="auto",
         )
         return output.tanh()
@@ -292,20 +298,29 @@ def test_half_value_with_float32_locations(backend, value_dtype):
     value, spatial_shapes, level_start_index, sampling_locations, attention_weights = make_inputs(
         head_dim=32, num_queries=9, shapes=((8, 6), (4, 3))
     )
-    inputs = (value.to(value_dtype), spatial_shapes, level_start_index, sampling_locations.float(),
-              attention_weights.float())
+    inputs = (
+        value.to(value_dtype),
+        spatial_shapes,
+        level_start_index,
+        sampling_locations.float(),
+        attention_weights.float(),
+    )
     output, grads = output_and_grads(inputs, backend)
     assert output.dtype == value_dtype
     assert [grad.dtype for grad in grads] == [value_dtype, torch.float32, torch.float32]
     rounded = [t.to(torch.float64) if t.is_floating_point() else t for t in inputs]
     expected_output, expected_grads = output_and_grads(rounded, "pytorch")
     tolerance = {torch.bfloat16: 2e-2, torch.float16: 3e-3}[value_dtype]
-    for name, actual, expected in zip(("output", "value", "sampling_locations", "attention_weights"),
-                                      (output, *grads), (expected_output, *expected_grads)):
+    for name, actual, expected in zip(
+        ("output", "value", "sampling_locations", "attention_weights"),
+        (output, *grads),
+        (expected_output, *expected_grads),
+    ):
         scale = expected.abs().max().clamp_min(1.0)
         # the float32 gradients only see value's rounding through grad_output: same tolerance
-        torch.testing.assert_close(actual.double(), expected, atol=tolerance * scale, rtol=tolerance,
-                                   msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            actual.double(), expected, atol=tolerance * scale, rtol=tolerance, msg=lambda m: f"{name}: {m}"
+        )
 
 
 def test_unsupported_dtype_mix_raises():
@@ -356,8 +371,11 @@ def test_shapes_as_ints_tensors_and_starts_agree():
     value, spatial_shapes, level_start_index, sampling_locations, attention_weights = make_inputs()
     pairs = [tuple(pair) for pair in spatial_shapes.tolist()]
     expected = ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, "cpu")
-    for shapes_argument, starts, shapes in ((pairs, None, None), (spatial_shapes, None, None),
-                                            (spatial_shapes, level_start_index, pairs)):
+    for shapes_argument, starts, shapes in (
+        (pairs, None, None),
+        (spatial_shapes, None, None),
+        (spatial_shapes, level_start_index, pairs),
+    ):
         output = ms_deform_attn(value, shapes_argument, starts, sampling_locations, attention_weights, "cpu", shapes)
         torch.testing.assert_close(output, expected, atol=0, rtol=0)
 
@@ -372,8 +390,14 @@ def test_shapes_as_ints_tensors_and_starts_agree():
         [[6, 5], [3, 7], [-2, -3]],  # a negative size whose product is positive
         [[0, 2**63 - 1], [6, 5], [2**63 - 1, 1]],  # empty levels fit whatever their width, the third does not
     ],
-    ids=["product_wraps_to_zero", "product_wraps_negative", "product_is_minus_one", "sum_overflows",
-         "negative_sizes", "huge_empty_levels"],
+    ids=[
+        "product_wraps_to_zero",
+        "product_wraps_negative",
+        "product_is_minus_one",
+        "sum_overflows",
+        "negative_sizes",
+        "huge_empty_levels",
+    ],
 )
 def test_overflowing_levels_raise(shapes):
     """Level sizes whose product (or running sum) overflows int64 are rejected, forward and backward,
@@ -434,10 +458,13 @@ class TestCuda:
 
     def test_cpu_spatial_shapes_and_empty(self):
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights = make_inputs(device="cuda")
-        output = ms_deform_attn(value, spatial_shapes.cpu(), level_start_index.cpu(), sampling_locations,
-                                attention_weights, backend="cuda")
-        torch.testing.assert_close(output, ms_deform_attn_pytorch(value, spatial_shapes, level_start_index,
-                                                                  sampling_locations, attention_weights))
+        output = ms_deform_attn(
+            value, spatial_shapes.cpu(), level_start_index.cpu(), sampling_locations, attention_weights, backend="cuda"
+        )
+        torch.testing.assert_close(
+            output,
+            ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations, attention_weights),
+        )
         empty = make_inputs(device="cuda", batch_size=0)
         assert ms_deform_attn(*empty, backend="cuda").shape == (0, 7, 10)
 
@@ -455,8 +482,13 @@ class TestCuda:
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights = make_inputs(
             device="cuda", head_dim=32, num_queries=9, shapes=((8, 6), (4, 3))
         )
-        inputs = (value.to(value_dtype), spatial_shapes.cpu(), level_start_index.cpu(), sampling_locations.float(),
-                  attention_weights.float())
+        inputs = (
+            value.to(value_dtype),
+            spatial_shapes.cpu(),
+            level_start_index.cpu(),
+            sampling_locations.float(),
+            attention_weights.float(),
+        )
         output, grads = output_and_grads(inputs, "cuda")
         assert output.dtype == value_dtype
         assert [grad.dtype for grad in grads] == [value_dtype, torch.float32, torch.float32]
@@ -469,19 +501,34 @@ class TestCuda:
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
     def test_encoder_like_shape_many_samples_per_pixel(self, dtype):
         """head_dim 32, 8 heads: the vectorised paths (float4 / 8 x 16 bit) and their atomics."""
-        inputs = make_inputs(device="cuda", batch_size=2, shapes=((12, 17), (6, 9), (3, 5), (2, 3)), num_heads=8,
-                             head_dim=32, num_queries=300, num_points=4, low=-0.1, high=1.1)
+        inputs = make_inputs(
+            device="cuda",
+            batch_size=2,
+            shapes=((12, 17), (6, 9), (3, 5), (2, 3)),
+            num_heads=8,
+            head_dim=32,
+            num_queries=300,
+            num_points=4,
+            low=-0.1,
+            high=1.1,
+        )
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights = inputs
-        typed = (value.to(dtype), spatial_shapes.cpu(), level_start_index.cpu(), sampling_locations.float(),
-                 attention_weights.float())
+        typed = (
+            value.to(dtype),
+            spatial_shapes.cpu(),
+            level_start_index.cpu(),
+            sampling_locations.float(),
+            attention_weights.float(),
+        )
         output, grads = output_and_grads(typed, "cuda")
         rounded = [t.to(torch.float64) if t.is_floating_point() else t for t in typed]
         expected_output, expected_grads = output_and_grads(rounded, "pytorch")
         tolerance = {torch.bfloat16: 2e-2, torch.float32: 1e-5}[dtype]
         for actual, expected in zip((output, *grads), (expected_output, *expected_grads)):
             scale = expected.abs().max().clamp_min(1.0).item()
-            torch.testing.assert_close(actual.double(), expected.to(actual.device), atol=tolerance * scale,
-                                       rtol=tolerance)
+            torch.testing.assert_close(
+                actual.double(), expected.to(actual.device), atol=tolerance * scale, rtol=tolerance
+            )
 
     @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
     def test_misaligned_value_uses_the_scalar_path(self, dtype):
@@ -498,16 +545,24 @@ class TestCuda:
         for grad, expected in zip(grads, aligned_grads):
             torch.testing.assert_close(grad, expected)
 
-    @pytest.mark.parametrize("shapes", [[[12, 10], [6, 14], [4, 4]], [[2**61, 8], [3, 7], [2, 2]],
-                                        [[0, 2**40], [6, 5], [3, 7]]], ids=["too_big", "overflowing", "not_int"])
+    @pytest.mark.parametrize(
+        "shapes",
+        [[[12, 10], [6, 14], [4, 4]], [[2**61, 8], [3, 7], [2, 2]], [[0, 2**40], [6, 5], [3, 7]]],
+        ids=["too_big", "overflowing", "not_int"],
+    )
     def test_invalid_levels_raise(self, shapes):
         value, _, _, sampling_locations, attention_weights = make_inputs(device="cuda")
         levels = [size for pair in shapes for size in pair]
         match = "above 2\\^31 - 1" if shapes[0][0] == 0 else "does not fit"
         with pytest.raises(RuntimeError, match=match):
             torch.ops.ddetr.ms_deform_attn_forward(value, levels, sampling_locations, attention_weights)
-        grad_output = torch.ones(value.shape[0], sampling_locations.shape[1], value.shape[2] * value.shape[3],
-                                 dtype=value.dtype, device="cuda")
+        grad_output = torch.ones(
+            value.shape[0],
+            sampling_locations.shape[1],
+            value.shape[2] * value.shape[3],
+            dtype=value.dtype,
+            device="cuda",
+        )
         with pytest.raises(RuntimeError, match=match):
             torch.ops.ddetr.ms_deform_attn_backward(grad_output, value, levels, sampling_locations, attention_weights)
 

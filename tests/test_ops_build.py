@@ -44,11 +44,19 @@ def test_cuda_sources_compile_with_nvcc(tmp_path):
     csrc = _build.csrc_dir()
     includes = [f"-I{csrc}"] + [f"-I{path}" for path in cpp_extension.include_paths(device_type="cuda")]
     command = [
-        nvcc, "-c", str(csrc / "cuda" / "ms_deform_attn_cuda.cu"), "-o", str(tmp_path / "ms_deform_attn_cuda.o"),
+        nvcc,
+        "-c",
+        str(csrc / "cuda" / "ms_deform_attn_cuda.cu"),
+        "-o",
+        str(tmp_path / "ms_deform_attn_cuda.o"),
         "-std=c++20",  # torch >= 2.10 headers need C++20
-        "-gencode=arch=compute_90,code=sm_90", "-O1", "-Xcompiler", "-fPIC",
-        *cpp_extension.COMMON_NVCC_FLAGS, *includes,
-    ]  # fmt: skip
+        "-gencode=arch=compute_90,code=sm_90",
+        "-O1",
+        "-Xcompiler",
+        "-fPIC",
+        *cpp_extension.COMMON_NVCC_FLAGS,
+        *includes,
+    ]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, f"nvcc failed:\n{' '.join(command)}\n{result.stdout}\n{result.stderr}"
     assert (tmp_path / "ms_deform_attn_cuda.o").stat().st_size > 0
@@ -85,12 +93,19 @@ def test_concurrent_first_use_builds_safely(tmp_path):
     a third process then loads the finished library directly, without building."""
     env = subprocess_env(DDETR_BUILD_DIR=str(tmp_path / "cache"))
     processes = [
-        subprocess.Popen([sys.executable, "-c", RUN_OP], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True),
-        subprocess.Popen([sys.executable, "-m", "ddetr.ops", "build", "--cpu-only"], env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
-        subprocess.Popen([sys.executable, "-c", RUN_OP], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True),
+        subprocess.Popen(
+            [sys.executable, "-c", RUN_OP], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        ),
+        subprocess.Popen(
+            [sys.executable, "-m", "ddetr.ops", "build", "--cpu-only"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        ),
+        subprocess.Popen(
+            [sys.executable, "-c", RUN_OP], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        ),
     ]
     outputs = [process.communicate(timeout=900) for process in processes]
     for process, (stdout, stderr) in zip(processes, outputs):
@@ -194,7 +209,11 @@ def test_every_torch_check_message_is_one_string():
     sources = sorted(_build.csrc_dir().rglob("*.[ch]*"))
     checks = {path.name: _torch_checks(path.read_text()) for path in sources}
     assert sum(len(found) for found in checks.values()) >= 20  # the parser finds the op's checks
-    streamed = [f"{name}: TORCH_CHECK({args[:80]}...)" for name, found in checks.items() for args in found
-                if _top_level_commas(args) != 1]
+    streamed = [
+        f"{name}: TORCH_CHECK({args[:80]}...)"
+        for name, found in checks.items()
+        for args in found
+        if _top_level_commas(args) != 1
+    ]
     assert not streamed, "\n".join(streamed)
     assert _top_level_commas('a == b, "x", 1') == 2 and _top_level_commas('f(a, b), message("x, y", 1)') == 1

@@ -46,7 +46,11 @@ def installed(tmp_path_factory) -> tuple[Path, dict[str, str]]:
         shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "DDETR_CSRC_DIR", "DDETR_ROOT")}
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input"]
-    run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-q", "--wheel-dir", str(base / "dist"), str(source)], base, env)
+    run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-q", "--wheel-dir", str(base / "dist"), str(source)],
+        base,
+        env,
+    )
     (wheel,) = (base / "dist").glob("ddetr-*.whl")
     target = base / "site"
     run([*pip, "install", "--no-deps", "-q", "--target", str(target), str(wheel)], base, env)
@@ -60,10 +64,15 @@ def test_a_wheel_install_trains_evaluates_predicts_and_exports_from_elsewhere(in
     work = tmp_path / "elsewhere"
     work.mkdir()
     where = run(
-        [sys.executable, "-c", "import ddetr, ddetr.app as a, ddetr.ops._build as b; "
-         "print(ddetr.__file__); print(a.CONFIG_DIR); print(b.csrc_dir())"],
-        work, env,
-    ).split()  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            "import ddetr, ddetr.app as a, ddetr.ops._build as b; "
+            "print(ddetr.__file__); print(a.CONFIG_DIR); print(b.csrc_dir())",
+        ],
+        work,
+        env,
+    ).split()
     assert all(Path(path).is_relative_to(target / "ddetr") for path in where), where
 
     bin_dir = target / "bin"
@@ -76,24 +85,48 @@ def test_a_wheel_install_trains_evaluates_predicts_and_exports_from_elsewhere(in
     assert checkpoint.is_file()
 
     evaluation = run(
-        [str(bin_dir / "ddetr-eval"), f"ckpt_path={checkpoint}", "data.num_train=12", "data.num_val=6",
-         "data.image_size=64", "data.num_workers=0", "trainer.accelerator=cpu", "hydra.run.dir=eval"],
-        work, env,
-    )  # fmt: skip
+        [
+            str(bin_dir / "ddetr-eval"),
+            f"ckpt_path={checkpoint}",
+            "data.num_train=12",
+            "data.num_val=6",
+            "data.image_size=64",
+            "data.num_workers=0",
+            "trainer.accelerator=cpu",
+            "hydra.run.dir=eval",
+        ],
+        work,
+        env,
+    )
     assert "COCO metrics of" in evaluation and (work / "eval" / "metrics.json").is_file()
 
     image = sorted((work / "data" / "synthetic" / "val").glob("*.jpg"))[0]
     prediction = run(
-        [str(bin_dir / "ddetr-predict"), f"ckpt_path={checkpoint}", f"input={image}", "output=out", "hydra.run.dir=predict"],
-        work, env,
-    )  # fmt: skip
+        [
+            str(bin_dir / "ddetr-predict"),
+            f"ckpt_path={checkpoint}",
+            f"input={image}",
+            "output=out",
+            "hydra.run.dir=predict",
+        ],
+        work,
+        env,
+    )
     assert "1 image(s)" in prediction and (work / "out" / "detections.json").is_file()
 
     run(
-        [str(bin_dir / "ddetr-export"), f"ckpt_path={checkpoint}", "format=torch_export", "output=model.pt2",
-         "height=64", "width=64", "hydra.run.dir=export"],
-        work, env,
-    )  # fmt: skip
+        [
+            str(bin_dir / "ddetr-export"),
+            f"ckpt_path={checkpoint}",
+            "format=torch_export",
+            "output=model.pt2",
+            "height=64",
+            "width=64",
+            "hydra.run.dir=export",
+        ],
+        work,
+        env,
+    )
     assert (work / "model.pt2").is_file()
 
     assert "official" in run([str(bin_dir / "ddetr-convert"), "--help"], work, env)

@@ -23,7 +23,10 @@ def batches(num_batches: int = 3) -> list:
         mask = torch.zeros(2, 64, 80, dtype=torch.bool)
         mask[1, 48:, :] = True
         targets = [
-            {"labels": torch.randint(0, 3, (n,), generator=generator), "boxes": torch.rand(n, 4, generator=generator) * 0.3 + 0.3}
+            {
+                "labels": torch.randint(0, 3, (n,), generator=generator),
+                "boxes": torch.rand(n, 4, generator=generator) * 0.3 + 0.3,
+            }
             for n in (2, 3)
         ]
         result.append((images, mask, targets))
@@ -87,5 +90,7 @@ def test_configs_set_matmul_precision():
     from ddetr.app import compose
 
     for name in ("train", "eval", "predict"):
-        overrides = ["ckpt_path=x"] if name == "eval" else (["ckpt_path=x", "input=x", "output=x"] if name == "predict" else [])
+        overrides = (
+            ["ckpt_path=x"] if name == "eval" else (["ckpt_path=x", "input=x", "output=x"] if name == "predict" else [])
+        )
         assert compose(overrides, config_name=name).matmul_precision == "high"

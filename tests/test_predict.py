@@ -41,7 +41,10 @@ def checkpoint(tmp_path_factory, dataset, tiny_options) -> Path:
     annotations = json.loads((dataset / "annotations" / "instances_val.json").read_text())
     categories = sorted(annotations["categories"], key=lambda c: c["id"])
     module = make_module(
-        tiny_options(), len(categories), label_to_category_id=[c["id"] for c in categories], category_names=[c["name"] for c in categories]
+        tiny_options(),
+        len(categories),
+        label_to_category_id=[c["id"] for c in categories],
+        category_names=[c["name"] for c in categories],
     )
     path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
     save_checkpoint(module, path, "test")
@@ -50,10 +53,19 @@ def checkpoint(tmp_path_factory, dataset, tiny_options) -> Path:
 
 def predict_config(checkpoint: Path, input_path: Path, output: Path, *extra: str):
     return compose(
-        [f"ckpt_path={checkpoint}", f"input={input_path}", f"output={output}", "size=96", "max_size=144",
-         "device=cpu", "progress_bar=false", f"paths.log_dir={output}/logs", *extra],
+        [
+            f"ckpt_path={checkpoint}",
+            f"input={input_path}",
+            f"output={output}",
+            "size=96",
+            "max_size=144",
+            "device=cpu",
+            "progress_bar=false",
+            f"paths.log_dir={output}/logs",
+            *extra,
+        ],
         config_name="predict",
-    )  # fmt: skip
+    )
 
 
 def test_predict_matches_the_model_and_writes_coco_results(tmp_path, dataset, checkpoint):
@@ -64,9 +76,13 @@ def test_predict_matches_the_model_and_writes_coco_results(tmp_path, dataset, ch
         (images / file.name).write_bytes(file.read_bytes())
     output = tmp_path / "out"
     cfg = predict_config(
-        checkpoint, images, output, "threshold=0.0", "batch_size=2",
+        checkpoint,
+        images,
+        output,
+        "threshold=0.0",
+        "batch_size=2",
         f"annotations={dataset / 'annotations' / 'instances_val.json'}",
-    )  # fmt: skip
+    )
     summary = predict(cfg)
 
     assert summary["num_images"] == len(files) and not summary["skipped"]
@@ -103,11 +119,16 @@ def test_unreadable_images_are_skipped_and_attention_pictures(tmp_path, dataset,
     (images / image.name).write_bytes(image.read_bytes())
     (images / "broken.jpg").write_bytes(b"not an image")
     output = tmp_path / "out"
-    summary = predict(predict_config(checkpoint, images, output, "threshold=0.0", "attention=true", "attention_top_k=2"))
+    summary = predict(
+        predict_config(checkpoint, images, output, "threshold=0.0", "attention=true", "attention_top_k=2")
+    )
     assert summary["num_images"] == 1
     assert [Path(file).name for file, _ in summary["skipped"]] == ["broken.jpg"]
     assert "cannot decode" in summary["skipped"][0][1]
-    assert sorted(p.name for p in (output / "attention").glob("*.png")) == [f"{image.stem}_0.png", f"{image.stem}_1.png"]
+    assert sorted(p.name for p in (output / "attention").glob("*.png")) == [
+        f"{image.stem}_0.png",
+        f"{image.stem}_1.png",
+    ]
     assert summary["num_detections"] == 10 * 6  # every (query, class): fewer than num_select
     predict(predict_config(checkpoint, image, tmp_path / "high", "threshold=0.999"))
     assert all(r["score"] >= 0.999 for r in json.loads((tmp_path / "high" / "detections.json").read_text()))
@@ -147,10 +168,23 @@ def test_class_names_of_a_converted_coco_checkpoint(tiny_options):
 def test_command_line(tmp_path, dataset, checkpoint):
     image = sorted((dataset / "val").glob("*.jpg"))[0]
     result = subprocess.run(
-        [sys.executable, "-m", "ddetr.predict", f"ckpt_path={checkpoint}", f"input={image}", f"output={tmp_path}/out",
-         "size=96", "max_size=144", "threshold=0.0", f"paths.log_dir={tmp_path}/logs"],
-        capture_output=True, text=True, cwd=ROOT, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "ddetr.predict",
+            f"ckpt_path={checkpoint}",
+            f"input={image}",
+            f"output={tmp_path}/out",
+            "size=96",
+            "max_size=144",
+            "threshold=0.0",
+            f"paths.log_dir={tmp_path}/logs",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "1 image(s), 60 detection(s)" in result.stdout
     assert (tmp_path / "out" / "images" / f"{image.stem}.png").is_file()

@@ -79,7 +79,9 @@ def test_every_ending_leaves_the_final_weights_validated_in_last_ckpt(ending, tm
 
 
 def test_a_time_limit_ends_with_the_final_weights_validated(tmp_path, data_root, debug_overrides):
-    overrides = debug_overrides(tmp_path, data_root) + EVERY_2 + ["trainer.max_epochs=50", "trainer.max_time=00:00:00:02"]
+    overrides = (
+        debug_overrides(tmp_path, data_root) + EVERY_2 + ["trainer.max_epochs=50", "trainer.max_time=00:00:00:02"]
+    )
     metrics = train(compose(overrides))
     written = json.loads((tmp_path / "metrics.json").read_text())
     steps = written["steps"]
@@ -95,13 +97,17 @@ def test_without_validation_last_ckpt_still_holds_the_final_step(tmp_path, data_
     assert load(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 3
 
 
-def test_early_stopping_stops_after_patience_validations_and_keeps_last_and_best(tmp_path, data_root, debug_overrides, capsys):
+def test_early_stopping_stops_after_patience_validations_and_keeps_last_and_best(
+    tmp_path, data_root, debug_overrides, capsys
+):
     # min_delta 1: no AP gain counts as an improvement after the first validation, so with patience 2 the run
     # stops after the third validation (epoch 3 of 20, step 9), whatever the AP does
     overrides = debug_overrides(tmp_path, data_root) + [
-        "trainer.max_epochs=20", "early_stopping.patience=2", "early_stopping.min_delta=1.0",
+        "trainer.max_epochs=20",
+        "early_stopping.patience=2",
+        "early_stopping.min_delta=1.0",
         "callbacks.validation_images.num_images=0",
-    ]  # fmt: skip
+    ]
     train(compose(overrides))
     written = json.loads((tmp_path / "metrics.json").read_text())
     assert written["steps"] == 9
@@ -137,12 +143,17 @@ def test_resuming_from_a_forced_final_validation_continues_exactly(ema, tmp_path
     first_last = tmp_path / "first" / "checkpoints" / "last.ckpt"
     assert load(first_last)["global_step"] == 4
     resumed = RecordLosses()
-    train(compose(debug_overrides(tmp_path / "second", data_root) + extra + [f"ckpt_path={first_last}"]),
-          extra_callbacks=[resumed])  # fmt: skip
+    train(
+        compose(debug_overrides(tmp_path / "second", data_root) + extra + [f"ckpt_path={first_last}"]),
+        extra_callbacks=[resumed],
+    )
     assert sorted(resumed.losses) == list(range(5, 10))
     for step, loss in resumed.losses.items():
         assert loss == pytest.approx(full.losses[step], abs=1e-6), f"step {step}"
-    full_state, resumed_state = load(tmp_path / "full" / "checkpoints" / "last.ckpt"), load(tmp_path / "second" / "checkpoints" / "last.ckpt")
+    full_state, resumed_state = (
+        load(tmp_path / "full" / "checkpoints" / "last.ckpt"),
+        load(tmp_path / "second" / "checkpoints" / "last.ckpt"),
+    )
     assert full_state["global_step"] == resumed_state["global_step"] == 9
     keys = ["state_dict"] + (["current_model_state"] if ema else [])
     for key in keys:
@@ -157,14 +168,26 @@ def test_ddp_with_fewer_validation_images_than_ranks_is_refused_in_one_line(tmp_
     import subprocess
     import sys
 
-    overrides = debug_overrides(tmp_path, tmp_path / "data") + ["data.num_val=1", "trainer=ddp", "trainer.accelerator=cpu",
-                                                                "trainer.devices=2"]  # fmt: skip
+    overrides = debug_overrides(tmp_path, tmp_path / "data") + [
+        "data.num_val=1",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+    ]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
-    result = subprocess.run([sys.executable, "-m", "ddetr.train", *overrides], capture_output=True, text=True,
-                            cwd=tmp_path, env=env, timeout=300)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "ddetr.train", *overrides],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
+    )
     assert result.returncode == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
-    assert last == ("error: 1 validation image(s) for 2 ranks: every rank needs at least one; use at most 1 devices "
-                    "(trainer.devices, trainer.num_nodes) or more validation images")  # fmt: skip
+    assert last == (
+        "error: 1 validation image(s) for 2 ranks: every rank needs at least one; use at most 1 devices "
+        "(trainer.devices, trainer.num_nodes) or more validation images"
+    )
     assert not (tmp_path / "checkpoints").exists()

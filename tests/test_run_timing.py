@@ -19,6 +19,7 @@ def test_an_unvalidated_last_epoch_is_validated_and_the_run_is_timed(tmp_path, d
     assert written["steps"] == 9 and written["wall_s"] > written["validation_s"] > 0
     logged = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()
     header = logged[0].split(",")
-    steps_validated = [row.split(",")[header.index("step")] for row in logged[1:]
-                       if row.split(",")[header.index("val/AP50")]]  # fmt: skip
+    steps_validated = [
+        row.split(",")[header.index("step")] for row in logged[1:] if row.split(",")[header.index("val/AP50")]
+    ]
     assert steps_validated == ["5", "8"]  # after epoch 2 (step 6) and after the last of the 9 steps, inside the fit

@@ -24,15 +24,31 @@ def test_sigusr1_requeues_and_the_requeued_job_resumes(tmp_path, debug_overrides
     scontrol = bin_dir / "scontrol"
     scontrol.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
     scontrol.chmod(0o755)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT / "src"), "PATH": f"{bin_dir}:{os.environ['PATH']}",
-           "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "ddetr", "SLURM_NTASKS": "1", "SLURM_PROCID": "0",
-           "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": str(ROOT / "src"),
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NAME": "ddetr",
+        "SLURM_NTASKS": "1",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+        "SLURM_NODELIST": "localhost",
+    }
     overrides = [o for o in debug_overrides(tmp_path, tmp_path / "data") if not o.startswith("paths.output_dir")]
     overrides += [f"paths.log_dir={tmp_path}/logs"]
     run_dir = tmp_path / "logs" / "train" / "runs" / "slurm_4242"  # named by the job: the requeued job finds it
 
-    first = subprocess.Popen([sys.executable, "-m", "ddetr.train", *overrides, "trainer.max_epochs=1000"], cwd=tmp_path,
-                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    first = subprocess.Popen(
+        [sys.executable, "-m", "ddetr.train", *overrides, "trainer.max_epochs=1000"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.time() + 300
     while not (run_dir / "csv" / "metrics.csv").is_file() and time.time() < deadline and first.poll() is None:
         time.sleep(0.5)
@@ -47,8 +63,14 @@ def test_sigusr1_requeues_and_the_requeued_job_resumes(tmp_path, debug_overrides
 
     # the requeued job: the same command, no ckpt_path, a few more epochs to finish
     more = f"trainer.max_epochs={stopped['epoch'] + 2}"
-    second = subprocess.run([sys.executable, "-m", "ddetr.train", *overrides, more], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    second = subprocess.run(
+        [sys.executable, "-m", "ddetr.train", *overrides, more],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"ckpt_path=auto: resuming from {ckpt}" in second.stdout + second.stderr
     final = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)

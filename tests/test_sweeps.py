@@ -17,8 +17,9 @@ from ddetr.data import ensure_synthetic_dataset
 
 def run_train(args: list[str], cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline"}
-    result = subprocess.run([sys.executable, "-m", "ddetr.train", *args], cwd=cwd, env=env, capture_output=True,
-                            text=True, timeout=timeout)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "ddetr.train", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
 
@@ -26,8 +27,9 @@ def run_train(args: list[str], cwd: Path, timeout: int = 900) -> subprocess.Comp
 def sweep_overrides(tmp_path: Path, debug_overrides) -> list[str]:
     """``preset=debug`` on a synthetic dataset made beforehand (parallel jobs must not both write it),
     one training step per run."""
-    data_root = ensure_synthetic_dataset(tmp_path / "synthetic", num_train=12, num_val=6, image_size=64,
-                                         progress=False, num_workers=0)  # fmt: skip
+    data_root = ensure_synthetic_dataset(
+        tmp_path / "synthetic", num_train=12, num_val=6, image_size=64, progress=False, num_workers=0
+    )
     overrides = [o for o in debug_overrides(tmp_path, data_root) if not o.startswith("paths.output_dir")]
     return [*overrides, "callbacks.evaluation_pictures=null", "callbacks.validation_images=null"]
 
@@ -36,8 +38,17 @@ def sweep_overrides(tmp_path: Path, debug_overrides) -> list[str]:
 def test_the_submitit_local_launcher_runs_each_point_in_its_own_directory(tmp_path, debug_overrides):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     sweep = tmp_path / "sweep"
-    run_train(["-m", "hydra/launcher=submitit_local", "model.optim.lr=1e-4,3e-4", "trainer.limit_train_batches=1",
-               f"hydra.sweep.dir={sweep}", *sweep_overrides(tmp_path, debug_overrides)], cwd=tmp_path)  # fmt: skip
+    run_train(
+        [
+            "-m",
+            "hydra/launcher=submitit_local",
+            "model.optim.lr=1e-4,3e-4",
+            "trainer.limit_train_batches=1",
+            f"hydra.sweep.dir={sweep}",
+            *sweep_overrides(tmp_path, debug_overrides),
+        ],
+        cwd=tmp_path,
+    )
     assert (sweep / ".submitit").is_dir()  # the jobs went through submitit
     learning_rates = {}
     for job in ("0", "1"):
@@ -56,9 +67,18 @@ def test_the_optuna_sweeper_maximises_val_ap(tmp_path, debug_overrides):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     sweep = tmp_path / "sweep"
     # no direction given: conf/train.yaml's optimized_direction (maximize) applies
-    run_train(["-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=3", "hydra.sweeper.sampler.seed=0",
-               "model.optim.lr=interval(1e-5,1e-2)", f"hydra.sweep.dir={sweep}",
-               *sweep_overrides(tmp_path, debug_overrides)], cwd=tmp_path)  # fmt: skip
+    run_train(
+        [
+            "-m",
+            "hydra/sweeper=optuna",
+            "hydra.sweeper.n_trials=3",
+            "hydra.sweeper.sampler.seed=0",
+            "model.optim.lr=interval(1e-5,1e-2)",
+            f"hydra.sweep.dir={sweep}",
+            *sweep_overrides(tmp_path, debug_overrides),
+        ],
+        cwd=tmp_path,
+    )
     trials = {}
     for job in sorted(p for p in sweep.iterdir() if (p / "metrics.json").is_file()):
         overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())

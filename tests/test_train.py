@@ -73,29 +73,45 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.Comple
 @pytest.mark.slow
 def test_sweep_runs_every_combination(tmp_path, data_root, debug_overrides):
     overrides = [o for o in debug_overrides(tmp_path, data_root) if not o.startswith("paths.output_dir")]
-    run_cli(["-m", "model.enc_n_points=1,2", "model.dec_n_points=1,2", "trainer.limit_train_batches=1",
-             "trainer.limit_val_batches=1", f"hydra.sweep.dir={tmp_path}/sweep", *overrides], cwd=tmp_path)
+    run_cli(
+        [
+            "-m",
+            "model.enc_n_points=1,2",
+            "model.dec_n_points=1,2",
+            "trainer.limit_train_batches=1",
+            "trainer.limit_val_batches=1",
+            f"hydra.sweep.dir={tmp_path}/sweep",
+            *overrides,
+        ],
+        cwd=tmp_path,
+    )
     runs = sorted((tmp_path / "sweep").glob("*/metrics.json"))
     assert len(runs) == 4
     seen = set()
     for run in runs:
         config = (run.parent / ".hydra" / "overrides.yaml").read_text()
-        seen.add(tuple(p for p in ("enc_n_points=1", "enc_n_points=2", "dec_n_points=1", "dec_n_points=2") if p in config))
+        seen.add(
+            tuple(p for p in ("enc_n_points=1", "enc_n_points=2", "dec_n_points=1", "dec_n_points=2") if p in config)
+        )
     assert len(seen) == 4
 
 
 @pytest.mark.slow
 def test_ddp_on_two_cpu_processes(tmp_path, data_root, debug_overrides):
     overrides = [o for o in debug_overrides(tmp_path, data_root) if not o.startswith("paths.output_dir")]
-    run_cli(["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-             f"hydra.run.dir={tmp_path}/ddp", *overrides], cwd=tmp_path)
+    run_cli(
+        ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", f"hydra.run.dir={tmp_path}/ddp", *overrides],
+        cwd=tmp_path,
+    )
     metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     # the metrics gathered over two ranks are those of one process validating the same checkpoint
     import lightning as L
     from hydra.utils import instantiate
 
     cfg = compose([*overrides, f"paths.output_dir={tmp_path}/single"])
-    module = DeformableDETRModule.load_from_checkpoint(tmp_path / "ddp" / "checkpoints" / "last.ckpt", map_location="cpu")
+    module = DeformableDETRModule.load_from_checkpoint(
+        tmp_path / "ddp" / "checkpoints" / "last.ckpt", map_location="cpu"
+    )
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
     single = trainer.validate(module, datamodule=instantiate(cfg.data), verbose=False)[0]
     for name in ("val/AP", "val/AP50", "val/AR100"):
@@ -110,7 +126,9 @@ def test_wandb_logger_runs_offline(tmp_path, data_root, debug_overrides):
     assert runs, "an offline wandb run directory is written"
     files = {p.name for p in runs[0].rglob("*")}
     assert any(name.endswith(".wandb") for name in files)
-    assert any(name.startswith("pr_curves_") for name in files) and any(name.startswith("confusion_matrix_") for name in files)
+    assert any(name.startswith("pr_curves_") for name in files) and any(
+        name.startswith("confusion_matrix_") for name in files
+    )
 
 
 def data_with_empty_images(data_root: Path, out: Path, keep_boxes_of: int = 1) -> Path:
@@ -129,15 +147,35 @@ def test_ddp_empty_rank_and_odd_val_set(tmp_path, data_root, debug_overrides):
     and no rank hangs. 5 val images (odd) evaluated on 2 ranks give the AP of 1 process."""
     data_root = ensure_synthetic_dataset(tmp_path / "synthetic", num_train=4, num_val=5, image_size=64, progress=False)
     train_json = data_with_empty_images(data_root, tmp_path / "train.json")
-    data = ["data=custom", f"data.train_images={data_root}/train", f"data.train_annotations={train_json}",
-            f"data.val_images={data_root}/val", f"data.val_annotations={data_root}/annotations/instances_val.json",
-            "data.batch_size=1", "data.num_workers=0", "data.val_transforms.size=64", "data.val_transforms.max_size=96",
-            "data.train_transforms.scales=[48,64]", "data.train_transforms.max_size=96",
-            "data.train_transforms.crop_resize_scales=[48,64]", "data.train_transforms.crop_min_size=32",
-            "data.train_transforms.crop_max_size=64"]
+    data = [
+        "data=custom",
+        f"data.train_images={data_root}/train",
+        f"data.train_annotations={train_json}",
+        f"data.val_images={data_root}/val",
+        f"data.val_annotations={data_root}/annotations/instances_val.json",
+        "data.batch_size=1",
+        "data.num_workers=0",
+        "data.val_transforms.size=64",
+        "data.val_transforms.max_size=96",
+        "data.train_transforms.scales=[48,64]",
+        "data.train_transforms.max_size=96",
+        "data.train_transforms.crop_resize_scales=[48,64]",
+        "data.train_transforms.crop_min_size=32",
+        "data.train_transforms.crop_max_size=64",
+    ]
     model = ["model=tiny", "callbacks.progress_bar.refresh_rate=0", "trainer.log_every_n_steps=1"]
-    run_cli(["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_epochs=2",
-             f"hydra.run.dir={tmp_path}/ddp", *model, *data], cwd=tmp_path)
+    run_cli(
+        [
+            "trainer=ddp",
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            "trainer.max_epochs=2",
+            f"hydra.run.dir={tmp_path}/ddp",
+            *model,
+            *data,
+        ],
+        cwd=tmp_path,
+    )
     metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert all(v == v for v in metrics["all"].values()), "no NaN metric"  # finite losses on both ranks
 
@@ -146,7 +184,9 @@ def test_ddp_empty_rank_and_odd_val_set(tmp_path, data_root, debug_overrides):
 
     cfg = compose([*model, *data, f"paths.output_dir={tmp_path}/single"])
     datamodule = instantiate(cfg.data)
-    module = DeformableDETRModule.load_from_checkpoint(tmp_path / "ddp" / "checkpoints" / "last.ckpt", map_location="cpu")
+    module = DeformableDETRModule.load_from_checkpoint(
+        tmp_path / "ddp" / "checkpoints" / "last.ckpt", map_location="cpu"
+    )
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
     single = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
     assert len(datamodule.val_dataset) == 5
@@ -154,7 +194,9 @@ def test_ddp_empty_rank_and_odd_val_set(tmp_path, data_root, debug_overrides):
         assert single[name] == pytest.approx(metrics["all"][name], abs=1e-9), name
 
 
-def test_checkpoint_from_init_from_loads_evaluates_and_resumes_without_the_init_file(tmp_path, data_root, debug_overrides):
+def test_checkpoint_from_init_from_loads_evaluates_and_resumes_without_the_init_file(
+    tmp_path, data_root, debug_overrides
+):
     import shutil
 
     import lightning as L

@@ -196,7 +196,11 @@ def hydra_app(config_name: str, run: Callable[[DictConfig], Any]) -> Callable[[]
         apply_matmul_precision(cfg)
         try:
             return run(cfg)
-        except (CheckpointError, DatasetError, RunConfigError) as error:  # one line naming the file or setting and the likely cause, no traceback
+        except (
+            CheckpointError,
+            DatasetError,
+            RunConfigError,
+        ) as error:  # one line naming the file or setting and the likely cause, no traceback
             raise SystemExit(f"error: {error}") from None
 
     hydra_main = hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=config_name)(configured_run)

@@ -79,8 +79,10 @@ def _why_unreadable(path: Path, error: BaseException) -> str:
             return "a zip file, but not a PyTorch checkpoint"
         return f"a PyTorch checkpoint torch cannot load ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
     if len(head) >= 9 and head[8:9] == b"{":
-        return ("a safetensors file (transformers weights?): convert the model's directory first: "
-                "python -m ddetr.convert hf MODEL_DIR converted.ckpt")  # fmt: skip
+        return (
+            "a safetensors file (transformers weights?): convert the model's directory first: "
+            "python -m ddetr.convert hf MODEL_DIR converted.ckpt"
+        )
     if head.startswith(PICKLE_PROTOCOL_2_PLUS) and isinstance(error, (EOFError, pickle.UnpicklingError, RuntimeError)):
         return f"a legacy PyTorch file that ends early ({size} bytes): an interrupted copy or download; copy it again"
     return f"not a PyTorch checkpoint (it starts with {head[:8]!r})"
@@ -168,8 +170,11 @@ def load_file(
     """
     path = Path(path)
     if path.is_dir():
-        hint = (f"a transformers model directory: convert it first: python -m ddetr.convert hf {path} converted.ckpt"
-                if (path / "config.json").is_file() else "a directory, not a checkpoint file")  # fmt: skip
+        hint = (
+            f"a transformers model directory: convert it first: python -m ddetr.convert hf {path} converted.ckpt"
+            if (path / "config.json").is_file()
+            else "a directory, not a checkpoint file"
+        )
         raise CheckpointError(f"{what}: {path} is {hint}")
     if not path.is_file():
         raise CheckpointNotFoundError(f"{what}: no checkpoint at {path}")
@@ -221,12 +226,18 @@ def _require_module_checkpoint(checkpoint: dict[str, Any], path: Path, what: str
     """``CheckpointError`` unless ``checkpoint`` is a ddetr/Lightning checkpoint of a DeformableDETRModule."""
     if "state_dict" not in checkpoint:
         if any(str(key).startswith(("backbone.", "transformer.", "class_embed.")) for key in checkpoint):
-            raise CheckpointError(f"{what}: {path} is a plain state dict of DeformableDETR, not a ddetr/Lightning "
-                                  "checkpoint; start training from it with model.init_from=")  # fmt: skip
-        raise CheckpointError(f"{what}: {path} is not a ddetr/Lightning checkpoint (no state_dict; keys {sorted(map(str, checkpoint))[:5]})")
+            raise CheckpointError(
+                f"{what}: {path} is a plain state dict of DeformableDETR, not a ddetr/Lightning "
+                "checkpoint; start training from it with model.init_from="
+            )
+        raise CheckpointError(
+            f"{what}: {path} is not a ddetr/Lightning checkpoint (no state_dict; keys {sorted(map(str, checkpoint))[:5]})"
+        )
     if "hidden_dim" not in checkpoint.get("hyper_parameters", {}):
-        raise CheckpointError(f"{what}: {path} is a Lightning checkpoint but not of ddetr's DeformableDETRModule "
-                              "(no model hyper-parameters)")  # fmt: skip
+        raise CheckpointError(
+            f"{what}: {path} is a Lightning checkpoint but not of ddetr's DeformableDETRModule "
+            "(no model hyper-parameters)"
+        )
 
 
 def _without_initial_weights(hyper_parameters: dict[str, Any]) -> dict[str, Any]:
@@ -238,8 +249,9 @@ def _without_initial_weights(hyper_parameters: dict[str, Any]) -> dict[str, Any]
     return {}
 
 
-def load_module(ckpt_path: str | os.PathLike, device: torch.device | str = "cpu", what: str = "ckpt_path",
-                trust: bool = False):  # fmt: skip
+def load_module(
+    ckpt_path: str | os.PathLike, device: torch.device | str = "cpu", what: str = "ckpt_path", trust: bool = False
+):
     """``DeformableDETRModule`` from a training or ``ddetr.convert`` checkpoint, in eval mode on ``device``.
 
     Weights-only (``trust=True``, i.e. ``trust_checkpoint=true``, unpickles the file in full).
@@ -263,8 +275,10 @@ def check_resume_checkpoint(ckpt_path: str | os.PathLike, what: str = "ckpt_path
     checkpoint = read_checkpoint(path, what, mmap=True, trust=trust)
     _require_module_checkpoint(checkpoint, path, what)
     if "optimizer_states" not in checkpoint or "loops" not in checkpoint:
-        raise CheckpointError(f"{what}: {path} holds weights only (e.g. from ddetr.convert), not a training state to "
-                              f"resume; start from its weights with model.init_from={path}")  # fmt: skip
+        raise CheckpointError(
+            f"{what}: {path} holds weights only (e.g. from ddetr.convert), not a training state to "
+            f"resume; start from its weights with model.init_from={path}"
+        )
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -357,7 +371,9 @@ def load_pretrained(model: nn.Module, path: str, trust: bool = False) -> None:
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in reinitialised]
     if missing or unexpected:
-        raise ValueError(f"{path}: checkpoint does not fit the model: missing {missing[:10]}, unexpected {unexpected[:10]}")
+        raise ValueError(
+            f"{path}: checkpoint does not fit the model: missing {missing[:10]}, unexpected {unexpected[:10]}"
+        )
     if reinitialised:
         log.warning(
             "%s: the number of classes differs; re-initialised the class heads (%s)", path, ", ".join(reinitialised)

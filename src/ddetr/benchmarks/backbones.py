@@ -23,9 +23,17 @@ import torch
 from ddetr.models import DeformableDETRConfig, build_deformable_detr
 
 SMALL = dict(
-    num_feature_levels=3, hidden_dim=64, nheads=4, enc_layers=2, dec_layers=3, dim_feedforward=256,
-    dropout=0.0, num_queries=50, with_box_refine=True, two_stage=True,
-)  # fmt: skip
+    num_feature_levels=3,
+    hidden_dim=64,
+    nheads=4,
+    enc_layers=2,
+    dec_layers=3,
+    dim_feedforward=256,
+    dropout=0.0,
+    num_queries=50,
+    with_box_refine=True,
+    two_stage=True,
+)
 DEFAULT_BACKBONES = "resnet18,resnet50,timm:convnext_atto,timm:efficientnet_b0"
 
 

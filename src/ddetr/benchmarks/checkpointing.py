@@ -37,9 +37,13 @@ def measure(mode: str, size: int, batch: int, device: str, attn_backend: str = "
     model = build_deformable_detr(91, checkpointing=mode, attn_backend=attn_backend).to(device).train()
     criterion = build_criterion(91)
     images = [torch.randn(3, size, size, device=device) for _ in range(batch)]
-    targets = [{"labels": torch.tensor([1, 5], device=device),
-                "boxes": torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.6, 0.6, 0.3, 0.2]], device=device)}
-               for _ in range(batch)]  # fmt: skip
+    targets = [
+        {
+            "labels": torch.tensor([1, 5], device=device),
+            "boxes": torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.6, 0.6, 0.3, 0.2]], device=device),
+        }
+        for _ in range(batch)
+    ]
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -69,16 +73,31 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows = []
     for mode in MODES:  # a fresh process each: the peak resident set only grows
-        command = [sys.executable, "-m", "ddetr.benchmarks.checkpointing", "--mode", mode, "--size", str(args.size),
-                   "--batch", str(args.batch), "--device", args.device, "--attn-backend", args.attn_backend]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "ddetr.benchmarks.checkpointing",
+            "--mode",
+            mode,
+            "--size",
+            str(args.size),
+            "--batch",
+            str(args.batch),
+            "--device",
+            args.device,
+            "--attn-backend",
+            args.attn_backend,
+        ]
         # glibc: every block over 64 KiB is its own mapping, returned on free, so the peak resident set
         # follows the live tensors instead of what the allocator keeps cached
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_ARENA_MAX": "1"}
         output = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
         rows.append(json.loads(output.strip().splitlines()[-1]))
     base = rows[0]["peak_mib"]
-    print(f"official multi-scale R-50, batch {args.batch} at {args.size}x{args.size}, {args.device}, "
-          f"attention {args.attn_backend}, one training step")
+    print(
+        f"official multi-scale R-50, batch {args.batch} at {args.size}x{args.size}, {args.device}, "
+        f"attention {args.attn_backend}, one training step"
+    )
     print("| model.checkpointing | peak MiB | saving | step s |\n|---|---:|---:|---:|")
     for row in rows:
         print(f"| {row['mode']} | {row['peak_mib']:.0f} | {1 - row['peak_mib'] / base:.0%} | {row['seconds']:.1f} |")

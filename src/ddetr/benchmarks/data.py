@@ -43,10 +43,19 @@ def write_coco_like_annotations(path: Path, num_images: int, num_boxes: int, see
     with two decimals, 80 category ids with COCO's gaps), no segmentations."""
     rng = np.random.default_rng(seed)
     widths, heights = rng.integers(200, 641, num_images), rng.integers(200, 641, num_images)
-    images = [{"license": 3, "file_name": f"{i + 1:012d}.jpg", "coco_url": f"http://images/train2017/{i + 1:012d}.jpg",
-               "height": int(heights[i]), "width": int(widths[i]), "date_captured": "2013-11-14 16:28:13",
-               "flickr_url": "http://farm/2970773875_164f0c0b83_z.jpg", "id": i + 1}
-              for i in range(num_images)]  # fmt: skip
+    images = [
+        {
+            "license": 3,
+            "file_name": f"{i + 1:012d}.jpg",
+            "coco_url": f"http://images/train2017/{i + 1:012d}.jpg",
+            "height": int(heights[i]),
+            "width": int(widths[i]),
+            "date_captured": "2013-11-14 16:28:13",
+            "flickr_url": "http://farm/2970773875_164f0c0b83_z.jpg",
+            "id": i + 1,
+        }
+        for i in range(num_images)
+    ]
     owner = rng.integers(0, num_images, num_boxes)
     w_img, h_img = widths[owner].astype(float), heights[owner].astype(float)
     x = np.round(rng.uniform(0, 1, num_boxes) * (w_img - 2), 2)
@@ -54,12 +63,24 @@ def write_coco_like_annotations(path: Path, num_images: int, num_boxes: int, see
     w = np.round(1 + rng.uniform(0, 1, num_boxes) * (w_img - x - 1), 2)
     h = np.round(1 + rng.uniform(0, 1, num_boxes) * (h_img - y - 1), 2)
     categories = np.array(COCO_CATEGORY_IDS)[rng.integers(0, 80, num_boxes)]
-    annotations = [{"area": round(float(w[k] * h[k]), 4), "iscrowd": int(k % 100 == 0), "image_id": int(owner[k]) + 1,
-                    "bbox": [float(x[k]), float(y[k]), float(w[k]), float(h[k])], "category_id": int(categories[k]),
-                    "id": k + 1} for k in range(num_boxes)]  # fmt: skip
-    data = {"info": {"description": "generated, COCO train2017 sized"}, "licenses": [], "images": images,
-            "annotations": annotations,
-            "categories": [{"id": c, "name": f"class{c}", "supercategory": "x"} for c in COCO_CATEGORY_IDS]}  # fmt: skip
+    annotations = [
+        {
+            "area": round(float(w[k] * h[k]), 4),
+            "iscrowd": int(k % 100 == 0),
+            "image_id": int(owner[k]) + 1,
+            "bbox": [float(x[k]), float(y[k]), float(w[k]), float(h[k])],
+            "category_id": int(categories[k]),
+            "id": k + 1,
+        }
+        for k in range(num_boxes)
+    ]
+    data = {
+        "info": {"description": "generated, COCO train2017 sized"},
+        "licenses": [],
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": c, "name": f"class{c}", "supercategory": "x"} for c in COCO_CATEGORY_IDS],
+    }
     path.write_text(json.dumps(data))
 
 
@@ -114,12 +135,16 @@ def startup_and_workers(ann_file: Path) -> dict:
     gc.collect()
     rss_after, _ = _memory_mib()
     result = {
-        "images": len(dataset), "boxes": dataset.records.num_boxes, "build_s": build_seconds, "build_cpu_s": build_cpu,
-        "rss_added_mib": rss_after - rss_before, "arrays_mib": dataset.records.nbytes / 2**20,
+        "images": len(dataset),
+        "boxes": dataset.records.num_boxes,
+        "build_s": build_seconds,
+        "build_cpu_s": build_cpu,
+        "rss_added_mib": rss_after - rss_before,
+        "arrays_mib": dataset.records.nbytes / 2**20,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "worker_uss_mib": _forked_uss(dataset, freeze=True),
         "worker_uss_no_freeze_mib": _forked_uss(dataset, freeze=False),
-    }  # fmt: skip
+    }
     del dataset
     gc.collect()
     text = ann_file.read_text(encoding="utf-8")
@@ -147,11 +172,18 @@ def write_jpegs(folder: Path, count: int, seed: int = 0) -> Path:
         images.append({"id": index + 1, "file_name": f"{index}.jpg", "width": 640, "height": 480})
         for _ in range(7):
             x, y = rng.uniform(0, 500), rng.uniform(0, 350)
-            annotations.append({"id": len(annotations) + 1, "image_id": index + 1, "category_id": 1,
-                                "bbox": [x, y, rng.uniform(10, 140), rng.uniform(10, 130)]})  # fmt: skip
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": index + 1,
+                    "category_id": 1,
+                    "bbox": [x, y, rng.uniform(10, 140), rng.uniform(10, 130)],
+                }
+            )
     path = folder / "annotations.json"
-    path.write_text(json.dumps({"images": images, "annotations": annotations,
-                                "categories": [{"id": 1, "name": "thing"}]}))  # fmt: skip
+    path.write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "thing"}]})
+    )
     return path
 
 
@@ -164,8 +196,14 @@ def loader_images_per_second(ann_file: Path, workers: int, uint8: bool, num_batc
 
     dataset = CocoDetection(ann_file.parent, ann_file, make_train_transforms(normalize=not uint8), keep_coco=False)
     indices = [(i % len(dataset), i) for i in range(2 * (num_batches + 2 * workers))]
-    loader = DataLoader(dataset, batch_size=2, sampler=indices, num_workers=workers, collate_fn=collate_detection,
-                        worker_init_fn=freeze_inherited_objects if workers else None)  # fmt: skip
+    loader = DataLoader(
+        dataset,
+        batch_size=2,
+        sampler=indices,
+        num_workers=workers,
+        collate_fn=collate_detection,
+        worker_init_fn=freeze_inherited_objects if workers else None,
+    )
     iterator = iter(loader)
     for _ in range(2 * workers):  # start-up and the first batches are not timed
         next(iterator)
@@ -214,7 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--shape-images", type=int, default=4000, help="images for the batch-shape count (0: skip it)")
     parser.add_argument("--skip-startup", action="store_true", help="skip items 1 and 2")
-    parser.add_argument("--work-dir", type=Path, default=None, help="keep the generated files here (default: a temp dir)")
+    parser.add_argument(
+        "--work-dir", type=Path, default=None, help="keep the generated files here (default: a temp dir)"
+    )
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as temp:
@@ -225,13 +265,19 @@ def main(argv: list[str] | None = None) -> int:
             write_coco_like_annotations(ann_file, args.num_images, args.num_boxes)
         r = {} if args.skip_startup else startup_and_workers(ann_file)
         if r:
-            print(f"annotations: {ann_file.stat().st_size / 2**20:.0f} MiB of JSON, {r['images']} images, {r['boxes']} boxes kept")
-            print(f"start-up: build {r['build_s']:.2f} s wall, {r['build_cpu_s']:.2f} s CPU (bare json.loads of the file: "
-                  f"{r['json_loads_s']:.2f} s wall, {r['json_loads_cpu_s']:.2f} s CPU; CPU ratio "
-                  f"{r['build_cpu_s'] / r['json_loads_cpu_s']:.2f}); memory added {r['rss_added_mib']:.0f} MiB RSS, "
-                  f"record arrays {r['arrays_mib']:.1f} MiB, peak RSS {r['peak_rss_mib']:.0f} MiB")  # fmt: skip
-            print(f"forked worker after a pass + gc.collect(): USS {r['worker_uss_mib']:.1f} MiB "
-                  f"({r['worker_uss_no_freeze_mib']:.1f} MiB without gc.freeze in the worker)")  # fmt: skip
+            print(
+                f"annotations: {ann_file.stat().st_size / 2**20:.0f} MiB of JSON, {r['images']} images, {r['boxes']} boxes kept"
+            )
+            print(
+                f"start-up: build {r['build_s']:.2f} s wall, {r['build_cpu_s']:.2f} s CPU (bare json.loads of the file: "
+                f"{r['json_loads_s']:.2f} s wall, {r['json_loads_cpu_s']:.2f} s CPU; CPU ratio "
+                f"{r['build_cpu_s'] / r['json_loads_cpu_s']:.2f}); memory added {r['rss_added_mib']:.0f} MiB RSS, "
+                f"record arrays {r['arrays_mib']:.1f} MiB, peak RSS {r['peak_rss_mib']:.0f} MiB"
+            )
+            print(
+                f"forked worker after a pass + gc.collect(): USS {r['worker_uss_mib']:.1f} MiB "
+                f"({r['worker_uss_no_freeze_mib']:.1f} MiB without gc.freeze in the worker)"
+            )
         if args.jpegs:
             jpeg_file = write_jpegs(work / "jpegs", args.jpegs)
             rates: dict[tuple[int, bool], list[float]] = {}
@@ -242,16 +288,20 @@ def main(argv: list[str] | None = None) -> int:
                         rates.setdefault((workers, uint8), []).append(rate)
             for (workers, uint8), values in sorted(rates.items()):
                 best = max(values)
-                print(f"pipeline, {workers} worker(s), {'uint8  ' if uint8 else 'float32'} batches: "
-                      f"{best:.1f} images/s ({best / workers:.1f} per worker; runs {', '.join(f'{v:.1f}' for v in values)})")
+                print(
+                    f"pipeline, {workers} worker(s), {'uint8  ' if uint8 else 'float32'} batches: "
+                    f"{best:.1f} images/s ({best / workers:.1f} per worker; runs {', '.join(f'{v:.1f}' for v in values)})"
+                )
             ratio = max(rates[(2, True)]) / max(rates[(2, False)])
             print(f"uint8 / float32 images/s with 2 workers: {ratio:.2f}")
         if args.shape_images:
             shapes = batch_shapes(args.shape_images)
             exact = shapes[1]["pixels"]
             for multiple, info in shapes.items():
-                print(f"batch shapes, pad_to_multiple={multiple:>3}: {info['distinct_shapes']:>5} distinct over "
-                      f"{args.shape_images} images (batch 2), padding {100 * info['padding_share']:.1f}% of batch pixels, "
-                      f"{100 * (info['pixels'] / exact - 1):+.1f}% pixels vs exact padding")  # fmt: skip
+                print(
+                    f"batch shapes, pad_to_multiple={multiple:>3}: {info['distinct_shapes']:>5} distinct over "
+                    f"{args.shape_images} images (batch 2), padding {100 * info['padding_share']:.1f}% of batch pixels, "
+                    f"{100 * (info['pixels'] / exact - 1):+.1f}% pixels vs exact padding"
+                )
     sys.stdout.flush()
     return 0

@@ -200,8 +200,13 @@ def _autocast(mode: str, device: torch.device):
     return nullcontext()
 
 
-def _step_closures(model: torch.nn.Module, loss: Callable[[], torch.Tensor], predict: Callable[[], object],
-                   mode: str, device: torch.device) -> tuple[Callable[[], None], Callable[[], None]]:
+def _step_closures(
+    model: torch.nn.Module,
+    loss: Callable[[], torch.Tensor],
+    predict: Callable[[], object],
+    mode: str,
+    device: torch.device,
+) -> tuple[Callable[[], None], Callable[[], None]]:
     """(train step, inference step) closures: ``loss()`` and ``predict()`` run ``model`` on the inputs; the
     train step adds backward and an AdamW step, both run under ``mode``'s autocast."""
     # foreach: the multi-tensor implementation, the default on GPUs, also on the CPU
@@ -232,9 +237,12 @@ def ddetr_steps(setup: Setup, variant: str, mode: str, device: torch.device, inp
     detector = torch.compile(model, dynamic=True) if mode.startswith("compiled") else model
     images, mask, targets = inputs
     return _step_closures(
-        model, lambda: criterion.weighted_total(criterion(detector((images, mask)), targets)),
-        lambda: detector((images, mask)), mode, device,
-    )  # fmt: skip
+        model,
+        lambda: criterion.weighted_total(criterion(detector((images, mask)), targets)),
+        lambda: detector((images, mask)),
+        mode,
+        device,
+    )
 
 
 def transformers_steps(setup: Setup, variant: str, mode: str, device: torch.device, inputs):
@@ -244,9 +252,12 @@ def transformers_steps(setup: Setup, variant: str, mode: str, device: torch.devi
     pixel_mask = (~mask).long()  # transformers: 1 on pixels, 0 on padding
     labels = [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]
     return _step_closures(
-        model, lambda: model(pixel_values=images, pixel_mask=pixel_mask, labels=labels).loss,
-        lambda: model(pixel_values=images, pixel_mask=pixel_mask), mode, device,
-    )  # fmt: skip
+        model,
+        lambda: model(pixel_values=images, pixel_mask=pixel_mask, labels=labels).loss,
+        lambda: model(pixel_values=images, pixel_mask=pixel_mask),
+        mode,
+        device,
+    )
 
 
 class ModeTimeout(Exception):
@@ -305,7 +316,9 @@ def format_table(results: list[Result]) -> str:
         if r.error is not None:
             rows.append((r.name, "failed", r.error[:60], "", "", "", ""))
         else:
-            rows.append((r.name, _fmt(r.train_ms), _fmt(r.infer_ms), _fmt(r.train_mib, 0), _fmt(r.infer_mib, 0), *ratios))
+            rows.append(
+                (r.name, _fmt(r.train_ms), _fmt(r.infer_ms), _fmt(r.train_mib, 0), _fmt(r.infer_mib, 0), *ratios)
+            )
     return text_table(header, rows)
 
 
@@ -361,7 +374,15 @@ def bench_model(args: argparse.Namespace) -> list[Result]:
             continue
         print(f"... {name}", file=sys.stderr, flush=True)
         result = run_mode(
-            name, builders[model_name], setup, args.variant, mode, device, inputs, args.warmup, args.repeat,
+            name,
+            builders[model_name],
+            setup,
+            args.variant,
+            mode,
+            device,
+            inputs,
+            args.warmup,
+            args.repeat,
             args.mode_timeout,
         )
         results.append(result)

@@ -132,8 +132,9 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_backends(inputs, backends: list[str], mode: str, device: torch.device, repeat: int,
-                  budget_s: float) -> dict[str, float]:
+def time_backends(
+    inputs, backends: list[str], mode: str, device: torch.device, repeat: int, budget_s: float
+) -> dict[str, float]:
     """Seconds per backend over ``repeat`` rounds after one warm-up: the best on the CPU, the median
     of CUDA-event times on a GPU.
 
@@ -199,8 +200,9 @@ def peak_memory_child(case: Case, backend: str, mode: str, dtype: torch.dtype = 
     return max(0, _status_bytes("VmHWM") - before)
 
 
-def peak_memory(case: Case, backend: str, mode: str, device: torch.device,
-                dtype: torch.dtype = torch.float32) -> float | None:
+def peak_memory(
+    case: Case, backend: str, mode: str, device: torch.device, dtype: torch.dtype = torch.float32
+) -> float | None:
     """Peak extra memory of one call in bytes (None when it cannot be measured)."""
     if device.type == "cuda":
         inputs = make_inputs(case, device, dtype)
@@ -212,8 +214,16 @@ def peak_memory(case: Case, backend: str, mode: str, device: torch.device,
         return torch.cuda.max_memory_allocated(device) - baseline
     if not sys.platform.startswith("linux"):
         return None
-    spec = json.dumps({"image": case.image, "batch_size": case.batch_size, "part": case.part,
-                       "backend": backend, "mode": mode, "dtype": str(dtype).removeprefix("torch.")})
+    spec = json.dumps(
+        {
+            "image": case.image,
+            "batch_size": case.batch_size,
+            "part": case.part,
+            "backend": backend,
+            "mode": mode,
+            "dtype": str(dtype).removeprefix("torch."),
+        }
+    )
     # a fixed mmap threshold makes glibc return every large block to the OS when it is freed, so
     # the resident size follows the live tensors
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
@@ -250,10 +260,14 @@ def bench_op(args: argparse.Namespace) -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {threads} threads"
     dtypes = [getattr(torch, name) for name in (args.dtypes or "float32").split(",")]
     statistic = f"median of {args.repeat} CUDA-event timings" if device.type == "cuda" else f"best of {args.repeat}"
-    print(f"# ms_deform_attn on {name}, torch {torch.__version__}, {statistic}; a float16/bfloat16 value comes "
-          "with float32 locations and weights (autocast); speed-up: against the PyTorch path on float32 inputs")
-    print("| case | backend | dtype | fwd ms | fwd speed-up | fwd GFLOP/s | fwd+bwd ms | fwd+bwd speed-up "
-          "| fwd+bwd GFLOP/s | peak MiB fwd+bwd |")
+    print(
+        f"# ms_deform_attn on {name}, torch {torch.__version__}, {statistic}; a float16/bfloat16 value comes "
+        "with float32 locations and weights (autocast); speed-up: against the PyTorch path on float32 inputs"
+    )
+    print(
+        "| case | backend | dtype | fwd ms | fwd speed-up | fwd GFLOP/s | fwd+bwd ms | fwd+bwd speed-up "
+        "| fwd+bwd GFLOP/s | peak MiB fwd+bwd |"
+    )
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     digits = 3 if device.type == "cuda" else 1
     for case in cases:
@@ -262,8 +276,9 @@ def bench_op(args: argparse.Namespace) -> None:
         for dtype in dtypes:
             inputs = make_inputs(case, device, dtype)
             dtype_backends = backends if dtype == torch.float32 or device.type == "cpu" else backends[-1:]
-            timings = {mode: time_backends(inputs, dtype_backends, mode, device, args.repeat, args.budget)
-                       for mode in modes}
+            timings = {
+                mode: time_backends(inputs, dtype_backends, mode, device, args.repeat, args.budget) for mode in modes
+            }
             results = {backend: {mode: timings[mode][backend] for mode in modes} for backend in dtype_backends}
             if reference is None:
                 reference = results.get("pytorch", results[dtype_backends[0]])
@@ -272,16 +287,20 @@ def bench_op(args: argparse.Namespace) -> None:
                 row = [case.name, backend, str(dtype).removeprefix("torch.")]
                 for mode, multiplier in (("fwd", 1), ("fwd+bwd", 3)):
                     seconds = results[backend][mode]
-                    row += [f"{seconds * 1e3:.{digits}f}", f"{reference[mode] / seconds:.1f}x",
-                            f"{multiplier * flops / seconds / 1e9:.1f}"]
+                    row += [
+                        f"{seconds * 1e3:.{digits}f}",
+                        f"{reference[mode] / seconds:.1f}x",
+                        f"{multiplier * flops / seconds / 1e9:.1f}",
+                    ]
                 row.append("n/a" if memory is None else f"{memory / 2**20:.0f}")
                 print("| " + " | ".join(row) + " |", flush=True)
             del inputs
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ddetr.bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m ddetr.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     op = commands.add_parser("op", help="multi-scale deformable attention kernels vs the PyTorch path")
     op.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -293,8 +312,11 @@ def main(argv: list[str] | None = None) -> int:
     op.add_argument("--budget", type=float, default=5.0, help="stop repeating a case after this many seconds")
     op.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     op.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
-    op.add_argument("--dtypes", default=None,
-                    help="comma list of value dtypes: float32, bfloat16, float16, float64 (default: float32)")
+    op.add_argument(
+        "--dtypes",
+        default=None,
+        help="comma list of value dtypes: float32, bfloat16, float16, float64 (default: float32)",
+    )
     op.add_argument("--quick", action="store_true", help="512x512, batch 1, 3 repeats")
     memory = commands.add_parser("_memory", help=argparse.SUPPRESS)
     memory.add_argument("spec")

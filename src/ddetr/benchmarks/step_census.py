@@ -147,11 +147,15 @@ def format_census(rows: list[tuple[str, Census]]) -> str:
     header = ("model", "forward+loss", "backward", "optimizer", "total", "host reads", "saved MiB", "CUDA kernels")
     lines = [
         (
-            name, *(str(c.operators[p]) for p in PHASES), str(c.total), str(c.host_reads),
-            f"{c.saved_bytes / 2**20:.1f}", "-" if c.cuda_kernels is None else str(c.cuda_kernels),
+            name,
+            *(str(c.operators[p]) for p in PHASES),
+            str(c.total),
+            str(c.host_reads),
+            f"{c.saved_bytes / 2**20:.1f}",
+            "-" if c.cuda_kernels is None else str(c.cuda_kernels),
         )
         for name, c in rows
-    ]  # fmt: skip
+    ]
     return text_table(header, lines)
 
 
@@ -181,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in names:
         try:
-            rows.append((f"{name} {args.precision}", census_of(name, setup, args.variant, args.precision, device, inputs)))
+            rows.append(
+                (f"{name} {args.precision}", census_of(name, setup, args.variant, args.precision, device, inputs))
+            )
         except ImportError as error:
             print(f"[{name}] skipped: {error}", file=sys.stderr)
     print(format_census(rows))

@@ -73,8 +73,10 @@ def baseline_package(revision: str, repo: Path | None = None) -> str:
     pattern = re.compile(r"\bddetr(?=[.\s])(?!\.ops\b)")
     for path in package.rglob("*.py"):
         text = path.read_text()
-        lines = [pattern.sub("ddetr_baseline", line) if re.match(r"\s*(from|import)\s", line) else line
-                 for line in text.splitlines(keepends=True)]  # fmt: skip
+        lines = [
+            pattern.sub("ddetr_baseline", line) if re.match(r"\s*(from|import)\s", line) else line
+            for line in text.splitlines(keepends=True)
+        ]
         path.write_text("".join(lines))
     sys.path.insert(0, str(root))
     importlib.invalidate_caches()
@@ -161,8 +163,9 @@ def build_case(name: str, package: str, inputs: Inputs, reference: Case | None) 
     params = [p for p in model.parameters() if p.requires_grad]
     options = {"fused": True} if inputs.fused else {"foreach": True}
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4, **options)
-    return Case(name, model, criterion, optimizer, inputs.images, inputs.mask, inputs.targets, inputs.clip,
-                inputs.next_batch)  # fmt: skip
+    return Case(
+        name, model, criterion, optimizer, inputs.images, inputs.mask, inputs.targets, inputs.clip, inputs.next_batch
+    )
 
 
 def _seeded(function: Callable[[], object]) -> Callable[[], object]:
@@ -238,9 +241,14 @@ def part_closures(case: Case) -> dict[str, Callable[[], object]]:
 
     model.zero_grad(set_to_none=True)
     parts = {
-        "backbone": backbone, "transformer": transformer, "position encoding": position_encoding,
-        "criterion": criterion_part, "matcher": matcher, "optimizer": optimizer, "step": step,
-    }  # fmt: skip
+        "backbone": backbone,
+        "transformer": transformer,
+        "position encoding": position_encoding,
+        "criterion": criterion_part,
+        "matcher": matcher,
+        "optimizer": optimizer,
+        "step": step,
+    }
     if case.next_batch is not None:
         parts["data"] = case.next_batch
     return {name: _seeded(parts[name]) for name in PARTS if name in parts}
@@ -344,8 +352,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--setup", choices=("r50", "small"), default="r50")
     parser.add_argument("--images", default="384x384,384x352", help="r50: comma list of HxW")
     parser.add_argument("--baseline", default=None, help="git revision to compare with, in the same process")
-    parser.add_argument("--optimizer", choices=("foreach", "fused", "config"), default=None,
-                        help="AdamW implementation (default: r50 foreach, small as configured)")  # fmt: skip
+    parser.add_argument(
+        "--optimizer",
+        choices=("foreach", "fused", "config"),
+        default=None,
+        help="AdamW implementation (default: r50 foreach, small as configured)",
+    )
     parser.add_argument("--parts", default=",".join(PARTS), help="comma list of " + ", ".join(PARTS))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=1)
@@ -361,8 +373,10 @@ def main(argv: list[str] | None = None) -> int:
     from ddetr.ops import compiled_op_available
 
     op = "compiled kernel" if compiled_op_available("cpu") else "PyTorch fallback"
-    print(f"ddetr bench parts: {args.setup}, {args.threads} thread(s), attention op: {op}, "
-          f"median of {args.repeat} after {args.warmup} warm-up; optimizer {args.optimizer}")  # fmt: skip
+    print(
+        f"ddetr bench parts: {args.setup}, {args.threads} thread(s), attention op: {op}, "
+        f"median of {args.repeat} after {args.warmup} warm-up; optimizer {args.optimizer}"
+    )
     inputs = setup_inputs(args.setup, args)
     new = build_case("new", "ddetr", inputs, None)
     cases = [new]

@@ -48,11 +48,7 @@ class CleanAnnotations:
             f"{name}: {c['images']} images, {c['boxes']} boxes kept; dropped {c['degenerate']} degenerate and "
             f"{c['outside']} outside boxes; clipped {c['clipped']} boxes; excluded {c['crowd']} {crowd_label} boxes; "
             f"{c['empty_images']} images without boxes "
-            + (
-                "kept as negatives"
-                if not c["dropped_empty_images"]
-                else f"dropped ({c['dropped_empty_images']})"
-            )
+            + ("kept as negatives" if not c["dropped_empty_images"] else f"dropped ({c['dropped_empty_images']})")
         )
 
 
@@ -78,8 +74,9 @@ def clean_annotations(columns: CocoColumns, keep_empty: bool = True) -> CleanAnn
     outside = candidate & ((x1 <= x0) | (y1 <= y0))
     kept = candidate & ~outside
     clipped = kept & ((x0 != x) | (y0 != y) | (x1 != x + w) | (y1 != y + h))
-    counts.update(crowd=int(crowd.sum()), degenerate=int(degenerate.sum()), outside=int(outside.sum()),
-                  clipped=int(clipped.sum()))  # fmt: skip
+    counts.update(
+        crowd=int(crowd.sum()), degenerate=int(degenerate.sum()), outside=int(outside.sum()), clipped=int(clipped.sum())
+    )
 
     kept_index = np.flatnonzero(kept)
     kept_index = kept_index[np.argsort(image_index[kept_index], kind="stable")]  # by image, file order within
@@ -94,10 +91,13 @@ def clean_annotations(columns: CocoColumns, keep_empty: bool = True) -> CleanAnn
     boxes = np.stack([x0, y0, x1, y1], axis=1)[kept_index].astype(np.float32)  # (num_boxes, 4)
     used = np.flatnonzero(use)
     images = DetectionRecords(
-        columns.image_ids[used], np.stack([columns.widths, columns.heights], axis=1)[used],
-        [columns.file_names[i] for i in used.tolist()], box_offsets, boxes,
+        columns.image_ids[used],
+        np.stack([columns.widths, columns.heights], axis=1)[used],
+        [columns.file_names[i] for i in used.tolist()],
+        box_offsets,
+        boxes,
         columns.annotation_category_ids[kept_index],
-    )  # fmt: skip
+    )
     counts["boxes"] = images.num_boxes
     counts["images"] = len(images)
     return CleanAnnotations(images, counts)

@@ -26,9 +26,7 @@ class CategoryMapping:
 
     def __init__(self, categories: Sequence[dict], mode: MappingMode = "contiguous"):
         if mode not in ("contiguous", "coco91"):
-            raise ValueError(
-                f"category_mapping must be 'contiguous' or 'coco91', got {mode!r}"
-            )
+            raise ValueError(f"category_mapping must be 'contiguous' or 'coco91', got {mode!r}")
         if not categories:
             raise ValueError("no categories to map")
         names = {int(c["id"]): str(c["name"]) for c in categories}
@@ -37,22 +35,16 @@ class CategoryMapping:
             self.label_to_category_id: list[int] = sorted(names)
         else:
             if min(names) < 0:
-                raise ValueError(
-                    f"coco91 mapping needs non-negative category ids, got {min(names)}"
-                )
+                raise ValueError(f"coco91 mapping needs non-negative category ids, got {min(names)}")
             if max(names) > MAX_COCO91_ID:
                 raise ValueError(
                     f"coco91 mapping makes one head output per id up to the largest; category id {max(names)} "
                     f"is above {MAX_COCO91_ID} (use category_mapping=contiguous)"
                 )
             self.label_to_category_id = list(range(max(names) + 1))
-        self.category_names: list[str] = [
-            names.get(i, UNUSED_NAME) for i in self.label_to_category_id
-        ]
+        self.category_names: list[str] = [names.get(i, UNUSED_NAME) for i in self.label_to_category_id]
         self.category_id_to_label: dict[int, int] = {
-            cid: label
-            for label, cid in enumerate(self.label_to_category_id)
-            if cid in names
+            cid: label for label, cid in enumerate(self.label_to_category_id) if cid in names
         }
 
     @property
@@ -68,18 +60,86 @@ class CategoryMapping:
 # id): the 80 detection categories use ids 1..90 with gaps (ids retired from the original 91 list);
 # index 0 and the gaps are "N/A", as in ``CategoryMapping(mode="coco91")``.
 COCO_CATEGORIES: dict[int, str] = {
-    1: "person", 2: "bicycle", 3: "car", 4: "motorcycle", 5: "airplane", 6: "bus", 7: "train", 8: "truck",
-    9: "boat", 10: "traffic light", 11: "fire hydrant", 13: "stop sign", 14: "parking meter", 15: "bench",
-    16: "bird", 17: "cat", 18: "dog", 19: "horse", 20: "sheep", 21: "cow", 22: "elephant", 23: "bear",
-    24: "zebra", 25: "giraffe", 27: "backpack", 28: "umbrella", 31: "handbag", 32: "tie", 33: "suitcase",
-    34: "frisbee", 35: "skis", 36: "snowboard", 37: "sports ball", 38: "kite", 39: "baseball bat",
-    40: "baseball glove", 41: "skateboard", 42: "surfboard", 43: "tennis racket", 44: "bottle",
-    46: "wine glass", 47: "cup", 48: "fork", 49: "knife", 50: "spoon", 51: "bowl", 52: "banana", 53: "apple",
-    54: "sandwich", 55: "orange", 56: "broccoli", 57: "carrot", 58: "hot dog", 59: "pizza", 60: "donut",
-    61: "cake", 62: "chair", 63: "couch", 64: "potted plant", 65: "bed", 67: "dining table", 70: "toilet",
-    72: "tv", 73: "laptop", 74: "mouse", 75: "remote", 76: "keyboard", 77: "cell phone", 78: "microwave",
-    79: "oven", 80: "toaster", 81: "sink", 82: "refrigerator", 84: "book", 85: "clock", 86: "vase",
-    87: "scissors", 88: "teddy bear", 89: "hair drier", 90: "toothbrush",
-}  # fmt: skip
+    1: "person",
+    2: "bicycle",
+    3: "car",
+    4: "motorcycle",
+    5: "airplane",
+    6: "bus",
+    7: "train",
+    8: "truck",
+    9: "boat",
+    10: "traffic light",
+    11: "fire hydrant",
+    13: "stop sign",
+    14: "parking meter",
+    15: "bench",
+    16: "bird",
+    17: "cat",
+    18: "dog",
+    19: "horse",
+    20: "sheep",
+    21: "cow",
+    22: "elephant",
+    23: "bear",
+    24: "zebra",
+    25: "giraffe",
+    27: "backpack",
+    28: "umbrella",
+    31: "handbag",
+    32: "tie",
+    33: "suitcase",
+    34: "frisbee",
+    35: "skis",
+    36: "snowboard",
+    37: "sports ball",
+    38: "kite",
+    39: "baseball bat",
+    40: "baseball glove",
+    41: "skateboard",
+    42: "surfboard",
+    43: "tennis racket",
+    44: "bottle",
+    46: "wine glass",
+    47: "cup",
+    48: "fork",
+    49: "knife",
+    50: "spoon",
+    51: "bowl",
+    52: "banana",
+    53: "apple",
+    54: "sandwich",
+    55: "orange",
+    56: "broccoli",
+    57: "carrot",
+    58: "hot dog",
+    59: "pizza",
+    60: "donut",
+    61: "cake",
+    62: "chair",
+    63: "couch",
+    64: "potted plant",
+    65: "bed",
+    67: "dining table",
+    70: "toilet",
+    72: "tv",
+    73: "laptop",
+    74: "mouse",
+    75: "remote",
+    76: "keyboard",
+    77: "cell phone",
+    78: "microwave",
+    79: "oven",
+    80: "toaster",
+    81: "sink",
+    82: "refrigerator",
+    84: "book",
+    85: "clock",
+    86: "vase",
+    87: "scissors",
+    88: "teddy bear",
+    89: "hair drier",
+    90: "toothbrush",
+}
 
 COCO91_NAMES: list[str] = [COCO_CATEGORIES.get(index, UNUSED_NAME) for index in range(91)]

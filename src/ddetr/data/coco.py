@@ -91,9 +91,7 @@ class CocoDetection(Dataset):
     ):
         self.image_dir = Path(image_dir)
         self.ann_file = Path(ann_file)
-        self.transforms: Transform = (
-            transforms if transforms is not None else make_plain_transforms()
-        )
+        self.transforms: Transform = transforms if transforms is not None else make_plain_transforms()
         self.skip_bad_images = skip_bad_images
         self.exif_transpose = exif_transpose
         self.max_image_pixels = max_image_pixels
@@ -106,10 +104,7 @@ class CocoDetection(Dataset):
             cleaned = self._build_records(data, category_mapping, keep_empty, keep_coco)
             del data
         self.annotation_counts: dict[str, int] = cleaned.counts
-        changed = any(
-            cleaned.counts[k]
-            for k in ("degenerate", "outside", "clipped", "dropped_empty_images")
-        )
+        changed = any(cleaned.counts[k] for k in ("degenerate", "outside", "clipped", "dropped_empty_images"))
         log.log(
             logging.WARNING if changed else logging.INFO,
             cleaned.summary(str(self.ann_file), crowd_label),
@@ -117,8 +112,9 @@ class CocoDetection(Dataset):
         if not len(self.records):
             raise DatasetError(f"{self.ann_file}: no images left to use")
 
-    def _build_records(self, data: dict | None, category_mapping: MappingMode, keep_empty: bool,
-                       keep_coco: bool) -> CleanAnnotations:  # fmt: skip
+    def _build_records(
+        self, data: dict | None, category_mapping: MappingMode, keep_empty: bool, keep_coco: bool
+    ) -> CleanAnnotations:
         """Parse (once) or take `data`; validate, map categories, clean into `records` and `box_labels`;
         keep the parsed dict (`_data`) only with `keep_coco`."""
         if data is None:
@@ -208,12 +204,8 @@ class CocoDetection(Dataset):
                 pixels = load_rgb_image(path, (width, height), self.exif_transpose, self.max_image_pixels)
             except ImageLoadError as exc:
                 if not self.skip_bad_images:
-                    raise DatasetError(
-                        f"{path} (image id {image_id}): {exc.reason}"
-                    ) from exc
-                log.warning(
-                    "skipping %s (image id %d): %s", path, image_id, exc.reason
-                )
+                    raise DatasetError(f"{path} (image id {image_id}): {exc.reason}") from exc
+                log.warning("skipping %s (image id %d): %s", path, image_id, exc.reason)
                 skipped.append(SkipRecord(image_id, str(path), exc.reason))
                 continue
             image, target = self._make_sample(position, pixels, seed)
@@ -225,9 +217,7 @@ class CocoDetection(Dataset):
             f"(first: {skipped[0].file}, image id {skipped[0].image_id}: {skipped[0].reason})"
         )
 
-    def _make_sample(
-        self, position: int, pixels: np.ndarray, seed: int | None = None
-    ) -> tuple[torch.Tensor, dict]:
+    def _make_sample(self, position: int, pixels: np.ndarray, seed: int | None = None) -> tuple[torch.Tensor, dict]:
         boxes = self.records.box_slice(position)
         options = {"normalize": False} if self.uint8_images else {}
         image, boxes, labels = self.transforms(
@@ -240,9 +230,7 @@ class CocoDetection(Dataset):
             "labels": labels.to(torch.int64),
             "boxes": box_xyxy_to_cxcywh(boxes) / scale,  # (num_boxes, 4) normalised (cx, cy, w, h)
             "image_id": int(self.records.image_ids[position]),
-            "orig_size": torch.tensor(
-                [pixels.shape[0], pixels.shape[1]], dtype=torch.int64
-            ),
+            "orig_size": torch.tensor([pixels.shape[0], pixels.shape[1]], dtype=torch.int64),
             "size": torch.tensor([height, width], dtype=torch.int64),
         }
         return image, target

@@ -137,9 +137,7 @@ class DetectionDataModule(LightningDataModule):
         # plain strings, so checkpoints holding these hyper-parameters load with weights_only=True
         train_images, train_annotations = str(train_images), str(train_annotations)
         val_images, val_annotations = str(val_images), str(val_annotations)
-        self.save_hyperparameters(
-            ignore=["train_transforms", "val_transforms"], logger=False
-        )
+        self.save_hyperparameters(ignore=["train_transforms", "val_transforms"], logger=False)
         self.train_images, self.train_annotations = (
             Path(train_images),
             Path(train_annotations),
@@ -149,14 +147,8 @@ class DetectionDataModule(LightningDataModule):
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers = num_workers
         self.category_mapping = category_mapping
-        self.train_transforms = (
-            train_transforms
-            if train_transforms is not None
-            else make_train_transforms()
-        )
-        self.val_transforms = (
-            val_transforms if val_transforms is not None else make_val_transforms()
-        )
+        self.train_transforms = train_transforms if train_transforms is not None else make_train_transforms()
+        self.val_transforms = val_transforms if val_transforms is not None else make_val_transforms()
         self.dataset_options = {
             "category_mapping": category_mapping,
             "skip_bad_images": skip_bad_images,
@@ -184,13 +176,22 @@ class DetectionDataModule(LightningDataModule):
     def prepare_data(self) -> None:
         self.ensure_files()
 
-    def build_dataset(self, split: str, transforms: DetectionTransform, keep_empty: bool, keep_coco: bool) -> CocoDetection:
+    def build_dataset(
+        self, split: str, transforms: DetectionTransform, keep_empty: bool, keep_coco: bool
+    ) -> CocoDetection:
         """The `split` ("train" or "val") dataset; subclasses for other formats convert their files here."""
         images, annotations = (
             (self.train_images, self.train_annotations) if split == "train" else (self.val_images, self.val_annotations)
         )
-        return CocoDetection(images, annotations, transforms, keep_empty=keep_empty, keep_coco=keep_coco,
-                             uint8_images=self.uint8_batches, **self.dataset_options)  # fmt: skip
+        return CocoDetection(
+            images,
+            annotations,
+            transforms,
+            keep_empty=keep_empty,
+            keep_coco=keep_coco,
+            uint8_images=self.uint8_batches,
+            **self.dataset_options,
+        )
 
     @property
     def train_dataset(self) -> CocoDetection:
@@ -218,12 +219,8 @@ class DetectionDataModule(LightningDataModule):
     @staticmethod
     def _check_same_categories(train: CocoDetection, val: CocoDetection) -> None:
         if train.label_to_category_id != val.label_to_category_id:
-            only_train = sorted(
-                set(train.label_to_category_id) - set(val.label_to_category_id)
-            )[:5]
-            only_val = sorted(
-                set(val.label_to_category_id) - set(train.label_to_category_id)
-            )[:5]
+            only_train = sorted(set(train.label_to_category_id) - set(val.label_to_category_id))[:5]
+            only_val = sorted(set(val.label_to_category_id) - set(train.label_to_category_id))[:5]
             raise DatasetError(
                 f"{train.ann_file} and {val.ann_file} declare different categories "
                 f"(only in train: {only_train}, only in val: {only_val})"
@@ -280,9 +277,7 @@ class DetectionDataModule(LightningDataModule):
             warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
 
     def val_dataloader(self) -> DataLoader:
-        sampler = (
-            UnpaddedDistributedSampler(self.val_dataset) if _is_distributed() else None
-        )
+        sampler = UnpaddedDistributedSampler(self.val_dataset) if _is_distributed() else None
         return DataLoader(
             self.val_dataset,
             batch_size=self.val_batch_size,
@@ -317,8 +312,11 @@ class DetectionDataModule(LightningDataModule):
         images, mask, targets = batch
         if images.dtype != torch.uint8:
             return batch
-        transforms = self.train_transforms if getattr(self, "trainer", None) is not None and self.trainer.training \
-            else self.val_transforms  # fmt: skip
+        transforms = (
+            self.train_transforms
+            if getattr(self, "trainer", None) is not None and self.trainer.training
+            else self.val_transforms
+        )
         mean, std = getattr(transforms, "mean", IMAGENET_MEAN), getattr(transforms, "std", IMAGENET_STD)
         images = normalize_images(images, mean, std).masked_fill_(mask[:, None], 0.0)  # (batch_size, 3, H, W)
         return images, mask, targets
@@ -363,12 +361,22 @@ class _ConvertedDataModule(DetectionDataModule):
     def read_split(self, split: str) -> ConvertedSplit:
         raise NotImplementedError
 
-    def build_dataset(self, split: str, transforms: DetectionTransform, keep_empty: bool, keep_coco: bool) -> CocoDetection:
+    def build_dataset(
+        self, split: str, transforms: DetectionTransform, keep_empty: bool, keep_coco: bool
+    ) -> CocoDetection:
         converted = self.read_split(split)
-        return CocoDetection(converted.image_dir, converted.source, transforms, keep_empty=keep_empty,
-                             keep_coco=keep_coco, data=converted.data, crowd_label=self.crowd_label,
-                             reader_problems=converted.problems, uint8_images=self.uint8_batches,
-                             **self.dataset_options)  # fmt: skip
+        return CocoDetection(
+            converted.image_dir,
+            converted.source,
+            transforms,
+            keep_empty=keep_empty,
+            keep_coco=keep_coco,
+            data=converted.data,
+            crowd_label=self.crowd_label,
+            reader_problems=converted.problems,
+            uint8_images=self.uint8_batches,
+            **self.dataset_options,
+        )
 
 
 class YoloDataModule(_ConvertedDataModule):
@@ -381,17 +389,21 @@ class YoloDataModule(_ConvertedDataModule):
         **kwargs: `DetectionDataModule` options.
     """
 
-    def __init__(self, data_dir: str | os.PathLike, train_split: str = "train", val_split: str = "val",
-                 **kwargs: Any):  # fmt: skip
+    def __init__(self, data_dir: str | os.PathLike, train_split: str = "train", val_split: str = "val", **kwargs: Any):
         data_dir = str(data_dir)
         self.data_dir = Path(data_dir)
         self.splits = {"train": train_split, "val": val_split}
-        super().__init__(train_images=data_dir, train_annotations=data_dir, val_images=data_dir,
-                         val_annotations=data_dir, **kwargs)  # fmt: skip
+        super().__init__(
+            train_images=data_dir, train_annotations=data_dir, val_images=data_dir, val_annotations=data_dir, **kwargs
+        )
 
     def read_split(self, split: str) -> ConvertedSplit:
-        return read_yolo_split(self.data_dir, self.splits[split], self.dataset_options["skip_bad_images"],
-                               self.dataset_options["max_image_pixels"])  # fmt: skip
+        return read_yolo_split(
+            self.data_dir,
+            self.splits[split],
+            self.dataset_options["skip_bad_images"],
+            self.dataset_options["max_image_pixels"],
+        )
 
 
 class VocDataModule(_ConvertedDataModule):
@@ -407,18 +419,30 @@ class VocDataModule(_ConvertedDataModule):
 
     crowd_label = "difficult"
 
-    def __init__(self, data_dir: str | os.PathLike, train_split: str = "train", val_split: str = "val",
-                 class_names: Sequence[str] = VOC_CLASSES, **kwargs: Any):  # fmt: skip
+    def __init__(
+        self,
+        data_dir: str | os.PathLike,
+        train_split: str = "train",
+        val_split: str = "val",
+        class_names: Sequence[str] = VOC_CLASSES,
+        **kwargs: Any,
+    ):
         data_dir = str(data_dir)
         self.data_dir = Path(data_dir)
         self.splits = {"train": train_split, "val": val_split}
         self.class_names = [str(name) for name in class_names]
-        super().__init__(train_images=data_dir, train_annotations=data_dir, val_images=data_dir,
-                         val_annotations=data_dir, **kwargs)  # fmt: skip
+        super().__init__(
+            train_images=data_dir, train_annotations=data_dir, val_images=data_dir, val_annotations=data_dir, **kwargs
+        )
 
     def read_split(self, split: str) -> ConvertedSplit:
-        return read_voc_split(self.data_dir, self.splits[split], self.class_names,
-                              self.dataset_options["skip_bad_images"], self.dataset_options["max_image_pixels"])  # fmt: skip
+        return read_voc_split(
+            self.data_dir,
+            self.splits[split],
+            self.class_names,
+            self.dataset_options["skip_bad_images"],
+            self.dataset_options["max_image_pixels"],
+        )
 
 
 class SyntheticDataModule(DetectionDataModule):

@@ -46,6 +46,7 @@ class ImageLoadError(OSError):
         super().__init__(reason)
         self.reason = reason
 
+
 DEFAULT_MAX_IMAGE_PIXELS = 178_956_970  # PIL's default limit (a 0.5 GB 24-bit image)
 _ORIENTATION_TAG = 0x0112
 _SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
@@ -69,9 +70,7 @@ def load_rgb_image(
         ImageLoadError: missing/unreadable/corrupt/truncated file, too many pixels, size mismatch.
     """
     if exif_transpose not in ("auto", "always", "never"):
-        raise ValueError(
-            f"exif_transpose must be 'auto', 'always' or 'never', got {exif_transpose!r}"
-        )
+        raise ValueError(f"exif_transpose must be 'auto', 'always' or 'never', got {exif_transpose!r}")
     with _opened_image(path, max_image_pixels, "cannot decode image") as image:
         image.load()  # decode now: truncated/corrupt data fails here
         image = _orient(image, expected_size, exif_transpose)
@@ -86,7 +85,9 @@ def load_rgb_image(
     return pixels
 
 
-def read_image_size(path: str | os.PathLike, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[int, int]:
+def read_image_size(
+    path: str | os.PathLike, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+) -> tuple[int, int]:
     """(width, height) of an image file from its header, without decoding the pixels (EXIF not applied).
 
     Raises:
@@ -120,22 +121,14 @@ def _opened_image(path: str | os.PathLike, max_image_pixels: int | None, failure
 
 def _check_pixels(size: tuple[int, int], limit: int | None) -> None:
     if limit is not None and size[0] * size[1] > limit:
-        raise ImageLoadError(
-            f"too many pixels: {size[0]}x{size[1]} exceeds max_image_pixels={limit}"
-        )
+        raise ImageLoadError(f"too many pixels: {size[0]}x{size[1]} exceeds max_image_pixels={limit}")
 
 
-def _orient(
-    image: Image.Image, expected_size: tuple[int, int] | None, mode: ExifMode
-) -> Image.Image:
+def _orient(image: Image.Image, expected_size: tuple[int, int] | None, mode: ExifMode) -> Image.Image:
     orientation = image.getexif().get(_ORIENTATION_TAG, 1)
     if mode == "never" or orientation in (None, 1):
         return image
-    if (
-        mode == "auto"
-        and expected_size is not None
-        and orientation in _SWAPPING_ORIENTATIONS
-    ):
+    if mode == "auto" and expected_size is not None and orientation in _SWAPPING_ORIENTATIONS:
         transposed_size = image.size[::-1]
         if tuple(expected_size) != tuple(transposed_size):
             return image  # only the stored size can match the annotations
@@ -151,9 +144,7 @@ def _to_rgb_array(image: Image.Image) -> np.ndarray:
         gray = np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8)
         return np.repeat(gray[..., None], 3, axis=2)
     if mode == "F":
-        gray = np.clip(np.round(np.asarray(image, dtype=np.float64)), 0, 255).astype(
-            np.uint8
-        )
+        gray = np.clip(np.round(np.asarray(image, dtype=np.float64)), 0, 255).astype(np.uint8)
         return np.repeat(gray[..., None], 3, axis=2)
     if mode in ("P", "PA"):
         image = image.convert("RGBA")

@@ -39,8 +39,15 @@ class DetectionRecords:
         and category_ids int64 (num_boxes,).
     """
 
-    def __init__(self, image_ids: np.ndarray, sizes: np.ndarray, file_names: list[str],
-                 box_offsets: np.ndarray, boxes: np.ndarray, category_ids: np.ndarray):  # fmt: skip
+    def __init__(
+        self,
+        image_ids: np.ndarray,
+        sizes: np.ndarray,
+        file_names: list[str],
+        box_offsets: np.ndarray,
+        boxes: np.ndarray,
+        category_ids: np.ndarray,
+    ):
         self.image_ids = np.ascontiguousarray(image_ids, dtype=np.int64)
         self.sizes = np.ascontiguousarray(sizes, dtype=np.int32).reshape(-1, 2)  # (num_images, 2)
         encoded = [name.encode("utf-8") for name in file_names]
@@ -81,8 +88,14 @@ class DetectionRecords:
             raise IndexError(index)
         boxes = self.box_slice(index)
         width, height = (int(v) for v in self.sizes[index])
-        return ImageRecord(int(self.image_ids[index]), self.file_name(index), width, height,
-                           self.boxes[boxes], self.category_ids[boxes])  # fmt: skip
+        return ImageRecord(
+            int(self.image_ids[index]),
+            self.file_name(index),
+            width,
+            height,
+            self.boxes[boxes],
+            self.category_ids[boxes],
+        )
 
     def __iter__(self) -> Iterator[ImageRecord]:
         return (self[i] for i in range(len(self)))
@@ -95,14 +108,30 @@ class DetectionRecords:
         np.cumsum(counts, out=offsets[1:])
         take = np.concatenate([np.arange(self.box_offsets[i], self.box_offsets[i + 1]) for i in indices] or [[]])
         take = take.astype(np.int64)
-        return DetectionRecords(self.image_ids[indices], self.sizes[indices], [self.file_name(i) for i in indices],
-                                offsets, self.boxes[take], self.category_ids[take])  # fmt: skip
+        return DetectionRecords(
+            self.image_ids[indices],
+            self.sizes[indices],
+            [self.file_name(i) for i in indices],
+            offsets,
+            self.boxes[take],
+            self.category_ids[take],
+        )
 
     @property
     def nbytes(self) -> int:
         """Bytes held by the arrays."""
-        return sum(a.nbytes for a in (self.image_ids, self.sizes, self.name_offsets, self.names,
-                                       self.box_offsets, self.boxes, self.category_ids))  # fmt: skip
+        return sum(
+            a.nbytes
+            for a in (
+                self.image_ids,
+                self.sizes,
+                self.name_offsets,
+                self.names,
+                self.box_offsets,
+                self.boxes,
+                self.category_ids,
+            )
+        )
 
     def to_coco(self, categories: list[dict]) -> dict:
         """A COCO detection dict of these images and boxes (every box `iscrowd=0`, `area = w * h`)."""
@@ -110,6 +139,14 @@ class DetectionRecords:
         annotations = []
         for record in self:
             for (x0, y0, x1, y1), category_id in zip(record.boxes.tolist(), record.category_ids.tolist()):
-                annotations.append({"id": len(annotations) + 1, "image_id": record.image_id, "category_id": category_id,
-                                    "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0})  # fmt: skip
+                annotations.append(
+                    {
+                        "id": len(annotations) + 1,
+                        "image_id": record.image_id,
+                        "category_id": category_id,
+                        "bbox": [x0, y0, x1 - x0, y1 - y0],
+                        "area": (x1 - x0) * (y1 - y0),
+                        "iscrowd": 0,
+                    }
+                )
         return {"images": images, "annotations": annotations, "categories": list(categories)}

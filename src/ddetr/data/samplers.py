@@ -18,9 +18,7 @@ class UnpaddedDistributedSampler(DistributedSampler):
     injecting its own.
     """
 
-    def __init__(
-        self, dataset: Dataset, num_replicas: int | None = None, rank: int | None = None
-    ):
+    def __init__(self, dataset: Dataset, num_replicas: int | None = None, rank: int | None = None):
         super().__init__(
             dataset,
             num_replicas=num_replicas,

@@ -45,9 +45,7 @@ class SkipReport:
         """One line: total, per reason, and the first few files."""
         if not self.records:
             return "no images skipped"
-        reasons = ", ".join(
-            f"{k}: {n}" for k, n in sorted(self.counts_by_reason().items())
-        )
+        reasons = ", ".join(f"{k}: {n}" for k, n in sorted(self.counts_by_reason().items()))
         unique = list(dict.fromkeys((r.file, r.image_id) for r in self.records))
         files = ", ".join(f"{f} (id {i})" for f, i in unique[:max_files])
         more = f" and {len(unique) - max_files} more" if len(unique) > max_files else ""

@@ -166,14 +166,18 @@ def _check_replaceable(root: Path) -> None:
     if not os.path.lexists(root):
         return
     if not root.is_dir() or root.is_symlink():
-        raise DatasetError(f"{root}: exists and is not a folder of the synthetic dataset; refusing to replace it "
-                           "(choose another data.root)")  # fmt: skip
+        raise DatasetError(
+            f"{root}: exists and is not a folder of the synthetic dataset; refusing to replace it "
+            "(choose another data.root)"
+        )
     if not any(root.iterdir()):
         return
     params = _read_manifest(root)
     if not (isinstance(params, dict) and "format_version" in params):
-        raise DatasetError(f"{root}: a non-empty folder without a synthetic-dataset {MANIFEST}; refusing to replace "
-                           "or delete it (choose another data.root)")  # fmt: skip
+        raise DatasetError(
+            f"{root}: a non-empty folder without a synthetic-dataset {MANIFEST}; refusing to replace "
+            "or delete it (choose another data.root)"
+        )
 
 
 def _move_into_place(tmp: Path, root: Path, params: dict) -> None:
@@ -195,21 +199,12 @@ def _move_into_place(tmp: Path, root: Path, params: dict) -> None:
 
 def _generate(out: Path, params: dict, progress: bool, num_workers: int) -> None:
     (out / "annotations").mkdir(parents=True)
-    categories = [
-        {"id": i + 1, "name": name, "supercategory": "shape"}
-        for i, name in enumerate(SHAPES)
-    ]
+    categories = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(SHAPES)]
     counts = {"train": params["num_train"], "val": params["num_val"]}
-    tasks = [
-        (out, split, index, params)
-        for split, num in counts.items()
-        for index in range(num)
-    ]
+    tasks = [(out, split, index, params) for split, num in counts.items() for index in range(num)]
     for split in counts:
         (out / split).mkdir()
-    bar = tqdm(
-        total=len(tasks), desc="synthetic dataset", disable=not progress, unit="img"
-    )
+    bar = tqdm(total=len(tasks), desc="synthetic dataset", disable=not progress, unit="img")
     records: dict[str, list] = {split: [] for split in counts}
     for split, objects in _run_tasks(tasks, num_workers):
         records[split].append(objects)
@@ -222,14 +217,24 @@ def _generate(out: Path, params: dict, progress: bool, num_workers: int) -> None
         for index, objects in enumerate(per_image):
             image_id = index + 1
             images.append(
-                {"id": image_id, "file_name": _file_name(index), "width": params["image_size"],
-                 "height": params["image_size"]}
-            )  # fmt: skip
+                {
+                    "id": image_id,
+                    "file_name": _file_name(index),
+                    "width": params["image_size"],
+                    "height": params["image_size"],
+                }
+            )
             for category_index, bbox, area in objects:
                 annotations.append(
-                    {"id": len(annotations) + 1, "image_id": image_id, "category_id": category_index + 1,
-                     "bbox": bbox, "area": area, "iscrowd": 0}
-                )  # fmt: skip
+                    {
+                        "id": len(annotations) + 1,
+                        "image_id": image_id,
+                        "category_id": category_index + 1,
+                        "bbox": bbox,
+                        "area": area,
+                        "iscrowd": 0,
+                    }
+                )
         coco = {
             "info": {
                 "description": f"ddetr synthetic shapes ({split})",
@@ -242,9 +247,7 @@ def _generate(out: Path, params: dict, progress: bool, num_workers: int) -> None
         with open(out / "annotations" / f"instances_{split}.json", "w") as f:
             json.dump(coco, f)
         stats[split] = {"images": len(images), "annotations": len(annotations)}
-    with open(
-        out / MANIFEST, "w"
-    ) as f:  # written last: its presence marks a complete dataset
+    with open(out / MANIFEST, "w") as f:  # written last: its presence marks a complete dataset
         json.dump({"params": params, "stats": stats}, f, indent=2)
 
 
@@ -254,11 +257,7 @@ def _file_name(index: int) -> str:
 
 def _run_tasks(tasks: list, num_workers: int):
     """Yield (split, objects) per task in order, in worker processes when `num_workers` > 0 and fork exists."""
-    if (
-        num_workers > 0
-        and "fork" in multiprocessing.get_all_start_methods()
-        and len(tasks) > 64
-    ):
+    if num_workers > 0 and "fork" in multiprocessing.get_all_start_methods() and len(tasks) > 64:
         with multiprocessing.get_context("fork").Pool(num_workers) as pool:
             yield from pool.imap(_render_and_save, tasks, chunksize=32)
     else:
@@ -277,9 +276,7 @@ def _render_and_save(task: tuple) -> tuple[str, list]:
 # rendering
 
 
-def render_image(
-    rng: np.random.Generator, params: dict
-) -> tuple[np.ndarray, list[tuple[int, list[int], int]]]:
+def render_image(rng: np.random.Generator, params: dict) -> tuple[np.ndarray, list[tuple[int, list[int], int]]]:
     """Draw one image.
 
     Returns:
@@ -287,9 +284,7 @@ def render_image(
     """
     size = params["image_size"]
     image = _background(rng, size)
-    owner = np.full(
-        (size, size), -1, dtype=np.int32
-    )  # index of the object on top of each pixel
+    owner = np.full((size, size), -1, dtype=np.int32)  # index of the object on top of each pixel
     full_areas: list[int] = []
     kinds: list[int] = []
     target = int(rng.integers(1, params["max_objects"] + 1))
@@ -303,9 +298,7 @@ def render_image(
                 params["min_object_frac"],
                 params["max_object_frac"],
             )
-            if _keeps_others_visible(
-                owner, mask, full_areas, params["min_visible_frac"]
-            ):
+            if _keeps_others_visible(owner, mask, full_areas, params["min_visible_frac"]):
                 break
         else:
             continue
@@ -314,18 +307,14 @@ def render_image(
         kinds.append(kind)
         full_areas.append(int(mask.sum()))
         _paint(rng, image, mask)
-    if (
-        not kinds
-    ):  # cannot happen on an empty canvas, kept as a guard for the 1..max contract
+    if not kinds:  # cannot happen on an empty canvas, kept as a guard for the 1..max contract
         raise RuntimeError("synthetic generator placed no object")
 
     noise_std = rng.uniform(2.0, 8.0)
     image += rng.standard_normal(image.shape, dtype=np.float32) * noise_std
     pixels = np.clip(image, 0, 255).astype(np.uint8)
 
-    slices = ndimage.find_objects(
-        owner + 1, max_label=len(kinds)
-    )  # tight box of each object's visible pixels
+    slices = ndimage.find_objects(owner + 1, max_label=len(kinds))  # tight box of each object's visible pixels
     areas = np.bincount(owner[owner >= 0], minlength=len(kinds))  # (num_objects,)
     objects = []
     for kind, (rows, cols), area in zip(kinds, slices, areas):
@@ -334,15 +323,11 @@ def render_image(
     return pixels, objects
 
 
-def _keeps_others_visible(
-    owner: np.ndarray, mask: np.ndarray, full_areas: list[int], min_visible: float
-) -> bool:
+def _keeps_others_visible(owner: np.ndarray, mask: np.ndarray, full_areas: list[int], min_visible: float) -> bool:
     """Whether every earlier object keeps `min_visible` of its pixels once `mask` is drawn on top."""
     if not full_areas:
         return True
-    covered = np.bincount(
-        owner[mask & (owner >= 0)], minlength=len(full_areas)
-    )  # (num_objects,)
+    covered = np.bincount(owner[mask & (owner >= 0)], minlength=len(full_areas))  # (num_objects,)
     visible = np.bincount(owner[owner >= 0], minlength=len(full_areas)) - covered
     return bool(np.all(visible >= min_visible * np.asarray(full_areas)))
 
@@ -360,9 +345,7 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     """Desaturated gradient + low-frequency noise + thin lines and soft blobs, float (size, size, 3)."""
     yy, xx = _unit_grid(size)
     angle = rng.uniform(0, 2 * math.pi)
-    t = (np.float32(math.cos(angle)) * xx + np.float32(math.sin(angle)) * yy)[
-        ..., None
-    ]  # (size, size, 1)
+    t = (np.float32(math.cos(angle)) * xx + np.float32(math.sin(angle)) * yy)[..., None]  # (size, size, 1)
     t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
     low, high = (
         _random_color(rng, False).astype(np.float32),
@@ -372,9 +355,7 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
 
     cells = int(rng.integers(3, 8))
     coarse = rng.normal(0.0, 18.0, size=(cells, cells)).astype(np.float32)
-    noise = Image.fromarray(coarse).resize(
-        (size, size), Image.BICUBIC
-    )  # smooth (size, size) luminance noise
+    noise = Image.fromarray(coarse).resize((size, size), Image.BICUBIC)  # smooth (size, size) luminance noise
     image += np.asarray(noise, dtype=np.float32)[..., None]
 
     clutter = Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
@@ -388,9 +369,7 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
         rx, ry = rng.uniform(0.02, 0.12, size=2) * size
         color = tuple(int(c) for c in _random_color(rng, False))
         draw.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=color)
-    clutter = clutter.filter(
-        ImageFilter.GaussianBlur(radius=float(rng.uniform(0.8, 2.0)))
-    )
+    clutter = clutter.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.8, 2.0))))
     return np.asarray(clutter, dtype=np.float32).copy()
 
 
@@ -403,9 +382,7 @@ def _unit_grid(size: int) -> tuple[np.ndarray, np.ndarray]:
     return yy, xx
 
 
-def _rotated(
-    points: np.ndarray, angle: float, cx: float, cy: float
-) -> list[tuple[float, float]]:
+def _rotated(points: np.ndarray, angle: float, cx: float, cy: float) -> list[tuple[float, float]]:
     """Rotate unit-scale `points` (N, 2) by `angle` and move them to (cx, cy)."""
     c, s = math.cos(angle), math.sin(angle)
     rot = np.array([[c, -s], [s, c]])
@@ -418,9 +395,7 @@ def _regular_polygon(num: int, radius: float, phase: float = 0.0) -> np.ndarray:
     return radius * np.stack([np.cos(angles), np.sin(angles)], axis=1)  # (num, 2)
 
 
-def _shape_mask(
-    rng: np.random.Generator, shape: str, size: int, min_frac: float, max_frac: float
-) -> np.ndarray:
+def _shape_mask(rng: np.random.Generator, shape: str, size: int, min_frac: float, max_frac: float) -> np.ndarray:
     """Boolean (size, size) mask of one shape of extent ~`frac * size`, fully inside the image."""
     extent = max(rng.uniform(min_frac, max_frac) * size, 3.0)
     half = extent / 2
@@ -435,27 +410,33 @@ def _shape_mask(
         draw.ellipse([cx - half, cy - half, cx + half, cy + half], fill=1)
         draw.ellipse([cx - inner, cy - inner, cx + inner, cy + inner], fill=0)
     elif shape == "square":
-        draw.polygon(
-            _rotated(_regular_polygon(4, half, math.pi / 4), angle, cx, cy), fill=1
-        )
+        draw.polygon(_rotated(_regular_polygon(4, half, math.pi / 4), angle, cx, cy), fill=1)
     elif shape == "triangle":
         draw.polygon(_rotated(_regular_polygon(3, half), angle, cx, cy), fill=1)
     elif shape == "star":
         outer = _regular_polygon(5, half)
         inner = _regular_polygon(5, half * 0.42, math.pi / 5)
-        points = np.stack([outer, inner], axis=1).reshape(
-            10, 2
-        )  # alternate outer/inner vertices
+        points = np.stack([outer, inner], axis=1).reshape(10, 2)  # alternate outer/inner vertices
         draw.polygon(_rotated(points, angle, cx, cy), fill=1)
     elif shape == "cross":
         a = 1 / 6  # half the bar width, as a fraction of the extent
         unit = np.array(
-            [[-a, -0.5], [a, -0.5], [a, -a], [0.5, -a], [0.5, a], [a, a],
-             [a, 0.5], [-a, 0.5], [-a, a], [-0.5, a], [-0.5, -a], [-a, -a]]
-        )  # fmt: skip
-        scale = half / math.hypot(
-            0.5, a
-        )  # the arm corners lie on the circle of radius `half`
+            [
+                [-a, -0.5],
+                [a, -0.5],
+                [a, -a],
+                [0.5, -a],
+                [0.5, a],
+                [a, a],
+                [a, 0.5],
+                [-a, 0.5],
+                [-a, a],
+                [-0.5, a],
+                [-0.5, -a],
+                [-a, -a],
+            ]
+        )
+        scale = half / math.hypot(0.5, a)  # the arm corners lie on the circle of radius `half`
         draw.polygon(_rotated(unit * scale, angle, cx, cy), fill=1)
     else:
         raise ValueError(f"unknown shape {shape!r}")

@@ -38,9 +38,7 @@ OFFICIAL_MAX_SIZE = 1333  # the cap on the longest side, in training and evaluat
 OFFICIAL_VAL_SIZE = 800  # the evaluation resize's shortest side
 
 
-def shortest_side_resize_hw(
-    height: int, width: int, size: int, max_size: int | None
-) -> tuple[int, int]:
+def shortest_side_resize_hw(height: int, width: int, size: int, max_size: int | None) -> tuple[int, int]:
     """Output (height, width) of the official resize: shortest side -> `size`, longest <= `max_size`.
 
     When the longest side would exceed `max_size`, `size` is lowered to round(max_size * short / long).
@@ -64,8 +62,9 @@ class RandomShortestSideResize(DualTransform):
 
     _targets = (Targets.IMAGE, Targets.MASK, Targets.BBOXES)
 
-    def __init__(self, scales: Sequence[int], max_size: int | None = None, interpolation: int = cv2.INTER_LINEAR,
-                 p: float = 1.0):  # fmt: skip
+    def __init__(
+        self, scales: Sequence[int], max_size: int | None = None, interpolation: int = cv2.INTER_LINEAR, p: float = 1.0
+    ):
         super().__init__(p=p)
         if not scales:
             raise ValueError("scales must not be empty")
@@ -73,30 +72,18 @@ class RandomShortestSideResize(DualTransform):
         self.max_size = None if max_size is None else int(max_size)
         self.interpolation = interpolation
 
-    def get_params_dependent_on_data(
-        self, params: dict[str, Any], data: dict[str, Any]
-    ) -> dict[str, Any]:
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
         height, width = params["shape"][:2]
         size = self.py_random.choice(self.scales)
-        return {
-            "target_hw": shortest_side_resize_hw(height, width, size, self.max_size)
-        }
+        return {"target_hw": shortest_side_resize_hw(height, width, size, self.max_size)}
 
-    def apply(
-        self, img: np.ndarray, target_hw: tuple[int, int], **params: Any
-    ) -> np.ndarray:
+    def apply(self, img: np.ndarray, target_hw: tuple[int, int], **params: Any) -> np.ndarray:
         if img.shape[:2] == tuple(target_hw):
             return img
-        return cv2.resize(
-            img, (target_hw[1], target_hw[0]), interpolation=self.interpolation
-        )
+        return cv2.resize(img, (target_hw[1], target_hw[0]), interpolation=self.interpolation)
 
-    def apply_to_mask(
-        self, mask: np.ndarray, target_hw: tuple[int, int], **params: Any
-    ) -> np.ndarray:
-        return cv2.resize(
-            mask, (target_hw[1], target_hw[0]), interpolation=cv2.INTER_NEAREST
-        )
+    def apply_to_mask(self, mask: np.ndarray, target_hw: tuple[int, int], **params: Any) -> np.ndarray:
+        return cv2.resize(mask, (target_hw[1], target_hw[0]), interpolation=cv2.INTER_NEAREST)
 
     def apply_to_bboxes(self, bboxes: np.ndarray, **params: Any) -> np.ndarray:
         return bboxes
@@ -115,22 +102,14 @@ class RandomSizeCrop(BaseCrop):
     def __init__(self, min_size: int, max_size: int, p: float = 1.0):
         super().__init__(p=p)
         if not 0 < min_size <= max_size:
-            raise ValueError(
-                f"need 0 < min_size <= max_size, got {min_size}, {max_size}"
-            )
+            raise ValueError(f"need 0 < min_size <= max_size, got {min_size}, {max_size}")
         self.min_size = int(min_size)
         self.max_size = int(max_size)
 
-    def get_params_dependent_on_data(
-        self, params: dict[str, Any], data: dict[str, Any]
-    ) -> dict[str, Any]:
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
         height, width = params["shape"][:2]
-        crop_w = self.py_random.randint(
-            min(self.min_size, width), min(width, self.max_size)
-        )
-        crop_h = self.py_random.randint(
-            min(self.min_size, height), min(height, self.max_size)
-        )
+        crop_w = self.py_random.randint(min(self.min_size, width), min(width, self.max_size))
+        crop_h = self.py_random.randint(min(self.min_size, height), min(height, self.max_size))
         x0 = self.py_random.randint(0, width - crop_w)
         y0 = self.py_random.randint(0, height - crop_h)
         return {"crop_coords": (x0, y0, x0 + crop_w, y0 + crop_h)}
@@ -139,8 +118,9 @@ class RandomSizeCrop(BaseCrop):
         return ("min_size", "max_size")
 
 
-def normalize_images(images: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
-                     std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:  # fmt: skip
+def normalize_images(
+    images: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> torch.Tensor:
     """uint8 images (..., 3, height, width) in 0..255 -> float32 `(pixels / 255 - mean) / std`, on their device.
 
     The one normalisation of the project: the transforms use it in the workers, the data modules on
@@ -177,8 +157,14 @@ class DetectionTransform:
             accelerator, as the data modules do in `on_after_batch_transfer`).
     """
 
-    def __init__(self, transforms: Sequence[A.BasicTransform], mean: Sequence[float] = IMAGENET_MEAN,
-                 std: Sequence[float] = IMAGENET_STD, min_box_size: float = 0.01, normalize: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        transforms: Sequence[A.BasicTransform],
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        min_box_size: float = 0.01,
+        normalize: bool = True,
+    ):
         self.mean, self.std, self.normalize = tuple(mean), tuple(std), normalize
         with warnings.catch_warnings():  # a pipeline without geometric transforms is fine
             warnings.filterwarnings(
@@ -198,8 +184,14 @@ class DetectionTransform:
                 ),
             )
 
-    def __call__(self, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, seed: int | None = None,
-                 normalize: bool | None = None):  # fmt: skip
+    def __call__(
+        self,
+        image: np.ndarray,
+        boxes: np.ndarray,
+        labels: np.ndarray,
+        seed: int | None = None,
+        normalize: bool | None = None,
+    ):
         """`normalize`: None follows the constructor; False returns the uint8 image tensor."""
         if seed is None:
             seed = int(torch.randint(0, 2**31 - 1, ()).item())
@@ -266,9 +258,7 @@ def make_val_transforms(
     std: Sequence[float] = IMAGENET_STD,
 ) -> DetectionTransform:
     """The official evaluation resize: shortest side `size`, longest at most `max_size`."""
-    return DetectionTransform(
-        [RandomShortestSideResize([size], max_size)], mean=mean, std=std
-    )
+    return DetectionTransform([RandomShortestSideResize([size], max_size)], mean=mean, std=std)
 
 
 def make_plain_transforms(

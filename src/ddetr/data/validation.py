@@ -184,8 +184,18 @@ def _fast_columns(data: dict) -> CocoColumns | None:
     bboxes = _column(annotations, "bbox", (list,))
     category_ids = _int64(_column(categories, "id", (int,)))
     category_names = _column(categories, "name", (str,))
-    parts = (image_ids, widths, heights, file_names, annotation_ids, annotation_image_ids,
-             annotation_category_ids, bboxes, category_ids, category_names)  # fmt: skip
+    parts = (
+        image_ids,
+        widths,
+        heights,
+        file_names,
+        annotation_ids,
+        annotation_image_ids,
+        annotation_category_ids,
+        bboxes,
+        category_ids,
+        category_names,
+    )
     if any(part is None for part in parts):
         return None
     if bboxes and (set(map(len, bboxes)) != {4} or not set(map(type, chain.from_iterable(bboxes))) <= {int, float}):
@@ -199,9 +209,19 @@ def _fast_columns(data: dict) -> CocoColumns | None:
         iscrowd = np.fromiter(map(bool, crowd_flags), dtype=bool, count=len(crowd_flags))
     else:
         iscrowd = np.array([bool(flag) for flag in crowd_flags], dtype=bool)
-    return CocoColumns(image_ids, widths, heights, file_names, annotation_ids, annotation_image_ids,
-                       annotation_category_ids, boxes.reshape(-1, 4), iscrowd, category_ids,
-                       category_names)  # fmt: skip
+    return CocoColumns(
+        image_ids,
+        widths,
+        heights,
+        file_names,
+        annotation_ids,
+        annotation_image_ids,
+        annotation_category_ids,
+        boxes.reshape(-1, 4),
+        iscrowd,
+        category_ids,
+        category_names,
+    )
 
 
 def _has_duplicates(ids: np.ndarray) -> bool:
@@ -255,9 +275,7 @@ def _unsafe_file_name(name: str) -> bool:
 
 def _check_top_level(data: Any, path: str | os.PathLike) -> None:
     if not isinstance(data, dict):
-        raise DatasetError(
-            f"{path}: expected a JSON object at the top level, got {type(data).__name__}"
-        )
+        raise DatasetError(f"{path}: expected a JSON object at the top level, got {type(data).__name__}")
     missing = [key for key in REQUIRED_KEYS if key not in data]
     if missing:
         raise DatasetError(f"{path}: missing top-level key(s) {missing}")
@@ -275,29 +293,17 @@ def _detailed_checks(data: dict, path: str | os.PathLike) -> None:
         _raise(path, problems)
 
     for section in REQUIRED_KEYS:
-        duplicates = [
-            i
-            for i, n in Counter(entry["id"] for entry in data[section]).items()
-            if n > 1
-        ]
+        duplicates = [i for i, n in Counter(entry["id"] for entry in data[section]).items() if n > 1]
         if duplicates:
             problems.append(f"duplicate {section[:-1]} ids {_first(duplicates)}")
     image_ids = {image["id"] for image in data["images"]}
     category_ids = {category["id"] for category in data["categories"]}
-    unknown_images = [
-        a["id"] for a in data["annotations"] if a["image_id"] not in image_ids
-    ]
+    unknown_images = [a["id"] for a in data["annotations"] if a["image_id"] not in image_ids]
     if unknown_images:
-        problems.append(
-            f"annotations {_first(unknown_images)} point at unknown image ids"
-        )
-    unknown_categories = [
-        a["id"] for a in data["annotations"] if a["category_id"] not in category_ids
-    ]
+        problems.append(f"annotations {_first(unknown_images)} point at unknown image ids")
+    unknown_categories = [a["id"] for a in data["annotations"] if a["category_id"] not in category_ids]
     if unknown_categories:
-        problems.append(
-            f"annotations {_first(unknown_categories)} point at unknown category ids"
-        )
+        problems.append(f"annotations {_first(unknown_categories)} point at unknown category ids")
     if not data["categories"]:
         problems.append("no categories")
     unsafe = [image["id"] for image in data["images"] if _unsafe_file_name(image["file_name"])]
@@ -319,11 +325,7 @@ def _entry_problems(section: str, entries: list, keys: tuple[str, ...]) -> list[
         lacking = [_entry_name(i, e) for i, e in enumerate(entries) if key not in e]
         if lacking:
             problems.append(f"{section} {_first(lacking)} lack required key '{key}'")
-    bad_ids = [
-        _entry_name(i, e)
-        for i, e in enumerate(entries)
-        if "id" in e and not _is_int(e["id"])
-    ]
+    bad_ids = [_entry_name(i, e) for i, e in enumerate(entries) if "id" in e and not _is_int(e["id"])]
     if bad_ids:
         problems.append(f"{section} {_first(bad_ids)} have a non-integer 'id'")
     checks = {
@@ -340,11 +342,7 @@ def _entry_problems(section: str, entries: list, keys: tuple[str, ...]) -> list[
         "categories": [("name", _is_str)],
     }[section]
     for key, ok in checks:
-        bad = [
-            _entry_name(i, e)
-            for i, e in enumerate(entries)
-            if key in e and not ok(e[key])
-        ]
+        bad = [_entry_name(i, e) for i, e in enumerate(entries) if key in e and not ok(e[key])]
         if bad:
             problems.append(f"{section} {_first(bad)} have an invalid '{key}'")
     return problems

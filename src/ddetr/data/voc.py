@@ -36,9 +36,27 @@ from .validation import DatasetError
 log = logging.getLogger(__name__)
 
 VOC_CLASSES: tuple[str, ...] = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable", "dog",
-    "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
-)  # fmt: skip
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+)
 MAX_XML_BYTES = 16 << 20
 _SAFE_ID = re.compile(r"^[^/\\\x00]+$")
 
@@ -91,7 +109,9 @@ def _number(element: ET.Element | None, tag: str, path: Path, where: str) -> flo
     return value
 
 
-def _image_size(root: ET.Element, image_path: Path, xml_path: Path, max_image_pixels: int | None) -> tuple[int, int] | None:
+def _image_size(
+    root: ET.Element, image_path: Path, xml_path: Path, max_image_pixels: int | None
+) -> tuple[int, int] | None:
     size = root.find("size")
     if size is not None:
         width, height = (_number(size, tag, xml_path, "<size>") for tag in ("width", "height"))
@@ -137,8 +157,10 @@ def read_voc_split(
             name_node = obj.find("name")
             name = (name_node.text or "").strip() if name_node is not None else ""
             if name not in category_of:
-                raise DatasetError(f"{xml_path}: {where} has class name {name!r}, not one of class_names "
-                                   f"({len(class_names)} names: {', '.join(class_names[:5])}...)")  # fmt: skip
+                raise DatasetError(
+                    f"{xml_path}: {where} has class name {name!r}, not one of class_names "
+                    f"({len(class_names)} names: {', '.join(class_names[:5])}...)"
+                )
             difficult_node = obj.find("difficult")
             difficult = difficult_node is not None and (difficult_node.text or "0").strip() not in ("0", "")
             box = obj.find("bndbox")
@@ -148,8 +170,16 @@ def read_voc_split(
             bbox = [xmin - 1, ymin - 1, xmax - xmin + 1, ymax - ymin + 1]
             if xmin < 1 or ymin < 1 or xmax > size[0] or ymax > size[1]:
                 problems.add("box outside the image", f"{xml_path} {where}")
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": category_of[name],
-                                "bbox": bbox, "area": bbox[2] * bbox[3], "iscrowd": int(difficult)})  # fmt: skip
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": category_of[name],
+                    "bbox": bbox,
+                    "area": bbox[2] * bbox[3],
+                    "iscrowd": int(difficult),
+                }
+            )
     if not images:
         raise DatasetError(f"{data_dir}: no usable images in '{split}'")
     problems.report(log)

@@ -168,8 +168,9 @@ def parse_label_file(path: Path, num_classes_of: dict[int, str], problems: Probl
             continue
         where = f"{path}:{number}"
         if len(fields) != 5 and (len(fields) < 7 or len(fields) % 2 == 0):
-            raise DatasetError(f"{where}: expected 'class cx cy w h' or 'class x1 y1 x2 y2 x3 y3 ...', "
-                               f"got {len(fields)} values")  # fmt: skip
+            raise DatasetError(
+                f"{where}: expected 'class cx cy w h' or 'class x1 y1 x2 y2 x3 y3 ...', got {len(fields)} values"
+            )
         try:
             values = [float(v) for v in fields]
         except ValueError as exc:
@@ -178,8 +179,9 @@ def parse_label_file(path: Path, num_classes_of: dict[int, str], problems: Probl
             raise DatasetError(f"{where}: values must be finite numbers")
         index = values[0]
         if index != int(index) or int(index) not in num_classes_of:
-            raise DatasetError(f"{where}: class index {fields[0]} is not one of the {len(num_classes_of)} classes "
-                               f"in 'names'")  # fmt: skip
+            raise DatasetError(
+                f"{where}: class index {fields[0]} is not one of the {len(num_classes_of)} classes in 'names'"
+            )
         coordinates = values[1:]
         if len(coordinates) == 4:
             cx, cy, w, h = coordinates
@@ -219,15 +221,29 @@ def read_yolo_split(
             problems.add(f"unreadable image ({exc.reason.split(':')[0]}), left out", str(image_path))
             continue
         image_id = len(images) + 1
-        images.append({"id": image_id, "file_name": image_path.relative_to(image_dir).as_posix(),
-                       "width": width, "height": height})  # fmt: skip
+        images.append(
+            {
+                "id": image_id,
+                "file_name": image_path.relative_to(image_dir).as_posix(),
+                "width": width,
+                "height": height,
+            }
+        )
         for index, (cx, cy, w, h) in parse_label_file(label_path(image_path), names, problems):
             # pixels, rounded to 1e-6 so that whole-pixel boxes come out whole (no spurious "clipped")
             x0, y0 = round((cx - w / 2) * width, 6), round((cy - h / 2) * height, 6)
             x1, y1 = round((cx + w / 2) * width, 6), round((cy + h / 2) * height, 6)
             box = [x0, y0, x1 - x0, y1 - y0]
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": index,
-                                "bbox": box, "area": box[2] * box[3], "iscrowd": 0})  # fmt: skip
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": index,
+                    "bbox": box,
+                    "area": box[2] * box[3],
+                    "iscrowd": 0,
+                }
+            )
     if not images:
         raise DatasetError(f"{yaml_path}: no readable images in '{split}'")
     problems.report(log)

@@ -108,19 +108,34 @@ def export_onnx(
             with warnings.catch_warnings():  # images and mask share their named dims: torch says so per axis
                 warnings.filterwarnings("ignore", message="# The axis name", category=UserWarning)
                 program = torch.onnx.export(
-                    detector, inputs, input_names=input_names, output_names=list(OUTPUT_NAMES), opset_version=opset,
-                    dynamo=True, external_data=False, verbose=False,
+                    detector,
+                    inputs,
+                    input_names=input_names,
+                    output_names=list(OUTPUT_NAMES),
+                    opset_version=opset,
+                    dynamo=True,
+                    external_data=False,
+                    verbose=False,
                     dynamic_shapes=dynamic_shapes(len(inputs)) if dynamic else None,
-                )  # fmt: skip
+                )
                 program.save(str(path))
             return "dynamo"
         except Exception as error:  # noqa: BLE001 - any exporter failure falls back to TorchScript
-            log.warning("the dynamo ONNX exporter failed (%s: %s); using the TorchScript exporter, whose model "
-                        "takes only the export size", type(error).__name__, error)  # fmt: skip
+            log.warning(
+                "the dynamo ONNX exporter failed (%s: %s); using the TorchScript exporter, whose model "
+                "takes only the export size",
+                type(error).__name__,
+                error,
+            )
     torch.onnx.export(
-        detector, inputs, str(path), input_names=input_names, output_names=list(OUTPUT_NAMES), opset_version=opset,
+        detector,
+        inputs,
+        str(path),
+        input_names=input_names,
+        output_names=list(OUTPUT_NAMES),
+        opset_version=opset,
         dynamo=False,
-    )  # fmt: skip
+    )
     return "torchscript"
 
 
@@ -213,7 +228,9 @@ def export(cfg: DictConfig) -> dict[str, Any]:
             with torch.no_grad():
                 summary["max_abs_diff"] = max_abs_difference(detector(*inputs), list(program.module()(*inputs)))
     if "input_shapes" in summary:
-        inputs_text = ", ".join(f"{name} ({', '.join(map(str, dims))})" for name, dims in summary["input_shapes"].items())
+        inputs_text = ", ".join(
+            f"{name} ({', '.join(map(str, dims))})" for name, dims in summary["input_shapes"].items()
+        )
     else:
         inputs_text = "images, mask" if cfg.with_mask else "images"
         inputs_text += f" of {cfg.batch_size}x3x{cfg.height}x{cfg.width}"

@@ -68,8 +68,10 @@ def run_val_resize(config: Path) -> dict[str, int]:
         values = yaml.safe_load(config.read_text())
     except (yaml.YAMLError, OSError, UnicodeDecodeError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ValueError(f"predict: cannot read the training run's config {config} ({reason}); "
-                         "pass size= and max_size= to do without it") from None  # fmt: skip
+        raise ValueError(
+            f"predict: cannot read the training run's config {config} ({reason}); "
+            "pass size= and max_size= to do without it"
+        ) from None
     data = values.get("data") if isinstance(values, dict) else None
     transforms = data.get("val_transforms") if isinstance(data, dict) else None
     found = {}
@@ -78,8 +80,10 @@ def run_val_resize(config: Path) -> dict[str, int]:
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"predict: {config}: data.val_transforms.{name} is {value!r}, not a whole number; "
-                             "pass size= and max_size= to do without it")  # fmt: skip
+            raise ValueError(
+                f"predict: {config}: data.val_transforms.{name} is {value!r}, not a whole number; "
+                "pass size= and max_size= to do without it"
+            )
         found[name] = value
     return found
 
@@ -209,7 +213,9 @@ def coco_results(
     return results
 
 
-def readable_items(batch: list[dict[str, Any]], files: Sequence[Path], skipped: list[tuple[str, str]]) -> list[dict[str, Any]]:
+def readable_items(
+    batch: list[dict[str, Any]], files: Sequence[Path], skipped: list[tuple[str, str]]
+) -> list[dict[str, Any]]:
     """The items of ``batch`` whose image could be read; each other one is appended to ``skipped`` as
     (file, reason) and named in a warning."""
     for item in batch:
@@ -220,7 +226,12 @@ def readable_items(batch: list[dict[str, Any]], files: Sequence[Path], skipped: 
 
 
 def save_attention_pictures(
-    folder: Path, recorder, outputs: dict[str, Any], model, batch: list[dict[str, Any]], cfg: DictConfig,
+    folder: Path,
+    recorder,
+    outputs: dict[str, Any],
+    model,
+    batch: list[dict[str, Any]],
+    cfg: DictConfig,
     class_names: Sequence[str],
 ) -> None:
     """The sampling-location pictures of a batch's top detections (``recorder`` held the decoder's
@@ -301,9 +312,12 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
             picture_path = output / "images" / f"{name}.png"
             picture_path.parent.mkdir(parents=True, exist_ok=True)
             draw_detections(
-                item["pixels"], detection["boxes"], detection["labels"].tolist(), detection["scores"].tolist(),
+                item["pixels"],
+                detection["boxes"],
+                detection["labels"].tolist(),
+                detection["scores"].tolist(),
                 class_names,
-            ).save(picture_path)  # fmt: skip
+            ).save(picture_path)
             item["name"] = name
         if cfg.attention:
             save_attention_pictures(output / "attention", recorder, outputs, model, batch, cfg, class_names)
@@ -312,7 +326,10 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
 
 
 def write_results(
-    output: Path, cfg: DictConfig, results: list[dict[str, Any]], images_json: list[dict[str, Any]],
+    output: Path,
+    cfg: DictConfig,
+    results: list[dict[str, Any]],
+    images_json: list[dict[str, Any]],
     skipped: list[tuple[str, str]],
 ) -> dict[str, Any]:
     """Writes the COCO results (``cfg.results_file``) and ``images.json``, prints what was done and skipped;

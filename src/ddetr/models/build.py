@@ -37,7 +37,12 @@ def build_criterion(
         loss = LossConfig.from_dict(loss_options)
     # the official matcher keeps its own alpha 0.25 whatever focal_alpha is
     matcher = HungarianMatcher(
-        cost_class=loss.set_cost_class, cost_bbox=loss.set_cost_bbox, cost_giou=loss.set_cost_giou, focal_gamma=loss.focal_gamma
+        cost_class=loss.set_cost_class,
+        cost_bbox=loss.set_cost_bbox,
+        cost_giou=loss.set_cost_giou,
+        focal_gamma=loss.focal_gamma,
     )
     weight_dict = build_weight_dict(config.dec_layers, config.aux_loss, config.two_stage, loss)
-    return SetCriterion(config.num_classes, matcher, weight_dict, focal_alpha=loss.focal_alpha, focal_gamma=loss.focal_gamma)
+    return SetCriterion(
+        config.num_classes, matcher, weight_dict, focal_alpha=loss.focal_alpha, focal_gamma=loss.focal_gamma
+    )

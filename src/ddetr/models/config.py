@@ -170,7 +170,11 @@ class DeformableDETRConfig:
 OFFICIAL_OPTIONS = (
     "backbone",
     "dilation",
-    *(f.name for f in dataclasses.fields(DeformableDETRConfig) if f.name not in ("num_classes", "backbone", "aux_loss", "attn_backend", "checkpointing")),
+    *(
+        f.name
+        for f in dataclasses.fields(DeformableDETRConfig)
+        if f.name not in ("num_classes", "backbone", "aux_loss", "attn_backend", "checkpointing")
+    ),
 )
 
 

@@ -300,7 +300,9 @@ class SetCriterion(nn.Module):
             ]
             if "enc_outputs" in outputs:
                 encoder = outputs["enc_outputs"]
-                stacks.append((encoder["pred_logits"][None], encoder["pred_boxes"][None], padded.class_agnostic(), False))
+                stacks.append(
+                    (encoder["pred_logits"][None], encoder["pred_boxes"][None], padded.class_agnostic(), False)
+                )
             results = self.stack_losses(stacks, num_boxes)
         decoder = results[0]
         losses = {name: value if name == "class_error" else value[-1] for name, value in decoder.items()}

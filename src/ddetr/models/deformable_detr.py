@@ -76,7 +76,9 @@ class DeformableDETR(nn.Module):
         backbone_channels = self.backbone.num_channels
         projections = [_input_projection(channels, hidden_dim, 1, 1) for channels in backbone_channels]
         projections += [
-            _input_projection(backbone_channels[-1] if level == len(backbone_channels) else hidden_dim, hidden_dim, 3, 2)
+            _input_projection(
+                backbone_channels[-1] if level == len(backbone_channels) else hidden_dim, hidden_dim, 3, 2
+            )
             for level in range(len(backbone_channels), config.num_feature_levels)
         ]
         self.input_proj = nn.ModuleList(projections)

@@ -127,9 +127,16 @@ class DeformableEncoder(nn.Module):
         output = src
         for layer in self.layers:
             output = _run_layer(
-                layer, self.checkpointing, output, pos, reference_points, spatial_shapes, level_start_index,
-                padding_mask, shapes,
-            )  # fmt: skip
+                layer,
+                self.checkpointing,
+                output,
+                pos,
+                reference_points,
+                spatial_shapes,
+                level_start_index,
+                padding_mask,
+                shapes,
+            )
         return output
 
 
@@ -169,9 +176,14 @@ class DeformableDecoderLayer(nn.Module):
         attended = self.self_attn(query, query, tgt, need_weights=False)[0]
         tgt = self.self_attn_norm(tgt + self.dropout1(attended))
         attended = self.cross_attn(
-            tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index, memory_padding_mask,
+            tgt + query_pos,
+            reference_points,
+            memory,
+            spatial_shapes,
+            level_start_index,
+            memory_padding_mask,
             shapes=shapes,
-        )  # fmt: skip
+        )
         tgt = self.cross_attn_norm(tgt + self.dropout2(attended))
         return _feed_forward_residual(self, tgt, self.dropout3, self.dropout4)
 
@@ -236,9 +248,17 @@ class DeformableDecoder(nn.Module):
                 scale = box_scale if reference_points.shape[-1] == 4 else ratios  # (B, L, 4 or 2)
                 reference_input = reference_points[:, :, None] * scale[:, None]  # (B, Q, L, 2 or 4)
             output = _run_layer(
-                layer, self.checkpointing, output, query_pos, reference_input, memory, spatial_shapes,
-                level_start_index, memory_padding_mask, shapes,
-            )  # fmt: skip
+                layer,
+                self.checkpointing,
+                output,
+                query_pos,
+                reference_input,
+                memory,
+                spatial_shapes,
+                level_start_index,
+                memory_padding_mask,
+                shapes,
+            )
             hidden_states.append(output)
             references.append(reference_points)
             if box_heads is not None:
@@ -369,9 +389,17 @@ class DeformableTransformer(nn.Module):
             reference_points = self.reference_points(query_pos).float().sigmoid()  # (B, Q, 2), float32 under autocast
 
         hidden_states, references, boxes = self.decoder(
-            tgt, query_pos, reference_points, memory, spatial_shapes, level_start_index, ratios, mask_flatten,
-            box_heads, shapes,
-        )  # fmt: skip
+            tgt,
+            query_pos,
+            reference_points,
+            memory,
+            spatial_shapes,
+            level_start_index,
+            ratios,
+            mask_flatten,
+            box_heads,
+            shapes,
+        )
         outputs["hidden_states"] = hidden_states
         outputs["references"] = references
         if box_heads is not None:

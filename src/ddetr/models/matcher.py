@@ -189,7 +189,9 @@ class HungarianMatcher(nn.Module):
                     indices.append((empty, empty))
                     continue
                 pred_indices, target_indices = linear_sum_assignment(cost[layer, image, :, :size])
-                indices.append((torch.from_numpy(pred_indices.astype(np.int64)), torch.from_numpy(target_indices.astype(np.int64))))
+                indices.append(
+                    (torch.from_numpy(pred_indices.astype(np.int64)), torch.from_numpy(target_indices.astype(np.int64)))
+                )
             layers.append(indices)
         return layers
 

@@ -123,11 +123,15 @@ class MSDeformAttn(nn.Module):
         if torch.is_autocast_enabled(device_type):  # one cast (and one saved copy) for both projections
             query = query.to(torch.get_autocast_dtype(device_type))
         # locations and weights in float32 also under autocast: half precision moves samples on large levels
-        sampling_offsets = self.sampling_offsets(query).float().view(
-            batch_size, num_queries, self.num_heads, self.num_levels, self.num_points, 2
+        sampling_offsets = (
+            self.sampling_offsets(query)
+            .float()
+            .view(batch_size, num_queries, self.num_heads, self.num_levels, self.num_points, 2)
         )  # (B, Lq, M, L, P, 2)
-        attention_weights = self.attention_weights(query).float().view(
-            batch_size, num_queries, self.num_heads, self.num_levels * self.num_points
+        attention_weights = (
+            self.attention_weights(query)
+            .float()
+            .view(batch_size, num_queries, self.num_heads, self.num_levels * self.num_points)
         )  # (B, Lq, M, L*P)
         attention_weights = softmax_last_dim(attention_weights).view(
             batch_size, num_queries, self.num_heads, self.num_levels, self.num_points

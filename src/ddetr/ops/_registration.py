@@ -27,7 +27,9 @@ def _check_fake_inputs(value, spatial_shapes, sampling_locations, attention_weig
     """The kernels' checks that concern sizes, with ``torch._check`` so that they hold symbolically under
     ``torch.compile`` (the levels fit in value: with sizes taken from the feature maps this is known, so
     it adds no guard and no recompile)."""
-    torch._check(value.dim() == 4, lambda: f"value must be (batch_size, num_values, num_heads, head_dim): {value.shape}")
+    torch._check(
+        value.dim() == 4, lambda: f"value must be (batch_size, num_values, num_heads, head_dim): {value.shape}"
+    )
     torch._check(sampling_locations.dim() == 6, lambda: "sampling_locations must have 6 dimensions")
     batch_size, num_values, num_heads, _ = value.shape
     num_levels = sampling_locations.shape[3]

@@ -59,7 +59,9 @@ def ms_deform_attn_pytorch(
     """
     del level_start_index
     output_dtype = value.dtype
-    compute_dtype = torch.promote_types(value.dtype, torch.promote_types(sampling_locations.dtype, attention_weights.dtype))
+    compute_dtype = torch.promote_types(
+        value.dtype, torch.promote_types(sampling_locations.dtype, attention_weights.dtype)
+    )
     value, sampling_locations, attention_weights = (
         t.to(compute_dtype) for t in (value, sampling_locations, attention_weights)
     )

@@ -193,9 +193,15 @@ def draw_attention(
         x0, y0, x1, y1 = (float(v) for v in box_xyxy)
         axes.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="lime", linewidth=2))
     axes.scatter(
-        [float(reference_xy[0])], [float(reference_xy[1])], marker="*", s=220, c="red", edgecolors="white",
-        linewidths=1.2, label="reference",
-    )  # fmt: skip
+        [float(reference_xy[0])],
+        [float(reference_xy[1])],
+        marker="*",
+        s=220,
+        c="red",
+        edgecolors="white",
+        linewidths=1.2,
+        label="reference",
+    )
     axes.set_xlim(-0.5, width - 0.5)
     axes.set_ylim(height - 0.5, -0.5)
     axes.set_axis_off()

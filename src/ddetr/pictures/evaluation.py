@@ -58,8 +58,10 @@ def precision_recall_curves(coco_eval, class_names: Sequence[str]) -> PrecisionR
         recall=np.asarray(params.recThrs, dtype=np.float64),
         class_names=list(class_names),
         per_class=per_class,
-        mean=_masked_mean(curves.transpose(1, 0, 2).reshape(len(params.recThrs), -1),
-                          defined.transpose(1, 0, 2).reshape(len(params.recThrs), -1)),  # fmt: skip
+        mean=_masked_mean(
+            curves.transpose(1, 0, 2).reshape(len(params.recThrs), -1),
+            defined.transpose(1, 0, 2).reshape(len(params.recThrs), -1),
+        ),
         mean_50=_masked_mean(curves[iou50], defined[iou50]),
     )
 
@@ -87,25 +89,51 @@ def draw_pr_curves(curves: PrecisionRecallCurves, title: str = "") -> Figure:
     else:
         named = [*ranked[:NAMED_EXTREMES], *ranked[-NAMED_EXTREMES:]]
         for index, row in enumerate(c for c in ranked if c not in named):
-            axis.plot(curves.recall, curves.per_class[row], color="0.75", linewidth=0.7,
-                      label=f"the other {len(ranked) - len(named)} classes" if index == 0 else None)  # fmt: skip
+            axis.plot(
+                curves.recall,
+                curves.per_class[row],
+                color="0.75",
+                linewidth=0.7,
+                label=f"the other {len(ranked) - len(named)} classes" if index == 0 else None,
+            )
     colours = _colours(len(named))
     for colour, row in zip(colours, named):
-        axis.plot(curves.recall, curves.per_class[row], color=colour, linewidth=1.4,
-                  label=f"{curves.class_names[row]} ({ap50[row]:.2f})")  # fmt: skip
+        axis.plot(
+            curves.recall,
+            curves.per_class[row],
+            color=colour,
+            linewidth=1.4,
+            label=f"{curves.class_names[row]} ({ap50[row]:.2f})",
+        )
     if not np.isnan(curves.mean).all():
-        axis.plot(curves.recall, curves.mean, color="black", linewidth=2.6,
-                  label=f"mean, IoU 0.50:0.95 (AP {np.mean(curves.mean):.3f})")  # fmt: skip
-        axis.plot(curves.recall, curves.mean_50, color="black", linewidth=1.8, linestyle="--",
-                  label=f"mean, IoU 0.50 (AP50 {np.mean(curves.mean_50):.3f})")  # fmt: skip
+        axis.plot(
+            curves.recall,
+            curves.mean,
+            color="black",
+            linewidth=2.6,
+            label=f"mean, IoU 0.50:0.95 (AP {np.mean(curves.mean):.3f})",
+        )
+        axis.plot(
+            curves.recall,
+            curves.mean_50,
+            color="black",
+            linewidth=1.8,
+            linestyle="--",
+            label=f"mean, IoU 0.50 (AP50 {np.mean(curves.mean_50):.3f})",
+        )
     missing = len(curves.class_names) - len(defined)
     heading = f"Precision-recall of {len(defined)} classes, per class at IoU 0.50 (AP50 in brackets)"
     if len(ranked) > MAX_NAMED_CLASSES:
         heading += f"\nnamed: the {NAMED_EXTREMES} best and the {NAMED_EXTREMES} worst"
     if missing:
         heading += f"\nleft out: {missing} without ground truth"
-    axis.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="recall", ylabel="precision",
-             title=f"{title}\n{heading}" if title else heading)  # fmt: skip
+    axis.set(
+        xlim=(0, 1),
+        ylim=(0, 1.02),
+        xlabel="recall",
+        ylabel="precision",
+        title=f"{title}\n{heading}" if title else heading,
+    )
     axis.grid(alpha=0.3)
     if axis.has_data():
         axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, frameon=False)
@@ -135,12 +163,21 @@ def draw_confusion_matrix(confusion: ConfusionMatrix, title: str = "") -> Figure
     axis.axvline(size - 1.5, color="0.4", linewidth=0.8)
     if size - 1 <= 30:  # classes, besides background
         for row, column in zip(*np.nonzero(counts)):
-            axis.text(column, row, str(counts[row, column]), ha="center", va="center", fontsize=font,
-                      color="white" if shares[row, column] > 0.5 else "black")  # fmt: skip
+            axis.text(
+                column,
+                row,
+                str(counts[row, column]),
+                ha="center",
+                va="center",
+                fontsize=font,
+                color="white" if shares[row, column] > 0.5 else "black",
+            )
     axis.set_xlabel("predicted class (background: ground truth no detection matched)")
     axis.set_ylabel("ground-truth class (background: detections that matched nothing)")
-    heading = (f"Confusion matrix at IoU >= {confusion.iou:.2f}, score >= {confusion.score_threshold:.2f}\n"
-               "colour: share of the row (square-root scale); numbers: counts")  # fmt: skip
+    heading = (
+        f"Confusion matrix at IoU >= {confusion.iou:.2f}, score >= {confusion.score_threshold:.2f}\n"
+        "colour: share of the row (square-root scale); numbers: counts"
+    )
     axis.set_title(f"{title}\n{heading}" if title else heading)
     figure.colorbar(image, ax=axis, shrink=0.6, label="share of the row")
     return figure

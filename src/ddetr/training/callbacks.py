@@ -39,7 +39,13 @@ class RNGStateCallback(L.Callback):
         kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
         checkpoint["rng_states"] = {
             "python": random.getstate(),
-            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached_gaussian)],
+            "numpy": [
+                kind,
+                torch.from_numpy(keys.astype(np.int64)),
+                int(position),
+                int(has_gauss),
+                float(cached_gaussian),
+            ],
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
@@ -90,8 +96,10 @@ class Preempted(SystemExit):
 
     def __str__(self) -> str:
         if self.requeued_job:
-            return (f"stopped by {self.signal_name}; requeued SLURM job {self.requeued_job}, which resumes from "
-                    f"{self.checkpoint} (or rerun with ckpt_path={self.checkpoint})")  # fmt: skip
+            return (
+                f"stopped by {self.signal_name}; requeued SLURM job {self.requeued_job}, which resumes from "
+                f"{self.checkpoint} (or rerun with ckpt_path={self.checkpoint})"
+            )
         return f"stopped by {self.signal_name}; resume with ckpt_path={self.checkpoint}"
 
 
@@ -105,8 +113,13 @@ class PreemptionCheckpoint(L.Callback):
     the default under SLURM). Elsewhere, run the same command again with ``ckpt_path=`` that file.
     """
 
-    def __init__(self, dirpath: str, filename: str = "preempted", signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1"),
-                 requeue: bool | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        dirpath: str,
+        filename: str = "preempted",
+        signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1"),
+        requeue: bool | None = None,
+    ) -> None:
         self.dirpath = Path(dirpath)
         self.filename = filename
         self.signals = [getattr(signal, name) for name in signals]
@@ -200,9 +213,7 @@ class SkipReportCallback(L.Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._report(trainer, pl_module, "train")
 
-    def on_validation_epoch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule
-    ) -> None:
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._report(trainer, pl_module, "val")
 
     @staticmethod
@@ -318,8 +329,15 @@ class LastCheckpoint(ModelCheckpoint):
     """
 
     def __init__(self, dirpath: str, filename: str = "last") -> None:
-        super().__init__(dirpath=dirpath, filename=filename, monitor=None, save_top_k=1, every_n_epochs=1,
-                         save_on_train_epoch_end=False, enable_version_counter=False)  # fmt: skip
+        super().__init__(
+            dirpath=dirpath,
+            filename=filename,
+            monitor=None,
+            save_top_k=1,
+            every_n_epochs=1,
+            save_on_train_epoch_end=False,
+            enable_version_counter=False,
+        )
         self._scheduled: tuple[Any, Any] | None = None  # (check_val_every_n_epoch, val_check_batch) to put back
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
@@ -350,8 +368,10 @@ def stop_reason(trainer: L.Trainer) -> str:
     ``max_steps`` or ``max_epochs``."""
     for callback in trainer.early_stopping_callbacks:
         if callback.stopping_reason == EarlyStoppingReason.PATIENCE_EXHAUSTED:
-            return (f"early stopping: {callback.monitor} did not improve by more than {abs(callback.min_delta):g} "
-                    f"for {callback.patience} validations (best {float(callback.best_score):.4f})")  # fmt: skip
+            return (
+                f"early stopping: {callback.monitor} did not improve by more than {abs(callback.min_delta):g} "
+                f"for {callback.patience} validations (best {float(callback.best_score):.4f})"
+            )
         if callback.stopping_reason != EarlyStoppingReason.NOT_STOPPED:
             return f"early stopping: {callback.stopping_reason_message or callback.stopping_reason.name}"
     timers = [callback for callback in trainer.callbacks if isinstance(callback, Timer)]
@@ -370,9 +390,18 @@ def early_stopping(patience: int | None, min_delta: float = 0.0, monitor: str = 
     if patience is None:
         return None
     if patience < 1:
-        raise ValueError(f"early_stopping.patience must be >= 1 (validations without improvement) or null, got {patience}")
-    return EarlyStopping(monitor=monitor, mode="max", patience=int(patience), min_delta=float(min_delta),
-                         check_on_train_epoch_end=False, strict=True, verbose=True)  # fmt: skip
+        raise ValueError(
+            f"early_stopping.patience must be >= 1 (validations without improvement) or null, got {patience}"
+        )
+    return EarlyStopping(
+        monitor=monitor,
+        mode="max",
+        patience=int(patience),
+        min_delta=float(min_delta),
+        check_on_train_epoch_end=False,
+        strict=True,
+        verbose=True,
+    )
 
 
 class WeightEMA(WeightAveraging):
@@ -397,8 +426,10 @@ class WeightEMA(WeightAveraging):
         if not 0.0 < decay < 1.0:
             raise ValueError(f"ema.decay must be in (0, 1), e.g. 0.9998, or null (off), got {decay}")
         if update_every_n_steps < 1 or warmup_steps < 0:
-            raise ValueError(f"ema.update_every_n_steps must be >= 1 and ema.warmup_steps >= 0, got "
-                             f"{update_every_n_steps} and {warmup_steps}")  # fmt: skip
+            raise ValueError(
+                f"ema.update_every_n_steps must be >= 1 and ema.warmup_steps >= 0, got "
+                f"{update_every_n_steps} and {warmup_steps}"
+            )
         super().__init__(use_buffers=True, multi_avg_fn=self._update_average)
         self.decay = float(decay)
         self.update_every_n_steps = int(update_every_n_steps)

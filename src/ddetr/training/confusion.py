@@ -131,8 +131,9 @@ def coco_confusion_matrix(
         gt_classes = np.array([row_of[a["category_id"]] for a in plain], dtype=np.int64)
         crowd_boxes = np.array([a["bbox"] for a in crowd], dtype=np.float64).reshape(-1, 4)
         det_boxes, det_classes, det_scores = _detections(predictions.get(image_id), head_to_row, score_threshold)
-        total += match_image(gt_boxes, gt_classes, det_boxes, det_classes, det_scores, crowd_boxes, num_classes,
-                             iou_threshold)  # fmt: skip
+        total += match_image(
+            gt_boxes, gt_classes, det_boxes, det_classes, det_scores, crowd_boxes, num_classes, iou_threshold
+        )
     return ConfusionMatrix(labels, total, iou_threshold, score_threshold)
 
 

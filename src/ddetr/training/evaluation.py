@@ -50,9 +50,7 @@ class CocoEvaluator:
         verbose: let pycocotools print its summary table.
     """
 
-    def __init__(
-        self, coco_gt, label_to_category_id: Sequence[int], verbose: bool = False
-    ):
+    def __init__(self, coco_gt, label_to_category_id: Sequence[int], verbose: bool = False):
         self.coco_gt = coco_gt
         self.label_to_category_id = [int(c) for c in label_to_category_id]
         self.verbose = verbose
@@ -86,10 +84,7 @@ class CocoEvaluator:
 
     def synchronize(self) -> None:
         """Gather every rank's predictions on every rank (no-op without an initialised process group)."""
-        if (
-            not (dist.is_available() and dist.is_initialized())
-            or dist.get_world_size() == 1
-        ):
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return
         gathered: list[dict | None] = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, self.predictions)
@@ -105,9 +100,7 @@ class CocoEvaluator:
         num_labels = len(self.label_to_category_id)
         for image_id, prediction in sorted(self.predictions.items()):
             boxes = prediction["boxes"]
-            xywh = np.concatenate(
-                [boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1
-            )  # (K, 4)
+            xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)  # (K, 4)
             for box, score, label in zip(
                 xywh.tolist(),
                 prediction["scores"].tolist(),
@@ -136,8 +129,7 @@ class CocoEvaluator:
         results = [
             r
             for r in self.results_json()
-            if r["image_id"] in self._gt_image_ids
-            and r["category_id"] in self._gt_category_ids
+            if r["image_id"] in self._gt_image_ids and r["category_id"] in self._gt_category_ids
         ]
         self.last_eval = None
         num_gt = self._num_gt_per_category()
@@ -149,11 +141,7 @@ class CocoEvaluator:
             defined = self._defined_size_ranges()
             return {name: (0.0 if defined[_size_range(name)] else None) for name in METRIC_NAMES}
         output = io.StringIO()
-        with (
-            contextlib.redirect_stdout(output)
-            if not self.verbose
-            else contextlib.nullcontext()
-        ):
+        with contextlib.redirect_stdout(output) if not self.verbose else contextlib.nullcontext():
             coco_dt = self.coco_gt.loadRes(results)
             evaluator = COCOeval(self.coco_gt, coco_dt, iouType="bbox")
             evaluator.params.imgIds = sorted(self._gt_image_ids)
@@ -166,7 +154,10 @@ class CocoEvaluator:
 
     def _category_names(self) -> dict[int, str]:
         """Category id -> name (the id as text where the file has no name), in id order."""
-        return {c["id"]: str(c.get("name", c["id"])) for c in sorted(self.coco_gt.loadCats(self.coco_gt.getCatIds()), key=lambda c: c["id"])}
+        return {
+            c["id"]: str(c.get("name", c["id"]))
+            for c in sorted(self.coco_gt.loadCats(self.coco_gt.getCatIds()), key=lambda c: c["id"])
+        }
 
     def _num_gt_per_category(self) -> dict[int, int]:
         """Category id -> number of ground-truth boxes pycocotools scores (not crowd)."""
@@ -181,8 +172,11 @@ class CocoEvaluator:
         from pycocotools.cocoeval import Params
 
         params = Params(iouType="bbox")
-        areas = [a["area"] for a in self.coco_gt.dataset.get("annotations", [])
-                 if not a.get("iscrowd", 0) and a["image_id"] in self._gt_image_ids]  # fmt: skip
+        areas = [
+            a["area"]
+            for a in self.coco_gt.dataset.get("annotations", [])
+            if not a.get("iscrowd", 0) and a["image_id"] in self._gt_image_ids
+        ]
         return {
             label: any(low <= area <= high for area in areas)
             for label, (low, high) in zip(("all", "s", "m", "l"), params.areaRng)
@@ -210,7 +204,9 @@ class CocoEvaluator:
         from ddetr.training.confusion import DEFAULT_SCORE_THRESHOLD, coco_confusion_matrix
 
         threshold = DEFAULT_SCORE_THRESHOLD if score_threshold is None else score_threshold
-        return coco_confusion_matrix(self.coco_gt, self.predictions, self.label_to_category_id, threshold, iou_threshold)
+        return coco_confusion_matrix(
+            self.coco_gt, self.predictions, self.label_to_category_id, threshold, iou_threshold
+        )
 
 
 def _size_range(metric: str) -> str:

@@ -38,8 +38,9 @@ def evaluation_figures(evaluator, score_threshold: float | None = None, title: s
     return confusion, figures
 
 
-def write_evaluation_pictures(evaluator, folder: str | Path, score_threshold: float | None = None,
-                              title: str = "") -> dict[str, Any]:  # fmt: skip
+def write_evaluation_pictures(
+    evaluator, folder: str | Path, score_threshold: float | None = None, title: str = ""
+) -> dict[str, Any]:
     """Writes ``pr_curves.png`` and ``confusion_matrix.png`` into ``folder`` and returns
     ``{"confusion_matrix": {"labels", "matrix", "iou", "score_threshold"}}`` for metrics.json; ``{}``
     (and no pictures) when there is no evaluator or it computed nothing yet."""
@@ -53,14 +54,23 @@ def write_evaluation_pictures(evaluator, folder: str | Path, score_threshold: fl
     return {"confusion_matrix": confusion.to_json()}
 
 
-def write_final_pictures(trainer: L.Trainer, evaluator, folder: str | Path, score_threshold: float | None = None
-                         ) -> dict[str, Any]:  # fmt: skip
+def write_final_pictures(
+    trainer: L.Trainer, evaluator, folder: str | Path, score_threshold: float | None = None
+) -> dict[str, Any]:
     """``write_evaluation_pictures`` at the end of training; when an ``EvaluationPictures`` callback of the
     trainer already drew the last validation (same global step and threshold), its files are copied
     instead of drawn again."""
-    drawn = next((callback.last for callback in trainer.callbacks if isinstance(callback, EvaluationPictures)
-                  and callback.last is not None and callback.last.step == trainer.global_step
-                  and callback.score_threshold == score_threshold), None)  # fmt: skip
+    drawn = next(
+        (
+            callback.last
+            for callback in trainer.callbacks
+            if isinstance(callback, EvaluationPictures)
+            and callback.last is not None
+            and callback.last.step == trainer.global_step
+            and callback.score_threshold == score_threshold
+        ),
+        None,
+    )
     if drawn is None:
         return write_evaluation_pictures(evaluator, folder, score_threshold)
     for file_name in PICTURE_FILES.values():

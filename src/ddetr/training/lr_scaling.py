@@ -44,7 +44,9 @@ def total_batch(trainer) -> tuple[int, str] | None:
     return total, f"{devices} device(s) x {nodes} node(s) x {batch_size} per device x {accumulation} accumulation"
 
 
-def scale_to_batch(groups: list[dict[str, Any]], reference_batch: int | None, rule: str, trainer) -> list[dict[str, Any]]:
+def scale_to_batch(
+    groups: list[dict[str, Any]], reference_batch: int | None, rule: str, trainer
+) -> list[dict[str, Any]]:
     """``groups`` (optimiser parameter groups with ``lr`` and ``name``) with their lrs scaled to the trainer's
     total batch; one WARNING line (rank zero) when they change. Unchanged without a reference batch or trainer."""
     if reference_batch is None or trainer is None:
@@ -61,6 +63,12 @@ def scale_to_batch(groups: list[dict[str, Any]], reference_batch: int | None, ru
         lrs = ", ".join(f"{group.get('name', index)} {group['lr']:.3g}" for index, group in enumerate(scaled))
         log.warning(
             "learning rates follow the batch: reference total batch %d, actual %d (%s), rule %s (x%.3g): %s "
-            '(lr_scaling="none" keeps the recipe\'s)', reference_batch, total, made_of, rule, factor, lrs,
-        )  # fmt: skip
+            '(lr_scaling="none" keeps the recipe\'s)',
+            reference_batch,
+            total,
+            made_of,
+            rule,
+            factor,
+            lrs,
+        )
     return scaled

@@ -114,9 +114,7 @@ class DeformableDETRModule(L.LightningModule):
         return self.detector(images)
 
     @torch.no_grad()
-    def predict_images(
-        self, images: list[torch.Tensor], orig_sizes: torch.Tensor
-    ) -> list[dict[str, torch.Tensor]]:
+    def predict_images(self, images: list[torch.Tensor], orig_sizes: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         """Detections for normalised images, boxes scaled to ``orig_sizes`` (batch_size, 2) as (h, w)."""
         return self.postprocess(self(images), orig_sizes)
 
@@ -203,8 +201,9 @@ class DeformableDETRModule(L.LightningModule):
                 ready = torch.cuda.Event()
                 ready.record()
         detached = {name: value.detach() for name, value in loss_dict.items()}
-        self._pending = _PendingStep(host, ready, total.detach(), detached, batch_size, self.global_step,
-                                     self.current_epoch, batch_idx)  # fmt: skip
+        self._pending = _PendingStep(
+            host, ready, total.detach(), detached, batch_size, self.global_step, self.current_epoch, batch_idx
+        )
 
     def on_after_backward(self) -> None:
         """Deferred check, skip mode: a non-finite step keeps the batch norm statistics of before it."""

@@ -55,20 +55,27 @@ def summary(dataset) -> tuple[str, dict[str, Any]]:
     relative = np.sqrt(extent.prod(axis=1) / sizes_of_box.prod(axis=1)).tolist()
     counts = dataset.annotation_counts
     sizes = np.percentile(relative, [0, 10, 50, 90, 100]).tolist() if relative else [0.0] * 5
-    info = {"images": len(dataset), "boxes": len(relative), "boxes_per_class": per_class,
-            "relative_box_size_percentiles": dict(zip(("min", "p10", "median", "p90", "max"), sizes)),
-            "skipped": {k: counts.get(k, 0) for k in ("degenerate", "outside", "clipped", "crowd", "dropped_empty_images")},
-            "images_without_boxes": counts.get("empty_images", 0),
-            "reader_problems": dict(getattr(dataset, "reader_problems", {}))}  # fmt: skip
+    info = {
+        "images": len(dataset),
+        "boxes": len(relative),
+        "boxes_per_class": per_class,
+        "relative_box_size_percentiles": dict(zip(("min", "p10", "median", "p90", "max"), sizes)),
+        "skipped": {k: counts.get(k, 0) for k in ("degenerate", "outside", "clipped", "crowd", "dropped_empty_images")},
+        "images_without_boxes": counts.get("empty_images", 0),
+        "reader_problems": dict(getattr(dataset, "reader_problems", {})),
+    }
     crowd_label = getattr(dataset, "crowd_label", "crowd")
     width = max(len(name) for name in names)
-    lines = [f"{dataset.ann_file}: {info['images']} images, {info['boxes']} boxes, {len(names)} classes",
-             "boxes per class:", *(f"  {name:<{width}}  {count:>7}" for name, count in per_class.items()),
-             "box size relative to the image (sqrt of area ratio): "
-             + ", ".join(f"{k} {v:.3f}" for k, v in info["relative_box_size_percentiles"].items()),
-             "skipped: " + ", ".join(f"{v} {(crowd_label if k == 'crowd' else k).replace('_', ' ')}"
-                                     for k, v in info["skipped"].items())
-             + f"; {info['images_without_boxes']} images without boxes"]  # fmt: skip
+    lines = [
+        f"{dataset.ann_file}: {info['images']} images, {info['boxes']} boxes, {len(names)} classes",
+        "boxes per class:",
+        *(f"  {name:<{width}}  {count:>7}" for name, count in per_class.items()),
+        "box size relative to the image (sqrt of area ratio): "
+        + ", ".join(f"{k} {v:.3f}" for k, v in info["relative_box_size_percentiles"].items()),
+        "skipped: "
+        + ", ".join(f"{v} {(crowd_label if k == 'crowd' else k).replace('_', ' ')}" for k, v in info["skipped"].items())
+        + f"; {info['images_without_boxes']} images without boxes",
+    ]
     if info["reader_problems"]:
         lines.append("while reading the files: " + ", ".join(f"{v} x {k}" for k, v in info["reader_problems"].items()))
     empty = [name for name, count in per_class.items() if count == 0]
@@ -88,14 +95,30 @@ def overfit(cfg: DictConfig, datamodule: DetectionDataModule, output: Path) -> f
     subset_file = output / "overfit_annotations.json"
     subset_file.write_text(json.dumps(subset))
     transforms = datamodule.train_transforms if cfg.overfit_augment else datamodule.val_transforms
-    few = DetectionDataModule(train.image_dir, subset_file, train.image_dir, subset_file,
-                              batch_size=min(len(keep), datamodule.batch_size), num_workers=0,
-                              category_mapping=datamodule.category_mapping, train_transforms=transforms,
-                              val_transforms=datamodule.val_transforms)  # fmt: skip
+    few = DetectionDataModule(
+        train.image_dir,
+        subset_file,
+        train.image_dir,
+        subset_file,
+        batch_size=min(len(keep), datamodule.batch_size),
+        num_workers=0,
+        category_mapping=datamodule.category_mapping,
+        train_transforms=transforms,
+        val_transforms=datamodule.val_transforms,
+    )
     module = build_module(cfg, few)
-    options = dict(accelerator=cfg.get("accelerator", "cpu"), devices=1, logger=False, enable_checkpointing=False,
-                   enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)  # fmt: skip
-    L.Trainer(max_steps=cfg.overfit_steps, limit_val_batches=0, gradient_clip_val=0.1, **options).fit(module, datamodule=few)
+    options = dict(
+        accelerator=cfg.get("accelerator", "cpu"),
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    L.Trainer(max_steps=cfg.overfit_steps, limit_val_batches=0, gradient_clip_val=0.1, **options).fit(
+        module, datamodule=few
+    )
     trainer = L.Trainer(**options)
     trainer.validate(module, datamodule=few, verbose=False)
     return float(trainer.callback_metrics.get("val/AP50", 0.0))
@@ -119,7 +142,9 @@ def check_data(cfg: DictConfig) -> dict[str, Any]:
         ap50 = overfit(cfg, datamodule, output)
         passed = ap50 >= cfg.overfit_threshold
         result.update(overfit_ap50=ap50, overfit_passed=passed)
-        print(f"overfit: {'PASS' if passed else 'FAIL'} (AP50 {ap50:.3f} on {cfg.overfit_images} training images after "
-              f"{cfg.overfit_steps} steps; PASS needs >= {cfg.overfit_threshold})")  # fmt: skip
+        print(
+            f"overfit: {'PASS' if passed else 'FAIL'} (AP50 {ap50:.3f} on {cfg.overfit_images} training images after "
+            f"{cfg.overfit_steps} steps; PASS needs >= {cfg.overfit_threshold})"
+        )
     (output / "check_data.json").write_text(json.dumps(result, indent=2))
     return result

@@ -88,10 +88,15 @@ def format_metrics(metrics: dict[str, float | None]) -> str:
 def format_per_class(per_class: dict[str, dict[str, float | int | None]]) -> str:
     """The per-class table: class name, AP, AP50 and the number of ground-truth boxes."""
     width = max([len(name) for name in per_class] + [5])
+
     def cell(value):
         return f"{'n/a' if value is None else f'{value:.4f}':>8}"
+
     lines = [f"{'class':<{width}}  {'AP':>8}  {'AP50':>8}  {'GT boxes':>8}", "-" * (width + 32)]
-    lines += [f"{name:<{width}}  {cell(row['AP'])}  {cell(row['AP50'])}  {row['num_gt']:>8}" for name, row in per_class.items()]
+    lines += [
+        f"{name:<{width}}  {cell(row['AP'])}  {cell(row['AP50'])}  {row['num_gt']:>8}"
+        for name, row in per_class.items()
+    ]
     return "\n".join(lines)
 
 
@@ -207,11 +212,20 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     if trainer.is_global_zero:
         final = {name: metrics[name] for name in FINAL_METRICS if name in metrics}
         path = Path(cfg.paths.output_dir) / cfg.metrics_file if cfg.get("metrics_file") else None
-        timing = {"wall_s": round(timer.total_s, 1), "validation_s": round(timer.validation_s, 1), "steps": trainer.global_step,
-                  "stopped": timer.stop_reason}  # fmt: skip
+        timing = {
+            "wall_s": round(timer.total_s, 1),
+            "validation_s": round(timer.validation_s, 1),
+            "steps": trainer.global_step,
+            "stopped": timer.stop_reason,
+        }
         pictures = write_final_pictures(trainer, module.evaluator, cfg.paths.output_dir, cfg.get("confusion_threshold"))
-        report_metrics(final or metrics, module.evaluator, path, "Final validation metrics",
-                       {"all": metrics, "epochs": trainer.current_epoch, **timing, **pictures})  # fmt: skip
+        report_metrics(
+            final or metrics,
+            module.evaluator,
+            path,
+            "Final validation metrics",
+            {"all": metrics, "epochs": trainer.current_epoch, **timing, **pictures},
+        )
         print(f"{timer.summary()} Deformable attention: {attention_backend_used(module)}.")
     return metrics
 
@@ -255,6 +269,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             (output / cfg.results_file).write_text(json.dumps(module.evaluator.results_json()))
         path = output / cfg.metrics_file if cfg.get("metrics_file") else None
         pictures = write_evaluation_pictures(module.evaluator, output, cfg.get("confusion_threshold"))
-        report_metrics(metrics, module.evaluator, path, f"COCO metrics of {cfg.ckpt_path}",
-                       {"checkpoint": str(cfg.ckpt_path), **pictures})  # fmt: skip
+        report_metrics(
+            metrics,
+            module.evaluator,
+            path,
+            f"COCO metrics of {cfg.ckpt_path}",
+            {"checkpoint": str(cfg.ckpt_path), **pictures},
+        )
     return metrics

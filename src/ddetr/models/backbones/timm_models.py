@@ -54,7 +54,9 @@ def _create(timm: Any, model_name: str, pretrained: bool, kwargs: dict[str, Any]
             f"model.backbone.weights=/path/to/file.pth"
         ) from error
     except (TypeError, RuntimeError) as error:  # no features_only, or an unknown keyword in kwargs
-        raise ValueError(f"timm cannot build {model_name} as a feature extractor (features_only=True): {error}") from error
+        raise ValueError(
+            f"timm cannot build {model_name} as a feature extractor (features_only=True): {error}"
+        ) from error
 
 
 def _patch_size(timm: Any, body: nn.Module) -> tuple[int, int]:
