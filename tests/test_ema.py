@@ -45,12 +45,10 @@ class RecordWeights(L.Callback):
         self.states.append({k: v.detach().clone() for k, v in pl_module.state_dict().items()})
 
 
-def test_the_average_is_the_hand_computed_one():
-    decay, every, warmup = 0.8, 2, 3
-    recorder, ema = RecordWeights(), WeightEMA(decay, update_every_n_steps=every, warmup_steps=warmup)
-    module = Toy()
+def fit_toy(module: L.LightningModule, steps: int, callbacks: list) -> L.Trainer:
+    """One epoch of ``steps`` fixed random batches (8 x 3) on the CPU with ``callbacks``; the trainer it ran."""
     data = torch.utils.data.DataLoader(
-        torch.randn(7, 8, 3, generator=torch.Generator().manual_seed(1)), batch_size=None
+        torch.randn(steps, 8, 3, generator=torch.Generator().manual_seed(1)), batch_size=None
     )
     trainer = L.Trainer(
         accelerator="cpu",
@@ -59,9 +57,17 @@ def test_the_average_is_the_hand_computed_one():
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[recorder, ema],
+        callbacks=callbacks,
     )
     trainer.fit(module, train_dataloaders=data)
+    return trainer
+
+
+def test_the_average_is_the_hand_computed_one():
+    decay, every, warmup = 0.8, 2, 3
+    recorder, ema = RecordWeights(), WeightEMA(decay, update_every_n_steps=every, warmup_steps=warmup)
+    module = Toy()
+    fit_toy(module, steps=7, callbacks=[recorder, ema])
 
     # the reference: updates after steps 2, 4, 6 (every 2nd of 7); the first copies the weights, the n-th
     # (n = 1, 2, ...) after that averages with d = decay * (1 - exp(-n / warmup)); integers are copied
@@ -90,19 +96,7 @@ def test_before_the_first_update_the_weights_stand_for_the_average(tmp_path):
     weights at the end of the fit and in checkpoints."""
     recorder, ema = RecordWeights(), WeightEMA(0.5, update_every_n_steps=100)
     module = Toy()
-    data = torch.utils.data.DataLoader(
-        torch.randn(3, 8, 3, generator=torch.Generator().manual_seed(1)), batch_size=None
-    )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[recorder, ema],
-    )
-    trainer.fit(module, train_dataloaders=data)
+    trainer = fit_toy(module, steps=3, callbacks=[recorder, ema])
     assert ema.num_updates == 0
     trainer.save_checkpoint(tmp_path / "early.ckpt")
     saved = torch.load(tmp_path / "early.ckpt", map_location="cpu", weights_only=True)
