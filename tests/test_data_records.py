@@ -187,3 +187,90 @@ def test_the_val_dataset_keeps_the_coco_index(tmp_path):
     coco = CocoDetection(tmp_path, path).coco
     assert sorted(coco.getImgIds()) == sorted(i["id"] for i in load_coco_json(path)["images"])
     assert len(coco.getAnnIds()) == 12
+
+
+def _assert_same_columns(got, expected) -> None:
+    for name, value in vars(expected).items():
+        if isinstance(value, np.ndarray):
+            assert getattr(got, name).dtype == value.dtype, name
+            np.testing.assert_array_equal(getattr(got, name), value, err_msg=name)
+        else:
+            assert getattr(got, name) == value, name
+
+
+def _unusual_but_valid_coco_text() -> str:
+    """A valid file with what a typed reader could get wrong: unused fields of every JSON kind (NaN-free),
+    non-ASCII names, an escaped key, crowd flags as bool and 2, int and float boxes, ids near int64's ends,
+    a duplicated key (the last one counts)."""
+    data = _random_coco(np.random.default_rng(7), num_images=12, num_annotations=60)
+    data["images"][0]["file_name"] = "dossier é/画像 1.jpg"
+    new_ids = {data["images"][1]["id"]: 2**63 - 1, data["images"][2]["id"]: -(2**63)}
+    for image in data["images"]:
+        image["id"] = new_ids.get(image["id"], image["id"])
+    for k, ann in enumerate(data["annotations"]):
+        ann["image_id"] = new_ids.get(ann["image_id"], ann["image_id"])
+        ann["segmentation"] = [[1.5, 2, 3e-5, 1e300]] if k % 2 else {"counts": "x\u00e9", "size": [3, 4]}
+        ann["area"] = None if k % 3 else 12.25
+        if k % 5 == 0:
+            ann["iscrowd"] = [True, 2, 0, False][k % 4]
+    data["info"] = {"nested": [{"deep": [[], {}, None, True, -0.0, 1e-320]}], "text": '\u2603 \\ " /'}
+    text = json.dumps(data, ensure_ascii=False)
+    assert '"file_name": "d0/3.png"' in text
+    return text.replace('"file_name": "d0/3.png"', '"file\\u005fname": "x/first.png", "file_name": "d0/3.png"')
+
+
+def test_the_column_reader_gives_the_columns_of_the_general_reader(tmp_path, monkeypatch):
+    """The typed decoding (no dict per entry) against `json` + `validate_coco` on an unusual valid file; and
+    the same columns again when msgspec is absent."""
+    from ddetr.data import column_reader
+    from ddetr.data.validation import read_coco_json
+
+    path = tmp_path / "ann.json"
+    path.write_text(_unusual_but_valid_coco_text(), encoding="utf-8")
+    expected = read_coco_json(path)[1]
+    assert expected.file_names[0] == "dossier é/画像 1.jpg" and expected.file_names[3] == "d0/3.png"
+    assert expected.iscrowd.any() and expected.image_ids.min() == -(2**63)
+    assert column_reader._typed_columns(path.read_bytes()) is not None  # the typed path, not the fallback
+    _assert_same_columns(column_reader.read_coco_columns(path), expected)
+    monkeypatch.setattr(column_reader, "msgspec", None)
+    _assert_same_columns(column_reader.read_coco_columns(path), expected)
+
+
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        ('"iscrowd": 1', '"iscrowd": null'),  # valid, an unusual type: accepted by the fallback
+        ('"iscrowd": 1', '"iscrowd": "yes"'),
+        ('"categories": [', '"unused": "\\ud800", "categories": ['),  # a lone surrogate json takes
+        ('"categories": [', '"unused": [NaN, Infinity], "categories": ['),
+        ('"categories": [', '"unused": "\xff", "categories": ['),  # invalid UTF-8 (written as latin-1)
+        ('"bbox": [', '"bbox": [NaN, '),
+        ('"bbox": [', '"bbox": [true, '),
+        ('"bbox": [', '"bbox": [1e400, '),
+        ('"bbox": [', '"bbox": ['),  # (the base file: valid)
+        ('"id": 2,', '"id": 18446744073709551616,'),
+        ('"id": 2,', '"id": 9223372036854775808,'),
+        ('"id": 2,', '"id": 2.0,'),
+        ('"id": 2,', '"id": true,'),
+        ('"category_id": 3,', '"category_id": 4,'),  # unknown category
+        ('"width": ', '"width": -'),
+        ('"file_name": "d0/0.png"', '"file_name": "../0.png"'),
+        ('"categories": [', '"categories": [,'),  # malformed: the message gives line and column
+    ],
+)
+def test_a_file_the_typed_decoding_refuses_is_read_as_by_the_general_reader(tmp_path, old, new):
+    from ddetr.data.column_reader import read_coco_columns
+    from ddetr.data.validation import DatasetError, read_coco_json
+
+    text = json.dumps(_random_coco(np.random.default_rng(8), num_images=6, num_annotations=40))
+    assert old in text
+    path = tmp_path / "ann.json"
+    path.write_bytes(text.replace(old, new, 1).encode("latin-1" if "\xff" in new else "utf-8"))
+    try:
+        expected = read_coco_json(path)[1]
+    except DatasetError as exc:
+        with pytest.raises(DatasetError) as info:
+            read_coco_columns(path)
+        assert str(info.value) == str(exc) and "ann.json" in str(exc)
+    else:
+        _assert_same_columns(read_coco_columns(path), expected)

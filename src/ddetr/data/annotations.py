@@ -78,8 +78,7 @@ def clean_annotations(columns: CocoColumns, keep_empty: bool = True) -> CleanAnn
         crowd=int(crowd.sum()), degenerate=int(degenerate.sum()), outside=int(outside.sum()), clipped=int(clipped.sum())
     )
 
-    kept_index = np.flatnonzero(kept)
-    kept_index = kept_index[np.argsort(image_index[kept_index], kind="stable")]  # by image, file order within
+    kept_index = _by_image(np.flatnonzero(kept), image_index, len(columns.image_ids))  # by image, file order within
     boxes_per_image = np.bincount(image_index[kept_index], minlength=len(columns.image_ids))  # (num_images,)
     empty = boxes_per_image == 0
     counts["empty_images"] = int(empty.sum())
@@ -93,7 +92,7 @@ def clean_annotations(columns: CocoColumns, keep_empty: bool = True) -> CleanAnn
     images = DetectionRecords(
         columns.image_ids[used],
         np.stack([columns.widths, columns.heights], axis=1)[used],
-        [columns.file_names[i] for i in used.tolist()],
+        columns.file_names if len(used) == len(columns.file_names) else [columns.file_names[i] for i in used.tolist()],
         box_offsets,
         boxes,
         columns.annotation_category_ids[kept_index],
@@ -101,3 +100,14 @@ def clean_annotations(columns: CocoColumns, keep_empty: bool = True) -> CleanAnn
     counts["boxes"] = images.num_boxes
     counts["images"] = len(images)
     return CleanAnnotations(images, counts)
+
+
+def _by_image(annotations: np.ndarray, image_index: np.ndarray, num_images: int) -> np.ndarray:
+    """`annotations` (int64 (num,), increasing) ordered by `image_index[annotations]`, keeping their order
+    within an image: a stable argsort, done as a plain sort of the unique key (image, annotation), which is
+    several times faster than numpy's stable argsort of 64-bit keys."""
+    span = int(annotations[-1]) + 1 if len(annotations) else 1
+    if num_images * span >= 2**62:  # the key would overflow int64
+        return annotations[np.argsort(image_index[annotations], kind="stable")]
+    keys = image_index[annotations] * span + annotations  # (num,) unique
+    return np.sort(keys) % span

@@ -18,11 +18,12 @@ from ddetr.boxes import box_xyxy_to_cxcywh
 
 from .annotations import CleanAnnotations, clean_annotations
 from .category_mapping import CategoryMapping, MappingMode
+from .column_reader import read_coco_columns
 from .image_loading import DEFAULT_MAX_IMAGE_PIXELS, ExifMode, ImageLoadError, load_rgb_image
 from .records import DetectionRecords
 from .skips import SKIPPED_KEY, SkipRecord
 from .transforms import make_plain_transforms
-from .validation import DatasetError, gc_paused, read_coco_json, validate_coco
+from .validation import DatasetError, gc_paused, positions_of, read_coco_json, validate_coco
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +41,9 @@ class CocoDetection(Dataset):
     (h, w) of the file and `size` int64 (2,) (h, w) after the transforms. A target may also hold
     `"skipped"`: a list of `SkipRecord` for bad images replaced by this sample (see `skips.py`).
 
-    At construction the annotation file is parsed once, validated (`validation.read_coco_json`, which
-    raises a single `DatasetError` naming the file and the offending ids) and cleaned
+    At construction the annotation file is parsed once, validated (`validation.read_coco_json`, or with
+    `keep_coco=False` `column_reader.read_coco_columns`, which build no dict per entry; both raise a single
+    `DatasetError` naming the file and the offending ids) and cleaned
     (`annotations.clean_annotations`); the cleaning counts are logged in one line and kept in
     `annotation_counts`. The images and boxes are kept in flat arrays (`records`, a
     `DetectionRecords`; `records[i]` is an `ImageRecord`). The parsed file itself is kept only with
@@ -116,12 +118,18 @@ class CocoDetection(Dataset):
         self, data: dict | None, category_mapping: MappingMode, keep_empty: bool, keep_coco: bool
     ) -> CleanAnnotations:
         """Parse (once) or take `data`; validate, map categories, clean into `records` and `box_labels`;
-        keep the parsed dict (`_data`) only with `keep_coco`."""
-        if data is None:
+        keep the parsed dict (`_data`) only with `keep_coco`. Without `keep_coco` the file is read straight
+        into columns (`column_reader`), with no dict per entry."""
+        if data is not None:
+            columns = validate_coco(data, self.ann_file)
+        elif keep_coco:
             data, columns = read_coco_json(self.ann_file)
         else:
-            columns = validate_coco(data, self.ann_file)
-        self.categories = [{"id": c["id"], "name": c["name"]} for c in data["categories"]]
+            columns = read_coco_columns(self.ann_file)
+        self.categories = [
+            {"id": category_id, "name": name}
+            for category_id, name in zip(columns.category_ids.tolist(), columns.category_names)
+        ]
         try:
             self.mapping = CategoryMapping(self.categories, category_mapping)
         except ValueError as exc:
@@ -130,8 +138,12 @@ class CocoDetection(Dataset):
         self._data = data if keep_coco else None
         self.records: DetectionRecords = cleaned.images
         # head index of every box, computed once (the mapping covers every validated category id)
-        label_of = np.vectorize(self.mapping.category_id_to_label.__getitem__, otypes=[np.int64])
-        self.box_labels = label_of(self.records.category_ids) if self.records.num_boxes else np.zeros(0, np.int64)
+        category_ids = np.fromiter(self.mapping.category_id_to_label, dtype=np.int64)
+        labels = np.fromiter(self.mapping.category_id_to_label.values(), dtype=np.int64)
+        positions = positions_of(self.records.category_ids, category_ids)  # (num_boxes,)
+        if np.any(positions < 0):
+            raise DatasetError(f"{self.ann_file}: boxes with category ids that are not among the categories")
+        self.box_labels = labels[positions]  # (num_boxes,)
         return cleaned
 
     # ------------------------------------------------------------------ category information

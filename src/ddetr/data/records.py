@@ -29,6 +29,19 @@ class ImageRecord:
     category_ids: np.ndarray
 
 
+def _name_buffer(names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """`names` as (offsets int64 (len(names) + 1,), UTF-8 bytes uint8 (total bytes,)); an all-ASCII list
+    (the usual case) is encoded in one piece, its byte lengths being its character lengths."""
+    offsets = np.zeros(len(names) + 1, dtype=np.int64)
+    joined = "".join(names)
+    if joined.isascii():
+        np.cumsum(np.fromiter(map(len, names), dtype=np.int64, count=len(names)), out=offsets[1:])
+        return offsets, np.frombuffer(joined.encode("ascii"), dtype=np.uint8).copy()
+    encoded = [name.encode("utf-8") for name in names]
+    np.cumsum([len(name) for name in encoded], out=offsets[1:])
+    return offsets, np.frombuffer(b"".join(encoded), dtype=np.uint8).copy()
+
+
 class DetectionRecords:
     """Images and their boxes in flat arrays; `records[i]` is an `ImageRecord`, `len(records)` the image count.
 
@@ -50,14 +63,11 @@ class DetectionRecords:
     ):
         self.image_ids = np.ascontiguousarray(image_ids, dtype=np.int64)
         self.sizes = np.ascontiguousarray(sizes, dtype=np.int32).reshape(-1, 2)  # (num_images, 2)
-        encoded = [name.encode("utf-8") for name in file_names]
-        self.name_offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-        np.cumsum([len(name) for name in encoded], out=self.name_offsets[1:])
-        self.names = np.frombuffer(b"".join(encoded), dtype=np.uint8).copy()
+        self.name_offsets, self.names = _name_buffer(file_names)
         self.box_offsets = np.ascontiguousarray(box_offsets, dtype=np.int64)
         self.boxes = np.ascontiguousarray(boxes, dtype=np.float32).reshape(-1, 4)  # (num_boxes, 4)
         self.category_ids = np.ascontiguousarray(category_ids, dtype=np.int64)
-        if not (len(self.image_ids) == len(self.sizes) == len(encoded) == len(self.box_offsets) - 1):
+        if not (len(self.image_ids) == len(self.sizes) == len(file_names) == len(self.box_offsets) - 1):
             raise ValueError("image arrays of different lengths")
         if self.box_offsets[-1] != len(self.boxes) or len(self.boxes) != len(self.category_ids):
             raise ValueError("box arrays do not match the offsets")

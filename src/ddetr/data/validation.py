@@ -142,11 +142,11 @@ def validate_coco(data: Any, path: str | os.PathLike) -> CocoColumns:
     _check_top_level(data, path)
     with gc_paused():
         columns = _fast_columns(data)
-    if columns is None or not _fast_checks_pass(columns):
+    if columns is None or not columns_pass_checks(columns):
         _detailed_checks(data, path)  # names the offending ids; raises when anything is wrong
         with gc_paused():
             columns = _fast_columns(data)
-        if columns is None or not _fast_checks_pass(columns):
+        if columns is None or not columns_pass_checks(columns):
             raise DatasetError(f"{path}: invalid COCO annotations")  # a case the detailed checks miss
     return columns
 
@@ -249,7 +249,10 @@ def positions_of(values: np.ndarray, keys: np.ndarray) -> np.ndarray:
     return np.where(keys[found] == values, found, -1)
 
 
-def _fast_checks_pass(c: CocoColumns) -> bool:
+def columns_pass_checks(c: CocoColumns) -> bool:
+    """Whether well-typed columns pass every check of `validate_coco` (sizes, finite boxes, unique ids, known
+    images and categories, safe file names); sets `c.annotation_image_index` on the way. No message: a
+    file that fails is checked again entry by entry (`_detailed_checks`) to name the problem."""
     if not (np.all(c.widths > 0) and np.all(c.heights > 0)):
         return False
     if c.widths.size and max(c.widths.max(), c.heights.max()) > MAX_IMAGE_SIDE:
@@ -261,11 +264,25 @@ def _fast_checks_pass(c: CocoColumns) -> bool:
     c.annotation_image_index = positions_of(c.annotation_image_ids, c.image_ids)
     if np.any(c.annotation_image_index < 0) or np.any(positions_of(c.annotation_category_ids, c.category_ids) < 0):
         return False
-    return not any(map(_UNSAFE_PATTERN.search, c.file_names))
+    return not _any_unsafe_file_name(c.file_names)
 
 
 # empty; absolute (/, \, a drive letter); a ".." component; a NUL
 _UNSAFE_PATTERN = re.compile(r"^(?:$|[/\\]|[A-Za-z]:)|(?:^|[/\\])\.\.(?:[/\\]|$)|\x00")
+
+
+def _any_unsafe_file_name(names: list[str]) -> bool:
+    """Whether some name is unsafe (`_unsafe_file_name`); the pattern runs only when a cheap test over all
+    names (C loops: an empty name, a leading slash, a colon second, `..` or NUL anywhere) finds a candidate."""
+    joined = "/".join(names)  # "/" is no dot and no NUL: no false `..` or NUL across names
+    candidate = (
+        ".." in joined
+        or "\x00" in joined
+        or not all(names)
+        or any(map(str.startswith, names, repeat(("/", "\\"))))
+        or any(map(str.startswith, names, repeat(":"), repeat(1)))
+    )
+    return candidate and any(map(_UNSAFE_PATTERN.search, names))
 
 
 def _unsafe_file_name(name: str) -> bool:
