@@ -48,6 +48,7 @@ from contextlib import nullcontext
 import torch
 
 from ddetr.benchmarks.table import text_table
+from ddetr.matmul_precision import set_matmul_precision
 from ddetr.models.build import build_criterion, build_deformable_detr
 from ddetr.models.config import BackboneConfig, DeformableDETRConfig
 
@@ -189,9 +190,7 @@ def measure(step: Callable[[], object], device: torch.device, warmup: int, repea
 
 
 def set_precision(mode: str) -> None:
-    precision = "highest" if mode == "fp32" else "high"
-    torch.set_float32_matmul_precision(precision)
-    torch.backends.cudnn.allow_tf32 = precision != "highest"
+    set_matmul_precision("highest" if mode == "fp32" else "high")
 
 
 def _autocast(mode: str, device: torch.device):
@@ -390,7 +389,7 @@ def bench_model(args: argparse.Namespace) -> list[Result]:
             f"train {_fmt(result.train_ms)} ms, infer {_fmt(result.infer_ms)} ms, peak {_fmt(result.train_mib, 0)} MiB"
         )
         print(f"[{time.perf_counter() - began:4.0f} s] {name}: {status}", flush=True)
-    torch.set_float32_matmul_precision("highest")
+    set_matmul_precision("highest")
     print(format_table(results))
     if skipped:
         print(f"skipped (budget of {args.budget:.0f} s spent): {', '.join(skipped)}")

@@ -10,7 +10,7 @@ import torchvision
 from torch import nn
 from torchvision.models._utils import IntermediateLayerGetter
 
-from ddetr.models.backbones.base import LEVEL_STRIDES, Backbone, backbone_strides, set_trainable
+from ddetr.models.backbones.base import LEVEL_STRIDES, Backbone, backbone_strides, set_trainable, shared_options
 from ddetr.models.backbones.frozen_batch_norm import FrozenBatchNorm2d
 from ddetr.models.backbones.registry import register_backbone
 from ddetr.models.backbones.weights import load_backbone_weights, load_state_dict
@@ -113,13 +113,4 @@ class ResNetBackbone(Backbone):
 @register_backbone("resnet101")
 def build_resnet(config: DeformableDETRConfig) -> ResNetBackbone:
     """The ResNet of ``config.backbone`` with ``config.num_backbone_levels`` levels."""
-    backbone = config.backbone
-    return ResNetBackbone(
-        backbone.name,
-        num_levels=config.num_backbone_levels,
-        dilation=backbone.dilation,
-        train_backbone=backbone.train_backbone,
-        weights=backbone.weights,
-        norm=backbone.norm,
-        freeze_stem=backbone.freeze_stem,
-    )
+    return ResNetBackbone(config.backbone.name, dilation=config.backbone.dilation, **shared_options(config))
