@@ -350,15 +350,11 @@ void backward_kernel(const scalar_t* grad_output, const scalar_t* value, const i
 
 at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, at::IntArrayRef spatial_shapes,
                                       const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
-  const MSDeformAttnSizes sizes = check_ms_deform_attn_inputs(value, sampling_locations, attention_weights);
-  TORCH_CHECK(value.is_cpu(), "ms_deform_attn (CPU): value must be a CPU tensor");
-  const LevelStarts levels = level_starts(spatial_shapes, sizes.num_levels, sizes.num_values);
-  TORCH_CHECK(levels.error.empty(), levels.error);
-  const at::Tensor value_c = value.contiguous();
-  const at::Tensor sampling_locations_c = sampling_locations.contiguous();
-  const at::Tensor attention_weights_c = attention_weights.contiguous();
-  at::Tensor output = at::empty({sizes.batch_size, sizes.num_queries, sizes.num_heads * sizes.head_dim},
-                                value.options());
+  const CheckedCall call =
+      check_forward_call(value, spatial_shapes, sampling_locations, attention_weights, at::kCPU, "CPU");
+  const MSDeformAttnSizes& sizes = call.sizes;
+  const ContiguousInputs inputs = contiguous_inputs(value, sampling_locations, attention_weights);
+  at::Tensor output = empty_output(value, sizes);
   if (output.numel() == 0) {
     return output;
   }
@@ -367,9 +363,9 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, at::IntArrayRef s
       [&](auto value_tag, auto location_tag) {
         using scalar_t = decltype(value_tag);
         using loc_t = decltype(location_tag);
-        forward_kernel<scalar_t, loc_t>(value_c.const_data_ptr<scalar_t>(), spatial_shapes.data(), levels.start.data(),
-                                        sampling_locations_c.const_data_ptr<loc_t>(),
-                                        attention_weights_c.const_data_ptr<loc_t>(),
+        forward_kernel<scalar_t, loc_t>(inputs.value.const_data_ptr<scalar_t>(), spatial_shapes.data(),
+                                        call.level_start.data(), inputs.sampling_locations.const_data_ptr<loc_t>(),
+                                        inputs.attention_weights.const_data_ptr<loc_t>(),
                                         output.mutable_data_ptr<scalar_t>(), sizes);
       });
   return output;
@@ -378,14 +374,9 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, at::IntArrayRef s
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& value, at::IntArrayRef spatial_shapes,
     const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
-  const MSDeformAttnSizes sizes = check_ms_deform_attn_inputs(value, sampling_locations, attention_weights);
-  check_ms_deform_attn_grad_output(grad_output, sizes);
-  TORCH_CHECK(value.is_cpu() && grad_output.is_cpu(), "ms_deform_attn_backward (CPU): tensors must be on the CPU");
-  TORCH_CHECK(grad_output.scalar_type() == value.scalar_type(),
-              message("ms_deform_attn_backward: grad_output dtype ", grad_output.scalar_type(),
-                      " differs from value dtype ", value.scalar_type()));
-  const LevelStarts levels = level_starts(spatial_shapes, sizes.num_levels, sizes.num_values);
-  TORCH_CHECK(levels.error.empty(), levels.error);
+  const CheckedCall call = check_backward_call(grad_output, value, spatial_shapes, sampling_locations,
+                                               attention_weights, at::kCPU, "CPU");
+  const MSDeformAttnSizes& sizes = call.sizes;
   const at::Tensor grad_output_c = grad_output.contiguous();
   const at::Tensor sampling_locations_c = sampling_locations.contiguous();
   const at::Tensor attention_weights_c = attention_weights.contiguous();
@@ -426,7 +417,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
         using opmath_t = at::opmath_type<scalar_t>;
         backward_kernel<scalar_t, loc_t>(
             grad_output_c.const_data_ptr<scalar_t>(), value_c.const_data_ptr<scalar_t>(),
-            spatial_shapes.data(), levels.start.data(),
+            spatial_shapes.data(), call.level_start.data(),
             sampling_locations_c.const_data_ptr<loc_t>(), attention_weights_c.const_data_ptr<loc_t>(),
             grad_value_accumulator.mutable_data_ptr<opmath_t>(), grad_sampling_locations.mutable_data_ptr<loc_t>(),
             grad_attention_weights.mutable_data_ptr<loc_t>(), sizes, layout, num_chunks);
@@ -444,9 +435,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ddetr, CPU, m) {
-  m.impl("ms_deform_attn_forward", &ms_deform_attn_forward_cpu);
-  m.impl("ms_deform_attn_backward", &ms_deform_attn_backward_cpu);
-}
+DDETR_REGISTER_MS_DEFORM_ATTN_KERNELS(CPU, ms_deform_attn_forward_cpu, ms_deform_attn_backward_cpu)
 
 }  // namespace ddetr
