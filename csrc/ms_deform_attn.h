@@ -13,6 +13,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
+#include <c10/macros/Macros.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -50,6 +51,18 @@ std::string message(const Parts&... parts) {
   std::string out;
   (append_part(out, parts), ...);
   return out;
+}
+
+// Which corners of the bilinear cell whose top-left pixel is (left, top) lie inside a height x width map,
+// in the kernels' order: top-left, top-right, bottom-left, bottom-right (CPU and CUDA kernels alike).
+template <typename index_t>
+C10_HOST_DEVICE inline void corners_inside(index_t left, index_t top, index_t height, index_t width, bool valid[4]) {
+  const bool left_in = left >= 0, right_in = left + 1 < width;
+  const bool top_in = top >= 0, bottom_in = top + 1 < height;
+  valid[0] = top_in && left_in;
+  valid[1] = top_in && right_in;
+  valid[2] = bottom_in && left_in;
+  valid[3] = bottom_in && right_in;
 }
 
 struct MSDeformAttnSizes {

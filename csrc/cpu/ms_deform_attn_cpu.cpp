@@ -63,12 +63,7 @@ inline bool bilinear_corners(opmath_t location_x, opmath_t location_y, int64_t h
   const int64_t top = static_cast<int64_t>(y_floor);
   corners.frac_x = x - x_floor;
   corners.frac_y = y - y_floor;
-  const bool left_in = left >= 0, right_in = left + 1 < width;
-  const bool top_in = top >= 0, bottom_in = top + 1 < height;
-  corners.valid[0] = top_in && left_in;
-  corners.valid[1] = top_in && right_in;
-  corners.valid[2] = bottom_in && left_in;
-  corners.valid[3] = bottom_in && right_in;
+  corners_inside(left, top, height, width, corners.valid);
   corners.all_valid = corners.valid[0] && corners.valid[3];
   const opmath_t one = 1;
   const opmath_t weight[4] = {(one - corners.frac_y) * (one - corners.frac_x), (one - corners.frac_y) * corners.frac_x,
@@ -355,19 +350,18 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, at::IntArrayRef s
   const MSDeformAttnSizes& sizes = call.sizes;
   const ContiguousInputs inputs = contiguous_inputs(value, sampling_locations, attention_weights);
   at::Tensor output = empty_output(value, sizes);
-  if (output.numel() == 0) {
-    return output;
+  if (output.numel() != 0) {
+    dispatch_value_and_location_types(
+        value.scalar_type(), sampling_locations.scalar_type(), "ms_deform_attn_forward_cpu",
+        [&](auto value_tag, auto location_tag) {
+          using scalar_t = decltype(value_tag);
+          using loc_t = decltype(location_tag);
+          forward_kernel<scalar_t, loc_t>(inputs.value.const_data_ptr<scalar_t>(), spatial_shapes.data(),
+                                          call.level_start.data(), inputs.sampling_locations.const_data_ptr<loc_t>(),
+                                          inputs.attention_weights.const_data_ptr<loc_t>(),
+                                          output.mutable_data_ptr<scalar_t>(), sizes);
+        });
   }
-  dispatch_value_and_location_types(
-      value.scalar_type(), sampling_locations.scalar_type(), "ms_deform_attn_forward_cpu",
-      [&](auto value_tag, auto location_tag) {
-        using scalar_t = decltype(value_tag);
-        using loc_t = decltype(location_tag);
-        forward_kernel<scalar_t, loc_t>(inputs.value.const_data_ptr<scalar_t>(), spatial_shapes.data(),
-                                        call.level_start.data(), inputs.sampling_locations.const_data_ptr<loc_t>(),
-                                        inputs.attention_weights.const_data_ptr<loc_t>(),
-                                        output.mutable_data_ptr<scalar_t>(), sizes);
-      });
   return output;
 }
 
@@ -414,13 +408,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
       [&](auto value_tag, auto location_tag) {
         using scalar_t = decltype(value_tag);
         using loc_t = decltype(location_tag);
-        using opmath_t = at::opmath_type<scalar_t>;
         backward_kernel<scalar_t, loc_t>(
             grad_output_c.const_data_ptr<scalar_t>(), value_c.const_data_ptr<scalar_t>(),
             spatial_shapes.data(), call.level_start.data(),
             sampling_locations_c.const_data_ptr<loc_t>(), attention_weights_c.const_data_ptr<loc_t>(),
-            grad_value_accumulator.mutable_data_ptr<opmath_t>(), grad_sampling_locations.mutable_data_ptr<loc_t>(),
-            grad_attention_weights.mutable_data_ptr<loc_t>(), sizes, layout, num_chunks);
+            grad_value_accumulator.mutable_data_ptr<at::opmath_type<scalar_t>>(),
+            grad_sampling_locations.mutable_data_ptr<loc_t>(), grad_attention_weights.mutable_data_ptr<loc_t>(), sizes,
+            layout, num_chunks);
       });
   if (accumulate_in_place) {
     return {grad_value_accumulator, grad_sampling_locations, grad_attention_weights};

@@ -151,12 +151,7 @@ __device__ __forceinline__ bool bilinear_corners(acc_t location_x, acc_t locatio
   const acc_t frac_y = y - y_floor;
   corners.frac_x = frac_x;
   corners.frac_y = frac_y;
-  const bool left_in = left >= 0, right_in = left + 1 < width;
-  const bool top_in = top >= 0, bottom_in = top + 1 < height;
-  corners.valid[0] = top_in && left_in;
-  corners.valid[1] = top_in && right_in;
-  corners.valid[2] = bottom_in && left_in;
-  corners.valid[3] = bottom_in && right_in;
+  corners_inside(left, top, height, width, corners.valid);
   const acc_t one = 1;
   const acc_t weight[4] = {(one - frac_y) * (one - frac_x), (one - frac_y) * frac_x, frac_y * (one - frac_x),
                            frac_y * frac_x};
@@ -430,11 +425,11 @@ at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value, at::IntArrayRef 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& value, at::IntArrayRef spatial_shapes,
     const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
+  // the float atomics into grad_value make the summation order vary from run to run
+  at::globalContext().alertNotDeterministic("ms_deform_attn_backward_cuda");
   const CheckedCall call = check_backward_call(grad_output, value, spatial_shapes, sampling_locations,
                                                attention_weights, at::kCUDA, "CUDA");
   const MSDeformAttnSizes& sizes = call.sizes;
-  // the float atomics into grad_value make the summation order vary from run to run
-  at::globalContext().alertNotDeterministic("ms_deform_attn_backward_cuda");
   const Levels levels = kernel_levels(spatial_shapes, call.level_start);
   const c10::cuda::OptionalCUDAGuard device_guard(value.device());
   const at::Tensor grad_output_c = grad_output.contiguous();
@@ -444,12 +439,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
   at::Tensor grad_value_accumulator = at::zeros(value.sizes(), value.options().dtype(opmath_dtype));
   at::Tensor grad_sampling_locations = at::empty(sampling_locations.sizes(), sampling_locations.options());
   at::Tensor grad_attention_weights = at::empty(attention_weights.sizes(), attention_weights.options());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (sizes.batch_size * sizes.num_queries * sizes.num_heads == 0 || sizes.head_dim == 0) {
     grad_sampling_locations.zero_();
     grad_attention_weights.zero_();
     return {grad_value_accumulator.to(value.scalar_type()), grad_sampling_locations, grad_attention_weights};
   }
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_value_and_location_types(
       value.scalar_type(), sampling_locations.scalar_type(), "ms_deform_attn_backward_cuda",
       [&](auto value_tag, auto location_tag) {

@@ -80,6 +80,26 @@ def _deformable_attention(config: LayerConfig) -> MSDeformAttn:
     )
 
 
+def _attend(
+    attention: MSDeformAttn,
+    levels: FlatLevels,
+    value: torch.Tensor,
+    query: torch.Tensor,
+    reference_points: torch.Tensor,
+) -> torch.Tensor:
+    """``attention`` to ``value`` (B, S, D), the flattened levels of ``levels``, from ``query`` (B, Q, D)
+    around ``reference_points`` (B, Q, L, 2 or 4). Returns (B, Q, D)."""
+    return attention(
+        query,
+        reference_points,
+        value,
+        levels.spatial_shapes,
+        levels.level_start_index,
+        levels.padding_mask,
+        shapes=levels.shapes,
+    )
+
+
 def _feed_forward(config: LayerConfig) -> tuple[nn.Module, ...]:
     """(linear1, dropout, linear2, dropout, norm) of a layer's ReLU FFN; the caller xavier-initialises."""
     linear1 = nn.Linear(config.hidden_dim, config.dim_feedforward)
@@ -110,15 +130,7 @@ class DeformableEncoderLayer(nn.Module):
         self, src: torch.Tensor, pos: torch.Tensor, reference_points: torch.Tensor, levels: FlatLevels
     ) -> torch.Tensor:
         """src, pos: (B, S, D); reference_points: (B, S, L, 2); levels: those of ``src``. Returns (B, S, D)."""
-        attended = self.self_attn(
-            src + pos,
-            reference_points,
-            src,
-            levels.spatial_shapes,
-            levels.level_start_index,
-            levels.padding_mask,
-            shapes=levels.shapes,
-        )
+        attended = _attend(self.self_attn, levels, src, src + pos, reference_points)
         src = self.self_attn_norm(src + self.dropout1(attended))
         return _feed_forward_residual(self, src, self.dropout2, self.dropout3)
 
@@ -184,15 +196,7 @@ class DeformableDecoderLayer(nn.Module):
         query = tgt + query_pos
         attended = self.self_attn(query, query, tgt, need_weights=False)[0]
         tgt = self.self_attn_norm(tgt + self.dropout1(attended))
-        attended = self.cross_attn(
-            tgt + query_pos,
-            reference_points,
-            memory,
-            levels.spatial_shapes,
-            levels.level_start_index,
-            levels.padding_mask,
-            shapes=levels.shapes,
-        )
+        attended = _attend(self.cross_attn, levels, memory, tgt + query_pos, reference_points)
         tgt = self.cross_attn_norm(tgt + self.dropout2(attended))
         return _feed_forward_residual(self, tgt, self.dropout3, self.dropout4)
 

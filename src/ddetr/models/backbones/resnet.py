@@ -19,8 +19,16 @@ from ddetr.models.config import BackboneConfig
 if TYPE_CHECKING:
     from ddetr.models.config import DeformableDETRConfig
 
+# blocks in layer1..layer4 of each ResNet, and the ResNets built of bottleneck blocks (the others: basic)
+RESNET_DEPTHS = {
+    "resnet18": (2, 2, 2, 2),
+    "resnet34": (3, 4, 6, 3),
+    "resnet50": (3, 4, 6, 3),
+    "resnet101": (3, 4, 23, 3),
+}
+BOTTLENECK_RESNETS = ("resnet50", "resnet101")
 # each ResNet's layout: (blocks in layer3, bottleneck blocks); the converters tell the depth of a checkpoint by it
-RESNET_LAYOUTS = {"resnet18": (2, False), "resnet34": (6, False), "resnet50": (6, True), "resnet101": (23, True)}
+RESNET_LAYOUTS = {name: (depths[2], name in BOTTLENECK_RESNETS) for name, depths in RESNET_DEPTHS.items()}
 RESNETS = tuple(RESNET_LAYOUTS)
 STAGES = ("layer2", "layer3", "layer4")  # the stages at strides 8, 16, 32
 NORM_LAYERS = {"frozen": FrozenBatchNorm2d, "batch": nn.BatchNorm2d}
