@@ -12,11 +12,15 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <c10/macros/Macros.h>
 #include <c10/util/Exception.h>
+#include <torch/library.h>
 
 #include <cstdint>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace ddetr {
@@ -47,6 +51,18 @@ std::string message(const Parts&... parts) {
   std::string out;
   (append_part(out, parts), ...);
   return out;
+}
+
+// Which corners of the bilinear cell whose top-left pixel is (left, top) lie inside a height x width map,
+// in the kernels' order: top-left, top-right, bottom-left, bottom-right (CPU and CUDA kernels alike).
+template <typename index_t>
+C10_HOST_DEVICE inline void corners_inside(index_t left, index_t top, index_t height, index_t width, bool valid[4]) {
+  const bool left_in = left >= 0, right_in = left + 1 < width;
+  const bool top_in = top >= 0, bottom_in = top + 1 < height;
+  valid[0] = top_in && left_in;
+  valid[1] = top_in && right_in;
+  valid[2] = bottom_in && left_in;
+  valid[3] = bottom_in && right_in;
 }
 
 struct MSDeformAttnSizes {
@@ -191,4 +207,65 @@ inline void check_ms_deform_attn_grad_output(const at::Tensor& grad_output, cons
                       grad_output.sizes()));
 }
 
+// The host-side checks every kernel makes before it runs, shared by the CPU and CUDA files: the sizes of
+// the call and where each level starts in num_values.
+struct CheckedCall {
+  MSDeformAttnSizes sizes;
+  std::vector<int64_t> level_start;
+};
+
+// Checks the forward op's inputs for the kernel of `device` (named `backend` in messages): ranks, sizes,
+// dtypes and devices (check_ms_deform_attn_inputs), value on that device, the levels inside value.
+inline CheckedCall check_forward_call(const at::Tensor& value, at::IntArrayRef spatial_shapes,
+                                      const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
+                                      at::DeviceType device, const char* backend) {
+  const MSDeformAttnSizes sizes = check_ms_deform_attn_inputs(value, sampling_locations, attention_weights);
+  TORCH_CHECK(value.device().type() == device,
+              message("ms_deform_attn (", backend, "): value must be a ", backend, " tensor"));
+  LevelStarts levels = level_starts(spatial_shapes, sizes.num_levels, sizes.num_values);
+  TORCH_CHECK(levels.error.empty(), levels.error);
+  return {sizes, std::move(levels.start)};
+}
+
+// Checks the backward op's inputs: those of the forward, and grad_output against them (shape, device, dtype).
+inline CheckedCall check_backward_call(const at::Tensor& grad_output, const at::Tensor& value,
+                                       at::IntArrayRef spatial_shapes, const at::Tensor& sampling_locations,
+                                       const at::Tensor& attention_weights, at::DeviceType device,
+                                       const char* backend) {
+  CheckedCall call = check_forward_call(value, spatial_shapes, sampling_locations, attention_weights, device, backend);
+  check_ms_deform_attn_grad_output(grad_output, call.sizes);
+  TORCH_CHECK(grad_output.device() == value.device(),
+              message("ms_deform_attn_backward (", backend, "): grad_output and value must be on one ", backend,
+                      " device"));
+  TORCH_CHECK(grad_output.scalar_type() == value.scalar_type(),
+              message("ms_deform_attn_backward: grad_output dtype ", grad_output.scalar_type(),
+                      " differs from value dtype ", value.scalar_type()));
+  return call;
+}
+
+// The op's tensor inputs made contiguous (the kernels index them densely).
+struct ContiguousInputs {
+  at::Tensor value;
+  at::Tensor sampling_locations;
+  at::Tensor attention_weights;
+};
+
+inline ContiguousInputs contiguous_inputs(const at::Tensor& value, const at::Tensor& sampling_locations,
+                                          const at::Tensor& attention_weights) {
+  return {value.contiguous(), sampling_locations.contiguous(), attention_weights.contiguous()};
+}
+
+// The forward output, uninitialised: (batch_size, num_queries, num_heads * head_dim) like value.
+inline at::Tensor empty_output(const at::Tensor& value, const MSDeformAttnSizes& sizes) {
+  return at::empty({sizes.batch_size, sizes.num_queries, sizes.num_heads * sizes.head_dim}, value.options());
+}
+
 }  // namespace ddetr
+
+// Registers a backend's forward and backward kernels under the schema of ms_deform_attn.cpp
+// (TORCH_LIBRARY_IMPL for `dispatch_key`, e.g. CPU or CUDA), so every backend names the ops alike.
+#define DDETR_REGISTER_MS_DEFORM_ATTN_KERNELS(dispatch_key, forward, backward) \
+  TORCH_LIBRARY_IMPL(ddetr, dispatch_key, m) {                              \
+    m.impl("ms_deform_attn_forward", &(forward));                           \
+    m.impl("ms_deform_attn_backward", &(backward));                         \
+  }

@@ -1,4 +1,4 @@
-"""Shared test setup (offline, headless, quiet) and fixtures: the tiny model config and module, the
+"""Shared test setup (offline, headless, quiet) and fixtures: the micro model (options, config, module), the
 debug-preset overrides of a training run, and the transformers oracle (``_hf_oracle``)."""
 
 from __future__ import annotations
@@ -32,9 +32,10 @@ def debug_overrides():
     return _debug_overrides
 
 
-# The tiny model of the tests (conf/model/tiny.yaml's sizes): ResNet-18 with trainable batch norm,
-# 32 channels, 2 heads, 1 + 2 layers, 10 queries; 4 levels, no refinement (the model defaults).
-TINY_OPTIONS = dict(
+# The micro model of the unit tests: conf/model/tiny.yaml's sizes (32 channels, 2 heads, 1 + 2 layers,
+# 10 queries; ResNet-18 with trainable batch norm) on the official defaults (4 levels, no refinement, not
+# two-stage), not on conf/model/small.yaml as model=tiny is: another model, hence another name.
+MICRO_OPTIONS = dict(
     backbone={"name": "resnet18", "norm": "batch"},
     hidden_dim=32,
     nheads=2,
@@ -46,34 +47,34 @@ TINY_OPTIONS = dict(
 
 
 @pytest.fixture(scope="session")
-def tiny_options():
-    """``tiny_options(**overrides) -> dict``: the tiny model's options (keyword arguments of
+def micro_options():
+    """``micro_options(**overrides) -> dict``: the micro model's options (keyword arguments of
     ``DeformableDETRModule``, ``build_deformable_detr`` and ``DeformableDETRConfig.from_dict``, without
     ``num_classes``), a new dict per call with ``overrides`` applied."""
 
     def options(**overrides):
-        return {**TINY_OPTIONS, **overrides}
+        return {**MICRO_OPTIONS, **overrides}
 
     return options
 
 
 @pytest.fixture
-def tiny_config(tiny_options):
-    """A tiny ``DeformableDETRConfig`` of ``tiny_options()`` with 5 classes."""
+def micro_config(micro_options):
+    """The micro ``DeformableDETRConfig`` (``micro_options()``) with 5 classes."""
     from ddetr.models.config import DeformableDETRConfig
 
-    return DeformableDETRConfig.from_dict(num_classes=5, **tiny_options())
+    return DeformableDETRConfig.from_dict(num_classes=5, **micro_options())
 
 
 @pytest.fixture
-def tiny_module(tiny_config):
-    """A ``DeformableDETRModule`` of ``tiny_config``, randomly initialised (seed 0), in eval mode."""
+def micro_module(micro_config):
+    """A ``DeformableDETRModule`` of ``micro_config``, randomly initialised (seed 0), in eval mode."""
     import torch
 
     from ddetr.training.module import DeformableDETRModule
 
     torch.manual_seed(0)
-    return DeformableDETRModule(tiny_config).eval()
+    return DeformableDETRModule(micro_config).eval()
 
 
 @pytest.fixture(scope="session")

@@ -136,12 +136,12 @@ def test_attention_pictures_are_written(tmp_path):
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 10, "the picture shows points, a colour bar and text"
 
 
-def test_set_attention_backend_is_what_the_layers_report(tiny_config):
+def test_set_attention_backend_is_what_the_layers_report(micro_config):
     from ddetr.models.build import build_deformable_detr
     from ddetr.models.ms_deform_attn import attention_backend, set_attention_backend
 
-    model = build_deformable_detr(tiny_config)
-    assert attention_backend(model) == tiny_config.attn_backend == "auto"
+    model = build_deformable_detr(micro_config)
+    assert attention_backend(model) == micro_config.attn_backend == "auto"
     set_attention_backend(model, "pytorch")
     assert attention_backend(model) == "pytorch"
     assert {layer.backend for layer in model.modules() if hasattr(layer, "sampling_offsets")} == {"pytorch"}

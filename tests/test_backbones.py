@@ -43,7 +43,7 @@ def random_state_dict(network: nn.Module, seed: int = 0) -> dict[str, torch.Tens
     return state
 
 
-def tiny_config(num_feature_levels: int = 4, **backbone) -> DeformableDETRConfig:
+def micro_config(num_feature_levels: int = 4, **backbone) -> DeformableDETRConfig:
     return DeformableDETRConfig.from_dict(
         num_classes=3,
         backbone=backbone,
@@ -61,11 +61,11 @@ def tiny_config(num_feature_levels: int = 4, **backbone) -> DeformableDETRConfig
 def test_registry_knows_the_builtin_names_and_names_the_unknown():
     assert {"resnet18", "resnet34", "resnet50", "resnet101", "timm:"} <= set(BACKBONES)
     with pytest.raises(ValueError, match=r"unknown backbone 'vgg16'.*'resnet50'.*'timm:<model>'"):
-        build_backbone(tiny_config(name="vgg16"))
+        build_backbone(micro_config(name="vgg16"))
     with pytest.raises(ValueError, match="family prefix"):
         register_backbone("a:b")
     with pytest.raises(ValueError, match="timm has no model 'no_such_net'"):
-        build_backbone(tiny_config(name="timm:no_such_net"))
+        build_backbone(micro_config(name="timm:no_such_net"))
 
 
 # ----------------------------------------------------------------------------- torchvision ResNets
@@ -95,22 +95,22 @@ def test_a_torchvision_state_dict_loads_into_every_resnet_variant(tmp_path, name
 
 
 def test_resnet_policy_frozen_stem_and_state_dict_names():
-    backbone = build_backbone(tiny_config(name="resnet18"))
+    backbone = build_backbone(micro_config(name="resnet18"))
     assert isinstance(backbone, Backbone) and backbone.strides == [8, 16, 32]
     trainable = {name.split(".")[0] for name, p in backbone.body.named_parameters() if p.requires_grad}
     frozen = {name.split(".")[0] for name, p in backbone.body.named_parameters() if not p.requires_grad}
     assert trainable == {"layer2", "layer3", "layer4"} and frozen == {"conv1", "layer1"}
     assert not any(isinstance(m, nn.BatchNorm2d) for m in backbone.modules())
     # the official names (converters, old checkpoints): torchvision's under backbone.body.
-    model = build_deformable_detr(tiny_config(name="resnet18"))
+    model = build_deformable_detr(micro_config(name="resnet18"))
     assert "backbone.body.layer1.0.bn1.running_var" in model.state_dict()
 
 
 def test_channels_last_backbone_computes_the_same_maps():
     torch.manual_seed(0)
-    default = build_backbone(tiny_config(name="resnet18")).eval()
+    default = build_backbone(micro_config(name="resnet18")).eval()
     torch.manual_seed(0)
-    channels_last = build_backbone(tiny_config(name="resnet18", channels_last=True)).eval()
+    channels_last = build_backbone(micro_config(name="resnet18", channels_last=True)).eval()
     assert channels_last.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     images, mask = pad_images([torch.randn(3, 64, 96), torch.randn(3, 40, 96)])
     with torch.no_grad():
@@ -133,7 +133,7 @@ TIMM_FAMILIES = [
 @pytest.mark.parametrize("model_name, kwargs", TIMM_FAMILIES, ids=[name for name, _ in TIMM_FAMILIES])
 def test_timm_levels_are_the_maps_at_strides_8_16_32_channels_first(model_name, kwargs):
     torch.manual_seed(0)
-    backbone = build_backbone(tiny_config(name=f"timm:{model_name}", kwargs=kwargs))
+    backbone = build_backbone(micro_config(name=f"timm:{model_name}", kwargs=kwargs))
     assert backbone.strides == [8, 16, 32]
     images, mask = pad_images([torch.randn(3, 64, 96), torch.randn(3, 40, 96)])
     levels = backbone.eval()(images, mask)
@@ -146,7 +146,7 @@ def test_timm_levels_are_the_maps_at_strides_8_16_32_channels_first(model_name, 
 
 
 def test_timm_fewer_levels_are_the_coarsest_and_the_model_trains_end_to_end():
-    model = build_deformable_detr(tiny_config(num_feature_levels=2, name="timm:regnetx_002"))
+    model = build_deformable_detr(micro_config(num_feature_levels=2, name="timm:regnetx_002"))
     assert model.backbone.strides == [16, 32] and model.level_strides() == [16, 32]
     outputs = model([torch.randn(3, 64, 64), torch.randn(3, 48, 64)])
     outputs["pred_logits"].sum().backward()
@@ -195,7 +195,7 @@ def test_a_timm_state_dict_file_loads_every_backbone_tensor_exactly(tmp_path, mo
     file_state = random_state_dict(timm.create_model(model_name))
     path = tmp_path / f"{model_name}.pth"
     torch.save(file_state, path)
-    model = build_deformable_detr(tiny_config(name=f"timm:{model_name}", weights=str(path), norm="batch"))
+    model = build_deformable_detr(micro_config(name=f"timm:{model_name}", weights=str(path), norm="batch"))
     ours = {
         key.removeprefix("backbone.body."): v
         for key, v in model.state_dict().items()
@@ -235,7 +235,7 @@ def test_timm_models_that_do_not_fit_are_named():
 def test_without_timm_one_line_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "timm", None)  # import timm raises ImportError
     with pytest.raises(ImportError, match=r"needs timm, which is not installed: pip install 'ddetr\[timm\]'"):
-        build_backbone(tiny_config(name="timm:convnext_atto"))
+        build_backbone(micro_config(name="timm:convnext_atto"))
 
 
 # ----------------------------------------------------------------------------- a custom backbone
@@ -263,7 +263,7 @@ def test_a_registered_custom_backbone_builds_and_trains(monkeypatch):
     from ddetr.training.module import DeformableDETRModule
 
     torch.manual_seed(0)
-    module = DeformableDETRModule(tiny_config(name="two_convs"))
+    module = DeformableDETRModule(micro_config(name="two_convs"))
     assert isinstance(module.model.backbone, TwoConvs) and module.model.level_strides() == [8, 16, 32, 64]
     images, mask = pad_images([torch.rand(3, 64, 64), torch.rand(3, 48, 64)])
     targets = [
@@ -369,7 +369,7 @@ def test_timm_backbone_trains_evaluates_predicts_and_exports(tmp_path, data_root
 @pytest.mark.parametrize("name", ["timm:efficientnet_b0", "timm:regnetx_002"])
 def test_other_timm_backbones_run_the_detector(name):
     torch.manual_seed(0)
-    model = build_deformable_detr(tiny_config(name=name)).eval()
+    model = build_deformable_detr(micro_config(name=name)).eval()
     with torch.no_grad():
         outputs = model([torch.randn(3, 64, 80), torch.randn(3, 48, 64)])
     assert outputs["pred_logits"].shape == (2, 5, 3) and torch.isfinite(outputs["pred_boxes"]).all()

@@ -58,7 +58,7 @@ class WritesMarker:
         return (open, (self.path, "w"))
 
 
-def tiny_module() -> DeformableDETRModule:
+def micro_module() -> DeformableDETRModule:
     torch.manual_seed(0)
     return DeformableDETRModule(
         num_classes=3,
@@ -83,7 +83,7 @@ def write_hostile(path: Path, shape: str, marker: Path) -> Path:
     if shape == "whole":
         torch.save(payload, path)
     elif shape == "lightning":
-        module = tiny_module()
+        module = micro_module()
         torch.save(
             {
                 "state_dict": module.state_dict(),
@@ -124,7 +124,7 @@ def entry_point_readers(tmp_path: Path, data_root: Path, debug_overrides) -> dic
         cfg = compose(debug)
         datamodule = instantiate(cfg.data)
         trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
-        trainer.fit(tiny_module(), datamodule=datamodule, ckpt_path=str(path))
+        trainer.fit(micro_module(), datamodule=datamodule, ckpt_path=str(path))
 
     return {
         "ddetr.eval": ("ckpt_path", lambda p: evaluate(config("eval", p, f"data.root={data_root}"))),
@@ -136,7 +136,7 @@ def entry_point_readers(tmp_path: Path, data_root: Path, debug_overrides) -> dic
         "load_official": ("official checkpoint", lambda p: load_official(p)),
         "load_hf (a torch file)": ("transformers weights", lambda p: load_hf(p)),
         "load_module": ("ckpt_path", lambda p: load_module(p)),
-        "load_pretrained": ("model.init_from", lambda p: load_pretrained(tiny_module().model, str(p))),
+        "load_pretrained": ("model.init_from", lambda p: load_pretrained(micro_module().model, str(p))),
         "check_resume_checkpoint": ("ckpt_path", lambda p: check_resume_checkpoint(p)),
         "read_checkpoint": ("checkpoint", lambda p: read_checkpoint(p)),
         "AtomicCheckpointIO.load_checkpoint": ("ckpt_path", lambda p: AtomicCheckpointIO().load_checkpoint(p)),
@@ -192,7 +192,7 @@ def test_the_payload_is_live_and_trust_checkpoint_is_the_only_way_to_run_it(tmp_
 def test_a_trusted_file_with_a_foreign_class_loads_only_with_trust_checkpoint(tmp_path):
     from fractions import Fraction
 
-    module = tiny_module()
+    module = micro_module()
     path = tmp_path / "with_a_class.ckpt"
     torch.save(
         {
@@ -396,10 +396,10 @@ def test_an_official_checkpoint_as_main_py_saves_it_converts(tmp_path, zipped):
 
 def test_a_failing_checkpoint_write_leaves_the_previous_file_whole(tmp_path):
     path = tmp_path / "converted.ckpt"
-    good = tiny_module()
+    good = micro_module()
     save_checkpoint(good, path, "official")
     before = path.read_bytes()
-    broken = tiny_module()
+    broken = micro_module()
     broken.hparams["not_picklable"] = lambda: None  # pickling fails after the file would have been opened
     with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
         save_checkpoint(broken, path, "official")

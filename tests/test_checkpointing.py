@@ -44,10 +44,10 @@ def _gradients(options: dict, checkpointing: str, attn_backend: str) -> tuple[di
 
 
 @pytest.mark.parametrize("attn_backend", ["pytorch", "auto"])
-def test_gradients_are_identical_and_less_is_saved(attn_backend, tiny_options):
-    reference, saved_none = _gradients(tiny_options(**OVERRIDES), "none", attn_backend)
+def test_gradients_are_identical_and_less_is_saved(attn_backend, micro_options):
+    reference, saved_none = _gradients(micro_options(**OVERRIDES), "none", attn_backend)
     for mode in ("encoder", "all"):
-        grads, saved = _gradients(tiny_options(**OVERRIDES), mode, attn_backend)
+        grads, saved = _gradients(micro_options(**OVERRIDES), mode, attn_backend)
         assert grads.keys() == reference.keys()
         for name, grad in grads.items():
             assert torch.equal(grad, reference[name]), (
@@ -59,10 +59,10 @@ def test_gradients_are_identical_and_less_is_saved(attn_backend, tiny_options):
     assert saved_encoder < saved_none and saved < saved_encoder
 
 
-def test_config_and_eval_mode(tiny_options):
+def test_config_and_eval_mode(micro_options):
     cfg = compose(["model.checkpointing=all"])
     assert cfg.model.checkpointing == "all"
-    model = build_deformable_detr(NUM_CLASSES, checkpointing="encoder", **tiny_options(**OVERRIDES))
+    model = build_deformable_detr(NUM_CLASSES, checkpointing="encoder", **micro_options(**OVERRIDES))
     assert model.transformer.encoder.checkpointing and not model.transformer.decoder.checkpointing
     with pytest.raises(ValueError, match="checkpointing must be one of"):
-        build_deformable_detr(NUM_CLASSES, checkpointing="decoder", **tiny_options(**OVERRIDES))
+        build_deformable_detr(NUM_CLASSES, checkpointing="decoder", **micro_options(**OVERRIDES))

@@ -11,12 +11,12 @@ from ddetr.models.config import DeformableDETRConfig
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_options):
+def tiny(micro_options):
     """``tiny(two_stage) -> DeformableDETRConfig``: the tiny model with frozen batch norm, no dropout,
     3 classes; with two-stage also box refinement."""
 
     def config(two_stage: bool) -> DeformableDETRConfig:
-        options = tiny_options(
+        options = micro_options(
             backbone={"name": "resnet18"}, dropout=0.0, with_box_refine=two_stage, two_stage=two_stage
         )
         return DeformableDETRConfig.from_dict(num_classes=3, **options)

@@ -155,12 +155,12 @@ def _jittered_detections(image_index: int) -> dict[str, torch.Tensor]:
     }
 
 
-def test_one_checkpoint_evaluates_identically_on_all_three(three_formats, tiny_options):
+def test_one_checkpoint_evaluates_identically_on_all_three(three_formats, micro_options):
     from ddetr.training.evaluation import CocoEvaluator
     from ddetr.training.module import DeformableDETRModule
 
     torch.manual_seed(0)
-    module = DeformableDETRModule(num_classes=len(CLASSES), **tiny_options()).eval()
+    module = DeformableDETRModule(num_classes=len(CLASSES), **micro_options()).eval()
     results = {}
     for name, datamodule in three_formats.items():
         evaluator = CocoEvaluator(datamodule.val_coco, datamodule.label_to_category_id)

@@ -58,8 +58,8 @@ def eval_config(checkpoint: Path, dataset: Path, output: Path):
     )
 
 
-def test_eval_writes_metrics_and_the_same_detections_as_predict(tmp_path, dataset, capsys, tiny_options):
-    checkpoint = write_checkpoint(tmp_path / "tiny.ckpt", dataset, tiny_options())
+def test_eval_writes_metrics_and_the_same_detections_as_predict(tmp_path, dataset, capsys, micro_options):
+    checkpoint = write_checkpoint(tmp_path / "tiny.ckpt", dataset, micro_options())
     metrics = evaluate(eval_config(checkpoint, dataset, tmp_path / "eval"))
     for name in ("val/AP", "val/AP50", "val/AP75", "val/APs", "val/AR100"):
         assert 0.0 <= metrics[name] <= 1.0
@@ -138,7 +138,7 @@ def test_eval_writes_metrics_and_the_same_detections_as_predict(tmp_path, datase
         assert mine["bbox"] == pytest.approx(theirs["bbox"], abs=1e-3)
 
 
-def test_class_count_mismatch_names_the_checkpoint(tmp_path, dataset, tiny_options):
-    checkpoint = write_checkpoint(tmp_path / "three_classes.ckpt", dataset, tiny_options(), num_classes=3)
+def test_class_count_mismatch_names_the_checkpoint(tmp_path, dataset, micro_options):
+    checkpoint = write_checkpoint(tmp_path / "three_classes.ckpt", dataset, micro_options(), num_classes=3)
     with pytest.raises(ValueError, match="three_classes.ckpt.*3 classes"):
         evaluate(eval_config(checkpoint, dataset, tmp_path / "eval"))

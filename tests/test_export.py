@@ -19,9 +19,9 @@ HEIGHT, WIDTH = 64, 96
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, tiny_options) -> Path:
+def checkpoint(tmp_path_factory, micro_options) -> Path:
     torch.manual_seed(0)
-    module = DeformableDETRModule(num_classes=5, **tiny_options(with_box_refine=True))
+    module = DeformableDETRModule(num_classes=5, **micro_options(with_box_refine=True))
     path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
     save_checkpoint(module, path, "test")
     return path

@@ -145,10 +145,10 @@ def tiny_batches(num_batches: int = 3) -> list:
     return batches
 
 
-def fit_weights(tiny_options, fused: bool, clip: float | None, plugins: list) -> torch.Tensor:
+def fit_weights(micro_options, fused: bool, clip: float | None, plugins: list) -> torch.Tensor:
     torch.manual_seed(0)
     module = DeformableDETRModule(
-        num_classes=3, **tiny_options(backbone={"name": "resnet18", "norm": "frozen"}), optim={"fused": fused}
+        num_classes=3, **micro_options(backbone={"name": "resnet18", "norm": "frozen"}), optim={"fused": fused}
     )
     trainer = L.Trainer(
         accelerator="cpu",
@@ -172,13 +172,13 @@ def scaled_float16() -> list:
 @pytest.mark.parametrize(
     "plugins", [scaled_float16, lambda: [MixedPrecision("bf16-mixed", "cpu")]], ids=["16-scaler", "bf16"]
 )
-def test_fused_adamw_clips_under_mixed_precision_as_the_unfused_one(plugins, tiny_options):
+def test_fused_adamw_clips_under_mixed_precision_as_the_unfused_one(plugins, micro_options):
     """Lightning refuses to clip for an optimiser that unscales inside its step; the module clips the unscaled
     gradients itself. Reference: PyTorch's default (for-each) AdamW, which Lightning unscales and clips."""
-    fused = fit_weights(tiny_options, True, 0.1, plugins())
-    reference = fit_weights(tiny_options, False, 0.1, plugins())
+    fused = fit_weights(micro_options, True, 0.1, plugins())
+    reference = fit_weights(micro_options, False, 0.1, plugins())
     torch.testing.assert_close(fused, reference, rtol=0, atol=1e-6)
-    unclipped = fit_weights(tiny_options, False, None, plugins())
+    unclipped = fit_weights(micro_options, False, None, plugins())
     assert (unclipped - reference).abs().max() > 1e-4, "clipping changes the weights (it is exercised)"
 
 

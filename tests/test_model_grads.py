@@ -33,9 +33,9 @@ def _targets() -> list[dict[str, torch.Tensor]]:
 
 
 @pytest.mark.parametrize("variant", list(GRAD_VARIANTS))
-def test_every_trainable_parameter_gets_a_gradient(variant, tiny_options):
+def test_every_trainable_parameter_gets_a_gradient(variant, micro_options):
     torch.manual_seed(0)
-    options = tiny_options(**GRAD_OVERRIDES, **GRAD_VARIANTS[variant])
+    options = micro_options(**GRAD_OVERRIDES, **GRAD_VARIANTS[variant])
     model = build_deformable_detr(NUM_CLASSES, **options).train()
     with torch.no_grad():  # leave the official init, whose zeros hide some parameters from the loss
         for parameter in model.parameters():
@@ -60,8 +60,8 @@ def test_every_trainable_parameter_gets_a_gradient(variant, tiny_options):
 
 
 @pytest.mark.parametrize("train_backbone", [True, False])
-def test_frozen_parameters_follow_the_official(train_backbone, tiny_options):
-    model = build_deformable_detr(NUM_CLASSES, **tiny_options(**GRAD_OVERRIDES, train_backbone=train_backbone))
+def test_frozen_parameters_follow_the_official(train_backbone, micro_options):
+    model = build_deformable_detr(NUM_CLASSES, **micro_options(**GRAD_OVERRIDES, train_backbone=train_backbone))
     for name, parameter in model.backbone.named_parameters():
         trains = train_backbone and name.startswith(("body.layer2", "body.layer3", "body.layer4"))
         assert parameter.requires_grad == trains, name

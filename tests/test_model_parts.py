@@ -327,8 +327,8 @@ def test_encoder_output_proposals():
 
 
 # ----------------------------------------------------------------------------- detector
-def test_extra_levels_chain_and_shapes(tiny_options):
-    model = build_deformable_detr(3, **tiny_options(num_feature_levels=5)).eval()
+def test_extra_levels_chain_and_shapes(micro_options):
+    model = build_deformable_detr(3, **micro_options(num_feature_levels=5)).eval()
     assert model.input_proj[3][0].in_channels == 512 and model.input_proj[4][0].in_channels == 32
     assert model.input_proj[3][0].stride == (2, 2) and model.input_proj[3][0].kernel_size == (3, 3)
     images, mask = pad_images([torch.randn(3, 96, 128), torch.randn(3, 50, 70)])
@@ -343,8 +343,8 @@ def test_extra_levels_chain_and_shapes(tiny_options):
 
 
 @pytest.mark.parametrize("with_box_refine, two_stage", [(False, False), (True, False), (True, True)])
-def test_head_initialisation(with_box_refine, two_stage, tiny_options):
-    model = build_deformable_detr(3, **tiny_options(with_box_refine=with_box_refine, two_stage=two_stage))
+def test_head_initialisation(with_box_refine, two_stage, micro_options):
+    model = build_deformable_detr(3, **micro_options(with_box_refine=with_box_refine, two_stage=two_stage))
     assert len(model.class_embed) == len(model.bbox_embed) == (2 if with_box_refine else 1)
     assert hasattr(model, "query_embed") != two_stage and hasattr(model.transformer, "reference_points") != two_stage
     class_heads = list(model.class_embed) + ([model.enc_class_embed] if two_stage else [])
@@ -357,9 +357,9 @@ def test_head_initialisation(with_box_refine, two_stage, tiny_options):
         assert torch.equal(head.layers[-1].bias, torch.tensor([0.0, 0.0, size_bias, size_bias]))
 
 
-def test_two_stage_needs_enough_proposals(tiny_options):
+def test_two_stage_needs_enough_proposals(micro_options):
     model = build_deformable_detr(
-        3, **tiny_options(num_feature_levels=1, with_box_refine=True, two_stage=True, num_queries=50)
+        3, **micro_options(num_feature_levels=1, with_box_refine=True, two_stage=True, num_queries=50)
     )
     with pytest.raises(ValueError, match="proposals"):
         model([torch.randn(3, 64, 64)])

@@ -60,9 +60,9 @@ def fit_losses(options: dict, precision: str) -> list[float]:
     return recorder.losses
 
 
-def test_bf16_mixed_trains_close_to_float32(tiny_options):
-    reference = fit_losses(tiny_options(**OVERRIDES), "32-true")
-    mixed = fit_losses(tiny_options(**OVERRIDES), "bf16-mixed")
+def test_bf16_mixed_trains_close_to_float32(micro_options):
+    reference = fit_losses(micro_options(**OVERRIDES), "32-true")
+    mixed = fit_losses(micro_options(**OVERRIDES), "bf16-mixed")
     assert len(mixed) == len(reference) == 3
     assert all(torch.isfinite(torch.tensor(mixed)))
     # bf16 keeps 8 significant bits (relative rounding 2^-9 ~ 0.2% per product), but the matcher and the

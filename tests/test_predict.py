@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_module(options: dict, num_classes: int, seed: int = 0, **kwargs) -> DeformableDETRModule:
-    """A randomly initialised module of ``options`` (``tiny_options()``) with ``num_classes``."""
+    """A randomly initialised module of ``options`` (``micro_options()``) with ``num_classes``."""
     torch.manual_seed(seed)
     return DeformableDETRModule(num_classes=num_classes, **options, **kwargs)
 
@@ -37,11 +37,11 @@ def dataset(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, dataset, tiny_options) -> Path:
+def checkpoint(tmp_path_factory, dataset, micro_options) -> Path:
     annotations = json.loads((dataset / "annotations" / "instances_val.json").read_text())
     categories = sorted(annotations["categories"], key=lambda c: c["id"])
     module = make_module(
-        tiny_options(),
+        micro_options(),
         len(categories),
         label_to_category_id=[c["id"] for c in categories],
         category_names=[c["name"] for c in categories],
@@ -153,12 +153,12 @@ def test_resize_comes_from_config_then_training_run_then_official(tmp_path):
     assert resolve_resize(64, 100, ckpt) == (64, 100, "config")
 
 
-def test_class_names_of_a_converted_coco_checkpoint(tiny_options):
-    coco = make_module(tiny_options(), 91)
+def test_class_names_of_a_converted_coco_checkpoint(micro_options):
+    coco = make_module(micro_options(), 91)
     names = resolve_class_names(coco, "auto")
     assert names[1] == "person" and names[90] == "toothbrush" and names[12] == "N/A" and len(names) == 91
     assert COCO91_NAMES.count("N/A") == 11
-    named = make_module(tiny_options(), 2, category_names=["cat", "dog"])
+    named = make_module(micro_options(), 2, category_names=["cat", "dog"])
     assert resolve_class_names(named, "auto") == ["cat", "dog"]
     assert resolve_class_names(named, ["a", "b"]) == ["a", "b"]
     with pytest.raises(ValueError, match="3 names"):

@@ -14,11 +14,11 @@ from ddetr.checkpoints import load_pretrained, save_checkpoint
 from ddetr.training.module import DeformableDETRModule
 
 
-def test_configure_optimizers_uses_the_official_lr_split(tiny_module):
-    config = tiny_module.configure_optimizers()
+def test_configure_optimizers_uses_the_official_lr_split(micro_module):
+    config = micro_module.configure_optimizers()
     optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
     assert isinstance(optimizer, torch.optim.AdamW)
-    names = {id(p): n for n, p in tiny_module.model.named_parameters()}
+    names = {id(p): n for n, p in micro_module.model.named_parameters()}
     # official recipe: lr 2e-4, backbone 2e-5, sampling offsets and reference points 2e-4 * 0.1, decay 1e-4
     expected_lr = {"backbone": 2e-5, "linear_proj": 2e-5, "rest": 2e-4}
     seen = set()
@@ -34,20 +34,20 @@ def test_configure_optimizers_uses_the_official_lr_split(tiny_module):
                 assert ".sampling_offsets." in name or name.startswith("transformer.reference_points.")
             else:
                 assert not name.startswith("backbone.") and "sampling_offsets" not in name, name
-    trainable = {n for n, p in tiny_module.model.named_parameters() if p.requires_grad}
+    trainable = {n for n, p in micro_module.model.named_parameters() if p.requires_grad}
     assert seen == trainable  # every trainable parameter in exactly one group
     assert {g["name"] for g in optimizer.param_groups} == {"backbone", "linear_proj", "rest"}
     # StepLR: x0.1 at epoch 40
     assert (scheduler.step_size, scheduler.gamma) == (40, pytest.approx(0.1))
 
 
-def test_load_pretrained_reinitialises_only_the_class_heads(tmp_path, tiny_config, caplog):
+def test_load_pretrained_reinitialises_only_the_class_heads(tmp_path, micro_config, caplog):
     torch.manual_seed(1)
-    source = DeformableDETRModule(tiny_config)  # 5 classes
+    source = DeformableDETRModule(micro_config)  # 5 classes
     path = tmp_path / "source.ckpt"
     save_checkpoint(source, path, "test")
     torch.manual_seed(2)
-    target = DeformableDETRModule(tiny_config, num_classes=3)
+    target = DeformableDETRModule(micro_config, num_classes=3)
     fresh_heads = {k: v.clone() for k, v in target.model.state_dict().items() if k.startswith("class_embed")}
     with caplog.at_level(logging.WARNING):
         load_pretrained(target.model, str(path))
@@ -58,7 +58,7 @@ def test_load_pretrained_reinitialises_only_the_class_heads(tmp_path, tiny_confi
             assert torch.equal(value, fresh_heads[key]), key  # kept at its fresh initialisation
         else:
             assert torch.equal(value, source_state[key]), key  # everything else from the checkpoint
-    other = DeformableDETRModule(tiny_config, hidden_dim=64)  # a non-head shape mismatch is an error
+    other = DeformableDETRModule(micro_config, hidden_dim=64)  # a non-head shape mismatch is an error
     with pytest.raises(ValueError, match="has shape"):
         load_pretrained(other.model, str(path))
 
@@ -100,7 +100,7 @@ def test_resumable_sampler_shards_pads_seeds_and_resumes():
     assert list(sampler) == ranks[1]
 
 
-def test_nonfinite_predictions_still_reach_the_collective_of_the_criterion(tiny_module, monkeypatch):
+def test_nonfinite_predictions_still_reach_the_collective_of_the_criterion(micro_module, monkeypatch):
     """A rank whose predictions are NaN must still enter the criterion, whose num_boxes all_reduce the other
     ranks enter too (skipping it would leave them waiting); the step then stops naming the predictions."""
     import lightning as L
@@ -112,12 +112,12 @@ def test_nonfinite_predictions_still_reach_the_collective_of_the_criterion(tiny_
     average_num_boxes = criterion_module.average_num_boxes
     spy = lambda *args, **kwargs: calls.append(kwargs) or average_num_boxes(*args, **kwargs)  # noqa: E731
     monkeypatch.setattr(criterion_module, "average_num_boxes", spy)
-    tiny_module.train()
-    tiny_module.trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    micro_module.train()
+    micro_module.trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
     images = torch.full((2, 3, 64, 96), float("nan"))
     mask = torch.zeros(2, 64, 96, dtype=torch.bool)
     targets = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}] * 2
     bad_terms = r"non-finite terms on this rank: \['pred_boxes', 'pred_logits'\]"
     with pytest.raises(NonFiniteLossError, match=rf"global step 0 .*{bad_terms}"):
-        tiny_module.training_step((images, mask, targets), 0)
+        micro_module.training_step((images, mask, targets), 0)
     assert calls == [{"sync": True}]  # entered once, with the synchronisation on

@@ -63,12 +63,7 @@ inline bool bilinear_corners(opmath_t location_x, opmath_t location_y, int64_t h
   const int64_t top = static_cast<int64_t>(y_floor);
   corners.frac_x = x - x_floor;
   corners.frac_y = y - y_floor;
-  const bool left_in = left >= 0, right_in = left + 1 < width;
-  const bool top_in = top >= 0, bottom_in = top + 1 < height;
-  corners.valid[0] = top_in && left_in;
-  corners.valid[1] = top_in && right_in;
-  corners.valid[2] = bottom_in && left_in;
-  corners.valid[3] = bottom_in && right_in;
+  corners_inside(left, top, height, width, corners.valid);
   corners.all_valid = corners.valid[0] && corners.valid[3];
   const opmath_t one = 1;
   const opmath_t weight[4] = {(one - corners.frac_y) * (one - corners.frac_x), (one - corners.frac_y) * corners.frac_x,
@@ -350,42 +345,32 @@ void backward_kernel(const scalar_t* grad_output, const scalar_t* value, const i
 
 at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, at::IntArrayRef spatial_shapes,
                                       const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
-  const MSDeformAttnSizes sizes = check_ms_deform_attn_inputs(value, sampling_locations, attention_weights);
-  TORCH_CHECK(value.is_cpu(), "ms_deform_attn (CPU): value must be a CPU tensor");
-  const LevelStarts levels = level_starts(spatial_shapes, sizes.num_levels, sizes.num_values);
-  TORCH_CHECK(levels.error.empty(), levels.error);
-  const at::Tensor value_c = value.contiguous();
-  const at::Tensor sampling_locations_c = sampling_locations.contiguous();
-  const at::Tensor attention_weights_c = attention_weights.contiguous();
-  at::Tensor output = at::empty({sizes.batch_size, sizes.num_queries, sizes.num_heads * sizes.head_dim},
-                                value.options());
-  if (output.numel() == 0) {
-    return output;
+  const CheckedCall call =
+      check_forward_call(value, spatial_shapes, sampling_locations, attention_weights, at::kCPU, "CPU");
+  const MSDeformAttnSizes& sizes = call.sizes;
+  const ContiguousInputs inputs = contiguous_inputs(value, sampling_locations, attention_weights);
+  at::Tensor output = empty_output(value, sizes);
+  if (output.numel() != 0) {
+    dispatch_value_and_location_types(
+        value.scalar_type(), sampling_locations.scalar_type(), "ms_deform_attn_forward_cpu",
+        [&](auto value_tag, auto location_tag) {
+          using scalar_t = decltype(value_tag);
+          using loc_t = decltype(location_tag);
+          forward_kernel<scalar_t, loc_t>(inputs.value.const_data_ptr<scalar_t>(), spatial_shapes.data(),
+                                          call.level_start.data(), inputs.sampling_locations.const_data_ptr<loc_t>(),
+                                          inputs.attention_weights.const_data_ptr<loc_t>(),
+                                          output.mutable_data_ptr<scalar_t>(), sizes);
+        });
   }
-  dispatch_value_and_location_types(
-      value.scalar_type(), sampling_locations.scalar_type(), "ms_deform_attn_forward_cpu",
-      [&](auto value_tag, auto location_tag) {
-        using scalar_t = decltype(value_tag);
-        using loc_t = decltype(location_tag);
-        forward_kernel<scalar_t, loc_t>(value_c.const_data_ptr<scalar_t>(), spatial_shapes.data(), levels.start.data(),
-                                        sampling_locations_c.const_data_ptr<loc_t>(),
-                                        attention_weights_c.const_data_ptr<loc_t>(),
-                                        output.mutable_data_ptr<scalar_t>(), sizes);
-      });
   return output;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& value, at::IntArrayRef spatial_shapes,
     const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
-  const MSDeformAttnSizes sizes = check_ms_deform_attn_inputs(value, sampling_locations, attention_weights);
-  check_ms_deform_attn_grad_output(grad_output, sizes);
-  TORCH_CHECK(value.is_cpu() && grad_output.is_cpu(), "ms_deform_attn_backward (CPU): tensors must be on the CPU");
-  TORCH_CHECK(grad_output.scalar_type() == value.scalar_type(),
-              message("ms_deform_attn_backward: grad_output dtype ", grad_output.scalar_type(),
-                      " differs from value dtype ", value.scalar_type()));
-  const LevelStarts levels = level_starts(spatial_shapes, sizes.num_levels, sizes.num_values);
-  TORCH_CHECK(levels.error.empty(), levels.error);
+  const CheckedCall call = check_backward_call(grad_output, value, spatial_shapes, sampling_locations,
+                                               attention_weights, at::kCPU, "CPU");
+  const MSDeformAttnSizes& sizes = call.sizes;
   const at::Tensor grad_output_c = grad_output.contiguous();
   const at::Tensor sampling_locations_c = sampling_locations.contiguous();
   const at::Tensor attention_weights_c = attention_weights.contiguous();
@@ -423,13 +408,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
       [&](auto value_tag, auto location_tag) {
         using scalar_t = decltype(value_tag);
         using loc_t = decltype(location_tag);
-        using opmath_t = at::opmath_type<scalar_t>;
         backward_kernel<scalar_t, loc_t>(
             grad_output_c.const_data_ptr<scalar_t>(), value_c.const_data_ptr<scalar_t>(),
-            spatial_shapes.data(), levels.start.data(),
+            spatial_shapes.data(), call.level_start.data(),
             sampling_locations_c.const_data_ptr<loc_t>(), attention_weights_c.const_data_ptr<loc_t>(),
-            grad_value_accumulator.mutable_data_ptr<opmath_t>(), grad_sampling_locations.mutable_data_ptr<loc_t>(),
-            grad_attention_weights.mutable_data_ptr<loc_t>(), sizes, layout, num_chunks);
+            grad_value_accumulator.mutable_data_ptr<at::opmath_type<scalar_t>>(),
+            grad_sampling_locations.mutable_data_ptr<loc_t>(), grad_attention_weights.mutable_data_ptr<loc_t>(), sizes,
+            layout, num_chunks);
       });
   if (accumulate_in_place) {
     return {grad_value_accumulator, grad_sampling_locations, grad_attention_weights};
@@ -444,9 +429,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ddetr, CPU, m) {
-  m.impl("ms_deform_attn_forward", &ms_deform_attn_forward_cpu);
-  m.impl("ms_deform_attn_backward", &ms_deform_attn_backward_cpu);
-}
+DDETR_REGISTER_MS_DEFORM_ATTN_KERNELS(CPU, ms_deform_attn_forward_cpu, ms_deform_attn_backward_cpu)
 
 }  // namespace ddetr

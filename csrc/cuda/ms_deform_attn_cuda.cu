@@ -56,29 +56,25 @@ struct Levels {
   int start[kMaxLevels];
 };
 
-// Fills `levels` from the (height, width) list, with the start offsets derived from it; returns why
-// the levels are invalid ("" when valid); the caller throws. Nothing is copied from the device.
-std::string fill_levels(at::IntArrayRef spatial_shapes, int64_t num_levels, int64_t num_values, Levels& levels) {
-  if (num_levels > kMaxLevels) {
-    return "ms_deform_attn (CUDA): at most " + std::to_string(kMaxLevels) + " levels are supported, got " +
-           std::to_string(num_levels);
-  }
-  const LevelStarts starts = level_starts(spatial_shapes, num_levels, num_values);
-  if (!starts.error.empty()) {
-    return starts.error;
-  }
+// The levels as kernel parameters: heights and widths from the (height, width) list, starts from the
+// checked level starts (check_forward_call); throws when there are more than kMaxLevels levels or a number
+// above 2^31 - 1. Nothing is copied from the device.
+Levels kernel_levels(at::IntArrayRef spatial_shapes, const std::vector<int64_t>& level_start) {
+  const int64_t num_levels = static_cast<int64_t>(level_start.size());
+  TORCH_CHECK(num_levels <= kMaxLevels,
+              message("ms_deform_attn (CUDA): at most ", kMaxLevels, " levels are supported, got ", num_levels));
+  Levels levels{};
   for (int64_t level = 0; level < num_levels; ++level) {
     const int64_t height = spatial_shapes[2 * level], width = spatial_shapes[2 * level + 1];
     // the levels fit in value, but a zero height leaves the width unbounded: keep every number an int
     constexpr int64_t int_max = std::numeric_limits<int>::max();
-    if (height > int_max || width > int_max || starts.start[level] > int_max) {
-      return "ms_deform_attn (CUDA): level " + std::to_string(level) + " has a height, width or start above 2^31 - 1";
-    }
+    TORCH_CHECK(height <= int_max && width <= int_max && level_start[level] <= int_max,
+                message("ms_deform_attn (CUDA): level ", level, " has a height, width or start above 2^31 - 1"));
     levels.height[level] = static_cast<int>(height);
     levels.width[level] = static_cast<int>(width);
-    levels.start[level] = static_cast<int>(starts.start[level]);
+    levels.start[level] = static_cast<int>(level_start[level]);
   }
-  return "";
+  return levels;
 }
 
 // VEC values of type T, loaded and stored as one aligned access.
@@ -155,12 +151,7 @@ __device__ __forceinline__ bool bilinear_corners(acc_t location_x, acc_t locatio
   const acc_t frac_y = y - y_floor;
   corners.frac_x = frac_x;
   corners.frac_y = frac_y;
-  const bool left_in = left >= 0, right_in = left + 1 < width;
-  const bool top_in = top >= 0, bottom_in = top + 1 < height;
-  corners.valid[0] = top_in && left_in;
-  corners.valid[1] = top_in && right_in;
-  corners.valid[2] = bottom_in && left_in;
-  corners.valid[3] = bottom_in && right_in;
+  corners_inside(left, top, height, width, corners.valid);
   const acc_t one = 1;
   const acc_t weight[4] = {(one - frac_y) * (one - frac_x), (one - frac_y) * frac_x, frac_y * (one - frac_x),
                            frac_y * frac_x};
@@ -392,17 +383,13 @@ int64_t num_blocks(const KernelSizes& kernel) {
 
 at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value, at::IntArrayRef spatial_shapes,
                                        const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
-  const MSDeformAttnSizes sizes = check_ms_deform_attn_inputs(value, sampling_locations, attention_weights);
-  TORCH_CHECK(value.is_cuda(), "ms_deform_attn (CUDA): value must be a CUDA tensor");
-  Levels levels{};
-  const std::string error = fill_levels(spatial_shapes, sizes.num_levels, sizes.num_values, levels);
-  TORCH_CHECK(error.empty(), error);
+  const CheckedCall call =
+      check_forward_call(value, spatial_shapes, sampling_locations, attention_weights, at::kCUDA, "CUDA");
+  const MSDeformAttnSizes& sizes = call.sizes;
+  const Levels levels = kernel_levels(spatial_shapes, call.level_start);
   const c10::cuda::OptionalCUDAGuard device_guard(value.device());
-  const at::Tensor value_c = value.contiguous();
-  const at::Tensor sampling_locations_c = sampling_locations.contiguous();
-  const at::Tensor attention_weights_c = attention_weights.contiguous();
-  at::Tensor output = at::empty({sizes.batch_size, sizes.num_queries, sizes.num_heads * sizes.head_dim},
-                                value.options());
+  const ContiguousInputs inputs = contiguous_inputs(value, sampling_locations, attention_weights);
+  at::Tensor output = empty_output(value, sizes);
   if (output.numel() == 0) {
     return output;
   }
@@ -413,7 +400,7 @@ at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value, at::IntArrayRef 
         using scalar_t = decltype(value_tag);
         using loc_t = decltype(location_tag);
         constexpr int wide = kForwardVec<scalar_t>;
-        const int vec = vector_width(wide, sizes.head_dim, {{value_c.const_data_ptr(), sizeof(scalar_t)},
+        const int vec = vector_width(wide, sizes.head_dim, {{inputs.value.const_data_ptr(), sizeof(scalar_t)},
                                                             {output.const_data_ptr(), sizeof(scalar_t)}});
         const KernelSizes kernel =
             kernel_sizes(sizes, vec, sizes.batch_size * sizes.num_queries * sizes.num_heads);
@@ -422,8 +409,8 @@ at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value, at::IntArrayRef 
             return;  // no levels
           }
           kernel_function<<<num_blocks(kernel), kThreadsPerBlock, 0, stream>>>(
-              value_c.const_data_ptr<scalar_t>(), levels, sampling_locations_c.const_data_ptr<loc_t>(),
-              attention_weights_c.const_data_ptr<loc_t>(), output.mutable_data_ptr<scalar_t>(), kernel);
+              inputs.value.const_data_ptr<scalar_t>(), levels, inputs.sampling_locations.const_data_ptr<loc_t>(),
+              inputs.attention_weights.const_data_ptr<loc_t>(), output.mutable_data_ptr<scalar_t>(), kernel);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         };
         if (vec == wide) {
@@ -438,34 +425,26 @@ at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value, at::IntArrayRef 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& value, at::IntArrayRef spatial_shapes,
     const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
-  const MSDeformAttnSizes sizes = check_ms_deform_attn_inputs(value, sampling_locations, attention_weights);
-  check_ms_deform_attn_grad_output(grad_output, sizes);
-  TORCH_CHECK(value.is_cuda() && grad_output.device() == value.device(),
-              "ms_deform_attn_backward (CUDA): grad_output and value must be on one CUDA device");
-  TORCH_CHECK(grad_output.scalar_type() == value.scalar_type(),
-              message("ms_deform_attn_backward: grad_output dtype ", grad_output.scalar_type(),
-                      " differs from value dtype ", value.scalar_type()));
   // the float atomics into grad_value make the summation order vary from run to run
   at::globalContext().alertNotDeterministic("ms_deform_attn_backward_cuda");
-  Levels levels{};
-  const std::string error = fill_levels(spatial_shapes, sizes.num_levels, sizes.num_values, levels);
-  TORCH_CHECK(error.empty(), error);
+  const CheckedCall call = check_backward_call(grad_output, value, spatial_shapes, sampling_locations,
+                                               attention_weights, at::kCUDA, "CUDA");
+  const MSDeformAttnSizes& sizes = call.sizes;
+  const Levels levels = kernel_levels(spatial_shapes, call.level_start);
   const c10::cuda::OptionalCUDAGuard device_guard(value.device());
   const at::Tensor grad_output_c = grad_output.contiguous();
-  const at::Tensor value_c = value.contiguous();
-  const at::Tensor sampling_locations_c = sampling_locations.contiguous();
-  const at::Tensor attention_weights_c = attention_weights.contiguous();
+  const ContiguousInputs inputs = contiguous_inputs(value, sampling_locations, attention_weights);
 
   const at::ScalarType opmath_dtype = at::toOpMathType(value.scalar_type());
   at::Tensor grad_value_accumulator = at::zeros(value.sizes(), value.options().dtype(opmath_dtype));
   at::Tensor grad_sampling_locations = at::empty(sampling_locations.sizes(), sampling_locations.options());
   at::Tensor grad_attention_weights = at::empty(attention_weights.sizes(), attention_weights.options());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (sizes.batch_size * sizes.num_queries * sizes.num_heads == 0 || sizes.head_dim == 0) {
     grad_sampling_locations.zero_();
     grad_attention_weights.zero_();
     return {grad_value_accumulator.to(value.scalar_type()), grad_sampling_locations, grad_attention_weights};
   }
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_value_and_location_types(
       value.scalar_type(), sampling_locations.scalar_type(), "ms_deform_attn_backward_cuda",
       [&](auto value_tag, auto location_tag) {
@@ -473,7 +452,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
         using loc_t = decltype(location_tag);
         using acc_t = at::opmath_type<scalar_t>;
         constexpr int wide = kBackwardVec<scalar_t>;
-        const int vec = vector_width(wide, sizes.head_dim, {{value_c.const_data_ptr(), sizeof(scalar_t)},
+        const int vec = vector_width(wide, sizes.head_dim, {{inputs.value.const_data_ptr(), sizeof(scalar_t)},
                                                             {grad_output_c.const_data_ptr(), sizeof(scalar_t)},
                                                             {grad_value_accumulator.const_data_ptr(), sizeof(acc_t)}});
         const KernelSizes kernel = kernel_sizes(
@@ -483,8 +462,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
             return;  // no levels
           }
           kernel_function<<<num_blocks(kernel), kThreadsPerBlock, 0, stream>>>(
-              grad_output_c.const_data_ptr<scalar_t>(), value_c.const_data_ptr<scalar_t>(), levels,
-              sampling_locations_c.const_data_ptr<loc_t>(), attention_weights_c.const_data_ptr<loc_t>(),
+              grad_output_c.const_data_ptr<scalar_t>(), inputs.value.const_data_ptr<scalar_t>(), levels,
+              inputs.sampling_locations.const_data_ptr<loc_t>(), inputs.attention_weights.const_data_ptr<loc_t>(),
               grad_value_accumulator.mutable_data_ptr<acc_t>(), grad_sampling_locations.mutable_data_ptr<loc_t>(),
               grad_attention_weights.mutable_data_ptr<loc_t>(), kernel);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -503,9 +482,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ddetr, CUDA, m) {
-  m.impl("ms_deform_attn_forward", &ms_deform_attn_forward_cuda);
-  m.impl("ms_deform_attn_backward", &ms_deform_attn_backward_cuda);
-}
+DDETR_REGISTER_MS_DEFORM_ATTN_KERNELS(CUDA, ms_deform_attn_forward_cuda, ms_deform_attn_backward_cuda)
 
 }  // namespace ddetr

@@ -159,25 +159,15 @@ def trust_checkpoint(cfg: DictConfig) -> bool:
     return value
 
 
-MATMUL_PRECISIONS = ("highest", "high", "medium")
-
-
 def apply_matmul_precision(cfg: DictConfig) -> None:
-    """``torch.set_float32_matmul_precision(cfg.matmul_precision)`` when the config sets it.
-
-    ``high`` (the default of train, eval and predict) lets float32 matrix products and convolutions
-    use TF32 on GPUs that have it (Ampere and later); ``highest`` keeps full float32; on the CPU
-    ``high`` changes nothing.
-    """
+    """``ddetr.matmul_precision.set_matmul_precision(cfg.matmul_precision)`` when the config sets it
+    (``high``, the default of train, eval and predict, allows TF32 on GPUs that have it)."""
     precision = cfg.get("matmul_precision")
     if precision is None:
         return
-    if precision not in MATMUL_PRECISIONS:
-        raise ValueError(f"matmul_precision must be one of {MATMUL_PRECISIONS}, got {precision!r}")
-    import torch
+    from ddetr.matmul_precision import set_matmul_precision
 
-    torch.set_float32_matmul_precision(precision)
-    torch.backends.cudnn.allow_tf32 = precision != "highest"  # convolutions follow the same setting
+    set_matmul_precision(precision)
 
 
 def hydra_app(config_name: str, run: Callable[[DictConfig], Any]) -> Callable[[], Any]:

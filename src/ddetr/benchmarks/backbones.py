@@ -15,6 +15,7 @@ channels-last, interleaved in one process, and prints the ratio per backbone.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 
@@ -22,19 +23,21 @@ import torch
 
 from ddetr.models import DeformableDETRConfig, build_deformable_detr
 
-SMALL = dict(
-    num_feature_levels=3,
-    hidden_dim=64,
-    nheads=4,
-    enc_layers=2,
-    dec_layers=3,
-    dim_feedforward=256,
-    dropout=0.0,
-    num_queries=50,
-    with_box_refine=True,
-    two_stage=True,
-)
 DEFAULT_BACKBONES = "resnet18,resnet50,timm:convnext_atto,timm:efficientnet_b0"
+NUM_CLASSES = 6  # the synthetic dataset's
+
+
+def default_run_config(backbone: dict) -> DeformableDETRConfig:
+    """The detector of ``conf/model/small.yaml`` (read from there) with ``backbone`` (``BackboneConfig``
+    fields; the others at their defaults, the official policy) and ``NUM_CLASSES`` classes."""
+    from omegaconf import OmegaConf
+
+    from ddetr.app import compose
+
+    model = OmegaConf.to_container(compose(["model=small"]).model, resolve=True)
+    fields = {field.name for field in dataclasses.fields(DeformableDETRConfig)}
+    architecture = {key: value for key, value in model.items() if key in fields}
+    return DeformableDETRConfig.from_dict({**architecture, "num_classes": NUM_CLASSES, "backbone": backbone})
 
 
 def channels_last_ratios(names: list[str], size: int, rounds: int, repeat: int) -> None:
@@ -47,8 +50,7 @@ def channels_last_ratios(names: list[str], size: int, rounds: int, repeat: int) 
     backbones = {}
     for name in names:
         for channels_last in (False, True):  # model.backbone.channels_last
-            backbone_config = {"name": name, "channels_last": channels_last}
-            config = DeformableDETRConfig.from_dict(num_classes=6, backbone=backbone_config, **SMALL)
+            config = default_run_config({"name": name, "channels_last": channels_last})
             torch.manual_seed(0)
             backbones[name, channels_last] = build_backbone(config).train()
             times[name, channels_last] = []
@@ -86,8 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     models = {}
     for name in args.backbones.split(","):
-        config = DeformableDETRConfig.from_dict(num_classes=6, backbone={"name": name}, **SMALL)
-        models[name] = build_deformable_detr(config).eval()
+        models[name] = build_deformable_detr(default_run_config({"name": name})).eval()
     images = torch.randn(1, 3, args.size, args.size)
     mask = torch.zeros(1, args.size, args.size, dtype=torch.bool)
     times: dict[str, list[float]] = {name: [] for name in models}

@@ -48,6 +48,8 @@ from contextlib import nullcontext
 import torch
 
 from ddetr.benchmarks.table import text_table
+from ddetr.matmul_precision import set_matmul_precision
+from ddetr.models.backbones.resnet import BOTTLENECK_RESNETS, RESNET_DEPTHS
 from ddetr.models.build import build_criterion, build_deformable_detr
 from ddetr.models.config import BackboneConfig, DeformableDETRConfig
 
@@ -61,15 +63,16 @@ COMPILE_RESERVE_S = 90.0  # seconds of the budget a compiled mode needs left to 
 
 @dataclasses.dataclass(frozen=True)
 class Setup:
-    """What is benchmarked: the architecture and the input images (height, width)."""
+    """What is benchmarked: the architecture (the official defaults unless given) and the input images
+    (height, width)."""
 
-    backbone: str = "resnet50"
-    hidden_dim: int = 256
-    nheads: int = 8
-    enc_layers: int = 6
-    dec_layers: int = 6
-    dim_feedforward: int = 1024
-    num_queries: int = 300
+    backbone: str = BackboneConfig.name
+    hidden_dim: int = DeformableDETRConfig.hidden_dim
+    nheads: int = DeformableDETRConfig.nheads
+    enc_layers: int = DeformableDETRConfig.enc_layers
+    dec_layers: int = DeformableDETRConfig.dec_layers
+    dim_feedforward: int = DeformableDETRConfig.dim_feedforward
+    num_queries: int = DeformableDETRConfig.num_queries
     images: tuple[tuple[int, int], ...] = ((800, 1066), (800, 1333))
 
 
@@ -108,10 +111,9 @@ def transformers_model(setup: Setup, variant: str) -> torch.nn.Module:
     """transformers' detector of the same configuration, with its own (non-timm) ResNet, offline."""
     from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection, ResNetConfig
 
-    bottleneck = setup.backbone in ("resnet50", "resnet101")
-    depths = {"resnet18": [2, 2, 2, 2], "resnet34": [3, 4, 6, 3], "resnet50": [3, 4, 6, 3], "resnet101": [3, 4, 23, 3]}
+    bottleneck = setup.backbone in BOTTLENECK_RESNETS
     backbone = ResNetConfig(
-        depths=depths[setup.backbone],
+        depths=list(RESNET_DEPTHS[setup.backbone]),
         hidden_sizes=[256, 512, 1024, 2048] if bottleneck else [64, 128, 256, 512],
         layer_type="bottleneck" if bottleneck else "basic",
         out_features=["stage2", "stage3", "stage4"],
@@ -189,9 +191,7 @@ def measure(step: Callable[[], object], device: torch.device, warmup: int, repea
 
 
 def set_precision(mode: str) -> None:
-    precision = "highest" if mode == "fp32" else "high"
-    torch.set_float32_matmul_precision(precision)
-    torch.backends.cudnn.allow_tf32 = precision != "highest"
+    set_matmul_precision("highest" if mode == "fp32" else "high")
 
 
 def _autocast(mode: str, device: torch.device):
@@ -390,7 +390,7 @@ def bench_model(args: argparse.Namespace) -> list[Result]:
             f"train {_fmt(result.train_ms)} ms, infer {_fmt(result.infer_ms)} ms, peak {_fmt(result.train_mib, 0)} MiB"
         )
         print(f"[{time.perf_counter() - began:4.0f} s] {name}: {status}", flush=True)
-    torch.set_float32_matmul_precision("highest")
+    set_matmul_precision("highest")
     print(format_table(results))
     if skipped:
         print(f"skipped (budget of {args.budget:.0f} s spent): {', '.join(skipped)}")

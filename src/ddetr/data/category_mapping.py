@@ -56,6 +56,25 @@ class CategoryMapping:
         return f"CategoryMapping(mode={self.mode!r}, num_classes={self.num_classes})"
 
 
+class HasCategories:
+    """Mixin of the datasets and data modules: ``num_classes``, ``label_to_category_id`` (head index ->
+    category id) and ``category_names`` (per head index) of the class's ``mapping``, a ``CategoryMapping``."""
+
+    mapping: CategoryMapping
+
+    @property
+    def num_classes(self) -> int:
+        return self.mapping.num_classes
+
+    @property
+    def label_to_category_id(self) -> list[int]:
+        return self.mapping.label_to_category_id
+
+    @property
+    def category_names(self) -> list[str]:
+        return self.mapping.category_names
+
+
 # COCO 2017 category names in the 91-slot layout of the official checkpoints (head index == category
 # id): the 80 detection categories use ids 1..90 with gaps (ids retired from the original 91 list);
 # index 0 and the gaps are "N/A", as in ``CategoryMapping(mode="coco91")``.

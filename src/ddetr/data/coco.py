@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from ddetr.boxes import box_xyxy_to_cxcywh
 
 from .annotations import CleanAnnotations, clean_annotations
-from .category_mapping import CategoryMapping, MappingMode
+from .category_mapping import CategoryMapping, HasCategories, MappingMode
 from .column_reader import read_coco_columns
 from .image_loading import DEFAULT_MAX_IMAGE_PIXELS, ExifMode, ImageLoadError, load_rgb_image
 from .records import DetectionRecords
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 Transform = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
-class CocoDetection(Dataset):
+class CocoDetection(HasCategories, Dataset):
     """Images and boxes from a COCO detection annotation file.
 
     Each item is `(image, target)`: `image` float32 (3, height, width) normalised (uint8 0..255 with
@@ -147,18 +147,7 @@ class CocoDetection(Dataset):
         return cleaned
 
     # ------------------------------------------------------------------ category information
-    @property
-    def num_classes(self) -> int:
-        return self.mapping.num_classes
-
-    @property
-    def label_to_category_id(self) -> list[int]:
-        return self.mapping.label_to_category_id
-
-    @property
-    def category_names(self) -> list[str]:
-        return self.mapping.category_names
-
+    # (num_classes, label_to_category_id, category_names: HasCategories, from self.mapping)
     @property
     def image_ids(self) -> list[int]:
         return self.records.image_ids.tolist()

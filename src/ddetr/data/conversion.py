@@ -1,4 +1,5 @@
-"""What a reader of another annotation format (YOLO, Pascal VOC) hands to the COCO pipeline.
+"""What a reader of another annotation format (YOLO, Pascal VOC) hands to the COCO pipeline, and the
+COCO annotation entry every writer of a COCO dict (the readers, the records, the synthetic set) appends.
 
 `ConvertedSplit` is one split as a COCO detection dict plus where its images are; `CocoDetection`
 then validates, cleans, counts and evaluates it exactly like a COCO file. `ProblemLog` counts the
@@ -13,6 +14,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 MAX_PLACES_SHOWN = 5
+
+
+def append_annotation(
+    annotations: list[dict], image_id: int, category_id: int, bbox: list, area: float | None = None, iscrowd: int = 0
+) -> None:
+    """Appends a COCO annotation entry with the next id (1, 2, ...) to ``annotations``: ``bbox`` as
+    [x, y, width, height] in pixels, ``area`` width * height unless given."""
+    annotations.append(
+        {
+            "id": len(annotations) + 1,
+            "image_id": image_id,
+            "category_id": category_id,
+            "bbox": bbox,
+            "area": bbox[2] * bbox[3] if area is None else area,
+            "iscrowd": iscrowd,
+        }
+    )
 
 
 @dataclass

@@ -18,13 +18,13 @@ from torch.utils.data import DataLoader
 
 from ddetr.image_list import pad_images
 
-from .category_mapping import MappingMode
+from .category_mapping import CategoryMapping, HasCategories, MappingMode
 from .coco import CocoDetection
+from .conversion import ConvertedSplit
 from .image_loading import DEFAULT_MAX_IMAGE_PIXELS, ExifMode
 from .samplers import ResumableDistributedSampler, UnpaddedDistributedSampler
 from .skips import SkipReport, pop_batch_skips
-from .conversion import ConvertedSplit
-from .synthetic import SYNTHETIC_DEFAULTS, ensure_synthetic_dataset
+from .synthetic import ensure_synthetic_dataset
 from .transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -74,7 +74,7 @@ def freeze_inherited_objects(worker_id: int) -> None:
     gc.freeze()
 
 
-class DetectionDataModule(LightningDataModule):
+class DetectionDataModule(HasCategories, LightningDataModule):
     """Train/val COCO-format detection data given file by file.
 
     Batches are `(images (B, 3, H, W), mask (B, H, W) bool True = padding, targets list[dict])`
@@ -227,17 +227,10 @@ class DetectionDataModule(LightningDataModule):
             )
 
     # ------------------------------------------------------------------ category information
+    # (num_classes, label_to_category_id, category_names: HasCategories, from the val split's mapping)
     @property
-    def num_classes(self) -> int:
-        return self.val_dataset.num_classes
-
-    @property
-    def label_to_category_id(self) -> list[int]:
-        return self.val_dataset.label_to_category_id
-
-    @property
-    def category_names(self) -> list[str]:
-        return self.val_dataset.category_names
+    def mapping(self) -> CategoryMapping:
+        return self.val_dataset.mapping
 
     @property
     def val_coco(self):
@@ -354,9 +347,23 @@ class CocoDataModule(DetectionDataModule):
 
 
 class _ConvertedDataModule(DetectionDataModule):
-    """Shared part of the YOLO and VOC modules: each split is read by `read_split` into a COCO dict."""
+    """Shared part of the YOLO and VOC modules: each split is read by `read_split` into a COCO dict.
+
+    Args:
+        data_dir: the dataset (folder or file, see the subclass).
+        train_split, val_split: names of the two splits in it (default "train", "val").
+        **kwargs: `DetectionDataModule` options.
+    """
 
     crowd_label = "crowd"
+
+    def __init__(self, data_dir: str | os.PathLike, train_split: str = "train", val_split: str = "val", **kwargs: Any):
+        data_dir = str(data_dir)
+        self.data_dir = Path(data_dir)
+        self.splits = {"train": train_split, "val": val_split}
+        super().__init__(
+            train_images=data_dir, train_annotations=data_dir, val_images=data_dir, val_annotations=data_dir, **kwargs
+        )
 
     def read_split(self, split: str) -> ConvertedSplit:
         raise NotImplementedError
@@ -389,14 +396,6 @@ class YoloDataModule(_ConvertedDataModule):
         **kwargs: `DetectionDataModule` options.
     """
 
-    def __init__(self, data_dir: str | os.PathLike, train_split: str = "train", val_split: str = "val", **kwargs: Any):
-        data_dir = str(data_dir)
-        self.data_dir = Path(data_dir)
-        self.splits = {"train": train_split, "val": val_split}
-        super().__init__(
-            train_images=data_dir, train_annotations=data_dir, val_images=data_dir, val_annotations=data_dir, **kwargs
-        )
-
     def read_split(self, split: str) -> ConvertedSplit:
         return read_yolo_split(
             self.data_dir,
@@ -427,13 +426,8 @@ class VocDataModule(_ConvertedDataModule):
         class_names: Sequence[str] = VOC_CLASSES,
         **kwargs: Any,
     ):
-        data_dir = str(data_dir)
-        self.data_dir = Path(data_dir)
-        self.splits = {"train": train_split, "val": val_split}
         self.class_names = [str(name) for name in class_names]
-        super().__init__(
-            train_images=data_dir, train_annotations=data_dir, val_images=data_dir, val_annotations=data_dir, **kwargs
-        )
+        super().__init__(data_dir, train_split, val_split, **kwargs)
 
     def read_split(self, split: str) -> ConvertedSplit:
         return read_voc_split(
@@ -445,46 +439,44 @@ class VocDataModule(_ConvertedDataModule):
         )
 
 
+# SyntheticDataModule options passed through to ensure_synthetic_dataset (whose defaults they keep when
+# absent) -> its parameter names (the data module's own `seed` seeds the augmentation)
+GENERATION_OPTIONS = {
+    "num_train": "num_train",
+    "num_val": "num_val",
+    "image_size": "image_size",
+    "synthetic_seed": "seed",
+    "max_objects": "max_objects",
+    "min_object_frac": "min_object_frac",
+    "max_object_frac": "max_object_frac",
+}
+
+
 class SyntheticDataModule(DetectionDataModule):
     """The built-in synthetic shapes dataset (generated on first use under `root`, then cached).
 
     Args:
         root: dataset folder.
-        num_train, num_val, image_size, synthetic_seed, max_objects, min_object_frac,
-            max_object_frac: see `ensure_synthetic_dataset` (`synthetic_seed` is its `seed`).
-        **kwargs: `DetectionDataModule` options (batch_size, transforms, ...); the mapping is contiguous.
+        **kwargs: the generation options `GENERATION_OPTIONS` (num_train, num_val, image_size, synthetic_seed,
+            max_objects, min_object_frac, max_object_frac: see `ensure_synthetic_dataset`, whose defaults
+            apply; `synthetic_seed` is its `seed`), and `DetectionDataModule` options (batch_size,
+            transforms, ...); the mapping is contiguous.
     """
 
-    def __init__(
-        self,
-        root: str | os.PathLike = "data/synthetic",
-        num_train: int = SYNTHETIC_DEFAULTS.num_train,
-        num_val: int = SYNTHETIC_DEFAULTS.num_val,
-        image_size: int = SYNTHETIC_DEFAULTS.image_size,
-        synthetic_seed: int = SYNTHETIC_DEFAULTS.seed,
-        max_objects: int = SYNTHETIC_DEFAULTS.max_objects,
-        min_object_frac: float = SYNTHETIC_DEFAULTS.min_object_frac,
-        max_object_frac: float = SYNTHETIC_DEFAULTS.max_object_frac,
-        **kwargs: Any,
-    ):
+    def __init__(self, root: str | os.PathLike = "data/synthetic", **kwargs: Any):
         root = str(root)  # a plain string in the saved hyper-parameters (weights_only loading)
         self.root = Path(root)
         self.generation = {
-            "num_train": num_train,
-            "num_val": num_val,
-            "image_size": image_size,
-            "seed": synthetic_seed,
-            "max_objects": max_objects,
-            "min_object_frac": min_object_frac,
-            "max_object_frac": max_object_frac,
+            GENERATION_OPTIONS[name]: value for name, value in kwargs.items() if name in GENERATION_OPTIONS
         }
-        kwargs.setdefault("category_mapping", "contiguous")
+        options = {name: value for name, value in kwargs.items() if name not in GENERATION_OPTIONS}
+        options.setdefault("category_mapping", "contiguous")
         super().__init__(
             train_images=self.root / "train",
             train_annotations=self.root / "annotations" / "instances_train.json",
             val_images=self.root / "val",
             val_annotations=self.root / "annotations" / "instances_val.json",
-            **kwargs,
+            **options,
         )
 
     def ensure_files(self) -> None:

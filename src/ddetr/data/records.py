@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .conversion import append_annotation
+
 
 @dataclass
 class ImageRecord:
@@ -149,14 +151,5 @@ class DetectionRecords:
         annotations = []
         for record in self:
             for (x0, y0, x1, y1), category_id in zip(record.boxes.tolist(), record.category_ids.tolist()):
-                annotations.append(
-                    {
-                        "id": len(annotations) + 1,
-                        "image_id": record.image_id,
-                        "category_id": category_id,
-                        "bbox": [x0, y0, x1 - x0, y1 - y0],
-                        "area": (x1 - x0) * (y1 - y0),
-                        "iscrowd": 0,
-                    }
-                )
+                append_annotation(annotations, record.image_id, category_id, [x0, y0, x1 - x0, y1 - y0])
         return {"images": images, "annotations": annotations, "categories": list(categories)}

@@ -44,7 +44,6 @@ import multiprocessing
 import os
 import shutil
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +51,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from scipy import ndimage
 from tqdm import tqdm
 
+from .conversion import append_annotation
 from .validation import DatasetError
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "ring")
@@ -61,32 +61,15 @@ _SPLIT_CODES = {"train": 1, "val": 2}
 _PLACEMENT_TRIES = 8
 
 
-@dataclass(frozen=True)
-class SyntheticDefaults:
-    """The generation defaults, the one place for `ensure_synthetic_dataset` and `SyntheticDataModule`
-    (96-pixel images: the default run's size, conf/data/synthetic.yaml)."""
-
-    num_train: int = 2000
-    num_val: int = 200
-    image_size: int = 96
-    seed: int = 0
-    max_objects: int = 10
-    min_object_frac: float = 0.04
-    max_object_frac: float = 0.5
-
-
-SYNTHETIC_DEFAULTS = SyntheticDefaults()
-
-
 def ensure_synthetic_dataset(
     root: str | os.PathLike,
-    num_train: int = SYNTHETIC_DEFAULTS.num_train,
-    num_val: int = SYNTHETIC_DEFAULTS.num_val,
-    image_size: int = SYNTHETIC_DEFAULTS.image_size,
-    seed: int = SYNTHETIC_DEFAULTS.seed,
-    max_objects: int = SYNTHETIC_DEFAULTS.max_objects,
-    min_object_frac: float = SYNTHETIC_DEFAULTS.min_object_frac,
-    max_object_frac: float = SYNTHETIC_DEFAULTS.max_object_frac,
+    num_train: int = 2000,
+    num_val: int = 200,
+    image_size: int = 96,
+    seed: int = 0,
+    max_objects: int = 10,
+    min_object_frac: float = 0.04,
+    max_object_frac: float = 0.5,
     min_visible_frac: float = 0.6,
     progress: bool = True,
     num_workers: int | None = None,
@@ -96,7 +79,7 @@ def ensure_synthetic_dataset(
     Args:
         root: dataset directory (created; replaced when it holds a dataset with other parameters).
         num_train, num_val: number of images per split.
-        image_size: side of the square images in pixels.
+        image_size: side of the square images in pixels (96: the default run's size, conf/data/synthetic.yaml).
         seed: base seed; the val split uses its own stream, disjoint from train.
         max_objects: objects per image are drawn uniformly from 1..max_objects (fewer when a
             placement fails, never 0).
@@ -225,16 +208,7 @@ def _generate(out: Path, params: dict, progress: bool, num_workers: int) -> None
                 }
             )
             for category_index, bbox, area in objects:
-                annotations.append(
-                    {
-                        "id": len(annotations) + 1,
-                        "image_id": image_id,
-                        "category_id": category_index + 1,
-                        "bbox": bbox,
-                        "area": area,
-                        "iscrowd": 0,
-                    }
-                )
+                append_annotation(annotations, image_id, category_index + 1, bbox, area=area)
         coco = {
             "info": {
                 "description": f"ddetr synthetic shapes ({split})",

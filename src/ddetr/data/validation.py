@@ -174,29 +174,19 @@ def _fast_columns(data: dict) -> CocoColumns | None:
     images, annotations, categories = data["images"], data["annotations"], data["categories"]
     if not (set(map(type, chain(images, annotations, categories))) <= {dict}):
         return None
-    image_ids = _int64(_column(images, "id", (int,)))
-    widths = _int64(_column(images, "width", (int,)))
-    heights = _int64(_column(images, "height", (int,)))
-    file_names = _column(images, "file_name", (str,))
-    annotation_ids = _int64(_column(annotations, "id", (int,)))
-    annotation_image_ids = _int64(_column(annotations, "image_id", (int,)))
-    annotation_category_ids = _int64(_column(annotations, "category_id", (int,)))
+    columns = {
+        "image_ids": _int64(_column(images, "id", (int,))),
+        "widths": _int64(_column(images, "width", (int,))),
+        "heights": _int64(_column(images, "height", (int,))),
+        "file_names": _column(images, "file_name", (str,)),
+        "annotation_ids": _int64(_column(annotations, "id", (int,))),
+        "annotation_image_ids": _int64(_column(annotations, "image_id", (int,))),
+        "annotation_category_ids": _int64(_column(annotations, "category_id", (int,))),
+        "category_ids": _int64(_column(categories, "id", (int,))),
+        "category_names": _column(categories, "name", (str,)),
+    }
     bboxes = _column(annotations, "bbox", (list,))
-    category_ids = _int64(_column(categories, "id", (int,)))
-    category_names = _column(categories, "name", (str,))
-    parts = (
-        image_ids,
-        widths,
-        heights,
-        file_names,
-        annotation_ids,
-        annotation_image_ids,
-        annotation_category_ids,
-        bboxes,
-        category_ids,
-        category_names,
-    )
-    if any(part is None for part in parts):
+    if bboxes is None or any(column is None for column in columns.values()):
         return None
     if bboxes and (set(map(len, bboxes)) != {4} or not set(map(type, chain.from_iterable(bboxes))) <= {int, float}):
         return None
@@ -209,19 +199,7 @@ def _fast_columns(data: dict) -> CocoColumns | None:
         iscrowd = np.fromiter(map(bool, crowd_flags), dtype=bool, count=len(crowd_flags))
     else:
         iscrowd = np.array([bool(flag) for flag in crowd_flags], dtype=bool)
-    return CocoColumns(
-        image_ids,
-        widths,
-        heights,
-        file_names,
-        annotation_ids,
-        annotation_image_ids,
-        annotation_category_ids,
-        boxes.reshape(-1, 4),
-        iscrowd,
-        category_ids,
-        category_names,
-    )
+    return CocoColumns(**columns, bboxes=boxes.reshape(-1, 4), iscrowd=iscrowd)
 
 
 def _has_duplicates(ids: np.ndarray) -> bool:

@@ -28,7 +28,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from pathlib import Path
 
-from .conversion import ConvertedSplit, ProblemLog
+from .conversion import ConvertedSplit, ProblemLog, append_annotation
 from .files import open_regular_file, read_text_lines
 from .image_loading import DEFAULT_MAX_IMAGE_PIXELS, ImageLoadError, read_image_size
 from .validation import DatasetError
@@ -170,16 +170,7 @@ def read_voc_split(
             bbox = [xmin - 1, ymin - 1, xmax - xmin + 1, ymax - ymin + 1]
             if xmin < 1 or ymin < 1 or xmax > size[0] or ymax > size[1]:
                 problems.add("box outside the image", f"{xml_path} {where}")
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": image_id,
-                    "category_id": category_of[name],
-                    "bbox": bbox,
-                    "area": bbox[2] * bbox[3],
-                    "iscrowd": int(difficult),
-                }
-            )
+            append_annotation(annotations, image_id, category_of[name], bbox, iscrowd=int(difficult))
     if not images:
         raise DatasetError(f"{data_dir}: no usable images in '{split}'")
     problems.report(log)

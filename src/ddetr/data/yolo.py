@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from .conversion import ConvertedSplit, ProblemLog
+from .conversion import ConvertedSplit, ProblemLog, append_annotation
 from .files import open_regular_file, read_text_lines
 from .image_loading import DEFAULT_MAX_IMAGE_PIXELS, ImageLoadError, read_image_size
 from .validation import DatasetError
@@ -233,17 +233,7 @@ def read_yolo_split(
             # pixels, rounded to 1e-6 so that whole-pixel boxes come out whole (no spurious "clipped")
             x0, y0 = round((cx - w / 2) * width, 6), round((cy - h / 2) * height, 6)
             x1, y1 = round((cx + w / 2) * width, 6), round((cy + h / 2) * height, 6)
-            box = [x0, y0, x1 - x0, y1 - y0]
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": image_id,
-                    "category_id": index,
-                    "bbox": box,
-                    "area": box[2] * box[3],
-                    "iscrowd": 0,
-                }
-            )
+            append_annotation(annotations, image_id, index, [x0, y0, x1 - x0, y1 - y0])
     if not images:
         raise DatasetError(f"{yaml_path}: no readable images in '{split}'")
     problems.report(log)

@@ -259,7 +259,6 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     """Runs prediction as ``cfg`` says (see the module docstring); returns a summary dict with
     ``num_images``, ``num_detections``, ``skipped`` (list of (file, reason)) and the written paths."""
     from ddetr.pictures.attention import DecoderAttentionRecorder
-    from ddetr.pictures.drawing import draw_detections
 
     device = resolve_device(cfg.device)
     module = load_module(cfg.ckpt_path, device, trust=trust_checkpoint(cfg))
@@ -309,20 +308,26 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
             )
             results += coco_results(image_id, detection, module.label_to_category_id)
             name = output_name(root, file, taken)
-            picture_path = output / "images" / f"{name}.png"
-            picture_path.parent.mkdir(parents=True, exist_ok=True)
-            draw_detections(
-                item["pixels"],
-                detection["boxes"],
-                detection["labels"].tolist(),
-                detection["scores"].tolist(),
-                class_names,
-            ).save(picture_path)
+            save_detection_picture(output / "images" / f"{name}.png", item["pixels"], detection, class_names)
             item["name"] = name
         if cfg.attention:
             save_attention_pictures(output / "attention", recorder, outputs, model, batch, cfg, class_names)
 
     return write_results(output, cfg, results, images_json, skipped)
+
+
+def save_detection_picture(
+    path: Path, pixels: np.ndarray, detection: dict[str, torch.Tensor], class_names: Sequence[str]
+) -> None:
+    """Draws ``detection`` (``boxes`` (K, 4) xyxy in pixels, ``labels`` (K,), ``scores`` (K,)) on ``pixels``
+    (height, width, 3) uint8 and saves the picture as ``path``."""
+    from ddetr.pictures.drawing import draw_detections
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    picture = draw_detections(
+        pixels, detection["boxes"], detection["labels"].tolist(), detection["scores"].tolist(), class_names
+    )
+    picture.save(path)
 
 
 def write_results(

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from ddetr.models.config import DeformableDETRConfig, LossConfig, split_options
-from ddetr.models.criterion import SetCriterion, build_weight_dict
+from ddetr.models.criterion import DEFAULT_LOSSES, SetCriterion, build_weight_dict
 from ddetr.models.deformable_detr import DeformableDETR
 from ddetr.models.matcher import HungarianMatcher
 
@@ -27,10 +28,14 @@ def build_deformable_detr(config: DeformableDETRConfig | int | None = None, **op
 
 
 def build_criterion(
-    config: DeformableDETRConfig | int | None = None, loss: LossConfig | None = None, **options: Any
+    config: DeformableDETRConfig | int | None = None,
+    loss: LossConfig | None = None,
+    losses: Sequence[str] = DEFAULT_LOSSES,
+    **options: Any,
 ) -> SetCriterion:
-    """SetCriterion for the model of ``config`` with the costs and weights of ``loss``; or from a class
-    count and flat options of both (``build_criterion(3, dec_layers=2, cls_loss_coef=1)``)."""
+    """SetCriterion for the model of ``config`` with the costs and weights of ``loss``, computing the terms
+    ``losses`` (names of ``SetCriterion.loss_table``); or from a class count and flat options of both
+    (``build_criterion(3, dec_layers=2, cls_loss_coef=1)``)."""
     architecture, loss_options = split_options(options)
     config = _as_config(config, architecture)
     if loss is None:
@@ -44,5 +49,10 @@ def build_criterion(
     )
     weight_dict = build_weight_dict(config.dec_layers, config.aux_loss, config.two_stage, loss)
     return SetCriterion(
-        config.num_classes, matcher, weight_dict, focal_alpha=loss.focal_alpha, focal_gamma=loss.focal_gamma
+        config.num_classes,
+        matcher,
+        weight_dict,
+        losses=losses,
+        focal_alpha=loss.focal_alpha,
+        focal_gamma=loss.focal_gamma,
     )

@@ -21,8 +21,8 @@ def sigmoid_focal_loss(
     logits: torch.Tensor,
     targets: torch.Tensor,
     num_boxes: torch.Tensor | float,
-    alpha: float = 0.25,
-    gamma: float = 2.0,
+    alpha: float = LossConfig.focal_alpha,
+    gamma: float = LossConfig.focal_gamma,
 ) -> torch.Tensor:
     """Sigmoid focal loss (Lin et al. 2017) in the official DETR-family reduction.
 
@@ -72,9 +72,7 @@ def average_num_boxes(targets: Targets, device: torch.device, sync: bool = True)
     return torch.clamp(num_boxes / world_size, min=1)
 
 
-def class_agnostic(targets: Targets) -> Targets:
-    """Copies of the target dicts with every label set to 0 (the two-stage encoder's single class)."""
-    return [{**target, "labels": torch.zeros_like(target["labels"])} for target in targets]
+DEFAULT_LOSSES = ("labels", "boxes", "cardinality")  # the terms SetCriterion computes unless told otherwise
 
 
 @dataclass
@@ -127,9 +125,9 @@ class SetCriterion(nn.Module):
         num_classes: int,
         matcher: HungarianMatcher,
         weight_dict: dict[str, float],
-        losses: Sequence[str] = ("labels", "boxes", "cardinality"),
+        losses: Sequence[str] = DEFAULT_LOSSES,
         focal_alpha: float = LossConfig.focal_alpha,
-        focal_gamma: float = 2.0,
+        focal_gamma: float = LossConfig.focal_gamma,
     ) -> None:
         super().__init__()
         self.num_classes = num_classes

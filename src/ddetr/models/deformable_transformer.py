@@ -7,6 +7,7 @@ Shapes use ``batch_size`` (B), ``num_values`` (S, all levels flattened), ``num_q
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.utils.checkpoint
@@ -22,9 +23,47 @@ from ddetr.models.geometry import (
 )
 from ddetr.models.ms_deform_attn import MSDeformAttn
 from ddetr.models.relu_dropout import relu_dropout
-from ddetr.ops.reference import spatial_shapes_list
 
-__all__ = ["CHECKPOINTING", "DeformableDecoder", "DeformableEncoder", "DeformableTransformer"]
+__all__ = [
+    "CHECKPOINTING",
+    "DecoderQueries",
+    "DeformableDecoder",
+    "DeformableEncoder",
+    "DeformableTransformer",
+    "FlatLevels",
+]
+
+
+class FlatLevels(NamedTuple):
+    """The feature levels flattened one after another into ``num_values``: what every layer needs of them.
+
+    Attributes:
+        spatial_shapes: (num_levels, 2) int64 (height, width) of every level, on the device.
+        level_start_index: (num_levels,) int64, where every level starts in ``num_values``, on the device.
+        shapes: the (height, width) of every level as Python ints (SymInts under ``torch.compile``).
+        valid_ratios: (batch_size, num_levels, 2) the unpadded fraction (x, y) of every level.
+        padding_mask: (batch_size, num_values) bool, True on padding.
+    """
+
+    spatial_shapes: torch.Tensor
+    level_start_index: torch.Tensor
+    shapes: Sequence[tuple[int, int]]
+    valid_ratios: torch.Tensor
+    padding_mask: torch.Tensor
+
+
+class DecoderQueries(NamedTuple):
+    """The decoder's input queries (learned, or the top two-stage proposals).
+
+    Attributes:
+        content: (batch_size, num_queries, hidden_dim) initial query content (``tgt``).
+        position: (batch_size, num_queries, hidden_dim) query position embedding.
+        reference_points: (batch_size, num_queries, 2 or 4) initial references in [0, 1].
+    """
+
+    content: torch.Tensor
+    position: torch.Tensor
+    reference_points: torch.Tensor
 
 
 def _run_layer(layer: nn.Module, checkpointed: bool, *args: object) -> torch.Tensor:
@@ -38,6 +77,26 @@ def _run_layer(layer: nn.Module, checkpointed: bool, *args: object) -> torch.Ten
 def _deformable_attention(config: LayerConfig) -> MSDeformAttn:
     return MSDeformAttn(
         config.hidden_dim, config.num_levels, config.num_heads, config.num_points, backend=config.attn_backend
+    )
+
+
+def _attend(
+    attention: MSDeformAttn,
+    levels: FlatLevels,
+    value: torch.Tensor,
+    query: torch.Tensor,
+    reference_points: torch.Tensor,
+) -> torch.Tensor:
+    """``attention`` to ``value`` (B, S, D), the flattened levels of ``levels``, from ``query`` (B, Q, D)
+    around ``reference_points`` (B, Q, L, 2 or 4). Returns (B, Q, D)."""
+    return attention(
+        query,
+        reference_points,
+        value,
+        levels.spatial_shapes,
+        levels.level_start_index,
+        levels.padding_mask,
+        shapes=levels.shapes,
     )
 
 
@@ -68,20 +127,10 @@ class DeformableEncoderLayer(nn.Module):
             nn.init.xavier_uniform_(weight)
 
     def forward(
-        self,
-        src: torch.Tensor,
-        pos: torch.Tensor,
-        reference_points: torch.Tensor,
-        spatial_shapes: torch.Tensor,
-        level_start_index: torch.Tensor,
-        padding_mask: torch.Tensor | None,
-        shapes: Sequence[tuple[int, int]] | None = None,
+        self, src: torch.Tensor, pos: torch.Tensor, reference_points: torch.Tensor, levels: FlatLevels
     ) -> torch.Tensor:
-        """src, pos: (B, S, D); reference_points: (B, S, L, 2); padding_mask (B, S); shapes: ``spatial_shapes``
-        as Python ints (optional). Returns (B, S, D)."""
-        attended = self.self_attn(
-            src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask, shapes=shapes
-        )
+        """src, pos: (B, S, D); reference_points: (B, S, L, 2); levels: those of ``src``. Returns (B, S, D)."""
+        attended = _attend(self.self_attn, levels, src, src + pos, reference_points)
         src = self.self_attn_norm(src + self.dropout1(attended))
         return _feed_forward_residual(self, src, self.dropout2, self.dropout3)
 
@@ -98,45 +147,21 @@ class DeformableEncoder(nn.Module):
         # recompute each layer in backward instead of keeping its activations
         self.checkpointing = config.checkpointing in ("encoder", "all")
 
-    def forward(
-        self,
-        src: torch.Tensor,
-        pos: torch.Tensor,
-        spatial_shapes: torch.Tensor,
-        level_start_index: torch.Tensor,
-        ratios: torch.Tensor,
-        padding_mask: torch.Tensor | None = None,
-        shapes: Sequence[tuple[int, int]] | None = None,
-    ) -> torch.Tensor:
+    def forward(self, src: torch.Tensor, pos: torch.Tensor, levels: FlatLevels) -> torch.Tensor:
         """Encodes the flattened levels.
 
         Args:
             src: (batch_size, num_values, hidden_dim) projected features, levels one after another.
             pos: (batch_size, num_values, hidden_dim) position + level embeddings.
-            spatial_shapes: (num_levels, 2) int64 (height, width).
-            level_start_index: (num_levels,) int64.
-            ratios: (batch_size, num_levels, 2) valid ratios (x, y).
-            padding_mask: (batch_size, num_values) bool, True on padding.
-            shapes: ``spatial_shapes`` as Python ints (read from the tensor when None).
+            levels: the levels of ``src``.
 
         Returns:
             memory: (batch_size, num_values, hidden_dim).
         """
-        shapes = spatial_shapes_list(spatial_shapes) if shapes is None else shapes
-        reference_points = encoder_reference_points(shapes, ratios)  # (B, S, L, 2)
+        reference_points = encoder_reference_points(levels.shapes, levels.valid_ratios)  # (B, S, L, 2)
         output = src
         for layer in self.layers:
-            output = _run_layer(
-                layer,
-                self.checkpointing,
-                output,
-                pos,
-                reference_points,
-                spatial_shapes,
-                level_start_index,
-                padding_mask,
-                shapes,
-            )
+            output = _run_layer(layer, self.checkpointing, output, pos, reference_points, levels)
         return output
 
 
@@ -164,26 +189,14 @@ class DeformableDecoderLayer(nn.Module):
         query_pos: torch.Tensor,
         reference_points: torch.Tensor,
         memory: torch.Tensor,
-        spatial_shapes: torch.Tensor,
-        level_start_index: torch.Tensor,
-        memory_padding_mask: torch.Tensor | None,
-        shapes: Sequence[tuple[int, int]] | None = None,
+        levels: FlatLevels,
     ) -> torch.Tensor:
         """tgt, query_pos: (B, Q, D); reference_points: (B, Q, L, 2 or 4) scaled by the valid ratios;
-        memory: (B, S, D); memory_padding_mask: (B, S); shapes: ``spatial_shapes`` as Python ints
-        (optional). Returns (B, Q, D)."""
+        memory: (B, S, D); levels: those of ``memory``. Returns (B, Q, D)."""
         query = tgt + query_pos
         attended = self.self_attn(query, query, tgt, need_weights=False)[0]
         tgt = self.self_attn_norm(tgt + self.dropout1(attended))
-        attended = self.cross_attn(
-            tgt + query_pos,
-            reference_points,
-            memory,
-            spatial_shapes,
-            level_start_index,
-            memory_padding_mask,
-            shapes=shapes,
-        )
+        attended = _attend(self.cross_attn, levels, memory, tgt + query_pos, reference_points)
         tgt = self.cross_attn_norm(tgt + self.dropout2(attended))
         return _feed_forward_residual(self, tgt, self.dropout3, self.dropout4)
 
@@ -203,31 +216,20 @@ class DeformableDecoder(nn.Module):
 
     def forward(
         self,
-        tgt: torch.Tensor,
-        query_pos: torch.Tensor,
-        reference_points: torch.Tensor,
+        queries: DecoderQueries,
         memory: torch.Tensor,
-        spatial_shapes: torch.Tensor,
-        level_start_index: torch.Tensor,
-        ratios: torch.Tensor,
-        memory_padding_mask: torch.Tensor | None = None,
+        levels: FlatLevels,
         box_heads: Sequence[nn.Module] | None = None,
-        shapes: Sequence[tuple[int, int]] | None = None,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
         """Decodes the queries.
 
         Args:
-            tgt: (batch_size, num_queries, hidden_dim) initial query content.
-            query_pos: (batch_size, num_queries, hidden_dim) query position embedding.
-            reference_points: (batch_size, num_queries, 2 or 4) initial references in [0, 1].
+            queries: the initial queries and their references.
             memory: (batch_size, num_values, hidden_dim) encoder output.
-            spatial_shapes, level_start_index: as in the encoder.
-            ratios: (batch_size, num_levels, 2) valid ratios (x, y).
-            memory_padding_mask: (batch_size, num_values) bool, True on padding.
+            levels: the levels of ``memory``.
             box_heads: one box head per layer for iterative refinement: after layer ``l`` the
                 reference becomes ``boxes_from_reference(box_heads[l](hidden), reference)``, detached
                 (2-d references become boxes after the first layer). None keeps the references fixed.
-            shapes: ``spatial_shapes`` as Python ints (optional; see the encoder).
 
         Returns:
             hidden_states: num_layers tensors (batch_size, num_queries, hidden_dim), one per layer.
@@ -239,7 +241,8 @@ class DeformableDecoder(nn.Module):
         """
         if box_heads is not None and len(box_heads) != self.num_layers:
             raise ValueError(f"need one box head per decoder layer ({self.num_layers}), got {len(box_heads)}")
-        output = tgt
+        output, query_pos, reference_points = queries
+        ratios = levels.valid_ratios
         hidden_states, references, boxes = [], [], []
         box_scale = torch.cat([ratios, ratios], -1)  # (B, L, 4): (x, y, w, h) scale like (x, y, x, y)
         reference_input = None  # fixed references (no box heads) are scaled once
@@ -247,18 +250,7 @@ class DeformableDecoder(nn.Module):
             if reference_input is None or box_heads is not None:
                 scale = box_scale if reference_points.shape[-1] == 4 else ratios  # (B, L, 4 or 2)
                 reference_input = reference_points[:, :, None] * scale[:, None]  # (B, Q, L, 2 or 4)
-            output = _run_layer(
-                layer,
-                self.checkpointing,
-                output,
-                query_pos,
-                reference_input,
-                memory,
-                spatial_shapes,
-                level_start_index,
-                memory_padding_mask,
-                shapes,
-            )
+            output = _run_layer(layer, self.checkpointing, output, query_pos, reference_input, memory, levels)
             hidden_states.append(output)
             references.append(reference_points)
             if box_heads is not None:
@@ -326,6 +318,29 @@ class DeformableTransformer(nn.Module):
             ``enc_logits`` (batch_size, num_values, num_classes) and ``enc_boxes``
             (batch_size, num_values, 4) for every proposal.
         """
+        src_flatten, pos_flatten, levels = self.flatten_levels(srcs, masks, pos_embeds)
+        memory = self.encoder(src_flatten, pos_flatten, levels)
+        outputs: dict[str, object] = {}
+        if self.two_stage:
+            if proposal_heads is None:
+                raise ValueError("two-stage needs proposal_heads (class_head, box_head)")
+            queries, outputs["enc_logits"], outputs["enc_boxes"] = self.proposal_queries(memory, levels, proposal_heads)
+        else:
+            if query_embed is None:
+                raise ValueError("query_embed is required without two-stage")
+            queries = self.learned_queries(query_embed, memory.shape[0])
+        hidden_states, references, boxes = self.decoder(queries, memory, levels, box_heads)
+        outputs["hidden_states"] = hidden_states
+        outputs["references"] = references
+        if box_heads is not None:
+            outputs["boxes"] = boxes
+        return outputs
+
+    def flatten_levels(
+        self, srcs: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], pos_embeds: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, FlatLevels]:
+        """The levels one after another: src (batch_size, num_values, hidden_dim), position + level embedding
+        (batch_size, num_values, hidden_dim) and their ``FlatLevels``."""
         src_flatten, mask_flatten, pos_flatten, shapes = [], [], [], []
         for level, (src, mask, pos) in enumerate(zip(srcs, masks, pos_embeds, strict=True)):
             height, width = src.shape[-2:]
@@ -337,7 +352,6 @@ class DeformableTransformer(nn.Module):
         if len(shapes) != self.level_embed.shape[0]:
             raise ValueError(f"got {len(shapes)} feature levels, the transformer has {self.level_embed.shape[0]}")
         src_flatten = torch.cat(src_flatten, 1)  # (B, S, D)
-        mask_flatten = torch.cat(mask_flatten, 1)  # (B, S)
         pos_flatten = torch.cat(pos_flatten, 1)  # (B, S, D)
         # The op takes `shapes` as ints (SymInts under torch.compile, so image sizes need no recompile);
         # the (L, 2) / (L,) tensors (offset normalisers, hooks) live on the device: no host tensor in the
@@ -351,57 +365,47 @@ class DeformableTransformer(nn.Module):
             level_table = torch.tensor(rows, dtype=torch.long, device=device)  # (L, 3)
         else:
             level_table = torch.tensor(rows, dtype=torch.long).to(device, non_blocking=True)  # (L, 3)
-        spatial_shapes, level_start_index = level_table[:, :2], level_table[:, 2]  # (L, 2), (L,)
-        ratios = torch.stack([valid_ratios(mask) for mask in masks], 1)  # (B, L, 2)
-
-        memory = self.encoder(
-            src_flatten, pos_flatten, spatial_shapes, level_start_index, ratios, mask_flatten, shapes=shapes
+        levels = FlatLevels(
+            spatial_shapes=level_table[:, :2],  # (L, 2)
+            level_start_index=level_table[:, 2],  # (L,)
+            shapes=shapes,
+            valid_ratios=torch.stack([valid_ratios(mask) for mask in masks], 1),  # (B, L, 2)
+            padding_mask=torch.cat(mask_flatten, 1),  # (B, S)
         )
+        return src_flatten, pos_flatten, levels
 
-        batch_size = memory.shape[0]
-        outputs: dict[str, object] = {}
-        if self.two_stage:
-            if proposal_heads is None:
-                raise ValueError("two-stage needs proposal_heads (class_head, box_head)")
-            if memory.shape[1] < self.num_queries:
-                raise ValueError(
-                    f"two-stage selects {self.num_queries} proposals but the feature maps hold only {memory.shape[1]}"
-                )
-            class_head, box_head = proposal_heads
-            proposal_memory, proposals = encoder_output_proposals(memory, mask_flatten, shapes)
-            proposal_memory = self.enc_output_norm(self.enc_output(proposal_memory))
-            enc_logits = class_head(proposal_memory)  # (B, S, C)
-            enc_box_logits = box_head(proposal_memory) + proposals  # (B, S, 4)
-            top = torch.topk(enc_logits[..., 0], self.num_queries, dim=1)[1]  # (B, Q)
-            top_box_logits = torch.gather(enc_box_logits, 1, top.unsqueeze(-1).repeat(1, 1, 4)).detach()  # (B, Q, 4)
-            reference_points = top_box_logits.sigmoid()
-            embedding = proposal_position_embedding(top_box_logits, self.hidden_dim // 2).to(memory.dtype)  # (B, Q, 2D)
-            query = self.pos_trans_norm(self.pos_trans(embedding))
-            query_pos, tgt = torch.split(query, self.hidden_dim, dim=2)  # (B, Q, D) each
-            outputs["enc_logits"] = enc_logits
-            outputs["enc_boxes"] = enc_box_logits.sigmoid()
-        else:
-            if query_embed is None:
-                raise ValueError("query_embed is required without two-stage")
-            query_pos, tgt = torch.split(query_embed, self.hidden_dim, dim=1)  # (Q, D) each
-            query_pos = query_pos.unsqueeze(0).expand(batch_size, -1, -1)  # (B, Q, D)
-            tgt = tgt.unsqueeze(0).expand(batch_size, -1, -1)  # (B, Q, D)
-            reference_points = self.reference_points(query_pos).float().sigmoid()  # (B, Q, 2), float32 under autocast
+    def proposal_queries(
+        self, memory: torch.Tensor, levels: FlatLevels, proposal_heads: tuple[nn.Module, nn.Module]
+    ) -> tuple[DecoderQueries, torch.Tensor, torch.Tensor]:
+        """Two-stage: every memory position proposes a box; the ``num_queries`` best become the queries.
 
-        hidden_states, references, boxes = self.decoder(
-            tgt,
-            query_pos,
-            reference_points,
-            memory,
-            spatial_shapes,
-            level_start_index,
-            ratios,
-            mask_flatten,
-            box_heads,
-            shapes,
-        )
-        outputs["hidden_states"] = hidden_states
-        outputs["references"] = references
-        if box_heads is not None:
-            outputs["boxes"] = boxes
-        return outputs
+        Returns:
+            queries: from the top proposals (references: their boxes, detached).
+            enc_logits: (batch_size, num_values, num_classes) the proposals' class logits.
+            enc_boxes: (batch_size, num_values, 4) the proposals' boxes, normalised cxcywh.
+        """
+        if memory.shape[1] < self.num_queries:
+            raise ValueError(
+                f"two-stage selects {self.num_queries} proposals but the feature maps hold only {memory.shape[1]}"
+            )
+        class_head, box_head = proposal_heads
+        proposal_memory, proposals = encoder_output_proposals(memory, levels.padding_mask, levels.shapes)
+        proposal_memory = self.enc_output_norm(self.enc_output(proposal_memory))
+        enc_logits = class_head(proposal_memory)  # (B, S, C)
+        enc_box_logits = box_head(proposal_memory) + proposals  # (B, S, 4)
+        top = torch.topk(enc_logits[..., 0], self.num_queries, dim=1)[1]  # (B, Q)
+        top_box_logits = torch.gather(enc_box_logits, 1, top.unsqueeze(-1).repeat(1, 1, 4)).detach()  # (B, Q, 4)
+        reference_points = top_box_logits.sigmoid()
+        embedding = proposal_position_embedding(top_box_logits, self.hidden_dim // 2).to(memory.dtype)  # (B, Q, 2D)
+        query = self.pos_trans_norm(self.pos_trans(embedding))
+        query_pos, tgt = torch.split(query, self.hidden_dim, dim=2)  # (B, Q, D) each
+        return DecoderQueries(tgt, query_pos, reference_points), enc_logits, enc_box_logits.sigmoid()
+
+    def learned_queries(self, query_embed: torch.Tensor, batch_size: int) -> DecoderQueries:
+        """The learned queries ``query_embed`` (num_queries, 2 * hidden_dim) as (position | content) for every
+        image, with references projected from the position embedding."""
+        query_pos, tgt = torch.split(query_embed, self.hidden_dim, dim=1)  # (Q, D) each
+        query_pos = query_pos.unsqueeze(0).expand(batch_size, -1, -1)  # (B, Q, D)
+        tgt = tgt.unsqueeze(0).expand(batch_size, -1, -1)  # (B, Q, D)
+        reference_points = self.reference_points(query_pos).float().sigmoid()  # (B, Q, 2), float32 under autocast
+        return DecoderQueries(tgt, query_pos, reference_points)

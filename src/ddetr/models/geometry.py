@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ddetr.image_list import valid_extent
+
 
 def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """``log(x / (1 - x))`` with x clamped to [0, 1] and both terms clamped to at least ``eps``."""
@@ -48,8 +50,7 @@ def valid_ratios(mask: torch.Tensor) -> torch.Tensor:
         (batch_size, 2) float32 as (valid_width / width, valid_height / height).
     """
     _, height, width = mask.shape
-    valid_height = (~mask[:, :, 0]).sum(1)
-    valid_width = (~mask[:, 0, :]).sum(1)
+    valid_height, valid_width = valid_extent(mask)
     return torch.stack([valid_width.float() / width, valid_height.float() / height], -1)
 
 
@@ -121,8 +122,7 @@ def encoder_output_proposals(
     start = 0
     for level, (height, width) in enumerate(spatial_shapes):
         level_mask = padding_mask[:, start : start + height * width].view(batch_size, height, width)  # (B, H, W)
-        valid_height = (~level_mask[:, :, 0]).sum(1)
-        valid_width = (~level_mask[:, 0, :]).sum(1)
+        valid_height, valid_width = valid_extent(level_mask)
         grid_y, grid_x = torch.meshgrid(
             torch.arange(height, dtype=torch.float32, device=memory.device),
             torch.arange(width, dtype=torch.float32, device=memory.device),

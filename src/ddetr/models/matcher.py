@@ -78,7 +78,7 @@ class HungarianMatcher(nn.Module):
         cost_bbox: float = LossConfig.set_cost_bbox,
         cost_giou: float = LossConfig.set_cost_giou,
         focal_alpha: float = LossConfig.focal_alpha,
-        focal_gamma: float = 2.0,
+        focal_gamma: float = LossConfig.focal_gamma,
     ) -> None:
         super().__init__()
         if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:

@@ -11,7 +11,6 @@ from torch import nn
 
 from ddetr.ops import ms_deform_attn
 
-
 _CPU_SOFTMAX_MIN_SIZE = 16
 
 
@@ -136,6 +135,26 @@ class MSDeformAttn(nn.Module):
         attention_weights = softmax_last_dim(attention_weights).view(
             batch_size, num_queries, self.num_heads, self.num_levels, self.num_points
         )  # (B, Lq, M, L, P)
+        sampling_locations = self.sampling_locations(reference_points, sampling_offsets, spatial_shapes)
+        output = ms_deform_attn(
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights, self.backend, shapes
+        )  # (B, Lq, M*D)
+        output = self.output_proj(output)
+        if return_attention:
+            return output, sampling_locations, attention_weights
+        return output
+
+    def sampling_locations(
+        self, reference_points: torch.Tensor, sampling_offsets: torch.Tensor, spatial_shapes: torch.Tensor
+    ) -> torch.Tensor:
+        """Where every head samples: ``reference_points`` (B, Lq, L, 2) moved by ``sampling_offsets``
+        (B, Lq, M, L, P, 2) in pixels of each level (``spatial_shapes`` (L, 2) as (height, width)), or
+        (B, Lq, L, 4) boxes moved by offsets relative to their size (``offset / num_points * wh / 2``).
+
+        Returns:
+            (B, Lq, M, L, P, 2) float32 (x, y), normalised to [0, 1] over each map (outside it the op reads zeros).
+        """
+        batch_size, num_queries = sampling_offsets.shape[:2]
         # The operands broadcast against the offsets (B, Lq, M, L, P, 2) are expanded over the points and
         # made contiguous, so their innermost run is L * P * 2 values instead of 2: the same arithmetic,
         # element for element, which the CPU's broadcasting kernels run 5-20x faster (benchmarks/step_parts).
@@ -143,7 +162,9 @@ class MSDeformAttn(nn.Module):
         if reference_points.shape[-1] == 2:
             # offsets are in pixels of each level: divide x by its width and y by its height
             # (L, 2) as (W, H); shapes on the host take a small asynchronous copy (no sync)
-            offset_normalizer = spatial_shapes.flip(-1).to(device=query.device, dtype=torch.float32, non_blocking=True)
+            offset_normalizer = spatial_shapes.flip(-1).to(
+                device=sampling_offsets.device, dtype=torch.float32, non_blocking=True
+            )
             normalizer = offset_normalizer[:, None, :].expand(points).contiguous()  # (L, 2) -> (L, P, 2)
             reference = reference_points[:, :, None, :, None, :].expand(batch_size, num_queries, 1, *points)
             sampling_locations = reference.contiguous() + sampling_offsets / normalizer  # (B, Lq, M, L, P, 2)
@@ -156,13 +177,7 @@ class MSDeformAttn(nn.Module):
             )  # (B, Lq, M, L, P, 2)
         else:
             raise ValueError(f"reference_points must end in 2 or 4 coordinates, got {reference_points.shape[-1]}")
-        output = ms_deform_attn(
-            value, spatial_shapes, level_start_index, sampling_locations, attention_weights, self.backend, shapes
-        )  # (B, Lq, M*D)
-        output = self.output_proj(output)
-        if return_attention:
-            return output, sampling_locations, attention_weights
-        return output
+        return sampling_locations
 
 
 def set_attention_backend(model: nn.Module, backend: str) -> None:

@@ -251,28 +251,14 @@ def attention_pictures(
     model: nn.Module,
     images: Sequence[torch.Tensor],
     originals: Sequence[np.ndarray] | None = None,
-    top_k: int = 3,
-    threshold: float = 0.0,
-    class_names: Sequence[str] | None = None,
+    **options: Any,
 ) -> list[list[tuple[dict[str, Any], Image.Image]]]:
-    """Runs ``model`` on normalised images and draws the last decoder layer's attention of the ``top_k``
-    detections of every image (scores >= ``threshold``).
-
-    Args:
-        model: a ``DeformableDETR`` (eval mode recommended).
-        images: normalised (3, height_i, width_i) tensors, as the model takes them.
-        originals: (orig_height_i, orig_width_i, 3) uint8 pictures to draw on (coordinates are scaled
-            from the network input to them); None draws on the de-normalised inputs.
-        class_names: name of every class index, for the titles.
-
-    Returns:
-        One list per image of ``(detection, picture)``; ``detection`` as in ``select_queries``.
-    """
+    """Runs ``model`` (a ``DeformableDETR``, eval mode recommended) on normalised images and draws the last
+    decoder layer's attention of the best detections of every image, on ``originals`` if given:
+    ``pictures_from_attention`` of that forward pass, with its ``options`` (top_k, threshold, class_names)."""
     with DecoderAttentionRecorder(model) as recorder:
         outputs = model(list(images))
-    return pictures_from_attention(
-        recorder.attention, outputs, level_strides(model), images, originals, top_k, threshold, class_names
-    )
+    return pictures_from_attention(recorder.attention, outputs, level_strides(model), images, originals, **options)
 
 
 def pictures_from_attention(
@@ -285,7 +271,21 @@ def pictures_from_attention(
     threshold: float = 0.0,
     class_names: Sequence[str] | None = None,
 ) -> list[list[tuple[dict[str, Any], Image.Image]]]:
-    """The pictures of ``attention_pictures`` from an already recorded forward pass (see there)."""
+    """The attention pictures of the ``top_k`` detections of every image (scores >= ``threshold``) from a
+    recorded forward pass.
+
+    Args:
+        attention: the recorded cross-attention (``DecoderAttentionRecorder``).
+        outputs: the model's outputs of that pass.
+        strides: stride in input pixels of every feature level (``level_strides(model)``).
+        images: normalised (3, height_i, width_i) tensors, as the model took them.
+        originals: (orig_height_i, orig_width_i, 3) uint8 pictures to draw on (coordinates are scaled
+            from the network input to them); None draws on the de-normalised inputs.
+        class_names: name of every class index, for the titles.
+
+    Returns:
+        One list per image of ``(detection, picture)``; ``detection`` as in ``select_queries``.
+    """
     from ddetr.pictures.drawing import denormalize
 
     pictures = []

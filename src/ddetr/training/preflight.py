@@ -107,15 +107,10 @@ def overfit(cfg: DictConfig, datamodule: DetectionDataModule, output: Path) -> f
         val_transforms=datamodule.val_transforms,
     )
     module = build_module(cfg, few)
-    options = dict(
-        accelerator=cfg.get("accelerator", "cpu"),
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
+    # one device, nothing written or printed (no logger, checkpoints, progress bar, summary, sanity check)
+    silent = ("logger", "enable_checkpointing", "enable_progress_bar", "enable_model_summary")
+    options = {"accelerator": cfg.get("accelerator", "cpu"), "devices": 1, "num_sanity_val_steps": 0}
+    options.update(dict.fromkeys(silent, False))
     L.Trainer(max_steps=cfg.overfit_steps, limit_val_batches=0, gradient_clip_val=0.1, **options).fit(
         module, datamodule=few
     )

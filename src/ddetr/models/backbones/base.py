@@ -19,11 +19,15 @@ optimiser puts every parameter under ``backbone.`` into the backbone's parameter
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ddetr.image_list import resize_mask
+
+if TYPE_CHECKING:
+    from ddetr.models.config import DeformableDETRConfig
 
 LEVEL_STRIDES = (8, 16, 32)  # the strides of the backbone levels the detector uses, finest first
 
@@ -33,6 +37,20 @@ def backbone_strides(num_levels: int) -> tuple[int, ...]:
     if not 1 <= num_levels <= len(LEVEL_STRIDES):
         raise ValueError(f"a backbone returns 1 to {len(LEVEL_STRIDES)} levels, got {num_levels}")
     return LEVEL_STRIDES[len(LEVEL_STRIDES) - num_levels :]
+
+
+def shared_options(config: DeformableDETRConfig) -> dict[str, Any]:
+    """The keyword arguments every built-in backbone constructor takes from ``config``: ``num_levels``
+    (``config.num_backbone_levels``) and the training policy of ``config.backbone`` (``train_backbone``,
+    ``weights``, ``norm``, ``freeze_stem``)."""
+    backbone = config.backbone
+    return {
+        "num_levels": config.num_backbone_levels,
+        "train_backbone": backbone.train_backbone,
+        "weights": backbone.weights,
+        "norm": backbone.norm,
+        "freeze_stem": backbone.freeze_stem,
+    }
 
 
 def set_trainable(body: nn.Module, train_backbone: bool, is_stem: Callable[[str], bool]) -> None:

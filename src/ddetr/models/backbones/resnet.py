@@ -10,7 +10,7 @@ import torchvision
 from torch import nn
 from torchvision.models._utils import IntermediateLayerGetter
 
-from ddetr.models.backbones.base import LEVEL_STRIDES, Backbone, backbone_strides, set_trainable
+from ddetr.models.backbones.base import LEVEL_STRIDES, Backbone, backbone_strides, set_trainable, shared_options
 from ddetr.models.backbones.frozen_batch_norm import FrozenBatchNorm2d
 from ddetr.models.backbones.registry import register_backbone
 from ddetr.models.backbones.weights import load_backbone_weights, load_state_dict
@@ -19,8 +19,16 @@ from ddetr.models.config import BackboneConfig
 if TYPE_CHECKING:
     from ddetr.models.config import DeformableDETRConfig
 
+# blocks in layer1..layer4 of each ResNet, and the ResNets built of bottleneck blocks (the others: basic)
+RESNET_DEPTHS = {
+    "resnet18": (2, 2, 2, 2),
+    "resnet34": (3, 4, 6, 3),
+    "resnet50": (3, 4, 6, 3),
+    "resnet101": (3, 4, 23, 3),
+}
+BOTTLENECK_RESNETS = ("resnet50", "resnet101")
 # each ResNet's layout: (blocks in layer3, bottleneck blocks); the converters tell the depth of a checkpoint by it
-RESNET_LAYOUTS = {"resnet18": (2, False), "resnet34": (6, False), "resnet50": (6, True), "resnet101": (23, True)}
+RESNET_LAYOUTS = {name: (depths[2], name in BOTTLENECK_RESNETS) for name, depths in RESNET_DEPTHS.items()}
 RESNETS = tuple(RESNET_LAYOUTS)
 STAGES = ("layer2", "layer3", "layer4")  # the stages at strides 8, 16, 32
 NORM_LAYERS = {"frozen": FrozenBatchNorm2d, "batch": nn.BatchNorm2d}
@@ -113,13 +121,4 @@ class ResNetBackbone(Backbone):
 @register_backbone("resnet101")
 def build_resnet(config: DeformableDETRConfig) -> ResNetBackbone:
     """The ResNet of ``config.backbone`` with ``config.num_backbone_levels`` levels."""
-    backbone = config.backbone
-    return ResNetBackbone(
-        backbone.name,
-        num_levels=config.num_backbone_levels,
-        dilation=backbone.dilation,
-        train_backbone=backbone.train_backbone,
-        weights=backbone.weights,
-        norm=backbone.norm,
-        freeze_stem=backbone.freeze_stem,
-    )
+    return ResNetBackbone(config.backbone.name, dilation=config.backbone.dilation, **shared_options(config))

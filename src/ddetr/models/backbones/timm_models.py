@@ -14,10 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddetr.models.backbones.base import Backbone, backbone_strides, set_trainable
+from ddetr.models.backbones.base import Backbone, backbone_strides, set_trainable, shared_options
 from ddetr.models.backbones.frozen_batch_norm import freeze_batch_norm
 from ddetr.models.backbones.registry import register_backbone
 from ddetr.models.backbones.weights import load_backbone_weights
+from ddetr.models.config import BackboneConfig
 
 if TYPE_CHECKING:
     from ddetr.models.config import DeformableDETRConfig
@@ -96,10 +97,10 @@ class TimmBackbone(Backbone):
         self,
         model_name: str,
         num_levels: int = 3,
-        train_backbone: bool = True,
+        train_backbone: bool = BackboneConfig.train_backbone,
         weights: str | Path | None = None,
-        norm: str = "frozen",
-        freeze_stem: bool = True,
+        norm: str = BackboneConfig.norm,
+        freeze_stem: bool = BackboneConfig.freeze_stem,
         kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -165,12 +166,4 @@ def build_timm(config: DeformableDETRConfig) -> TimmBackbone:
     backbone = config.backbone
     if backbone.dilation:
         raise ValueError("dilation (DC5) is for torchvision ResNets; timm backbones take timm's own kwargs")
-    return TimmBackbone(
-        backbone.name.removeprefix(PREFIX),
-        num_levels=config.num_backbone_levels,
-        train_backbone=backbone.train_backbone,
-        weights=backbone.weights,
-        norm=backbone.norm,
-        freeze_stem=backbone.freeze_stem,
-        kwargs=backbone.kwargs,
-    )
+    return TimmBackbone(backbone.name.removeprefix(PREFIX), kwargs=backbone.kwargs, **shared_options(config))
