@@ -27,16 +27,8 @@ def _gt(num_images: int = 3) -> COCO:
         images.append({"id": i, "file_name": f"{i}.jpg", "width": 100, "height": 80})
         boxes = [(3, [10 + i, 10, 30, 20])] + ([(7, [50, 30, 40, 40])] if i % 2 else [])
         for category, bbox in boxes:
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": i,
-                    "category_id": category,
-                    "bbox": bbox,
-                    "area": bbox[2] * bbox[3],
-                    "iscrowd": 0,
-                }
-            )
+            box = {"bbox": bbox, "area": bbox[2] * bbox[3], "iscrowd": 0}
+            annotations.append({"id": len(annotations) + 1, "image_id": i, "category_id": category, **box})
     coco = COCO()
     coco.dataset = {
         "images": images,
