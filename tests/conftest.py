@@ -1,5 +1,7 @@
 """Shared test setup (offline, headless, quiet) and fixtures: the micro model (options, config, module), the
-debug-preset overrides of a training run, and the transformers oracle (``_hf_oracle``)."""
+debug-preset overrides of a training run and of ``ddetr.eval`` on its data, and the transformers oracle
+(``_hf_oracle``). The fixtures' plain functions (``_debug_overrides``, ``_eval_overrides``,
+``_micro_options``) serve module-level helpers and module-scoped fixtures."""
 
 from __future__ import annotations
 
@@ -32,6 +34,36 @@ def debug_overrides():
     return _debug_overrides
 
 
+def _eval_overrides(
+    ckpt_path: Path, data_root: Path, output_dir: Path, log_dir: Path, batch_size: int = 4
+) -> list[str]:
+    """``ddetr.eval`` (``config_name="eval"``) of ``ckpt_path`` on the CPU on the debug preset's synthetic data
+    (12 + 6 images of 64 pixels, cached in ``data_root``) in batches of ``batch_size``, writing under
+    ``output_dir`` and logging under ``log_dir``."""
+    return [
+        f"ckpt_path={ckpt_path}",
+        f"data.root={data_root}",
+        "data.num_train=12",
+        "data.num_val=6",
+        "data.image_size=64",
+        "data.num_workers=0",
+        f"data.batch_size={batch_size}",
+        "data.val_transforms.size=64",
+        "data.val_transforms.max_size=96",
+        "trainer.accelerator=cpu",
+        "+trainer.enable_progress_bar=false",
+        f"paths.output_dir={output_dir}",
+        f"paths.log_dir={log_dir}",
+    ]
+
+
+@pytest.fixture
+def eval_overrides():
+    """``eval_overrides(ckpt_path, data_root, output_dir, log_dir, batch_size=4) -> list[str]`` for
+    ``ddetr.app.compose(..., config_name="eval")``."""
+    return _eval_overrides
+
+
 # The micro model of the unit tests: conf/model/tiny.yaml's sizes (32 channels, 2 heads, 1 + 2 layers,
 # 10 queries; ResNet-18 with trainable batch norm) on the official defaults (4 levels, no refinement, not
 # two-stage), not on conf/model/small.yaml as model=tiny is: another model, hence another name.
@@ -46,21 +78,22 @@ MICRO_OPTIONS = dict(
 )
 
 
+def _micro_options(**overrides) -> dict:
+    """The micro model's options with ``overrides`` applied, a new dict per call."""
+    return {**MICRO_OPTIONS, **overrides}
+
+
 @pytest.fixture(scope="session")
 def micro_options():
     """``micro_options(**overrides) -> dict``: the micro model's options (keyword arguments of
     ``DeformableDETRModule``, ``build_deformable_detr`` and ``DeformableDETRConfig.from_dict``, without
     ``num_classes``), a new dict per call with ``overrides`` applied."""
-
-    def options(**overrides):
-        return {**MICRO_OPTIONS, **overrides}
-
-    return options
+    return _micro_options
 
 
 @pytest.fixture
 def micro_config(micro_options):
-    """The micro ``DeformableDETRConfig`` (``micro_options()``) with 5 classes."""
+    """A micro ``DeformableDETRConfig`` of ``micro_options()`` with 5 classes."""
     from ddetr.models.config import DeformableDETRConfig
 
     return DeformableDETRConfig.from_dict(num_classes=5, **micro_options())

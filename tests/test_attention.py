@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import _micro_options
 from PIL import Image
 
 from ddetr.pictures.attention import (
@@ -21,16 +22,7 @@ from ddetr.training.module import DeformableDETRModule
 def tiny_model(with_box_refine: bool = False, seed: int = 0):
     torch.manual_seed(seed)
     module = DeformableDETRModule(
-        num_classes=3,
-        backbone={"name": "resnet18", "norm": "batch"},
-        hidden_dim=32,
-        nheads=2,
-        enc_layers=1,
-        dec_layers=2,
-        dim_feedforward=32,
-        num_queries=10,
-        with_box_refine=with_box_refine,
-        attn_backend="pytorch",
+        num_classes=3, **_micro_options(with_box_refine=with_box_refine, attn_backend="pytorch")
     )
     return module.model.eval()
 
@@ -87,7 +79,7 @@ def test_locations_at_initialisation_follow_the_official_grid():
     """Fresh weights: offsets are (p + 1) * direction(head) pixels of each level, weights uniform.
     Head 0 looks along +x, so its point p on level l sits (p + 1) / width_l to the right of the reference."""
     model = tiny_model()
-    outputs, attention, _ = record(model, [torch.randn(3, 64, 96)])
+    _, attention, _ = record(model, [torch.randn(3, 64, 96)])
     widths = attention.spatial_shapes[:, 1].float()  # (L,)
     reference = attention.reference_points[0, :, :, :2]  # (Q, L, 2)
     head0 = attention.sampling_locations[0, :, 0]  # (Q, L, P, 2)

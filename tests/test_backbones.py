@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from conftest import _micro_options
 from torch import nn
 
+from ddetr.image_list import pad_images
 from ddetr.models import DeformableDETRConfig, build_deformable_detr
 from ddetr.models.backbones import (
     BACKBONES,
@@ -22,7 +24,6 @@ from ddetr.models.backbones import (
     build_backbone,
     register_backbone,
 )
-from ddetr.image_list import pad_images
 
 timm = pytest.importorskip("timm")
 
@@ -44,17 +45,10 @@ def random_state_dict(network: nn.Module, seed: int = 0) -> dict[str, torch.Tens
 
 
 def micro_config(num_feature_levels: int = 4, **backbone) -> DeformableDETRConfig:
-    return DeformableDETRConfig.from_dict(
-        num_classes=3,
-        backbone=backbone,
-        hidden_dim=32,
-        nheads=2,
-        enc_layers=1,
-        dec_layers=1,
-        dim_feedforward=32,
-        num_queries=5,
-        num_feature_levels=num_feature_levels,
-    )
+    """The tiny model with 1 decoder layer, 5 queries, 3 classes, ``num_feature_levels`` and the ``backbone``
+    options."""
+    options = _micro_options(backbone=backbone, dec_layers=1, num_queries=5, num_feature_levels=num_feature_levels)
+    return DeformableDETRConfig.from_dict(num_classes=3, **options)
 
 
 # ----------------------------------------------------------------------------- registry
@@ -171,7 +165,7 @@ def test_timm_batch_norm_frozen_layer_norm_untouched_and_the_same_function(tmp_p
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     convnext = TimmBackbone("convnext_atto", norm="frozen")
     plain = timm.create_model("convnext_atto", features_only=True)
-    count = lambda net, kind: sum(isinstance(m, kind) for m in net.modules())  # noqa: E731
+    count = lambda net, kind: sum(isinstance(m, kind) for m in net.modules())
     assert count(convnext, nn.LayerNorm) == count(plain, nn.LayerNorm) > 0
 
 
@@ -286,13 +280,13 @@ def data_root(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_timm_backbone_trains_evaluates_predicts_and_exports(tmp_path, data_root, debug_overrides):
+def test_timm_backbone_trains_evaluates_predicts_and_exports(tmp_path, data_root, debug_overrides, eval_overrides):
     """``preset=debug model.backbone.name=timm:convnext_atto``: the saved checkpoint serves eval, predict
     and a dynamic-size ONNX export that onnxruntime runs at two other sizes, as PyTorch does."""
     from ddetr.app import compose
+    from ddetr.checkpoints import load_module
     from ddetr.inference.export import ExportableDetector, example_inputs, export
     from ddetr.inference.predict import predict
-    from ddetr.checkpoints import load_module
     from ddetr.training.run import evaluate, train
 
     run = tmp_path / "run"
@@ -302,26 +296,8 @@ def test_timm_backbone_trains_evaluates_predicts_and_exports(tmp_path, data_root
     module = load_module(checkpoint)
     assert isinstance(module.model.backbone, TimmBackbone)
 
-    evaluated = evaluate(
-        compose(
-            [
-                f"ckpt_path={checkpoint}",
-                f"data.root={data_root}",
-                "data.num_train=12",
-                "data.num_val=6",
-                "data.image_size=64",
-                "data.num_workers=0",
-                "data.batch_size=2",
-                "data.val_transforms.size=64",
-                "data.val_transforms.max_size=96",
-                "trainer.accelerator=cpu",
-                "+trainer.enable_progress_bar=false",
-                f"paths.output_dir={tmp_path}/eval",
-                f"paths.log_dir={tmp_path}/logs",
-            ],
-            config_name="eval",
-        )
-    )
+    on_eval_data = eval_overrides(checkpoint, data_root, tmp_path / "eval", tmp_path / "logs", batch_size=2)
+    evaluated = evaluate(compose(on_eval_data, config_name="eval"))
     assert evaluated["val/AP"] == pytest.approx(metrics["val/AP"], abs=1e-6)
 
     summary = predict(

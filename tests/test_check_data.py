@@ -3,41 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from collections import Counter
-from pathlib import Path
 
+from _runs import run_entry
 from PIL import Image
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_pictures_summary_and_overfit_line(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     out = tmp_path / "check"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ddetr.check_data",
-            "preset=debug",
-            f"output={out}",
-            "overfit=true",
-            "overfit_steps=3",
-            "overfit_images=4",
-            "num_pictures=5",
-            f"paths.output_dir={out}",
-            f"paths.data_dir={tmp_path}/data",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=env,
-        timeout=600,
-    )
+    options = ["preset=debug", f"output={out}", "overfit=true", "overfit_steps=3", "overfit_images=4"]
+    options += ["num_pictures=5", f"paths.output_dir={out}", f"paths.data_dir={tmp_path}/data"]
+    result = run_entry("ddetr.check_data", options, cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
     # the last line is the verdict, and it follows the AP50 and the threshold

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _runs import error_line, run_entry
 
 from ddetr.checkpoints import (
     CheckpointError,
@@ -19,14 +17,12 @@ from ddetr.checkpoints import (
 )
 from ddetr.training.module import DeformableDETRModule
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory, tiny_config_module) -> dict[str, Path]:
+def files(tmp_path_factory, micro_config_module) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("checkpoints")
     good = root / "converted.ckpt"
-    save_checkpoint(tiny_config_module, good, "test")
+    save_checkpoint(micro_config_module, good, "test")
     data = good.read_bytes()
     paths = {"good": good}
     paths["truncated"] = root / "truncated.ckpt"
@@ -41,22 +37,13 @@ def files(tmp_path_factory, tiny_config_module) -> dict[str, Path]:
     paths["hf"].mkdir()
     (paths["hf"] / "config.json").write_text("{}")
     paths["state_dict"] = root / "weights.pth"
-    torch.save(tiny_config_module.model.state_dict(), paths["state_dict"])
+    torch.save(micro_config_module.model.state_dict(), paths["state_dict"])
     return paths
 
 
 @pytest.fixture(scope="module")
-def tiny_config_module() -> DeformableDETRModule:
-    return DeformableDETRModule(
-        num_classes=3,
-        backbone={"name": "resnet18", "norm": "batch"},
-        hidden_dim=32,
-        nheads=2,
-        enc_layers=1,
-        dec_layers=1,
-        dim_feedforward=32,
-        num_queries=5,
-    )
+def micro_config_module(micro_options) -> DeformableDETRModule:
+    return DeformableDETRModule(num_classes=3, **micro_options(dec_layers=1, num_queries=5))
 
 
 CAUSES = {
@@ -69,12 +56,12 @@ CAUSES = {
 
 
 @pytest.mark.parametrize("kind", sorted(CAUSES))
-def test_every_reader_names_the_file_and_the_cause(files, tiny_config_module, kind):
+def test_every_reader_names_the_file_and_the_cause(files, micro_config_module, kind):
     path = files[kind]
     readers = {
         "ckpt_path": lambda: load_module(path),  # eval, predict and export
         "ckpt_path ": lambda: check_resume_checkpoint(path),  # train, before Lightning reads it
-        "model.init_from": lambda: load_pretrained(tiny_config_module.model, str(path)),
+        "model.init_from": lambda: load_pretrained(micro_config_module.model, str(path)),
     }
     for what, read in readers.items():
         with pytest.raises(CheckpointError) as error:
@@ -94,25 +81,7 @@ def test_wrong_kind_of_checkpoint_says_what_to_use(files):
 
 @pytest.mark.parametrize("entry", ["eval", "train", "export"])
 def test_command_line_stops_with_one_line(tmp_path, files, entry):
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     extra = {"train": ["preset=debug"], "export": [f"output={tmp_path}/m.onnx"], "eval": []}[entry]
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            f"ddetr.{entry}",
-            f"ckpt_path={files['truncated']}",
-            f"paths.output_dir={tmp_path}",
-            f"paths.log_dir={tmp_path}/logs",
-            *extra,
-        ],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=env,
-        timeout=300,
-    )
-    assert result.returncode == 1, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
-    last = result.stderr.strip().splitlines()[-1]
+    options = [f"ckpt_path={files['truncated']}", f"paths.output_dir={tmp_path}", f"paths.log_dir={tmp_path}/logs"]
+    last = error_line(run_entry(f"ddetr.{entry}", [*options, *extra], cwd=tmp_path))
     assert last.startswith("error: ckpt_path: cannot read") and str(files["truncated"]) in last and "incomplete" in last

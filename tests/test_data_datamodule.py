@@ -9,10 +9,10 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from _runs import quiet_trainer
 from hydra.utils import instantiate
 from PIL import Image
 
-from ddetr.training.callbacks import SkipReportCallback
 from ddetr.data import (
     CocoDataModule,
     DatasetError,
@@ -22,6 +22,7 @@ from ddetr.data import (
     make_train_transforms,
     make_val_transforms,
 )
+from ddetr.training.callbacks import SkipReportCallback
 
 
 def _small_transforms() -> dict:
@@ -139,17 +140,8 @@ def test_skips_reach_the_epoch_report_through_lightning(tmp_path, caplog):
     train = _write_split(tmp_path, "train", 6, CATS, bad=(3,))
     val = _write_split(tmp_path, "val", 4, CATS, bad=(2,))
     dm = DetectionDataModule(*train, *val, batch_size=2, num_workers=2, **_small_transforms())
-    trainer = pl.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=[SkipReportCallback()],
-        default_root_dir=tmp_path,
+    trainer = quiet_trainer(
+        max_epochs=1, devices=1, num_sanity_val_steps=0, callbacks=[SkipReportCallback()], default_root_dir=tmp_path
     )
     with caplog.at_level("WARNING", logger="ddetr.training.callbacks"):
         trainer.fit(_TinyModule(), datamodule=dm)

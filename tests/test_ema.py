@@ -7,12 +7,13 @@ import json
 import math
 import multiprocessing
 import socket
-from types import SimpleNamespace
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
+from _runs import quiet_trainer
 from torch import nn
 
 from ddetr.app import compose
@@ -50,15 +51,7 @@ def fit_toy(module: L.LightningModule, steps: int, callbacks: list) -> L.Trainer
     data = torch.utils.data.DataLoader(
         torch.randn(steps, 8, 3, generator=torch.Generator().manual_seed(1)), batch_size=None
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-    )
+    trainer = quiet_trainer(max_epochs=1, callbacks=callbacks)
     trainer.fit(module, train_dataloaders=data)
     return trainer
 
@@ -106,7 +99,7 @@ def test_before_the_first_update_the_weights_stand_for_the_average(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "options", [dict(decay=1.0), dict(decay=0.9, update_every_n_steps=0), dict(decay=0.9, warmup_steps=-1)]
+    "options", [{"decay": 1.0}, {"decay": 0.9, "update_every_n_steps": 0}, {"decay": 0.9, "warmup_steps": -1}]
 )
 def test_bad_settings_are_named(options):
     with pytest.raises(ValueError, match="ema"):
@@ -119,7 +112,9 @@ def data_root(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_checkpoints_hold_the_validated_average_and_eval_reproduces_it(tmp_path, data_root, debug_overrides):
+def test_checkpoints_hold_the_validated_average_and_eval_reproduces_it(
+    tmp_path, data_root, debug_overrides, eval_overrides
+):
     run = tmp_path / "run"
     overrides = debug_overrides(run, data_root) + [
         "trainer.max_epochs=2",
@@ -135,24 +130,7 @@ def test_checkpoints_hold_the_validated_average_and_eval_reproduces_it(tmp_path,
 
     def evaluated(ckpt: Path) -> dict:
         return evaluate(
-            compose(
-                [
-                    f"ckpt_path={ckpt}",
-                    f"data.root={data_root}",
-                    "data.num_train=12",
-                    "data.num_val=6",
-                    "data.image_size=64",
-                    "data.num_workers=0",
-                    "data.batch_size=4",
-                    "data.val_transforms.size=64",
-                    "data.val_transforms.max_size=96",
-                    "trainer.accelerator=cpu",
-                    "+trainer.enable_progress_bar=false",
-                    f"paths.output_dir={tmp_path / ckpt.stem}",
-                    f"paths.log_dir={tmp_path}/logs",
-                ],
-                config_name="eval",
-            )
+            compose(eval_overrides(ckpt, data_root, tmp_path / ckpt.stem, tmp_path / "logs"), config_name="eval")
         )
 
     # ddetr.eval of last.ckpt gives the final validation of training exactly

@@ -27,16 +27,8 @@ def _gt(num_images: int = 3) -> COCO:
         images.append({"id": i, "file_name": f"{i}.jpg", "width": 100, "height": 80})
         boxes = [(3, [10 + i, 10, 30, 20])] + ([(7, [50, 30, 40, 40])] if i % 2 else [])
         for category, bbox in boxes:
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": i,
-                    "category_id": category,
-                    "bbox": bbox,
-                    "area": bbox[2] * bbox[3],
-                    "iscrowd": 0,
-                }
-            )
+            box = {"bbox": bbox, "area": bbox[2] * bbox[3], "iscrowd": 0}
+            annotations.append({"id": len(annotations) + 1, "image_id": i, "category_id": category, **box})
     coco = COCO()
     coco.dataset = {
         "images": images,
@@ -67,6 +59,15 @@ def _perfect(coco: COCO, image_ids=None) -> dict:
             "labels": torch.tensor(labels),
             "boxes": torch.tensor(boxes, dtype=torch.float32),
         }
+    return predictions
+
+
+def _jittered(predictions: dict, seed: int, sigma: float) -> dict:
+    """``predictions`` with Gaussian noise of ``sigma`` pixels (numpy generator ``seed``) added to every box
+    coordinate, image by image in order."""
+    rng = np.random.default_rng(seed)
+    for prediction in predictions.values():
+        prediction["boxes"] = prediction["boxes"] + torch.tensor(rng.normal(0, sigma, prediction["boxes"].shape))
     return predictions
 
 
@@ -131,12 +132,8 @@ def test_half_detected_matches_hand_value_and_pycocotools():
 def test_per_class_ap_is_pycocotools_on_that_class_alone():
     """Property: a class's AP and AP50 are pycocotools' summary when evaluated on that category only."""
     coco = _gt(num_images=6)
-    rng = np.random.default_rng(1)
-    predictions = _perfect(coco)
-    for prediction in predictions.values():
-        prediction["boxes"] = prediction["boxes"] + torch.tensor(rng.normal(0, 5, prediction["boxes"].shape))
     evaluator = CocoEvaluator(coco, LABEL_TO_CATEGORY)
-    evaluator.update(predictions)
+    evaluator.update(_jittered(_perfect(coco), seed=1, sigma=5))
     evaluator.compute()
     for category_id, name in ((3, "c"), (7, "g")):
         with contextlib.redirect_stdout(io.StringIO()):
@@ -151,12 +148,8 @@ def test_per_class_ap_is_pycocotools_on_that_class_alone():
 
 def test_imperfect_boxes_match_pycocotools():
     coco = _gt(num_images=5)
-    rng = np.random.default_rng(0)
-    predictions = _perfect(coco)
-    for prediction in predictions.values():
-        prediction["boxes"] = prediction["boxes"] + torch.tensor(rng.normal(0, 4, prediction["boxes"].shape))
     evaluator = CocoEvaluator(coco, LABEL_TO_CATEGORY)
-    evaluator.update(predictions)
+    evaluator.update(_jittered(_perfect(coco), seed=0, sigma=4))
     metrics = evaluator.compute()
     assert 0.0 < metrics["AP"] < 1.0
     assert metrics == pytest.approx(_reference(coco, evaluator.results_json()))

@@ -9,6 +9,7 @@ import json
 
 import numpy as np
 import pytest
+from _detections import random_case
 from PIL import Image
 from pycocotools.cocoeval import COCOeval
 
@@ -21,8 +22,6 @@ from ddetr.pictures.evaluation import (
 )
 from ddetr.training.confusion import ConfusionMatrix
 from ddetr.training.evaluation import CocoEvaluator
-
-from _detections import random_case
 
 
 def test_the_curves_average_to_the_ap_pycocotools_reports():
@@ -96,7 +95,7 @@ def test_the_confusion_picture_labels_every_row_and_column(tmp_path):
 
 
 @pytest.mark.slow
-def test_training_and_eval_write_the_pictures_and_the_matrix(tmp_path, debug_overrides):
+def test_training_and_eval_write_the_pictures_and_the_matrix(tmp_path, debug_overrides, eval_overrides):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from ddetr.app import compose
@@ -121,27 +120,8 @@ def test_training_and_eval_write_the_pictures_and_the_matrix(tmp_path, debug_ove
     assert {"val/pr_curves", "val/confusion_matrix"} <= set(events.Tags()["images"])
 
     output = tmp_path / "eval"
-    evaluate(
-        compose(
-            [
-                f"ckpt_path={run}/checkpoints/last.ckpt",
-                f"data.root={data_root}",
-                "data.num_train=12",
-                "data.num_val=6",
-                "data.image_size=64",
-                "data.num_workers=0",
-                "data.batch_size=4",
-                "data.val_transforms.size=64",
-                "data.val_transforms.max_size=96",
-                "trainer.accelerator=cpu",
-                "+trainer.enable_progress_bar=false",
-                "confusion_threshold=0.0",
-                f"paths.output_dir={output}",
-                f"paths.log_dir={output}/logs",
-            ],
-            config_name="eval",
-        )
-    )
+    on_eval_data = eval_overrides(run / "checkpoints" / "last.ckpt", data_root, output, output / "logs")
+    evaluate(compose([*on_eval_data, "confusion_threshold=0.0"], config_name="eval"))
     evaluated = json.loads((output / "metrics.json").read_text())["confusion_matrix"]
     counts = np.asarray(evaluated["matrix"])
     assert counts[:-1].sum(axis=1).tolist() == ground_truth

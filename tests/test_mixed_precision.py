@@ -7,9 +7,9 @@ import json
 import math
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
+from _runs import quiet_trainer
 from lightning.pytorch.plugins.precision import MixedPrecision
 
 from ddetr.app import CONFIG_DIR, compose
@@ -48,7 +48,7 @@ def test_every_model_config_is_covered():
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("model", MODEL_CONFIGS)
 def test_mixed_precision_trains_validates_evaluates_predicts_and_exports(
-    model, precision, tmp_path, data_root, debug_overrides
+    model, precision, tmp_path, data_root, debug_overrides, eval_overrides
 ):
     run = tmp_path / "run"
     overrides = debug_overrides(run, data_root) + [
@@ -68,27 +68,8 @@ def test_mixed_precision_trains_validates_evaluates_predicts_and_exports(
     )
 
     # ddetr.eval of last.ckpt at the same precision reproduces training's final validation
-    evaluated = evaluate(
-        compose(
-            [
-                f"ckpt_path={last}",
-                f"data.root={data_root}",
-                "data.num_train=12",
-                "data.num_val=6",
-                "data.image_size=64",
-                "data.num_workers=0",
-                "data.batch_size=4",
-                "data.val_transforms.size=64",
-                "data.val_transforms.max_size=96",
-                "trainer.accelerator=cpu",
-                f"trainer.precision={precision}",
-                "+trainer.enable_progress_bar=false",
-                f"paths.output_dir={tmp_path / 'eval'}",
-                f"paths.log_dir={tmp_path}/logs",
-            ],
-            config_name="eval",
-        )
-    )
+    on_eval_data = eval_overrides(last, data_root, tmp_path / "eval", tmp_path / "logs")
+    evaluated = evaluate(compose([*on_eval_data, f"trainer.precision={precision}"], config_name="eval"))
     for name in ("val/AP", "val/AP50", "val/AR100"):
         assert evaluated[name] == pytest.approx(metrics[name], abs=1e-9), name
 
@@ -150,16 +131,7 @@ def fit_weights(micro_options, fused: bool, clip: float | None, plugins: list) -
     module = DeformableDETRModule(
         num_classes=3, **micro_options(backbone={"name": "resnet18", "norm": "frozen"}), optim={"fused": fused}
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        gradient_clip_val=clip,
-        plugins=plugins,
-    )
+    trainer = quiet_trainer(max_steps=2, gradient_clip_val=clip, plugins=plugins)
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(tiny_batches(), batch_size=None))
     return torch.cat([p.detach().flatten() for p in module.parameters()])
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from _runs import error_line, run_entry
 
 from ddetr.app import compose
 from ddetr.training.run import train
@@ -164,29 +165,13 @@ def test_resuming_from_a_forced_final_validation_continues_exactly(ema, tmp_path
 def test_ddp_with_fewer_validation_images_than_ranks_is_refused_in_one_line(tmp_path, debug_overrides):
     """A rank without validation images would skip Lightning's validation loop and leave the other ranks waiting
     in the gathering of the detections; the run is refused before any rank starts."""
-    import os
-    import subprocess
-    import sys
-
     overrides = debug_overrides(tmp_path, tmp_path / "data") + [
         "data.num_val=1",
         "trainer=ddp",
         "trainer.accelerator=cpu",
         "trainer.devices=2",
     ]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
-    result = subprocess.run(
-        [sys.executable, "-m", "ddetr.train", *overrides],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=env,
-        timeout=300,
-    )
-    assert result.returncode == 1, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr
-    last = result.stderr.strip().splitlines()[-1]
-    assert last == (
+    assert error_line(run_entry("ddetr.train", overrides, cwd=tmp_path)) == (
         "error: 1 validation image(s) for 2 ranks: every rank needs at least one; use at most 1 devices "
         "(trainer.devices, trainer.num_nodes) or more validation images"
     )

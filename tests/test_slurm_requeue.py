@@ -8,12 +8,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
+from _runs import entry_env, run_entry
 
 
 @pytest.mark.slow
@@ -24,10 +22,7 @@ def test_sigusr1_requeues_and_the_requeued_job_resumes(tmp_path, debug_overrides
     scontrol = bin_dir / "scontrol"
     scontrol.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
     scontrol.chmod(0o755)
-    env = {
-        **os.environ,
-        "PYTHONUNBUFFERED": "1",
-        "PYTHONPATH": str(ROOT / "src"),
+    slurm = {
         "PATH": f"{bin_dir}:{os.environ['PATH']}",
         "SLURM_JOB_ID": "4242",
         "SLURM_JOB_NAME": "ddetr",
@@ -44,7 +39,7 @@ def test_sigusr1_requeues_and_the_requeued_job_resumes(tmp_path, debug_overrides
     first = subprocess.Popen(
         [sys.executable, "-m", "ddetr.train", *overrides, "trainer.max_epochs=1000"],
         cwd=tmp_path,
-        env=env,
+        env=entry_env(slurm),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -63,14 +58,7 @@ def test_sigusr1_requeues_and_the_requeued_job_resumes(tmp_path, debug_overrides
 
     # the requeued job: the same command, no ckpt_path, a few more epochs to finish
     more = f"trainer.max_epochs={stopped['epoch'] + 2}"
-    second = subprocess.run(
-        [sys.executable, "-m", "ddetr.train", *overrides, more],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    second = run_entry("ddetr.train", [*overrides, more], cwd=tmp_path, env=slurm)
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"ckpt_path=auto: resuming from {ckpt}" in second.stdout + second.stderr
     final = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)

@@ -3,25 +3,31 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _runs import run_ok
+from conftest import _debug_overrides
 
 from ddetr.app import compose
 from ddetr.data import ensure_synthetic_dataset
 from ddetr.training.module import DeformableDETRModule
 from ddetr.training.run import train
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("synthetic")
+
+
+@pytest.fixture(scope="module")
+def one_epoch_checkpoint(tmp_path_factory, data_root) -> Path:
+    """last.ckpt of a one-epoch ``preset=debug`` run, shared by the tests that resume or fine-tune from it
+    (they read it and write elsewhere)."""
+    run = tmp_path_factory.mktemp("one_epoch")
+    train(compose(_debug_overrides(run, data_root)))
+    return run / "checkpoints" / "last.ckpt"
 
 
 def test_default_run_trains_evaluates_and_writes_metrics(tmp_path, data_root, debug_overrides):
@@ -50,10 +56,8 @@ def cfg_category_names(data_root: Path) -> list[str]:
     return [c["name"] for c in sorted(annotations["categories"], key=lambda c: c["id"])]
 
 
-def test_resume_continues_from_the_checkpoint(tmp_path, data_root, debug_overrides):
-    first = tmp_path / "first"
-    train(compose(debug_overrides(first, data_root)))
-    ckpt = first / "checkpoints" / "last.ckpt"
+def test_resume_continues_from_the_checkpoint(tmp_path, data_root, debug_overrides, one_epoch_checkpoint):
+    ckpt = one_epoch_checkpoint
     second = tmp_path / "second"
     metrics = train(compose(debug_overrides(second, data_root) + ["trainer.max_epochs=2", f"ckpt_path={ckpt}"]))
     state = torch.load(second / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
@@ -61,19 +65,11 @@ def test_resume_continues_from_the_checkpoint(tmp_path, data_root, debug_overrid
     assert "val/AP" in metrics
 
 
-def run_cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline"}
-    result = subprocess.run(
-        [sys.executable, "-m", "ddetr.train", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result
-
-
 @pytest.mark.slow
 def test_sweep_runs_every_combination(tmp_path, data_root, debug_overrides):
     overrides = [o for o in debug_overrides(tmp_path, data_root) if not o.startswith("paths.output_dir")]
-    run_cli(
+    run_ok(
+        "ddetr.train",
         [
             "-m",
             "model.enc_n_points=1,2",
@@ -99,7 +95,8 @@ def test_sweep_runs_every_combination(tmp_path, data_root, debug_overrides):
 @pytest.mark.slow
 def test_ddp_on_two_cpu_processes(tmp_path, data_root, debug_overrides):
     overrides = [o for o in debug_overrides(tmp_path, data_root) if not o.startswith("paths.output_dir")]
-    run_cli(
+    run_ok(
+        "ddetr.train",
         ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", f"hydra.run.dir={tmp_path}/ddp", *overrides],
         cwd=tmp_path,
     )
@@ -164,7 +161,8 @@ def test_ddp_empty_rank_and_odd_val_set(tmp_path, data_root, debug_overrides):
         "data.train_transforms.crop_max_size=64",
     ]
     model = ["model=tiny", "callbacks.progress_bar.refresh_rate=0", "trainer.log_every_n_steps=1"]
-    run_cli(
+    run_ok(
+        "ddetr.train",
         [
             "trainer=ddp",
             "trainer.accelerator=cpu",
@@ -195,17 +193,15 @@ def test_ddp_empty_rank_and_odd_val_set(tmp_path, data_root, debug_overrides):
 
 
 def test_checkpoint_from_init_from_loads_evaluates_and_resumes_without_the_init_file(
-    tmp_path, data_root, debug_overrides
+    tmp_path, data_root, debug_overrides, one_epoch_checkpoint
 ):
     import shutil
 
     import lightning as L
     from hydra.utils import instantiate
 
-    train(compose(debug_overrides(tmp_path / "pretrain", data_root)))
-    init_file = tmp_path / "init.ckpt"
-    shutil.copy(tmp_path / "pretrain" / "checkpoints" / "last.ckpt", init_file)
-    shutil.rmtree(tmp_path / "pretrain")
+    init_file = tmp_path / "init.ckpt"  # a copy of the pretraining run's checkpoint, outside any run directory
+    shutil.copy(one_epoch_checkpoint, init_file)
     finetune = debug_overrides(tmp_path / "finetune", data_root) + [f"model.init_from={init_file}"]
     train(compose(finetune))
     init_file.unlink()  # gone: another machine, or the file moved
