@@ -45,7 +45,7 @@ def random_state_dict(network: nn.Module, seed: int = 0) -> dict[str, torch.Tens
 
 
 def micro_config(num_feature_levels: int = 4, **backbone) -> DeformableDETRConfig:
-    """The tiny model with 1 decoder layer, 5 queries, 3 classes, ``num_feature_levels`` and the ``backbone``
+    """The micro model with 1 decoder layer, 5 queries, 3 classes, ``num_feature_levels`` and the ``backbone``
     options."""
     options = _micro_options(backbone=backbone, dec_layers=1, num_queries=5, num_feature_levels=num_feature_levels)
     return DeformableDETRConfig.from_dict(num_classes=3, **options)
