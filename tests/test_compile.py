@@ -125,6 +125,31 @@ def test_loss_compiles_as_one_graph_for_new_sizes(tiny):
     assert backend.compilations <= 2, f"{backend.compilations} compilations for three sizes"
 
 
+@pytest.mark.slow
+def test_reduce_overhead_losses_with_inductor_match_eager(tiny):
+    """The losses after the matching as ``model.compile=reduce-overhead`` compiles them, with inductor
+    itself (on the CPU: no CUDA graphs; about 30 s of compiling): the eager values and gradients over
+    two match counts, no recompile for the second."""
+    from ddetr.training.compilation import compile_options
+
+    eager, criterion = build_criterion(tiny(False)), build_criterion(tiny(False))
+    torch._dynamo.reset()
+    criterion.compile_losses(**compile_options("reduce-overhead"))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for sizes in ((3, 2, 10, 3, 1), (3, 2, 10, 4, 2)):
+            matched, num_boxes = _matched(*sizes), torch.tensor(6.0)
+            results = []
+            for function in (eager.matched_losses, criterion._compiled_losses):
+                terms = function(matched, num_boxes, True)
+                total = terms["loss_ce"].sum() + terms["loss_bbox"].sum() + terms["loss_giou"].sum()
+                results.append((terms, torch.autograd.grad(total, (matched.logits, matched.boxes))))
+            (expected, expected_grads), (actual, actual_grads) = results
+            for name in expected:
+                torch.testing.assert_close(actual[name], expected[name])
+            for grad, expected_grad in zip(actual_grads, expected_grads):
+                torch.testing.assert_close(grad, expected_grad)
+
+
 class RecordingCompile:
     """``torch.compile`` as the module calls it, recorded (the compiled function's name and the options),
     then run with ``aot_eager`` and ``fullgraph=True`` instead of inductor: the same graphs as inductor
