@@ -88,7 +88,7 @@ def model_schema() -> dict[str, Any]:
         "optim": dataclasses.asdict(OptimConfig()),
         **module_defaults("num_select", "on_nonfinite_loss"),  # on_nonfinite_loss: raise | skip
         "init_from": None,  # a ddetr checkpoint to start training from (not part of the saved model)
-        # compile: run the detector through torch.compile (dynamic shapes; not part of the saved model)
+        # compile: false | true | reduce-overhead (ddetr.training.compilation; not part of the saved model)
         **module_defaults("compile"),
     }
 

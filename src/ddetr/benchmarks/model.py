@@ -12,8 +12,10 @@ and prints one table with the speed-up over transformers in the same precision.
 
 Modes (``--modes``, comma list): ``fp32`` (``set_float32_matmul_precision("highest")``, no TF32),
 ``tf32`` (``"high"``), ``bf16`` (``"high"`` + autocast bfloat16, as ``trainer.precision=bf16-mixed``),
-``compiled`` (``"high"`` + ``torch.compile(dynamic=True)`` of the detector) and ``compiled-bf16``
-(both). transformers runs in fp32, tf32 and bf16 alongside (``--no-transformers`` to skip it); a
+``compiled`` (``"high"`` + ``torch.compile(dynamic=True)`` of the detector, as ``model.compile=true``),
+``compiled-bf16`` (both), ``reduce-overhead`` (``"high"`` + the detector and the losses after the
+matching through ``torch.compile(mode="reduce-overhead")``, CUDA graphs, as
+``model.compile=reduce-overhead``) and ``reduce-overhead-bf16``. transformers runs in fp32, tf32 and bf16 alongside (``--no-transformers`` to skip it); a
 compiled ddetr mode is compared with transformers in the same precision without compilation.
 
 Every mode is guarded: one that fails prints its error and the others still run. ``--budget``
@@ -52,8 +54,11 @@ from ddetr.matmul_precision import set_matmul_precision
 from ddetr.models.backbones.resnet import BOTTLENECK_RESNETS, RESNET_DEPTHS
 from ddetr.models.build import build_criterion, build_deformable_detr
 from ddetr.models.config import BackboneConfig, DeformableDETRConfig
+from ddetr.training.compilation import REDUCE_OVERHEAD, compile_step, mark_step_begin
 
-MODES = ("fp32", "tf32", "bf16", "compiled", "compiled-bf16")
+MODES = ("fp32", "tf32", "bf16", "compiled", "compiled-bf16", "reduce-overhead", "reduce-overhead-bf16")
+# the model.compile setting of each compiled mode's prefix; the rest of the name is the precision
+COMPILE_PREFIXES = {"compiled": True, "reduce-overhead": REDUCE_OVERHEAD}
 DEFAULT_MODES = ("fp32", "tf32", "bf16", "compiled-bf16")
 VARIANTS = {"multi_scale": {}, "two_stage": {"with_box_refine": True, "two_stage": True}}
 NUM_CLASSES = 91
@@ -190,6 +195,15 @@ def measure(step: Callable[[], object], device: torch.device, warmup: int, repea
     return statistics.median(times), peak
 
 
+def split_mode(mode: str) -> tuple[bool | str, str]:
+    """(``model.compile`` setting, precision) of a mode: ``"reduce-overhead-bf16"`` -> (``"reduce-overhead"``,
+    ``"bf16"``); a compiled mode without a precision runs in tf32."""
+    for prefix, setting in COMPILE_PREFIXES.items():
+        if mode.startswith(prefix):
+            return setting, mode.removeprefix(prefix).removeprefix("-") or "tf32"
+    return False, mode
+
+
 def set_precision(mode: str) -> None:
     set_matmul_precision("highest" if mode == "fp32" else "high")
 
@@ -234,15 +248,19 @@ def ddetr_steps(setup: Setup, variant: str, mode: str, device: torch.device, inp
     config = ddetr_config(setup, variant)
     model = build_deformable_detr(config).to(device)
     criterion = build_criterion(config)
-    detector = torch.compile(model, dynamic=True) if mode.startswith("compiled") else model
+    setting = split_mode(mode)[0]
+    detector = compile_step(model, criterion, setting) or model  # DeformableDETRModule's code path
     images, mask, targets = inputs
-    return _step_closures(
-        model,
-        lambda: criterion.weighted_total(criterion(detector((images, mask)), targets)),
-        lambda: detector((images, mask)),
-        mode,
-        device,
-    )
+
+    def loss() -> torch.Tensor:
+        mark_step_begin(setting)
+        return criterion.weighted_total(criterion(detector((images, mask)), targets))
+
+    def predict() -> object:
+        mark_step_begin(setting)
+        return detector((images, mask))
+
+    return _step_closures(model, loss, predict, mode, device)
 
 
 def transformers_steps(setup: Setup, variant: str, mode: str, device: torch.device, inputs):
@@ -280,7 +298,7 @@ def _alarm(seconds: float) -> None:
 
 
 def run_mode(name: str, build, setup, variant, mode, device, inputs, warmup, repeat, timeout=0.0) -> Result:
-    precision = mode.removeprefix("compiled").removeprefix("-") or "tf32"
+    precision = split_mode(mode)[1]
     result = Result(name, precision)
     try:
         _alarm(timeout)
@@ -327,8 +345,8 @@ def plan(modes: list[str], with_transformers: bool) -> list[tuple[str, str]]:
     order, seen = [], set()
     for mode in modes:
         order.append(("ddetr", mode))
-        precision = mode.removeprefix("compiled").removeprefix("-") or "tf32"
-        if with_transformers and precision not in seen and not mode.startswith("compiled"):
+        setting, precision = split_mode(mode)
+        if with_transformers and precision not in seen and not setting:
             order.append(("transformers", mode))
             seen.add(precision)
     return order
@@ -368,7 +386,7 @@ def bench_model(args: argparse.Namespace) -> list[Result]:
     for model_name, mode in plan(modes, not args.no_transformers and hf_version != "not installed"):
         name = f"{model_name} {mode}"
         # a compiled mode spends its first steps compiling: start it only with time for that left
-        reserve = COMPILE_RESERVE_S if mode.startswith("compiled") and not args.quick else 0.0
+        reserve = COMPILE_RESERVE_S if split_mode(mode)[0] and not args.quick else 0.0
         if time.perf_counter() - began > args.budget - reserve:
             skipped.append(name)
             continue

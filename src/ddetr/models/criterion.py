@@ -144,6 +144,7 @@ class SetCriterion(nn.Module):
         if unknown:
             raise ValueError(f"SetCriterion: unknown loss(es) {unknown}; known: {sorted(self.loss_table)}")
         self.losses = tuple(losses)
+        self._compiled_losses: Callable[..., dict[str, torch.Tensor]] | None = None  # compile_losses
 
     def loss_labels(self, matched: Matched, num_boxes: torch.Tensor, log: bool = True) -> dict[str, torch.Tensor]:
         """``loss_ce`` (num_layers,) and, when ``log``, ``class_error`` of the last layer (scalar)."""
@@ -234,15 +235,26 @@ class SetCriterion(nn.Module):
         if device.type == "cuda":
             host = host.pin_memory()
         on_device = host.to(device, non_blocking=True).split([part.shape[1] for part in packed], 1)
+        matched_losses = self._compiled_losses or self.matched_losses
         results = []
         for (logits, boxes, padded, log), layer_indices, indices in zip(stacks, matches, on_device):
             matched = self._matched(logits, boxes, padded, layer_indices, indices.unbind(0))
-            losses: dict[str, torch.Tensor] = {}
-            for loss in self.losses:
-                kwargs = {"log": log} if loss == "labels" else {}
-                losses.update(self.loss_table[loss](matched, num_boxes, **kwargs))
-            results.append(losses)
+            results.append(matched_losses(matched, num_boxes, log))
         return results
+
+    def matched_losses(self, matched: Matched, num_boxes: torch.Tensor, log: bool) -> dict[str, torch.Tensor]:
+        """Every configured loss of one matched stack: loss name -> (num_layers,) values (``class_error``,
+        added when ``log``, a scalar). Device work only, no host read: what ``compile_losses`` compiles."""
+        losses: dict[str, torch.Tensor] = {}
+        for loss in self.losses:
+            kwargs = {"log": log} if loss == "labels" else {}
+            losses.update(self.loss_table[loss](matched, num_boxes, **kwargs))
+        return losses
+
+    def compile_losses(self, **options) -> None:
+        """Runs ``matched_losses`` through ``torch.compile(**options)`` from now on; the matching before
+        it stays eager (scipy on the host). Like ``nn.Module.compile``: in place, nothing registered."""
+        self._compiled_losses = torch.compile(self.matched_losses, **options)
 
     def layer_losses(
         self,

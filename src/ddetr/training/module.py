@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -14,6 +15,7 @@ from ddetr.models.build import build_criterion, build_deformable_detr
 from ddetr.models.config import DeformableDETRConfig, LossConfig, OptimConfig
 from ddetr.models.matcher import NonFinitePredictionError
 from ddetr.models.postprocess import PostProcess
+from ddetr.training.compilation import REDUCE_OVERHEAD, compile_options, compile_step, mark_step_begin
 from ddetr.training.lr_scaling import scale_to_batch
 from ddetr.training.schedules import lr_schedulers
 
@@ -54,8 +56,10 @@ class DeformableDETRModule(L.LightningModule):
     defaults of those dataclasses. The resolved values are saved as plain hyper-parameters, so
     ``DeformableDETRModule.load_from_checkpoint(path)`` rebuilds the model without Hydra.
     Initialising from another checkpoint (``model.init_from``) belongs to the start of training
-    (``ddetr.checkpoints.load_pretrained``), not to the module's identity; so does
-    ``compile=True`` (run the detector through ``torch.compile`` with dynamic shapes).
+    (``ddetr.checkpoints.load_pretrained``), not to the module's identity; so does ``compile``:
+    ``False``, ``True`` (the detector's forward through ``torch.compile`` with dynamic shapes) or
+    ``"reduce-overhead"`` (the forward and the losses after the matching, CUDA graphs on a GPU); see
+    ``ddetr.training.compilation``.
     """
 
     def __init__(
@@ -67,12 +71,13 @@ class DeformableDETRModule(L.LightningModule):
         on_nonfinite_loss: str = "raise",
         label_to_category_id: list[int] | None = None,
         category_names: list[str] | None = None,
-        compile: bool = False,
+        compile: bool | str = False,
         **architecture: Any,
     ) -> None:
         super().__init__()
         if on_nonfinite_loss not in ("raise", "skip"):
             raise ValueError(f"on_nonfinite_loss must be 'raise' or 'skip', got {on_nonfinite_loss!r}")
+        compile_options(compile)  # an unknown setting fails here, before anything is built
         if architecture.pop("init_from", None):  # saved by earlier checkpoints: the weights are in the checkpoint
             log.debug("ignoring the init_from hyper-parameter of an older checkpoint")
         base = config.to_dict() if config is not None else {}
@@ -102,11 +107,17 @@ class DeformableDETRModule(L.LightningModule):
         self.postprocess = PostProcess(num_select=num_select)
         self.on_nonfinite_loss = on_nonfinite_loss
         self.evaluator = None  # a CocoEvaluator, attached in setup() from the data module
-        # compile=True: the detector runs through torch.compile (dynamic image sizes). A run-time
-        # choice, not part of the saved model; kept out of the module tree so state dict names stay.
-        self.__dict__["detector"] = torch.compile(self.model, dynamic=True) if compile else self.model
+        # a run-time choice, not part of the saved model: a compiled forward is a function, not a
+        # submodule, so the state dict names (and checkpoints) are the eager model's
+        self.compile_setting = compile  # not self.compile: that is nn.Module.compile
+        self._compiled_forward = compile_step(self.model, self.criterion, compile)
         self._pending: _PendingStep | None = None  # the previous training step, read late (training_step)
         self._buffers_before_step: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
+
+    @property
+    def detector(self) -> Callable[..., dict[str, Any]]:
+        """What the steps call: the detector's compiled forward (``compile``), else ``model``."""
+        return self._compiled_forward or self.model
 
     # ------------------------------------------------------------------ inference
     def forward(self, images: list[torch.Tensor] | tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
@@ -132,6 +143,7 @@ class DeformableDETRModule(L.LightningModule):
         them the flag is read in the step itself.
         """
         self._settle_pending_step()
+        mark_step_begin(self.compile_setting)  # the previous step's values are read: CUDA graphs may reuse them
         images, mask, targets = batch
         deferred = self._fused_optimizer() is not None
         # a skipped step must leave no trace, also in the running statistics of batch norm
@@ -201,6 +213,8 @@ class DeformableDETRModule(L.LightningModule):
                 ready = torch.cuda.Event()
                 ready.record()
         detached = {name: value.detach() for name, value in loss_dict.items()}
+        if self.compile_setting == REDUCE_OVERHEAD and detached:  # read next step: copied out of CUDA graph memory
+            detached = dict(zip(detached, torch.stack(list(detached.values())).unbind()))  # one copy
         self._pending = _PendingStep(
             host, ready, total.detach(), detached, batch_size, self.global_step, self.current_epoch, batch_idx
         )
@@ -276,6 +290,7 @@ class DeformableDETRModule(L.LightningModule):
         """Logs the validation loss and feeds the detections (original-image coordinates) to the
         evaluator; returns ``{"detections": list of {scores, labels, boxes}}`` for callbacks."""
         images, mask, targets = batch
+        mark_step_begin(self.compile_setting)
         outputs = self.detector((images, mask))
         # ranks may run different numbers of val steps: nothing collective per step
         loss_dict = self.criterion(outputs, targets, sync_num_boxes=False)

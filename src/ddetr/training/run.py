@@ -17,6 +17,7 @@ from ddetr.app import trust_checkpoint
 from ddetr.models.ms_deform_attn import attention_backend, set_attention_backend
 from ddetr.training.callbacks import Preempted, RunTimer, WeightEMA, early_stopping, slurm_job_id
 from ddetr.checkpoints import check_resume_checkpoint, load_module, load_pretrained
+from ddetr.training.compilation import compile_options
 from ddetr.training.evaluation import METRIC_NAMES
 from ddetr.training.evaluation_pictures import write_evaluation_pictures, write_final_pictures
 
@@ -41,6 +42,10 @@ def build_module(cfg: DictConfig, datamodule) -> L.LightningModule:
     initialised from ``cfg.model.init_from`` when given (and not resuming from ``cfg.ckpt_path``, whose
     weights replace the initial ones: neither ``init_from`` nor ``model.backbone.weights`` is read then)."""
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    try:
+        compile_options(model_cfg.get("compile", False))
+    except ValueError as error:  # one line naming the allowed settings
+        raise RunConfigError(str(error)) from None
     init_from = model_cfg.pop("init_from", None)  # the start of training, not part of the model
     if cfg.get("ckpt_path") and isinstance(model_cfg.get("backbone"), dict):
         model_cfg["backbone"]["weights"] = None  # initial weights: a resumed run takes its weights from ckpt_path
