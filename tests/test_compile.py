@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _batches import random_targets
 
 from ddetr.models.build import build_criterion, build_deformable_detr
 from ddetr.models.config import DeformableDETRConfig
@@ -93,6 +94,21 @@ def _matched(num_layers: int, batch_size: int, num_queries: int, per_image: int,
     )
 
 
+def assert_same_losses_and_gradients(expected_losses, actual_losses, matched, *args) -> None:
+    """``actual_losses(matched, *args)`` gives ``expected_losses``' loss terms and their gradients with
+    respect to the matched logits and boxes, to float32 rounding."""
+    results = []
+    for function in (expected_losses, actual_losses):
+        terms = function(matched, *args)
+        total = terms["loss_ce"].sum() + terms["loss_bbox"].sum() + terms["loss_giou"].sum()
+        results.append((terms, torch.autograd.grad(total, (matched.logits, matched.boxes))))
+    (expected, expected_grads), (actual, actual_grads) = results
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name])
+    for grad, expected_grad in zip(actual_grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad)
+
+
 def test_loss_compiles_as_one_graph_for_new_sizes(tiny):
     """The losses after the matching (focal, L1, GIoU, class and cardinality errors) compile fullgraph
     with dynamic sizes: no graph break, one recompile at most over three batch/query/match counts, and
@@ -111,17 +127,7 @@ def test_loss_compiles_as_one_graph_for_new_sizes(tiny):
     backend = CountingBackend()
     compiled = torch.compile(losses, fullgraph=True, dynamic=True, backend=backend)
     for sizes in ((3, 2, 10, 3, 1), (3, 3, 12, 4, 2), (3, 4, 17, 5, 3)):
-        matched = _matched(*sizes)
-        results = []
-        for function in (losses, compiled):
-            terms = function(matched, torch.tensor(7.0))
-            total = terms["loss_ce"].sum() + terms["loss_bbox"].sum() + terms["loss_giou"].sum()
-            results.append((terms, torch.autograd.grad(total, (matched.logits, matched.boxes))))
-        (expected, expected_grads), (actual, actual_grads) = results
-        for name in expected:
-            torch.testing.assert_close(actual[name], expected[name])
-        for grad, expected_grad in zip(actual_grads, expected_grads):
-            torch.testing.assert_close(grad, expected_grad)
+        assert_same_losses_and_gradients(losses, compiled, _matched(*sizes), torch.tensor(7.0))
     assert backend.compilations <= 2, f"{backend.compilations} compilations for three sizes"
 
 
@@ -137,17 +143,9 @@ def test_reduce_overhead_losses_with_inductor_match_eager(tiny):
     criterion.compile_losses(**compile_options("reduce-overhead"))
     with torch._dynamo.config.patch(error_on_recompile=True):
         for sizes in ((3, 2, 10, 3, 1), (3, 2, 10, 4, 2)):
-            matched, num_boxes = _matched(*sizes), torch.tensor(6.0)
-            results = []
-            for function in (eager.matched_losses, criterion._compiled_losses):
-                terms = function(matched, num_boxes, True)
-                total = terms["loss_ce"].sum() + terms["loss_bbox"].sum() + terms["loss_giou"].sum()
-                results.append((terms, torch.autograd.grad(total, (matched.logits, matched.boxes))))
-            (expected, expected_grads), (actual, actual_grads) = results
-            for name in expected:
-                torch.testing.assert_close(actual[name], expected[name])
-            for grad, expected_grad in zip(actual_grads, expected_grads):
-                torch.testing.assert_close(grad, expected_grad)
+            assert_same_losses_and_gradients(
+                eager.matched_losses, criterion._compiled_losses, _matched(*sizes), torch.tensor(6.0), True
+            )
 
 
 class RecordingCompile:
@@ -184,13 +182,7 @@ def training_batches() -> list:
     result = []
     for seed in (1, 2, 3):
         images, mask = batch(64, 80, seed)
-        targets = [
-            {
-                "labels": torch.randint(0, 3, (n,), generator=generator),
-                "boxes": torch.rand(n, 4, generator=generator) * 0.3 + 0.3,
-            }
-            for n in (2, 3)
-        ]
+        targets = random_targets(generator, (2, 3))
         result.append((images, mask, targets))
     return result
 

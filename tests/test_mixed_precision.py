@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _batches import random_targets
 from _runs import quiet_trainer
 from lightning.pytorch.plugins.precision import MixedPrecision
 
@@ -115,13 +116,7 @@ def tiny_batches(num_batches: int = 3) -> list:
     batches = []
     for _ in range(num_batches):
         images = torch.randn(2, 3, 64, 80, generator=generator)
-        targets = [
-            {
-                "labels": torch.randint(0, 3, (2,), generator=generator),
-                "boxes": torch.rand(2, 4, generator=generator) * 0.3 + 0.3,
-            }
-            for _ in range(2)
-        ]
+        targets = random_targets(generator, (2, 2))
         batches.append((images, torch.zeros(2, 64, 80, dtype=torch.bool), targets))
     return batches
 

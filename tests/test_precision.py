@@ -6,6 +6,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+from _batches import random_targets
 from omegaconf import OmegaConf
 
 from ddetr.app import apply_matmul_precision
@@ -22,13 +23,7 @@ def batches(num_batches: int = 3) -> list:
         images = torch.randn(2, 3, 64, 80, generator=generator)
         mask = torch.zeros(2, 64, 80, dtype=torch.bool)
         mask[1, 48:, :] = True
-        targets = [
-            {
-                "labels": torch.randint(0, 3, (n,), generator=generator),
-                "boxes": torch.rand(n, 4, generator=generator) * 0.3 + 0.3,
-            }
-            for n in (2, 3)
-        ]
+        targets = random_targets(generator, (2, 3))
         result.append((images, mask, targets))
     return result
 
