@@ -98,6 +98,37 @@ def test_before_the_first_update_the_weights_stand_for_the_average(tmp_path):
         assert torch.equal(module.state_dict()[name], value) and torch.equal(saved["state_dict"][name], value), name
 
 
+class ValidatedToy(Toy):
+    """The toy with a validation loss, recorded per validation batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.val_losses: list[float] = []
+
+    def validation_step(self, batch, batch_idx):
+        self.val_losses.append(self.training_step(batch, batch_idx).item())
+
+
+def test_the_average_leaves_the_training_untouched():
+    """Validating the average swaps it in and back out: with EMA on, the weights after every step of a fit
+    with a validation each epoch are bit for bit those of the same fit without it, and what was validated
+    differs (the average)."""
+    generator = torch.Generator().manual_seed(1)
+    train_data, val_data = torch.randn(4, 8, 3, generator=generator), torch.randn(2, 8, 3, generator=generator)
+    runs = []
+    for callbacks in ([], [WeightEMA(0.5, warmup_steps=0)]):
+        recorder, module = RecordWeights(), ValidatedToy()
+        trainer = quiet_trainer(max_epochs=3, num_sanity_val_steps=0, callbacks=[recorder, *callbacks])
+        trainer.fit(module, train_dataloaders=train_data, val_dataloaders=val_data)
+        runs.append((recorder.states, module.val_losses))
+    (plain_states, plain_val), (ema_states, ema_val) = runs
+    assert len(plain_states) == len(ema_states) == 12 and len(plain_val) == len(ema_val) == 6
+    for step, (plain, averaged) in enumerate(zip(plain_states, ema_states)):
+        for name, value in plain.items():
+            assert torch.equal(averaged[name], value), (step, name)
+    assert plain_val != ema_val
+
+
 @pytest.mark.parametrize(
     "options", [{"decay": 1.0}, {"decay": 0.9, "update_every_n_steps": 0}, {"decay": 0.9, "warmup_steps": -1}]
 )
