@@ -1,5 +1,6 @@
 """Mixed precision end to end: every model config trains, validates, evaluates, predicts and exports under
-bf16-mixed and 16-mixed; the fused AdamW clips under a gradient scaler; detections are float32."""
+bf16-mixed; float16 autocast with a gradient scaler (16-mixed as on a GPU) on the fused AdamW step, which clips
+as the unfused one; detections are float32."""
 
 from __future__ import annotations
 
@@ -32,8 +33,9 @@ TINY = [
     "model.dim_feedforward=32",
     "model.num_queries=10",
 ]
-# 16-mixed on the CPU: Lightning autocasts to float16 without a gradient scaler (on a GPU it adds one)
-PRECISIONS = ["bf16-mixed", "16-mixed"]
+# trainer.precision=16-mixed on the CPU is run by Lightning as bf16-mixed (it warns "AMP with fp16 is not
+# supported on CPU"): float16 is tested below with an explicit MixedPrecision("16-mixed", "cpu") plugin
+PRECISIONS = ["bf16-mixed"]
 
 
 @pytest.fixture(scope="module")
