@@ -25,6 +25,7 @@ from ddetr.models.geometry import (
 from ddetr.image_list import pad_images, valid_extent
 from ddetr.models.ms_deform_attn import MSDeformAttn
 from ddetr.models.position_encoding import PositionEmbeddingSine
+from ddetr.models.dropout import dropout
 from ddetr.models.relu_dropout import relu_dropout
 
 
@@ -86,7 +87,7 @@ def test_relu_dropout_equals_autograds_composition_and_saves_one_tensor(p, train
     base[0, 0, :3] = 0.0  # ReLU's kink: PyTorch's gradient there is 0
     grad_output = torch.randn(4, 7, 9, dtype=torch.float64)
     results = []
-    for function in (relu_dropout, lambda x, p, t: F.dropout(F.relu(x), p, t)):
+    for function in (relu_dropout, lambda x, p, t: dropout(F.relu(x), p, t)):
         x = base.clone().requires_grad_(True)
         torch.manual_seed(0)  # the same dropout mask for both
         y, saved = _saved_count(lambda x: function(x, p, training), x)

@@ -4,7 +4,8 @@ Two setups:
 
 - ``r50`` (default): the R50 multi-scale detector of ``python -m ddetr.bench model`` (6 + 6 layers,
   300 queries, 91 classes, dropout 0.1) on two images (``--images``, default 384x384 and 384x352)
-  with 8 random targets each, foreach AdamW (``--optimizer``);
+  with 8 random targets each, foreach AdamW (``--optimizer``); model options set by ``key=value`` arguments (e.g.
+  ``backbone.channels_last=true``; a baseline that lacks an option runs without it);
 - ``small``: the default run's model (``conf/model/small.yaml``, composed with Hydra like
   ``python -m ddetr.train``) on one real batch of the synthetic data (batch 8), fused AdamW and
   gradient clipping at norm 0.1 as in the run.
@@ -52,6 +53,7 @@ from pathlib import Path
 import torch
 
 from ddetr.benchmarks.table import text_table
+from ddetr.models.config import DeformableDETRConfig
 
 PARTS = ("backbone", "transformer", "position encoding", "criterion", "matcher", "optimizer", "data", "step")
 
@@ -120,7 +122,7 @@ def setup_inputs(setup: str, args: argparse.Namespace) -> Inputs:
 
         bench_setup = with_images(Setup(), args.images)
         images, mask, targets = make_inputs(bench_setup, torch.device("cpu"))
-        config = ddetr_config(bench_setup, "multi_scale").to_dict()
+        config = _overridden(ddetr_config(bench_setup, "multi_scale").to_dict(), args.overrides)
         return Inputs(config, {}, images, mask, targets, args.optimizer == "fused", None)
     from hydra.utils import instantiate
 
@@ -132,7 +134,7 @@ def setup_inputs(setup: str, args: argparse.Namespace) -> Inputs:
     datamodule.prepare_data()
     datamodule.setup("fit")
     loader = iter(datamodule.train_dataloader())
-    images, mask, targets = datamodule.on_before_batch_transfer(next(loader), 0)
+    images, mask, targets = datamodule.on_after_batch_transfer(datamodule.on_before_batch_transfer(next(loader), 0), 0)
     module = build_module(cfg, datamodule)
     fused = module.optim_cfg.fused if args.optimizer == "config" else args.optimizer == "fused"
     clip = float(cfg.trainer.get("gradient_clip_val") or 0) or None
@@ -149,11 +151,30 @@ def setup_inputs(setup: str, args: argparse.Namespace) -> Inputs:
     return Inputs(module.config.to_dict(), loss, images, mask, targets, fused, clip, next_batch)
 
 
+def _overridden(config: dict, overrides: list[str]) -> dict:
+    """``config`` (``DeformableDETRConfig.to_dict()``) with dotted ``key=value`` overrides, values
+    read as YAML (``backbone.channels_last=true dropout=0``); an unknown key is a ``KeyError``."""
+    import yaml
+
+    for override in overrides:
+        key, sep, text = override.partition("=")
+        if not sep:
+            raise ValueError(f"r50 overrides are key=value, got {override!r}")
+        *groups, name = key.split(".")
+        node = config
+        for group in groups:
+            node = node[group]
+        if name not in node:
+            raise KeyError(f"no model option {key!r}; options: {sorted(node)}")
+        node[name] = yaml.safe_load(text)
+    return config
+
+
 def build_case(name: str, package: str, inputs: Inputs, reference: Case | None) -> Case:
     """A ``Case`` of ``package`` (``ddetr`` or the baseline); weights copied from ``reference``."""
     build = importlib.import_module(f"{package}.models.build")
     config_module = importlib.import_module(f"{package}.models.config")
-    config = config_module.DeformableDETRConfig.from_dict(inputs.config)
+    config = config_module.DeformableDETRConfig.from_dict(_known_options(config_module, inputs.config))
     loss = config_module.LossConfig.from_dict(inputs.loss)
     torch.manual_seed(0)
     model = build.build_deformable_detr(config)
@@ -166,6 +187,25 @@ def build_case(name: str, package: str, inputs: Inputs, reference: Case | None) 
     return Case(
         name, model, criterion, optimizer, inputs.images, inputs.mask, inputs.targets, inputs.clip, inputs.next_batch
     )
+
+
+def _known_options(config_module, config: dict) -> dict:
+    """``config`` without the options that ``config_module`` (a baseline's) does not know yet; one
+    set to other than its default is named on stderr (the baseline runs without it)."""
+    defaults = DeformableDETRConfig().to_dict()
+    known = {f.name for f in dataclasses.fields(config_module.DeformableDETRConfig)}
+    known_backbone = {f.name for f in dataclasses.fields(config_module.BackboneConfig)}
+    kept = {key: value for key, value in config.items() if key in known}
+    kept["backbone"] = {key: value for key, value in config["backbone"].items() if key in known_backbone}
+    dropped = {key: (config[key], defaults[key]) for key in set(config) - known}
+    dropped |= {
+        f"backbone.{key}": (config["backbone"][key], defaults["backbone"][key])
+        for key in set(config["backbone"]) - known_backbone
+    }
+    for key, (value, default) in sorted(dropped.items()):
+        if value != default:
+            print(f"the baseline has no option {key} (here {value!r}, default {default!r})", file=sys.stderr)
+    return kept
 
 
 def _seeded(function: Callable[[], object]) -> Callable[[], object]:
@@ -282,7 +322,7 @@ def check_same(new: Case, base: Case) -> dict[str, float]:
         case.model.train()
         for module in dropout:
             module.p = 0.0
-        layers = [m for m in case.model.modules() if hasattr(m, "dropout") and isinstance(getattr(m, "dropout"), float)]
+        layers = [m for m in case.model.modules() if hasattr(m, "dropout") and isinstance(m.dropout, float)]
         saved = [m.dropout for m in layers]
         for m in layers:
             m.dropout = 0.0
@@ -362,7 +402,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("overrides", nargs="*", help="small: Hydra overrides of the train config")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="small: Hydra overrides of the train config; r50: model options, e.g. backbone.channels_last=true",
+    )
     args = parser.parse_args(argv)
     if args.optimizer is None:
         args.optimizer = "foreach" if args.setup == "r50" else "config"

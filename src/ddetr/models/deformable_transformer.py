@@ -14,6 +14,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from ddetr.models.config import CHECKPOINTING, DeformableDETRConfig, LayerConfig
+from ddetr.models.dropout import Dropout, MultiheadAttention
 from ddetr.models.geometry import (
     boxes_from_reference,
     encoder_output_proposals,
@@ -104,7 +105,7 @@ def _feed_forward(config: LayerConfig) -> tuple[nn.Module, ...]:
     """(linear1, dropout, linear2, dropout, norm) of a layer's ReLU FFN; the caller xavier-initialises."""
     linear1 = nn.Linear(config.hidden_dim, config.dim_feedforward)
     linear2 = nn.Linear(config.dim_feedforward, config.hidden_dim)
-    return linear1, nn.Dropout(config.dropout), linear2, nn.Dropout(config.dropout), nn.LayerNorm(config.hidden_dim)
+    return linear1, Dropout(config.dropout), linear2, Dropout(config.dropout), nn.LayerNorm(config.hidden_dim)
 
 
 def _feed_forward_residual(layer: nn.Module, x: torch.Tensor, inner: nn.Module, outer: nn.Module) -> torch.Tensor:
@@ -120,7 +121,7 @@ class DeformableEncoderLayer(nn.Module):
     def __init__(self, config: LayerConfig) -> None:
         super().__init__()
         self.self_attn = _deformable_attention(config)
-        self.dropout1 = nn.Dropout(config.dropout)
+        self.dropout1 = Dropout(config.dropout)
         self.self_attn_norm = nn.LayerNorm(config.hidden_dim)
         self.linear1, self.dropout2, self.linear2, self.dropout3, self.ffn_norm = _feed_forward(config)
         for weight in (self.linear1.weight, self.linear2.weight):
@@ -172,11 +173,11 @@ class DeformableDecoderLayer(nn.Module):
     def __init__(self, config: LayerConfig) -> None:
         super().__init__()
         hidden_dim = config.hidden_dim
-        self.self_attn = nn.MultiheadAttention(hidden_dim, config.num_heads, dropout=config.dropout, batch_first=True)
-        self.dropout1 = nn.Dropout(config.dropout)
+        self.self_attn = MultiheadAttention(hidden_dim, config.num_heads, dropout=config.dropout, batch_first=True)
+        self.dropout1 = Dropout(config.dropout)
         self.self_attn_norm = nn.LayerNorm(hidden_dim)
         self.cross_attn = _deformable_attention(config)
-        self.dropout2 = nn.Dropout(config.dropout)
+        self.dropout2 = Dropout(config.dropout)
         self.cross_attn_norm = nn.LayerNorm(hidden_dim)
         self.linear1, self.dropout3, self.linear2, self.dropout4, self.ffn_norm = _feed_forward(config)
         attn = self.self_attn

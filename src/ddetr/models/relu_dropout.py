@@ -5,8 +5,8 @@ the dropout's) besides the result, which the following linear layer keeps anyway
 feed-forward block the hidden width is 4 x hidden_dim, so these two are the largest activations of
 an encoder layer: on a GPU (one-byte mask) about 5 of its ~18 hidden_dim-sized tensors. The result
 alone suffices: ``y = dropout(relu(x))`` is positive exactly where ``x > 0`` and the element was
-kept, so ``dx = dy * (y > 0) / (1 - p)``. The forward is the same two operators (same random
-numbers, same values) and the gradient the same product.
+kept, so ``dx = dy * (y > 0) / (1 - p)``. The forward is the same two operators (the dropout of
+``ddetr.models.dropout``, whose mask is cheap on the CPU) and the gradient the same product.
 """
 
 from __future__ import annotations
@@ -14,12 +14,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ddetr.models.dropout import dropout, realised_probability
+
 
 class _ReluDropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-        y = F.dropout(F.relu(x), p, training)
-        ctx.scale = 1.0 / (1.0 - p) if training and 0.0 < p < 1.0 else 1.0  # p = 1: y and dx are all zero
+        y = dropout(F.relu(x), p, training)
+        # p = 1: y and dx are all zero; the CPU's cheap mask drops with p rounded to 1/65536
+        ctx.scale = 1.0 / (1.0 - realised_probability(x, p)) if training and 0.0 < p < 1.0 else 1.0
         ctx.save_for_backward(y)
         return y
 
@@ -33,7 +36,7 @@ class _ReluDropout(torch.autograd.Function):
 
 
 def relu_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """``F.dropout(F.relu(x), p, training)``; under autograd it saves only its output for backward."""
+    """``dropout(F.relu(x), p, training)`` (``ddetr.models.dropout``); under autograd it saves only its output for backward."""
     if torch.is_grad_enabled() and x.requires_grad:
         return _ReluDropout.apply(x, p, training)
-    return F.dropout(F.relu(x), p, training)
+    return dropout(F.relu(x), p, training)

@@ -37,7 +37,7 @@ EXTENSION_NAME = "ddetr_ms_deform_attn"
 # bump to force a rebuild when the way the library is built changes
 _BUILD_RECIPE_VERSION = "1"
 
-_CPU_SOURCES = ("ms_deform_attn.cpp", "cpu/ms_deform_attn_cpu.cpp")
+_CPU_SOURCES = ("ms_deform_attn.cpp", "cpu/ms_deform_attn_cpu.cpp", "dropout.cpp", "cpu/dropout_cpu.cpp")
 _CUDA_SOURCES = ("cuda/ms_deform_attn_cuda.cu",)
 _HEADERS = ("ms_deform_attn.h",)
 _CXX_FLAGS = ["-O3", "-fopenmp-simd"]

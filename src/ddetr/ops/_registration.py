@@ -1,4 +1,4 @@
-"""Python side of the compiled ops: fake (shape-only) kernels and the autograd formula.
+"""Python side of the compiled ops: fake (shape-only) kernels and the autograd formulas.
 
 Registered once, right after the library is loaded, so ``torch.compile`` can trace
 ``torch.ops.ddetr.ms_deform_attn_forward`` with fake tensors and autograd can differentiate it; the
@@ -13,13 +13,17 @@ _REGISTERED = False
 
 
 def register() -> None:
-    """Registers the fake kernels and the autograd formula of ``ddetr::ms_deform_attn_forward`` (idempotent)."""
+    """Registers the fake kernels and the autograd formulas of ``ddetr::ms_deform_attn_forward`` and
+    ``ddetr::dropout_forward`` (idempotent)."""
     global _REGISTERED
     if _REGISTERED:
         return
     torch.library.register_fake("ddetr::ms_deform_attn_forward", _forward_fake)
     torch.library.register_fake("ddetr::ms_deform_attn_backward", _backward_fake)
     torch.library.register_autograd("ddetr::ms_deform_attn_forward", _backward, setup_context=_setup_context)
+    torch.library.register_fake("ddetr::dropout_forward", _dropout_forward_fake)
+    torch.library.register_fake("ddetr::dropout_backward", _dropout_backward_fake)
+    torch.library.register_autograd("ddetr::dropout_forward", _dropout_backward, setup_context=_dropout_setup_context)
     _REGISTERED = True
 
 
@@ -83,3 +87,28 @@ def _backward(ctx, grad_output):
         grad_output, value, ctx.spatial_shapes, sampling_locations, attention_weights
     )
     return grad_value, None, grad_sampling_locations, grad_attention_weights
+
+
+def _dropout_forward_fake(input, p, seed):
+    """(output like input, keep: bool of input's shape)."""
+    return torch.empty_like(input, memory_format=torch.contiguous_format), input.new_empty(
+        input.shape, dtype=torch.bool
+    )
+
+
+def _dropout_backward_fake(grad_output, keep, p):
+    return torch.empty_like(grad_output, memory_format=torch.contiguous_format)
+
+
+def _dropout_setup_context(ctx, inputs, output):
+    _, ctx.p, _ = inputs
+    _, keep = output
+    ctx.save_for_backward(keep)
+    ctx.set_materialize_grads(False)  # keep (bool) has no gradient: no zeros for it
+
+
+def _dropout_backward(ctx, grad_output, grad_keep):
+    (keep,) = ctx.saved_tensors
+    if grad_output is None:
+        return None, None, None
+    return torch.ops.ddetr.dropout_backward(grad_output, keep, ctx.p), None, None

@@ -1,0 +1,12 @@
+// Schema of the dropout ops (CPU kernels in cpu/dropout_cpu.cpp). Python adds the fake kernels and
+// the autograd formula (ddetr/ops/_registration.py) and uses them on CPU tensors only: CUDA's own
+// dropout is already one fused kernel (ddetr/models/dropout.py).
+#include <torch/library.h>
+
+TORCH_LIBRARY_FRAGMENT(ddetr, m) {
+  // Returns (output, keep): keep is a bool mask, each element False with probability p (rounded to
+  // 2^-32), and output = input * keep / (1 - p). The mask is a function of (seed, element index).
+  m.def("dropout_forward(Tensor input, float p, int seed) -> (Tensor, Tensor)");
+  // grad_output * keep / (1 - p), with p rounded as in dropout_forward.
+  m.def("dropout_backward(Tensor grad_output, Tensor keep, float p) -> Tensor");
+}

@@ -1,0 +1,76 @@
+"""``python -m ddetr.bench parts`` at a tiny size: the default run's setup on real batches, and the R50
+setup with model options against a git baseline (this commit: same losses)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+import pytest
+
+from tests._runs import SRC, run_entry, run_ok
+
+REPO = SRC.parent
+
+
+def _table_rows(out: str) -> dict[str, list[str]]:
+    return {
+        line.split()[0]: line.split()[1:] for line in out.splitlines() if re.match(r"^(matcher|criterion|data)\s", line)
+    }
+
+
+def test_small_setup_times_its_parts(tmp_path):
+    result = run_ok(
+        "ddetr.bench",
+        [
+            "parts",
+            "--setup",
+            "small",
+            "--parts",
+            "matcher,criterion,data",
+            "--repeat",
+            "1",
+            "--warmup",
+            "0",
+            "preset=debug",
+            f"paths.data_dir={tmp_path}",
+        ],
+        cwd=tmp_path,
+    )
+    rows = _table_rows(result.stdout)
+    assert set(rows) == {"matcher", "criterion", "data"}, result.stdout
+    assert all(float(row[0]) > 0 for row in rows.values())
+
+
+@pytest.mark.skipif(
+    subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], check=False, capture_output=True).returncode != 0,
+    reason="needs this checkout's git history",
+)
+def test_r50_setup_with_options_against_a_baseline(tmp_path):
+    result = run_ok(
+        "ddetr.bench",
+        [
+            "parts",
+            "--images",
+            "64x64,64x48",
+            "--parts",
+            "matcher",
+            "--repeat",
+            "1",
+            "--warmup",
+            "0",
+            "--baseline",
+            "HEAD",
+            "backbone.channels_last=true",
+            "num_queries=20",
+        ],
+        cwd=tmp_path,
+    )
+    differences = re.search(
+        r"max \|new - baseline\|, one step without dropout: losses (\S+), gradients (\S+)", result.stdout
+    )
+    assert differences, result.stdout
+    assert float(differences[1].rstrip(",")) < 1e-4  # HEAD: this code in a clean checkout
+    assert "matcher" in _table_rows(result.stdout)
+    bad = run_entry("ddetr.bench", ["parts", "--parts", "matcher", "no_such_option=1"], cwd=tmp_path)
+    assert bad.returncode != 0 and "no model option 'no_such_option'" in bad.stderr
