@@ -41,6 +41,7 @@ inline void append_part(std::string& out, at::IntArrayRef part) {
   }
   out += "]";
 }
+inline void append_part(std::string& out, double part) { out += std::to_string(part); }
 template <typename Integer, typename = std::enable_if_t<std::is_integral_v<Integer>>>
 void append_part(std::string& out, Integer part) {
   out += std::to_string(part);

@@ -18,6 +18,8 @@ compiled library.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,8 +30,9 @@ _LEVELS = 1 << 32  # the mask's resolution: 32 random bits an element
 
 
 def drop_probability(p: float) -> float:
-    """The drop probability of the compiled mask for a requested ``p`` (``p`` rounded to 2^-32)."""
-    return round(p * _LEVELS) / _LEVELS
+    """The drop probability of the compiled mask for a requested ``p`` (``p`` rounded to 2^-32, halves
+    up as the kernel's ``llround``)."""
+    return math.floor(p * _LEVELS + 0.5) / _LEVELS
 
 
 def compiled_path(x: torch.Tensor) -> bool:

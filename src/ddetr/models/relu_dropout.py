@@ -21,7 +21,7 @@ class _ReluDropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
         y = dropout(F.relu(x), p, training)
-        # p = 1: y and dx are all zero; the CPU's cheap mask drops with p rounded to 1/65536
+        # p = 1: y and dx are all zero; the compiled CPU mask drops with p rounded to 2^-32
         ctx.scale = 1.0 / (1.0 - realised_probability(x, p)) if training and 0.0 < p < 1.0 else 1.0
         ctx.save_for_backward(y)
         return y
