@@ -1,4 +1,4 @@
-// Schema of the dropout ops (CPU kernels in cpu/dropout_cpu.cpp). Python adds the fake kernels and
+// Schema of the dropout ops (plain and after a ReLU) (CPU kernels in cpu/dropout_cpu.cpp). Python adds the fake kernels and
 // the autograd formula (ddetr/ops/_registration.py) and uses them on CPU tensors only: CUDA's own
 // dropout is already one fused kernel (ddetr/models/dropout.py).
 #include <torch/library.h>
@@ -9,4 +9,8 @@ TORCH_LIBRARY_FRAGMENT(ddetr, m) {
   m.def("dropout_forward(Tensor input, float p, int seed) -> (Tensor, Tensor)");
   // grad_output * keep / (1 - p), with p rounded as in dropout_forward.
   m.def("dropout_backward(Tensor grad_output, Tensor keep, float p) -> Tensor");
+  // dropout(relu(input)) with dropout_forward's mask for the same seed; no mask is returned.
+  m.def("relu_dropout_forward(Tensor input, float p, int seed) -> Tensor");
+  // grad_output / (1 - p) where output (of relu_dropout_forward) > 0, else 0.
+  m.def("relu_dropout_backward(Tensor grad_output, Tensor output, float p) -> Tensor");
 }

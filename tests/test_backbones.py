@@ -113,6 +113,78 @@ def test_channels_last_backbone_computes_the_same_maps():
             assert torch.equal(mask_a, mask_b)
 
 
+# ----------------------------------------------------------------------------- ResNet speed-ups
+@pytest.mark.parametrize("block_name", ["basic", "bottleneck"])
+def test_blocks_with_folded_frozen_norms_compute_torchvisions_blocks(block_name):
+    """The blocks that fold each frozen norm into its convolution (weights * scale, bias = shift) give
+    torchvision's block with the same frozen norms (random weights and statistics, a strided downsample) in
+    outputs and gradients, hold the same state-dict keys, and with trainable batch norm are torchvision's."""
+    from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
+
+    from ddetr.models.backbones.frozen_norm_blocks import FrozenNormBasicBlock, FrozenNormBottleneck
+
+    reference_class, our_class = {
+        "basic": (BasicBlock, FrozenNormBasicBlock),
+        "bottleneck": (Bottleneck, FrozenNormBottleneck),
+    }[block_name]
+    planes = 8
+    out_channels = planes * reference_class.expansion
+
+    def block(cls, norm):
+        downsample = nn.Sequential(conv1x1(16, out_channels, 2), norm(out_channels))
+        return cls(16, planes, stride=2, downsample=downsample, norm_layer=norm).double()
+
+    reference, ours = block(reference_class, FrozenBatchNorm2d), block(our_class, FrozenBatchNorm2d)
+    state = {
+        key: value - 1.0 if "conv" in key or "downsample.0" in key else value  # weights of both signs
+        for key, value in random_state_dict(reference).items()
+    }
+    reference.load_state_dict(state)
+    ours.load_state_dict(state)
+    assert set(ours.state_dict()) == set(reference.state_dict())
+    grads = []
+    for network in (reference, ours):
+        x = torch.randn(2, 16, 9, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        x.requires_grad_(True)
+        y = network(x)
+        y.backward(torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2)))
+        grads.append((y.detach(), x.grad, [p.grad for p in network.parameters()]))
+    (y_ref, x_grad_ref, p_grads_ref), (y_ours, x_grad_ours, p_grads_ours) = grads
+    assert (y_ref > 0).any() and (y_ref == 0).any()  # the final ReLU cuts some
+    torch.testing.assert_close(y_ours, y_ref)
+    torch.testing.assert_close(x_grad_ours, x_grad_ref)
+    for ours_grad, reference_grad in zip(p_grads_ours, p_grads_ref, strict=True):
+        torch.testing.assert_close(ours_grad, reference_grad)
+    # trainable batch norm: torchvision's forward, unchanged
+    torch.manual_seed(3)
+    reference = block(reference_class, nn.BatchNorm2d)
+    torch.manual_seed(3)
+    ours = block(our_class, nn.BatchNorm2d)
+    x = torch.randn(2, 16, 9, 10, dtype=torch.float64)
+    assert torch.equal(ours(x), reference(x))
+
+
+def test_resnet_stem_max_pool_runs_in_channels_last_only_without_a_gradient():
+    """The stem's pooling gives ``nn.MaxPool2d``'s values (in contiguous memory); it takes the channels-last
+    path only where no gradient is needed, and the gradient through it is ``nn.MaxPool2d``'s."""
+    from ddetr.models.backbones.max_pool import ChannelsLastMaxPool2d, channels_last_pays
+
+    backbone = ResNetBackbone("resnet18", num_levels=3, norm="frozen")
+    pool = backbone.body.maxpool
+    assert isinstance(pool, ChannelsLastMaxPool2d)
+    reference = nn.MaxPool2d(3, 2, 1)
+    x = torch.randn(2, 5, 33, 40)
+    assert channels_last_pays(x) and not channels_last_pays(x.requires_grad_(True))
+    with torch.no_grad():
+        pooled = pool(x)
+    assert pooled.is_contiguous() and torch.equal(pooled, reference(x.detach()))
+    grad_output = torch.randn(pooled.shape)
+    x_reference = x.detach().clone().requires_grad_(True)
+    pool(x).backward(grad_output)
+    reference(x_reference).backward(grad_output)
+    assert torch.equal(x.grad, x_reference.grad)
+
+
 # ----------------------------------------------------------------------------- timm
 TIMM_FAMILIES = [
     ("convnext_atto", {}),  # ConvNeXt: first map at stride 4, layer norm

@@ -60,6 +60,31 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.ddetr.dropout_forward.default, (x, 0.25, 7))
     keep = torch.rand(4, 33) > 0.25
     torch.library.opcheck(torch.ops.ddetr.dropout_backward.default, (torch.randn(4, 33), keep, 0.25))
+    torch.library.opcheck(torch.ops.ddetr.relu_dropout_forward.default, (x, 0.25, 7))
+    output = torch.ops.ddetr.relu_dropout_forward(x.detach(), 0.25, 7)
+    torch.library.opcheck(torch.ops.ddetr.relu_dropout_backward.default, (torch.randn(4, 33), output, 0.25))
+
+
+def test_relu_dropout_kernel_is_relu_then_the_same_mask():
+    """``relu_dropout_forward`` with a seed: ``dropout_forward``'s output for that seed, after a ReLU, on an odd
+    size (the last element's own draw) and with NaN and inf like ``torch.relu`` followed by the dropout; its
+    backward is the gradient where the output is positive, times the scale."""
+    x = torch.randn(3, 1001, dtype=torch.float64)
+    x[0, :4] = torch.tensor([float("nan"), float("inf"), float("-inf"), 0.0])
+    for seed in (0, 99, -(2**62)):
+        fused = torch.ops.ddetr.relu_dropout_forward(x, 0.3, seed)
+        reference, keep = torch.ops.ddetr.dropout_forward(torch.relu(x), 0.3, seed)
+        torch.testing.assert_close(fused, reference, rtol=0, atol=0, equal_nan=True)
+    assert torch.isnan(fused[0, 0]) and fused[0, 2] == 0 and fused[0, 3] == 0
+    assert fused[0, 1] == float("inf") or torch.isnan(fused[0, 1])  # inf * scale, or inf * 0 = NaN (dropped)
+    grad_output = torch.randn_like(x)
+    grad = torch.ops.ddetr.relu_dropout_backward(grad_output, fused, 0.3)
+    scale = 1 / (1 - drop_probability(0.3))
+    expected = torch.where((x > 0) & keep, grad_output * scale, 0.0)
+    torch.testing.assert_close(grad, expected, rtol=0, atol=0)
+    small = (torch.rand(6, 7, dtype=torch.float64) + 0.05) * torch.tensor([1.0, -1.0]).repeat(21).view(6, 7)
+    small.requires_grad_(True)  # away from ReLU's kink at 0, where the numerical gradient is undefined
+    assert torch.autograd.gradcheck(lambda t: torch.ops.ddetr.relu_dropout_forward(t, 0.4, 1234), (small,))
 
 
 def test_same_seed_same_masks_on_any_thread_count():

@@ -45,12 +45,7 @@ def compiled_path(x: torch.Tensor) -> bool:
     )
 
 
-def realised_probability(x: torch.Tensor, p: float) -> float:
-    """The drop probability ``dropout(x, p, True)`` applies: ``drop_probability(p)`` on the compiled path, else ``p``."""
-    return drop_probability(p) if compiled_path(x) else p
-
-
-def _seed() -> int:
+def dropout_seed() -> int:
     """A 64-bit seed from the default CPU generator (one draw)."""
     return int(torch.empty((), dtype=torch.int64).random_(-(1 << 63), (1 << 63) - 1))
 
@@ -59,7 +54,7 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """``F.dropout(x, p, training)``, through the compiled CPU kernel where it runs (module docstring)."""
     if not (training and 0.0 < p < 1.0 and compiled_path(x)):
         return F.dropout(x, p, training)
-    output, _ = torch.ops.ddetr.dropout_forward(x, p, _seed())  # differentiable in x
+    output, _ = torch.ops.ddetr.dropout_forward(x, p, dropout_seed())  # differentiable in x
     return output
 
 

@@ -115,8 +115,8 @@ class MSDeformAttn(nn.Module):
         batch_size, num_queries, _ = query.shape
         num_values = value_input.shape[1]
         value = self.value_proj(value_input)
-        if padding_mask is not None:
-            value = value.masked_fill(padding_mask[..., None], 0.0)
+        if padding_mask is not None:  # in place: the projection's output is not needed for its backward
+            value = value.masked_fill_(padding_mask[..., None], 0.0)
         value = value.view(batch_size, num_values, self.num_heads, self.head_dim)  # (B, S, M, D)
         device_type = query.device.type
         if torch.is_autocast_enabled(device_type):  # one cast (and one saved copy) for both projections

@@ -14,7 +14,7 @@ _REGISTERED = False
 
 def register() -> None:
     """Registers the fake kernels and the autograd formulas of ``ddetr::ms_deform_attn_forward`` and
-    ``ddetr::dropout_forward`` (idempotent)."""
+    ``ddetr::dropout_forward`` and ``ddetr::relu_dropout_forward`` (idempotent)."""
     global _REGISTERED
     if _REGISTERED:
         return
@@ -24,6 +24,11 @@ def register() -> None:
     torch.library.register_fake("ddetr::dropout_forward", _dropout_forward_fake)
     torch.library.register_fake("ddetr::dropout_backward", _dropout_backward_fake)
     torch.library.register_autograd("ddetr::dropout_forward", _dropout_backward, setup_context=_dropout_setup_context)
+    torch.library.register_fake("ddetr::relu_dropout_forward", _relu_dropout_forward_fake)
+    torch.library.register_fake("ddetr::relu_dropout_backward", _relu_dropout_backward_fake)
+    torch.library.register_autograd(
+        "ddetr::relu_dropout_forward", _relu_dropout_backward, setup_context=_relu_dropout_setup_context
+    )
     _REGISTERED = True
 
 
@@ -112,3 +117,21 @@ def _dropout_backward(ctx, grad_output, grad_keep):
     if grad_output is None:
         return None, None, None
     return torch.ops.ddetr.dropout_backward(grad_output, keep, ctx.p), None, None
+
+
+def _relu_dropout_forward_fake(input, p, seed):
+    return torch.empty_like(input, memory_format=torch.contiguous_format)
+
+
+def _relu_dropout_backward_fake(grad_output, output, p):
+    return torch.empty_like(grad_output, memory_format=torch.contiguous_format)
+
+
+def _relu_dropout_setup_context(ctx, inputs, output):
+    _, ctx.p, _ = inputs
+    ctx.save_for_backward(output)  # positive exactly where the input was positive and kept
+
+
+def _relu_dropout_backward(ctx, grad_output):
+    (output,) = ctx.saved_tensors
+    return torch.ops.ddetr.relu_dropout_backward(grad_output, output, ctx.p), None, None

@@ -12,6 +12,8 @@ from torchvision.models._utils import IntermediateLayerGetter
 
 from ddetr.models.backbones.base import LEVEL_STRIDES, Backbone, backbone_strides, set_trainable, shared_options
 from ddetr.models.backbones.frozen_batch_norm import FrozenBatchNorm2d
+from ddetr.models.backbones.frozen_norm_blocks import FrozenNormBasicBlock, FrozenNormBottleneck
+from ddetr.models.backbones.max_pool import channels_last_max_pool
 from ddetr.models.backbones.registry import register_backbone
 from ddetr.models.backbones.weights import load_backbone_weights, load_state_dict
 from ddetr.models.config import BackboneConfig
@@ -88,9 +90,15 @@ class ResNetBackbone(Backbone):
         strides = list(backbone_strides(num_levels))
         if dilation and not RESNET_LAYOUTS[name][1]:
             raise ValueError(f"dilation (DC5) needs a bottleneck ResNet (resnet50/101); {name} has basic blocks")
-        resnet = getattr(torchvision.models, name)(
-            weights=None, replace_stride_with_dilation=[False, False, dilation], norm_layer=NORM_LAYERS[norm]
+        # torchvision's resnet18..101 (weights=None), built of blocks that fold frozen norms into their convolutions
+        block = FrozenNormBottleneck if name in BOTTLENECK_RESNETS else FrozenNormBasicBlock
+        resnet = torchvision.models.resnet.ResNet(
+            block,
+            list(RESNET_DEPTHS[name]),
+            replace_stride_with_dilation=[False, False, dilation],
+            norm_layer=NORM_LAYERS[norm],
         )
+        resnet.maxpool = channels_last_max_pool(resnet.maxpool)  # faster on the CPU without a gradient
         stages = STAGES[len(STAGES) - num_levels :]
         self.body = IntermediateLayerGetter(resnet, return_layers={stage: stage for stage in stages})
         if weights is not None and not Path(weights).is_file() and str(weights) in TORCHVISION_WEIGHT_NAMES:
