@@ -114,10 +114,12 @@ class MSDeformAttn(nn.Module):
         """
         batch_size, num_queries, _ = query.shape
         num_values = value_input.shape[1]
-        value = self.value_proj(value_input)
-        if padding_mask is not None:  # in place: the projection's output is not needed for its backward
-            value = value.masked_fill_(padding_mask[..., None], 0.0)
-        value = value.view(batch_size, num_values, self.num_heads, self.head_dim)  # (B, S, M, D)
+        # (B, S, D) -> (B * S, D): the projection's 2-d output is no view, so the padding is zeroed in place
+        # without a copy (its backward needs no output); on a view autograd would copy the whole base
+        value = self.value_proj(value_input.flatten(0, 1))
+        if padding_mask is not None:
+            value.masked_fill_(padding_mask.reshape(-1, 1), 0.0)
+        value = value.view(batch_size, num_values, self.num_heads, self.head_dim)  # (B * S, D) -> (B, S, M, D)
         device_type = query.device.type
         if torch.is_autocast_enabled(device_type):  # one cast (and one saved copy) for both projections
             query = query.to(torch.get_autocast_dtype(device_type))
