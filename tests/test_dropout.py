@@ -82,6 +82,9 @@ def test_relu_dropout_kernel_is_relu_then_the_same_mask():
     scale = 1 / (1 - drop_probability(0.3))
     expected = torch.where((x > 0) & keep, grad_output * scale, 0.0)
     torch.testing.assert_close(grad, expected, rtol=0, atol=0)
+    # a NaN gradient stays NaN where the output is positive and is 0 elsewhere, as through ReLU's backward
+    nan_grad = torch.ops.ddetr.relu_dropout_backward(torch.full_like(x, float("nan")), fused, 0.3)
+    assert torch.isnan(nan_grad[fused > 0]).all() and (nan_grad[~(fused > 0)] == 0).all()
     small = (torch.rand(6, 7, dtype=torch.float64) + 0.05) * torch.tensor([1.0, -1.0]).repeat(21).view(6, 7)
     small.requires_grad_(True)  # away from ReLU's kink at 0, where the numerical gradient is undefined
     assert torch.autograd.gradcheck(lambda t: torch.ops.ddetr.relu_dropout_forward(t, 0.4, 1234), (small,))

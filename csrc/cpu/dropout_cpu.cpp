@@ -44,13 +44,6 @@ opmath_t keep_scale(uint64_t threshold) {
   return static_cast<opmath_t>(kLevels / (kLevels - static_cast<double>(threshold)));
 }
 
-// value * scale where kept, value * 0 where dropped (as PyTorch's dropout: NaN and inf give NaN);
-// branch-free so the loops vectorise.
-template <typename scalar_t, typename opmath_t>
-inline scalar_t scaled(scalar_t value, bool kept, opmath_t scale) {
-  return static_cast<scalar_t>(static_cast<opmath_t>(value) * (kept ? scale : opmath_t(0)));
-}
-
 // Calls visit(i, kept) for every element i < numel: kept unless its 32 bits are below threshold.
 // Pairs of elements share one 64-bit draw, and a task starts on an even element.
 template <typename Visit>
@@ -81,23 +74,38 @@ inline scalar_t relu(scalar_t value) {
   return value < scalar_t(0) ? scalar_t(0) : value;
 }
 
-std::tuple<at::Tensor, at::Tensor> dropout_forward_cpu(const at::Tensor& input, double p, int64_t seed) {
-  check_input(input, "dropout_forward");
+// value * scale where kept, value * 0 where dropped (as PyTorch's dropout: NaN and inf give NaN).
+template <typename scalar_t, typename opmath_t>
+inline scalar_t scaled(scalar_t value, bool kept, opmath_t scale) {
+  return static_cast<scalar_t>(static_cast<opmath_t>(value) * (kept ? scale : opmath_t(0)));
+}
+
+// The dropout of x (contiguous) for seed, after a ReLU with kRelu, in one threaded pass; each element's
+// kept-or-dropped also into mask unless it is null.
+template <bool kRelu>
+at::Tensor dropout_pass(const at::Tensor& x, double p, int64_t seed, bool* mask) {
   const uint64_t threshold = drop_threshold(p);
-  const at::Tensor x = input.contiguous();
   at::Tensor output = at::empty_like(x);
-  at::Tensor keep = at::empty(x.sizes(), x.options().dtype(at::kBool));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dropout_forward_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const opmath_t scale = keep_scale<opmath_t>(threshold);
     const scalar_t* in = x.const_data_ptr<scalar_t>();
     scalar_t* out = output.mutable_data_ptr<scalar_t>();
-    bool* mask = keep.mutable_data_ptr<bool>();
     for_each_draw(x.numel(), static_cast<uint64_t>(seed), threshold, [&](int64_t i, bool kept) {
-      mask[i] = kept;
-      out[i] = scaled(in[i], kept, scale);
+      if (mask != nullptr) {
+        mask[i] = kept;
+      }
+      out[i] = scaled(kRelu ? relu(in[i]) : in[i], kept, scale);
     });
   });
+  return output;
+}
+
+std::tuple<at::Tensor, at::Tensor> dropout_forward_cpu(const at::Tensor& input, double p, int64_t seed) {
+  check_input(input, "dropout_forward");
+  const at::Tensor x = input.contiguous();
+  at::Tensor keep = at::empty(x.sizes(), x.options().dtype(at::kBool));
+  at::Tensor output = dropout_pass<false>(x, p, seed, keep.mutable_data_ptr<bool>());
   return {output, keep};
 }
 
@@ -105,45 +113,47 @@ std::tuple<at::Tensor, at::Tensor> dropout_forward_cpu(const at::Tensor& input, 
 // the output alone gives the gradient (relu_dropout_backward).
 at::Tensor relu_dropout_forward_cpu(const at::Tensor& input, double p, int64_t seed) {
   check_input(input, "relu_dropout_forward");
-  const uint64_t threshold = drop_threshold(p);
-  const at::Tensor x = input.contiguous();
-  at::Tensor output = at::empty_like(x);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "relu_dropout_forward_cpu", [&] {
-    using opmath_t = at::opmath_type<scalar_t>;
-    const opmath_t scale = keep_scale<opmath_t>(threshold);
-    const scalar_t* in = x.const_data_ptr<scalar_t>();
-    scalar_t* out = output.mutable_data_ptr<scalar_t>();
-    for_each_draw(x.numel(), static_cast<uint64_t>(seed), threshold, [&](int64_t i, bool kept) {
-      out[i] = scaled(relu(in[i]), kept, scale);
-    });
-  });
-  return output;
+  return dropout_pass<true>(input.contiguous(), p, seed, nullptr);
 }
 
-// grad_output / (1 - p) where output > 0 (the input was positive and kept), else 0.
+// grad_output / (1 - p) where kept, in one threaded pass; elsewhere grad_output * 0 (NaN stays NaN, as
+// PyTorch's dropout) or, with kExactZero, 0 (as PyTorch's ReLU backward). make_kept(T{}) returns, for
+// the dispatched scalar type T, the function of the element index that tells "kept" (0 or 1).
+template <bool kExactZero, typename MakeKept>
+at::Tensor kept_gradient(const at::Tensor& grad_output, double p, const MakeKept& make_kept) {
+  const uint64_t threshold = drop_threshold(p);
+  const at::Tensor grad = grad_output.contiguous();
+  at::Tensor grad_input = at::empty_like(grad);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "dropout_backward_cpu", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const opmath_t scale = keep_scale<opmath_t>(threshold);
+    const scalar_t* in = grad.const_data_ptr<scalar_t>();
+    const auto kept = make_kept(scalar_t{});
+    scalar_t* out = grad_input.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, grad.numel(), 8192, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const opmath_t factor = static_cast<opmath_t>(kept(i)) * scale;  // no bool load: the loop vectorises
+        const opmath_t value = static_cast<opmath_t>(in[i]);
+        out[i] = static_cast<scalar_t>(kExactZero ? (factor > opmath_t(0) ? value * factor : opmath_t(0)) : value * factor);
+      }
+    });
+  });
+  return grad_input;
+}
+
+// grad_output / (1 - p) where output > 0 (the input was positive and kept), else exactly 0.
 at::Tensor relu_dropout_backward_cpu(const at::Tensor& grad_output, const at::Tensor& output, double p) {
   TORCH_CHECK(grad_output.device().is_cpu() && output.device().is_cpu(),
               "relu_dropout_backward: CPU tensors expected");
   TORCH_CHECK(grad_output.sizes() == output.sizes() && grad_output.scalar_type() == output.scalar_type(),
               message("relu_dropout_backward: grad_output ", grad_output.sizes(), " ", grad_output.scalar_type(),
                       " and output ", output.sizes(), " ", output.scalar_type(), " differ"));
-  const uint64_t threshold = drop_threshold(p);
-  const at::Tensor grad = grad_output.contiguous();
   const at::Tensor y = output.contiguous();
-  at::Tensor grad_input = at::empty_like(grad);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "relu_dropout_backward_cpu", [&] {
-    using opmath_t = at::opmath_type<scalar_t>;
-    const opmath_t scale = keep_scale<opmath_t>(threshold);
-    const scalar_t* in = grad.const_data_ptr<scalar_t>();
-    const scalar_t* kept = y.const_data_ptr<scalar_t>();
-    scalar_t* out = grad_input.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, grad.numel(), 8192, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        out[i] = scaled(in[i], kept[i] > scalar_t(0), scale);
-      }
-    });
+  return kept_gradient<true>(grad_output, p, [&](auto zero) {
+    const auto* values = y.const_data_ptr<decltype(zero)>();
+    using scalar_t = decltype(zero);
+    return [values, zero](int64_t i) { return static_cast<scalar_t>(values[i] > zero); };
   });
-  return grad_input;
 }
 
 at::Tensor dropout_backward_cpu(const at::Tensor& grad_output, const at::Tensor& keep, double p) {
@@ -151,24 +161,12 @@ at::Tensor dropout_backward_cpu(const at::Tensor& grad_output, const at::Tensor&
   TORCH_CHECK(keep.scalar_type() == at::kBool, "dropout_backward: keep must be a bool tensor");
   TORCH_CHECK(grad_output.sizes() == keep.sizes(),
               message("dropout_backward: grad_output ", grad_output.sizes(), " and keep ", keep.sizes(), " differ in shape"));
-  const uint64_t threshold = drop_threshold(p);
-  const at::Tensor grad = grad_output.contiguous();
   const at::Tensor mask_tensor = keep.contiguous();
-  at::Tensor grad_input = at::empty_like(grad);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "dropout_backward_cpu", [&] {
-    using opmath_t = at::opmath_type<scalar_t>;
-    const opmath_t scale = keep_scale<opmath_t>(threshold);
-    const scalar_t* in = grad.const_data_ptr<scalar_t>();
-    // the mask read as bytes (0 or 1): with bool loads GCC does not vectorise the loop (6x slower)
-    const uint8_t* mask = reinterpret_cast<const uint8_t*>(mask_tensor.const_data_ptr<bool>());
-    scalar_t* out = grad_input.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, grad.numel(), 8192, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        out[i] = static_cast<scalar_t>(static_cast<opmath_t>(in[i]) * (static_cast<opmath_t>(mask[i]) * scale));
-      }
-    });
+  // the mask read as bytes (0 or 1): with bool loads GCC does not vectorise the loop
+  const uint8_t* mask = reinterpret_cast<const uint8_t*>(mask_tensor.const_data_ptr<bool>());
+  return kept_gradient<false>(grad_output, p, [mask](auto) {
+    return [mask](int64_t i) { return mask[i]; };
   });
-  return grad_input;
 }
 
 }  // namespace
