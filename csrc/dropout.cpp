@@ -1,6 +1,6 @@
-// Schema of the dropout ops (plain and after a ReLU) (CPU kernels in cpu/dropout_cpu.cpp). Python adds the fake kernels and
-// the autograd formula (ddetr/ops/_registration.py) and uses them on CPU tensors only: CUDA's own
-// dropout is already one fused kernel (ddetr/models/dropout.py).
+// Schema of the dropout ops, plain and after a ReLU (CPU kernels in cpu/dropout_cpu.cpp). Python adds
+// the fake kernels and the autograd formulas (ddetr/ops/_registration.py) and uses them on CPU tensors
+// only: CUDA's own dropout is already one fused kernel (ddetr/models/dropout.py).
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(ddetr, m) {

@@ -152,8 +152,8 @@ at::Tensor relu_dropout_backward_cpu(const at::Tensor& grad_output, const at::Te
                       " and output ", output.sizes(), " ", output.scalar_type(), " differ"));
   const at::Tensor y = output.contiguous();
   return kept_gradient<true>(grad_output, p, [&](auto zero) {
-    const auto* values = y.const_data_ptr<decltype(zero)>();
     using scalar_t = decltype(zero);
+    const scalar_t* values = y.const_data_ptr<scalar_t>();
     return [values, zero](int64_t i) { return static_cast<scalar_t>(values[i] > zero); };
   });
 }

@@ -22,10 +22,10 @@ def register() -> None:
     torch.library.register_fake("ddetr::ms_deform_attn_backward", _backward_fake)
     torch.library.register_autograd("ddetr::ms_deform_attn_forward", _backward, setup_context=_setup_context)
     torch.library.register_fake("ddetr::dropout_forward", _dropout_forward_fake)
-    torch.library.register_fake("ddetr::dropout_backward", _dropout_backward_fake)
+    torch.library.register_fake("ddetr::dropout_backward", _contiguous_like_first)
     torch.library.register_autograd("ddetr::dropout_forward", _dropout_backward, setup_context=_dropout_setup_context)
-    torch.library.register_fake("ddetr::relu_dropout_forward", _relu_dropout_forward_fake)
-    torch.library.register_fake("ddetr::relu_dropout_backward", _relu_dropout_backward_fake)
+    torch.library.register_fake("ddetr::relu_dropout_forward", _contiguous_like_first)
+    torch.library.register_fake("ddetr::relu_dropout_backward", _contiguous_like_first)
     torch.library.register_autograd(
         "ddetr::relu_dropout_forward", _relu_dropout_backward, setup_context=_relu_dropout_setup_context
     )
@@ -96,13 +96,12 @@ def _backward(ctx, grad_output):
 
 def _dropout_forward_fake(input, p, seed):
     """(output like input, keep: bool of input's shape)."""
-    return torch.empty_like(input, memory_format=torch.contiguous_format), input.new_empty(
-        input.shape, dtype=torch.bool
-    )
+    return _contiguous_like_first(input), input.new_empty(input.shape, dtype=torch.bool)
 
 
-def _dropout_backward_fake(grad_output, keep, p):
-    return torch.empty_like(grad_output, memory_format=torch.contiguous_format)
+def _contiguous_like_first(tensor, *_):
+    """The fake kernel of the dropout ops with one output: contiguous, like their first argument."""
+    return torch.empty_like(tensor, memory_format=torch.contiguous_format)
 
 
 def _dropout_setup_context(ctx, inputs, output):
@@ -117,14 +116,6 @@ def _dropout_backward(ctx, grad_output, grad_keep):
     if grad_output is None:
         return None, None, None
     return torch.ops.ddetr.dropout_backward(grad_output, keep, ctx.p), None, None
-
-
-def _relu_dropout_forward_fake(input, p, seed):
-    return torch.empty_like(input, memory_format=torch.contiguous_format)
-
-
-def _relu_dropout_backward_fake(grad_output, output, p):
-    return torch.empty_like(grad_output, memory_format=torch.contiguous_format)
 
 
 def _relu_dropout_setup_context(ctx, inputs, output):
