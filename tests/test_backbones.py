@@ -113,6 +113,62 @@ def test_channels_last_backbone_computes_the_same_maps():
             assert torch.equal(mask_a, mask_b)
 
 
+# ----------------------------------------------------------------------------- backbone.max_stride
+def _torchvision_stages(network: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The outputs of torchvision ResNet ``network``'s layer2 and layer3, by name."""
+    x = network.maxpool(network.relu(network.bn1(network.conv1(images))))
+    layer2 = network.layer2(network.layer1(x))
+    return {"layer2": layer2, "layer3": network.layer3(layer2)}
+
+
+@pytest.mark.parametrize("num_feature_levels, stages", [(3, ["layer2", "layer3"]), (1, ["layer3"])])
+def test_resnet_up_to_stride_16_is_torchvisions_network_through_layer3(num_feature_levels, stages):
+    torch.manual_seed(0)
+    backbone = build_backbone(micro_config(num_feature_levels, name="resnet18", norm="batch", max_stride=16)).eval()
+    assert not hasattr(backbone.body, "layer4")  # never built, so never run and never optimised
+    assert backbone.strides == [8, 16][-len(stages) :] and backbone.num_channels == [128, 256][-len(stages) :]
+    reference = torchvision.models.resnet18().eval()
+    loaded = reference.load_state_dict(backbone.body.state_dict(), strict=False)
+    assert not loaded.unexpected_keys and {key.split(".")[0] for key in loaded.missing_keys} == {"layer4", "fc"}
+    images, mask = pad_images([torch.randn(3, 64, 96), torch.randn(3, 40, 96)])
+    with torch.no_grad():
+        expected = _torchvision_stages(reference, images)
+        levels = backbone(images, mask)
+    for (features, _), stage in zip(levels, stages, strict=True):
+        torch.testing.assert_close(features, expected[stage], rtol=1e-5, atol=1e-5)
+
+
+def test_max_stride_16_detector_makes_the_coarser_levels_and_trains_end_to_end():
+    config = micro_config(3, name="resnet18", norm="batch", max_stride=16)
+    model = build_deformable_detr(config)
+    assert config.num_backbone_levels == 2 and model.level_strides() == [8, 16, 32]
+    extra = model.input_proj[2][0]  # the official extra level: 3x3 stride-2 conv of the last backbone map
+    assert (extra.in_channels, extra.kernel_size, extra.stride) == (256, (3, 3), (2, 2))
+    outputs = model([torch.randn(3, 64, 64), torch.randn(3, 48, 64)])
+    (outputs["pred_logits"].sum() + outputs["pred_boxes"].sum()).backward()
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert trained and all(p.grad is not None for p in trained)
+
+
+def test_max_stride_errors_name_the_option():
+    with pytest.raises(ValueError, match="max_stride must be one of"):
+        micro_config(name="resnet18", max_stride=64)
+    with pytest.raises(ValueError, match="max_stride=16"):
+        build_backbone(micro_config(name="resnet50", dilation=True, max_stride=16))
+
+
+def test_timm_max_stride_16_takes_the_same_maps_as_the_full_levels():
+    torch.manual_seed(0)
+    full = build_backbone(micro_config(3, name="timm:regnetx_002")).eval()
+    torch.manual_seed(0)
+    cut = build_backbone(micro_config(3, name="timm:regnetx_002", max_stride=16)).eval()
+    assert cut.strides == [8, 16] and cut.num_channels == full.num_channels[:2]
+    images, mask = pad_images([torch.randn(3, 64, 96), torch.randn(3, 40, 96)])
+    with torch.no_grad():
+        for (a, _), (b, _) in zip(full(images, mask)[:2], cut(images, mask), strict=True):
+            torch.testing.assert_close(a, b)
+
+
 # ----------------------------------------------------------------------------- ResNet speed-ups
 @pytest.mark.parametrize("block_name", ["basic", "bottleneck"])
 def test_blocks_with_folded_frozen_norms_compute_torchvisions_blocks(block_name):

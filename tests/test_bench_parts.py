@@ -74,3 +74,14 @@ def test_r50_setup_with_options_against_a_baseline(tmp_path):
     assert "matcher" in _table_rows(result.stdout)
     bad = run_entry("ddetr.bench", ["parts", "--parts", "matcher", "no_such_option=1"], cwd=tmp_path)
     assert bad.returncode != 0 and "no model option 'no_such_option'" in bad.stderr
+
+
+def test_a_baseline_of_another_architecture_gets_no_weights_and_no_check():
+    from ddetr.benchmarks.step_parts import _same_shapes
+    from ddetr.models import DeformableDETRConfig, build_deformable_detr
+
+    options = {"num_classes": 3, "hidden_dim": 32, "nheads": 2, "enc_layers": 1, "dec_layers": 1, "num_queries": 5}
+    full = build_deformable_detr(DeformableDETRConfig.from_dict(backbone={"name": "resnet18"}, **options))
+    again = build_deformable_detr(DeformableDETRConfig.from_dict(backbone={"name": "resnet18"}, **options))
+    cut = build_deformable_detr(DeformableDETRConfig.from_dict(backbone={"name": "resnet18", "max_stride": 16}, **options))
+    assert _same_shapes(full, again) and not _same_shapes(full, cut) and not _same_shapes(cut, full)

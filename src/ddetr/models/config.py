@@ -33,6 +33,9 @@ def _plain(value: Any) -> Any:
     return value
 
 
+BACKBONE_STRIDES = (8, 16, 32)  # the strides of the backbone levels the detector can use, finest first
+
+
 @dataclass
 class BackboneConfig:
     """The backbone: a name of the registry in ``ddetr.models.backbones`` and its training policy."""
@@ -47,13 +50,18 @@ class BackboneConfig:
     # the backbone's weights and input in channels-last memory (docs/backbones.md: faster convolutions on
     # the CPU, measured 0.94x (R18) and 0.72x (R50) of the time of forward + backward)
     channels_last: bool = False
+    # the deepest backbone stage used, by its stride (8 | 16 | 32): 16 stops a ResNet after layer3, and the
+    # detector's strided convolutions make the coarser levels (docs/default_run.md: the small model's
+    # layer4 cost a third of its backbone's time at 96 pixels)
+    max_stride: int = 32
 
     def __post_init__(self) -> None:
         self.kwargs = _plain(self.kwargs or {})
+        if self.max_stride not in BACKBONE_STRIDES:
+            raise ValueError(f"backbone.max_stride must be one of {BACKBONE_STRIDES}, got {self.max_stride!r}")
 
 
 CHECKPOINTING = ("none", "encoder", "all")  # model.checkpointing: which layer stacks recompute in backward
-MAX_BACKBONE_LEVELS = 3  # the backbone gives strides 8, 16, 32 at most
 
 
 @dataclass
@@ -120,9 +128,10 @@ class DeformableDETRConfig:
 
     @property
     def num_backbone_levels(self) -> int:
-        """Levels taken from the backbone (strides 8, 16, 32; the last ones when fewer); the other
-        ``num_feature_levels`` come from strided convolutions in the detector."""
-        return min(self.num_feature_levels, MAX_BACKBONE_LEVELS)
+        """Levels taken from the backbone (strides 8, 16, 32 up to ``backbone.max_stride``; the last
+        ones when fewer); the other ``num_feature_levels`` come from strided convolutions in the detector."""
+        available = sum(stride <= self.backbone.max_stride for stride in BACKBONE_STRIDES)
+        return min(self.num_feature_levels, available)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None = None, **overrides: Any) -> DeformableDETRConfig:

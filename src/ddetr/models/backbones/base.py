@@ -25,27 +25,30 @@ import torch
 from torch import nn
 
 from ddetr.image_list import resize_mask
+from ddetr.models.config import BACKBONE_STRIDES
 
 if TYPE_CHECKING:
     from ddetr.models.config import DeformableDETRConfig
 
-LEVEL_STRIDES = (8, 16, 32)  # the strides of the backbone levels the detector uses, finest first
+LEVEL_STRIDES = BACKBONE_STRIDES  # the strides of the backbone levels the detector uses, finest first
 
 
-def backbone_strides(num_levels: int) -> tuple[int, ...]:
-    """The strides of ``num_levels`` backbone levels (1 to 3): the last ones of 8, 16, 32."""
-    if not 1 <= num_levels <= len(LEVEL_STRIDES):
-        raise ValueError(f"a backbone returns 1 to {len(LEVEL_STRIDES)} levels, got {num_levels}")
-    return LEVEL_STRIDES[len(LEVEL_STRIDES) - num_levels :]
+def backbone_strides(num_levels: int, max_stride: int = LEVEL_STRIDES[-1]) -> tuple[int, ...]:
+    """The strides of ``num_levels`` backbone levels: the last ones of 8, 16, 32 up to ``max_stride``."""
+    strides = tuple(stride for stride in LEVEL_STRIDES if stride <= max_stride)
+    if not 1 <= num_levels <= len(strides):
+        raise ValueError(f"a backbone up to stride {max_stride} returns 1 to {len(strides)} levels, got {num_levels}")
+    return strides[len(strides) - num_levels :]
 
 
 def shared_options(config: DeformableDETRConfig) -> dict[str, Any]:
     """The keyword arguments every built-in backbone constructor takes from ``config``: ``num_levels``
-    (``config.num_backbone_levels``) and the training policy of ``config.backbone`` (``train_backbone``,
-    ``weights``, ``norm``, ``freeze_stem``)."""
+    (``config.num_backbone_levels``), ``max_stride`` and the training policy of ``config.backbone``
+    (``train_backbone``, ``weights``, ``norm``, ``freeze_stem``)."""
     backbone = config.backbone
     return {
         "num_levels": config.num_backbone_levels,
+        "max_stride": backbone.max_stride,
         "train_backbone": backbone.train_backbone,
         "weights": backbone.weights,
         "norm": backbone.norm,

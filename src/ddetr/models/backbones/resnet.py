@@ -61,7 +61,9 @@ class ResNetBackbone(Backbone):
     """A torchvision ResNet returning its last ``num_levels`` stages.
 
     ``num_levels`` of 1, 2 or 3 returns ``layer4``; ``layer3, layer4``; ``layer2, layer3, layer4``
-    (strides 8, 16, 32; 16 for ``layer4`` with ``dilation``, the DC5 variant). As in the official
+    (strides 8, 16, 32; 16 for ``layer4`` with ``dilation``, the DC5 variant). ``max_stride=16``
+    (or 8) ends the network after ``layer3`` (``layer2``): the last ``num_levels`` stages up to that
+    stride are returned and the later stages are not built. As in the official
     model (``norm="frozen"``, ``freeze_stem=True``) batch norm is frozen, the stem and ``layer1``
     never train and ``layer2..4`` train when ``train_backbone``. For training from scratch without
     pretrained weights, ``norm="batch"`` uses ordinary (trainable) batch norm and ``freeze_stem=False``
@@ -81,15 +83,18 @@ class ResNetBackbone(Backbone):
         weights: str | Path | None = None,
         norm: str = BackboneConfig.norm,
         freeze_stem: bool = BackboneConfig.freeze_stem,
+        max_stride: int = BackboneConfig.max_stride,
     ) -> None:
         super().__init__()
         if norm not in NORM_LAYERS:
             raise ValueError(f"unknown backbone norm {norm!r}; expected one of {sorted(NORM_LAYERS)}")
         if name not in RESNETS:
             raise ValueError(f"unknown ResNet {name!r}; expected one of {RESNETS}")
-        strides = list(backbone_strides(num_levels))
+        strides = list(backbone_strides(num_levels, max_stride))
         if dilation and not RESNET_LAYOUTS[name][1]:
             raise ValueError(f"dilation (DC5) needs a bottleneck ResNet (resnet50/101); {name} has basic blocks")
+        if dilation and max_stride < LEVEL_STRIDES[-1]:
+            raise ValueError(f"dilation (DC5) dilates layer4, which backbone.max_stride={max_stride} leaves out")
         # torchvision's resnet18..101 (weights=None), built of blocks that fold frozen norms into their convolutions
         block = FrozenNormBottleneck if name in BOTTLENECK_RESNETS else FrozenNormBasicBlock
         resnet = torchvision.models.resnet.ResNet(
@@ -99,7 +104,8 @@ class ResNetBackbone(Backbone):
             norm_layer=NORM_LAYERS[norm],
         )
         resnet.maxpool = channels_last_max_pool(resnet.maxpool)  # faster on the CPU without a gradient
-        stages = STAGES[len(STAGES) - num_levels :]
+        stages = [STAGES[LEVEL_STRIDES.index(stride)] for stride in strides]
+        # IntermediateLayerGetter keeps the modules up to the last returned stage: later ones are dropped
         self.body = IntermediateLayerGetter(resnet, return_layers={stage: stage for stage in stages})
         if weights is not None and not Path(weights).is_file() and str(weights) in TORCHVISION_WEIGHT_NAMES:
             load_state_dict(self.body, download_resnet_weights(name, str(weights)), str(weights), f"torchvision {name}")

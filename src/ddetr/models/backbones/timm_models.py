@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddetr.models.backbones.base import Backbone, backbone_strides, set_trainable, shared_options
+from ddetr.models.backbones.base import LEVEL_STRIDES, Backbone, backbone_strides, set_trainable, shared_options
 from ddetr.models.backbones.frozen_batch_norm import freeze_batch_norm
 from ddetr.models.backbones.registry import register_backbone
 from ddetr.models.backbones.weights import load_backbone_weights
@@ -90,7 +90,8 @@ class TimmBackbone(Backbone):
     ``weights``: a local file with ``timm.create_model(model_name).state_dict()`` (the classifier and
     head entries are ignored), or ``pretrained`` for timm's pretrained weights of ``model_name``
     (``convnext_tiny.fb_in1k`` picks a tag), downloaded where a network is available.
-    ``kwargs`` go to ``timm.create_model``.
+    ``kwargs`` go to ``timm.create_model``. ``max_stride`` (16 or 8) takes the levels up to that stride
+    only; the network still runs to its end (timm's ``out_indices`` in ``kwargs`` can cut it).
     """
 
     def __init__(
@@ -102,6 +103,7 @@ class TimmBackbone(Backbone):
         norm: str = BackboneConfig.norm,
         freeze_stem: bool = BackboneConfig.freeze_stem,
         kwargs: dict[str, Any] | None = None,
+        max_stride: int = BackboneConfig.max_stride,
     ) -> None:
         super().__init__()
         if norm not in NORMS:
@@ -111,7 +113,7 @@ class TimmBackbone(Backbone):
         body = _create(timm, model_name, pretrained, dict(kwargs or {}))
         info = body.feature_info
         reductions, channels, modules = info.reduction(), info.channels(), info.module_name()
-        strides = backbone_strides(num_levels)
+        strides = backbone_strides(num_levels, max_stride)
         available = sorted(set(reductions))
         indices = []
         for stride in backbone_strides(3):  # the stride-8 stage is also where the trained layers begin
@@ -124,7 +126,7 @@ class TimmBackbone(Backbone):
             indices.append(at_stride[-1])
         stem_end = modules[indices[0]]  # timm's name of the stride-8 stage; features_only may flatten it
         stage_prefixes = (stem_end + ".", stem_end.replace(".", "_", 1) + ".")
-        self.level_indices = indices[len(indices) - num_levels :]
+        self.level_indices = [indices[LEVEL_STRIDES.index(stride)] for stride in strides]
         self.strides = list(strides)
         self.num_channels = [channels[index] for index in self.level_indices]
         self.channels_last_output = str(getattr(body, "output_fmt", "NCHW")).upper().endswith("NHWC")
