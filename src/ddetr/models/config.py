@@ -33,7 +33,12 @@ def _plain(value: Any) -> Any:
     return value
 
 
-BACKBONE_STRIDES = (8, 16, 32)  # the strides of the backbone levels the detector can use, finest first
+LEVEL_STRIDES = (8, 16, 32)  # the strides of the backbone levels the detector can use, finest first
+
+
+def strides_up_to(max_stride: int) -> tuple[int, ...]:
+    """The strides of ``LEVEL_STRIDES`` up to ``max_stride`` (``BackboneConfig.max_stride``)."""
+    return tuple(stride for stride in LEVEL_STRIDES if stride <= max_stride)
 
 
 @dataclass
@@ -57,8 +62,8 @@ class BackboneConfig:
 
     def __post_init__(self) -> None:
         self.kwargs = _plain(self.kwargs or {})
-        if self.max_stride not in BACKBONE_STRIDES:
-            raise ValueError(f"backbone.max_stride must be one of {BACKBONE_STRIDES}, got {self.max_stride!r}")
+        if self.max_stride not in LEVEL_STRIDES:
+            raise ValueError(f"backbone.max_stride must be one of {LEVEL_STRIDES}, got {self.max_stride!r}")
 
 
 CHECKPOINTING = ("none", "encoder", "all")  # model.checkpointing: which layer stacks recompute in backward
@@ -130,8 +135,7 @@ class DeformableDETRConfig:
     def num_backbone_levels(self) -> int:
         """Levels taken from the backbone (strides 8, 16, 32 up to ``backbone.max_stride``; the last
         ones when fewer); the other ``num_feature_levels`` come from strided convolutions in the detector."""
-        available = sum(stride <= self.backbone.max_stride for stride in BACKBONE_STRIDES)
-        return min(self.num_feature_levels, available)
+        return min(self.num_feature_levels, len(strides_up_to(self.backbone.max_stride)))
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None = None, **overrides: Any) -> DeformableDETRConfig:

@@ -25,17 +25,15 @@ import torch
 from torch import nn
 
 from ddetr.image_list import resize_mask
-from ddetr.models.config import BACKBONE_STRIDES
+from ddetr.models.config import LEVEL_STRIDES, strides_up_to
 
 if TYPE_CHECKING:
     from ddetr.models.config import DeformableDETRConfig
 
-LEVEL_STRIDES = BACKBONE_STRIDES  # the strides of the backbone levels the detector uses, finest first
-
 
 def backbone_strides(num_levels: int, max_stride: int = LEVEL_STRIDES[-1]) -> tuple[int, ...]:
     """The strides of ``num_levels`` backbone levels: the last ones of 8, 16, 32 up to ``max_stride``."""
-    strides = tuple(stride for stride in LEVEL_STRIDES if stride <= max_stride)
+    strides = strides_up_to(max_stride)
     if not 1 <= num_levels <= len(strides):
         raise ValueError(f"a backbone up to stride {max_stride} returns 1 to {len(strides)} levels, got {num_levels}")
     return strides[len(strides) - num_levels :]
