@@ -100,17 +100,46 @@ def test_resnet_policy_frozen_stem_and_state_dict_names():
     assert "backbone.body.layer1.0.bn1.running_var" in model.state_dict()
 
 
-def test_channels_last_backbone_computes_the_same_maps():
-    torch.manual_seed(0)
-    default = build_backbone(micro_config(name="resnet18")).eval()
-    torch.manual_seed(0)
-    channels_last = build_backbone(micro_config(name="resnet18", channels_last=True)).eval()
-    assert channels_last.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+@pytest.mark.parametrize("mode", [True, "auto"])
+def test_channels_last_backbone_computes_the_same_maps_and_gradients(mode):
+    """``true`` converts the weights and the input, ``auto`` (the default) the input only on the CPU; the
+    convolutions then run channels-last (their outputs are), with NCHW's maps and weight gradients."""
     images, mask = pad_images([torch.randn(3, 64, 96), torch.randn(3, 40, 96)])
-    with torch.no_grad():
-        for (a, mask_a), (b, mask_b) in zip(default(images, mask), channels_last(images, mask), strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-            assert torch.equal(mask_a, mask_b)
+    results = {}
+    for channels_last in (False, mode):
+        torch.manual_seed(0)
+        backbone = build_backbone(micro_config(name="resnet18", channels_last=channels_last)).train()
+        levels = backbone(images, mask)
+        sum(features.square().mean() for features, _ in levels).backward()
+        grads = {name: p.grad for name, p in backbone.named_parameters() if p.grad is not None}
+        results[channels_last] = backbone, levels, grads
+    (_, nchw_levels, nchw_grads), (backbone, levels, grads) = results[False], results[mode]
+    assert all(f.is_contiguous() for f, _ in nchw_levels)
+    assert backbone.body.conv1.weight.is_contiguous(memory_format=torch.channels_last) == (mode is True)
+    assert all(f.is_contiguous(memory_format=torch.channels_last) and not f.is_contiguous() for f, _ in levels)
+    for (a, mask_a), (b, mask_b) in zip(nchw_levels, levels, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+        assert torch.equal(mask_a, mask_b)
+    assert grads.keys() == nchw_grads.keys() and "body.layer4.1.conv2.weight" in grads
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, nchw_grads[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_channels_last_auto_leaves_other_devices_as_they_were():
+    """``auto`` converts the input only on the CPU: on another device (here ``meta``, which computes shapes
+    and memory formats) the convolutions see NCHW memory, as with ``false``."""
+    backbone = build_backbone(micro_config(name="resnet18")).to("meta")
+    assert backbone.channels_last == "auto"
+    images = torch.empty(2, 3, 64, 96, device="meta")
+    mask = torch.zeros(2, 64, 96, dtype=torch.bool, device="meta")
+    levels = backbone(images, mask)
+    assert all(f.is_contiguous() and not f.is_contiguous(memory_format=torch.channels_last) for f, _ in levels)
+
+
+@pytest.mark.parametrize("value", ["yes", "on", 2])
+def test_channels_last_values_are_checked(value):
+    with pytest.raises(ValueError, match="backbone.channels_last must be true, false or auto"):
+        micro_config(name="resnet18", channels_last=value)
 
 
 # ----------------------------------------------------------------------------- backbone.max_stride

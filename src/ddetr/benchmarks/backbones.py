@@ -8,8 +8,9 @@ the backbone's, and the median CPU inference time of one ``--size`` x ``--size``
 interleaving them, so a busy neighbour on a shared machine slows every row alike).
 
 ``--channels-last`` instead times the backbone alone (official policy: frozen batch norm and stem),
-forward and backward of a batch of two ``--size`` images, in the default (NCHW) memory format and in
-channels-last, interleaved in one process, and prints the ratio per backbone.
+forward and backward of a batch of two ``--size`` images, under each ``model.backbone.channels_last``
+(``false``: NCHW; ``auto``: the input converted on the CPU, the default; ``true``: weights and input
+converted), interleaved in one process, and prints the ratios to ``false`` per backbone.
 """
 
 from __future__ import annotations
@@ -40,38 +41,42 @@ def default_run_config(backbone: dict) -> DeformableDETRConfig:
     return DeformableDETRConfig.from_dict({**architecture, "num_classes": NUM_CLASSES, "backbone": backbone})
 
 
+CHANNELS_LAST_MODES = (False, "auto", True)  # model.backbone.channels_last, NCHW first
+
+
 def channels_last_ratios(names: list[str], size: int, rounds: int, repeat: int) -> None:
-    """Backbone forward + backward, NCHW against channels-last, interleaved; prints medians and ratios."""
+    """Backbone forward + backward under every ``CHANNELS_LAST_MODES``, interleaved; prints medians and
+    the ratios to NCHW."""
     from ddetr.models.backbones import build_backbone
 
     images = torch.randn(2, 3, size, size)
     mask = torch.zeros(2, size, size, dtype=torch.bool)
-    times: dict[tuple[str, bool], list[float]] = {}
+    times: dict[tuple[str, bool | str], list[float]] = {}
     backbones = {}
     for name in names:
-        for channels_last in (False, True):  # model.backbone.channels_last
-            config = default_run_config({"name": name, "channels_last": channels_last})
+        for mode in CHANNELS_LAST_MODES:
+            config = default_run_config({"name": name, "channels_last": mode})
             torch.manual_seed(0)
-            backbones[name, channels_last] = build_backbone(config).train()
-            times[name, channels_last] = []
+            backbones[name, mode] = build_backbone(config).train()
+            times[name, mode] = []
 
-    def step(backbone: torch.nn.Module, channels_last: bool) -> None:
+    def step(backbone: torch.nn.Module) -> None:
         loss = sum(features.float().square().mean() for features, _ in backbone(images, mask))
         loss.backward()
 
-    for (name, channels_last), backbone in backbones.items():  # warm-up
-        step(backbone, channels_last)
+    for backbone in backbones.values():  # warm-up
+        step(backbone)
     for _ in range(rounds):
-        for (name, channels_last), backbone in backbones.items():
+        for key, backbone in backbones.items():
             for _ in range(repeat):
                 start = time.perf_counter()
-                step(backbone, channels_last)
-                times[name, channels_last].append(time.perf_counter() - start)
+                step(backbone)
+                times[key].append(time.perf_counter() - start)
     print(f"backbone fwd+bwd, batch 2 x {size}x{size}, {torch.get_num_threads()} threads, median of {rounds * repeat}")
-    print(f"{'backbone':<24} {'NCHW ms':>8} {'channels-last ms':>16} {'ratio':>6}")
+    print(f"{'backbone':<24} {'NCHW ms':>8} {'auto ms':>8} {'true ms':>8} {'auto/NCHW':>10} {'true/NCHW':>10}")
     for name in names:
-        nchw, last = (statistics.median(times[name, flag]) * 1e3 for flag in (False, True))
-        print(f"{name:<24} {nchw:>8.0f} {last:>16.0f} {last / nchw:>6.2f}")
+        nchw, auto, last = (statistics.median(times[name, mode]) * 1e3 for mode in CHANNELS_LAST_MODES)
+        print(f"{name:<24} {nchw:>8.0f} {auto:>8.0f} {last:>8.0f} {auto / nchw:>10.2f} {last / nchw:>10.2f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=3, help="timed forwards per backbone and round")
-    parser.add_argument("--channels-last", action="store_true", help="backbone fwd+bwd, NCHW vs channels-last")
+    parser.add_argument("--channels-last", action="store_true", help="backbone fwd+bwd, NCHW vs channels-last (auto and true)")
     args = parser.parse_args(argv)
     if args.channels_last:
         channels_last_ratios(args.backbones.split(","), args.size, args.rounds, args.repeat)

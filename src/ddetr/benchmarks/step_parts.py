@@ -21,6 +21,8 @@ Parts, each timed on its own (forward and backward where there is a graph):
 - ``optimizer``: gradient clipping (``small``) and the AdamW step;
 - ``data`` (``small``): one batch of the train data loader in the main process (in the run it is
   made in a worker process alongside the step);
+- ``loss+backward``: forward, criterion and backward of the whole model (the step without clipping
+  and AdamW);
 - ``step``: the whole train step (forward, criterion, backward, clipping, AdamW).
 
 With ``--baseline REV`` the same parts also run with the ``ddetr`` package of git revision ``REV``
@@ -57,7 +59,17 @@ import torch
 from ddetr.benchmarks.table import text_table
 from ddetr.models.config import DeformableDETRConfig
 
-PARTS = ("backbone", "transformer", "position encoding", "criterion", "matcher", "optimizer", "data", "step")
+PARTS = (
+    "backbone",
+    "transformer",
+    "position encoding",
+    "criterion",
+    "matcher",
+    "optimizer",
+    "data",
+    "loss+backward",
+    "step",
+)
 
 
 def baseline_package(revision: str, repo: Path | None = None) -> str:
@@ -210,8 +222,8 @@ def _same_shapes(model: torch.nn.Module, reference: torch.nn.Module) -> bool:
 
 
 def _known_options(config_module, config: dict) -> dict:
-    """``config`` without the options that ``config_module`` (a baseline's) does not know yet; one
-    set to other than its default is named on stderr (the baseline runs without it)."""
+    """``config`` without the options that ``config_module`` (a baseline's) does not know yet; each is
+    named on stderr (the baseline runs without it, as it ran at its revision)."""
     defaults = DeformableDETRConfig().to_dict()
     known = {f.name for f in dataclasses.fields(config_module.DeformableDETRConfig)}
     known_backbone = {f.name for f in dataclasses.fields(config_module.BackboneConfig)}
@@ -223,8 +235,7 @@ def _known_options(config_module, config: dict) -> dict:
         for key in set(config["backbone"]) - known_backbone
     }
     for key, (value, default) in sorted(dropped.items()):
-        if value != default:
-            print(f"the baseline has no option {key} (here {value!r}, default {default!r})", file=sys.stderr)
+        print(f"the baseline has no option {key} (here {value!r}, default {default!r})", file=sys.stderr)
     return kept
 
 
@@ -291,6 +302,10 @@ def part_closures(case: Case) -> dict[str, Callable[[], object]]:
             torch.nn.utils.clip_grad_norm_(trainable, case.clip)
         case.optimizer.step()
 
+    def loss_backward():
+        criterion.weighted_total(criterion(model((images, mask)), targets)).backward()
+        model.zero_grad(set_to_none=True)
+
     def step():
         total = criterion.weighted_total(criterion(model((images, mask)), targets))
         case.optimizer.zero_grad(set_to_none=True)
@@ -307,6 +322,7 @@ def part_closures(case: Case) -> dict[str, Callable[[], object]]:
         "criterion": criterion_part,
         "matcher": matcher,
         "optimizer": optimizer,
+        "loss+backward": loss_backward,
         "step": step,
     }
     if case.next_batch is not None:

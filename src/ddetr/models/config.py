@@ -41,6 +41,9 @@ def strides_up_to(max_stride: int) -> tuple[int, ...]:
     return tuple(stride for stride in LEVEL_STRIDES if stride <= max_stride)
 
 
+CHANNELS_LAST = (True, False, "auto")  # model.backbone.channels_last
+
+
 @dataclass
 class BackboneConfig:
     """The backbone: a name of the registry in ``ddetr.models.backbones`` and its training policy."""
@@ -52,9 +55,10 @@ class BackboneConfig:
     norm: str = "frozen"  # frozen (official) | batch (trainable, for training from scratch)
     freeze_stem: bool = True  # the layers before the stride-8 stage (ResNet: stem and layer1) never train (official)
     kwargs: dict[str, Any] = field(default_factory=dict)  # timm: keyword arguments of timm.create_model
-    # the backbone's weights and input in channels-last memory (docs/backbones.md: faster convolutions on
-    # the CPU, measured 0.94x (R18) and 0.72x (R50) of the time of forward + backward)
-    channels_last: bool = False
+    # channels-last memory (docs/backbones.md: faster convolutions on the CPU): true converts the backbone's
+    # weights and input; auto converts the input on the CPU only (the convolutions follow it), leaving the
+    # GPU path as it was (not measured there); false never
+    channels_last: bool | str = "auto"
     # the deepest backbone stage used, by its stride (8 | 16 | 32): 16 stops a ResNet after layer3, and the
     # detector's strided convolutions make the coarser levels (docs/default_run.md: the small model's
     # layer4 cost a third of its backbone's time at 96 pixels)
@@ -62,6 +66,8 @@ class BackboneConfig:
 
     def __post_init__(self) -> None:
         self.kwargs = _plain(self.kwargs or {})
+        if self.channels_last not in CHANNELS_LAST:
+            raise ValueError(f"backbone.channels_last must be true, false or auto, got {self.channels_last!r}")
         if self.max_stride not in LEVEL_STRIDES:
             raise ValueError(f"backbone.max_stride must be one of {LEVEL_STRIDES}, got {self.max_stride!r}")
 

@@ -72,7 +72,8 @@ class Backbone(nn.Module):
 
     strides: list[int]
     num_channels: list[int]
-    channels_last: bool = False  # set by build_backbone (model.backbone.channels_last): NHWC input memory
+    # set by build_backbone (model.backbone.channels_last): True for NHWC input memory, "auto" on the CPU only
+    channels_last: bool | str = False
 
     def feature_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
         """images (batch_size, 3, height, width) -> one (batch_size, num_channels[level], height_l, width_l)
@@ -91,8 +92,8 @@ class Backbone(nn.Module):
             (batch_size, num_channels[level], height_l, width_l) and mask (batch_size, height_l, width_l)
             bool, the image mask resized with nearest interpolation.
         """
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        if self.channels_last is True or (self.channels_last == "auto" and images.device.type == "cpu"):
+            images = images.contiguous(memory_format=torch.channels_last)  # the convolutions follow the input
         features = self.feature_maps(images)
         if len(features) != len(self.num_channels):
             raise RuntimeError(
