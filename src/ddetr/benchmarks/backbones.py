@@ -85,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=3, help="timed forwards per backbone and round")
-    parser.add_argument("--channels-last", action="store_true", help="backbone fwd+bwd, NCHW vs channels-last (auto and true)")
+    parser.add_argument(
+        "--channels-last", action="store_true", help="backbone fwd+bwd, NCHW vs channels-last (auto and true)"
+    )
     args = parser.parse_args(argv)
     if args.channels_last:
         channels_last_ratios(args.backbones.split(","), args.size, args.rounds, args.repeat)
