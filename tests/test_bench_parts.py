@@ -85,3 +85,28 @@ def test_a_baseline_of_another_architecture_gets_no_weights_and_no_check():
     again = build_deformable_detr(DeformableDETRConfig.from_dict(backbone={"name": "resnet18"}, **options))
     cut = build_deformable_detr(DeformableDETRConfig.from_dict(backbone={"name": "resnet18", "max_stride": 16}, **options))
     assert _same_shapes(full, again) and not _same_shapes(full, cut) and not _same_shapes(cut, full)
+
+
+def test_loss_backward_part_reaches_every_trainable_weight_and_changes_none():
+    """``loss+backward`` (the step as issue 23 states it: forward, criterion, backward) runs a backward
+    that reaches every trainable parameter, then clears the gradients; it updates no weight (``step`` does)."""
+    import argparse
+
+    import torch
+
+    from ddetr.benchmarks import step_parts
+
+    args = argparse.Namespace(images="64x64,64x48", optimizer="foreach", overrides=["num_queries=20"])
+    case = step_parts.build_case("new", "ddetr", step_parts.setup_inputs("r50", args), None)
+    parts = step_parts.part_closures(case)
+    trainable = {name: p for name, p in case.model.named_parameters() if p.requires_grad}
+    reached = set()
+    for name, parameter in trainable.items():
+        parameter.register_hook(lambda grad, name=name: reached.add(name))
+    before = {name: p.detach().clone() for name, p in trainable.items()}
+    parts["loss+backward"]()
+    assert reached == set(trainable)
+    assert all(p.grad is None for p in trainable.values())
+    assert all(torch.equal(p, before[name]) for name, p in trainable.items())
+    parts["step"]()
+    assert not all(torch.equal(p, before[name]) for name, p in trainable.items())
