@@ -186,16 +186,41 @@ def test_max_stride_errors_name_the_option():
         build_backbone(micro_config(name="resnet50", dilation=True, max_stride=16))
 
 
-def test_timm_max_stride_16_takes_the_same_maps_as_the_full_levels():
+def test_timm_max_stride_16_takes_the_same_maps_as_the_full_levels_without_the_last_stage():
+    """With ``max_stride=16`` the network is built without its stride-32 stage (timm's ``out_indices``): its
+    parameters are the full network's up to stride 16, initialised alike from the same seed, and its maps
+    are the full network's there."""
     torch.manual_seed(0)
     full = build_backbone(micro_config(3, name="timm:regnetx_002")).eval()
     torch.manual_seed(0)
     cut = build_backbone(micro_config(3, name="timm:regnetx_002", max_stride=16)).eval()
     assert cut.strides == [8, 16] and cut.num_channels == full.num_channels[:2]
+    full_state, cut_state = full.state_dict(), cut.state_dict()
+    assert set(cut_state) < set(full_state) and not any(".s4" in key or "_s4" in key for key in cut_state)
+    assert any("s4" in key for key in full_state)
+    for key, value in cut_state.items():
+        torch.testing.assert_close(value, full_state[key], rtol=0, atol=0, msg=key)
     images, mask = pad_images([torch.randn(3, 64, 96), torch.randn(3, 40, 96)])
     with torch.no_grad():
         for (a, _), (b, _) in zip(full(images, mask)[:2], cut(images, mask), strict=True):
             torch.testing.assert_close(a, b)
+
+
+def test_timm_max_stride_16_loads_a_whole_networks_weights_file(tmp_path):
+    """The weights file of the whole classification network loads into the cut network (the stride-32
+    stage's and the head's entries are ignored, every kept tensor is the file's)."""
+    import timm
+
+    torch.manual_seed(1)
+    state = timm.create_model("regnetx_002").state_dict()
+    path = tmp_path / "regnetx_002.pth"
+    torch.save(state, path)
+    cut = build_backbone(micro_config(3, name="timm:regnetx_002", max_stride=16, weights=str(path)))
+    kept = cut.body.state_dict()
+    assert any(key.startswith("s4.") for key in state) and not any(key.startswith("s4") for key in kept)
+    for key, value in kept.items():
+        if not key.endswith("num_batches_tracked"):
+            torch.testing.assert_close(value, state[key], rtol=0, atol=0, msg=key)
 
 
 # ----------------------------------------------------------------------------- ResNet speed-ups

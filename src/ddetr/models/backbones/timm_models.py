@@ -91,7 +91,10 @@ class TimmBackbone(Backbone):
     head entries are ignored), or ``pretrained`` for timm's pretrained weights of ``model_name``
     (``convnext_tiny.fb_in1k`` picks a tag), downloaded where a network is available.
     ``kwargs`` go to ``timm.create_model``. ``max_stride`` (16 or 8) takes the levels up to that stride
-    only; the network still runs to its end (timm's ``out_indices`` in ``kwargs`` can cut it).
+    only, and the network is built with timm's ``out_indices`` up to the last of them, so that the later
+    stages are neither built nor run where timm's feature wrapper drops them (``FeatureListNet``:
+    ConvNeXt, RegNet, ResNet-D, Swin, ...; EfficientNet's wrapper keeps them); ``out_indices`` given in
+    ``kwargs`` are kept as they are.
     """
 
     def __init__(
@@ -110,7 +113,12 @@ class TimmBackbone(Backbone):
             raise ValueError(f"unknown backbone norm {norm!r}; expected one of {sorted(NORMS)}")
         timm = import_timm(PREFIX + model_name)
         pretrained = str(weights) == PRETRAINED and not Path(str(weights)).is_file()
-        body = _create(timm, model_name, pretrained, dict(kwargs or {}))
+        kwargs = dict(kwargs or {})
+        # below max_stride 32 a first, randomly initialised build only tells where the levels lie; the
+        # network is then built again without the stages after them (unless kwargs choose out_indices)
+        cut = max_stride < LEVEL_STRIDES[-1] and "out_indices" not in kwargs
+        random_state = torch.random.get_rng_state()
+        body = _create(timm, model_name, pretrained and not cut, kwargs)
         info = body.feature_info
         reductions, channels, modules = info.reduction(), info.channels(), info.module_name()
         strides = backbone_strides(num_levels, max_stride)
@@ -127,6 +135,12 @@ class TimmBackbone(Backbone):
         stem_end = modules[indices[0]]  # timm's name of the stride-8 stage; features_only may flatten it
         stage_prefixes = (stem_end + ".", stem_end.replace(".", "_", 1) + ".")
         self.level_indices = [indices[LEVEL_STRIDES.index(stride)] for stride in strides]
+        if cut:
+            # timm's feature wrappers stop after their last output (FeatureListNet; a few, such as
+            # EfficientNet's, keep every block); the same random state gives the kept stages the same weights
+            torch.random.set_rng_state(random_state)
+            out_indices = tuple(range(max(self.level_indices) + 1))
+            body = _create(timm, model_name, pretrained, {**kwargs, "out_indices": out_indices})
         self.strides = list(strides)
         self.num_channels = [channels[index] for index in self.level_indices]
         self.channels_last_output = str(getattr(body, "output_fmt", "NCHW")).upper().endswith("NHWC")
