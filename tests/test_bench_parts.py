@@ -110,3 +110,13 @@ def test_loss_backward_part_reaches_every_trainable_weight_and_changes_none():
     assert all(torch.equal(p, before[name]) for name, p in trainable.items())
     parts["step"]()
     assert not all(torch.equal(p, before[name]) for name, p in trainable.items())
+
+
+def test_per_repetition_ratios_are_summarised_by_median_and_quartiles():
+    from ddetr.benchmarks.step_parts import Timings, format_table, ratio_spread
+
+    assert ratio_spread([0.9, 0.6, 1.0, 0.7, 0.8]) == "0.80 (0.70-0.90)"  # inclusive quartiles, by hand
+    assert ratio_spread([0.75]) == "0.75" and ratio_spread([]) == "-"
+    timings = Timings({"step": {"base": 200.0, "new": 150.0}}, {"step": [0.7, 0.8, 0.75]})
+    (row,) = [line.split() for line in format_table(timings, ["base", "new"]).splitlines() if line.startswith("step")]
+    assert row == ["step", "200.0", "150.0", "100%", "100%", "0.75", "0.75", "(0.72-0.78)"]

@@ -29,7 +29,9 @@ With ``--baseline REV`` the same parts also run with the ``ddetr`` package of gi
 (extracted to a temporary directory and imported as ``ddetr_baseline``; the attention op is shared,
 ``ddetr.ops``), built with the same weights on the same inputs: each repetition times the baseline
 and the current code one after the other (alternating which goes first), and the table gives the
-medians and their ratio (new / baseline; < 1 is faster). Before timing it checks that both give the
+medians, their ratio (new / baseline; < 1 is faster), and the median and quartiles of the ratio within
+each repetition (the two runs back to back, so that a machine whose speed drifts between repetitions
+slows both alike). Before timing it checks that both give the
 same losses and gradients (``max |diff|`` printed; dropout off for this check). A baseline that
 builds another architecture (it lacks an option that changes the parameters, such as
 ``model.backbone.max_stride=16``) keeps its own random weights and is timed without that check.
@@ -381,11 +383,21 @@ def check_same(new: Case, base: Case) -> dict[str, float]:
     return {"losses": loss_diff, "gradients": grad_diff, "largest gradient": grad_scale}
 
 
-def time_parts(cases: list[Case], warmup: int, repeat: int, parts: list[str]) -> dict[str, dict[str, float]]:
-    """Median ms of every part per case; each repetition runs the cases one after the other,
-    alternating which goes first."""
+@dataclasses.dataclass
+class Timings:
+    """``medians``: part -> case name -> median ms. ``pair_ratios`` (two cases): part -> the second case's
+    time over the first's in every repetition, the two run back to back (so a machine that drifts
+    between repetitions changes both alike)."""
+
+    medians: dict[str, dict[str, float]]
+    pair_ratios: dict[str, list[float]]
+
+
+def time_parts(cases: list[Case], warmup: int, repeat: int, parts: list[str]) -> Timings:
+    """Times every part per case; each repetition runs the cases one after the other, alternating which
+    goes first."""
     closures = [part_closures(case) for case in cases]
-    medians: dict[str, dict[str, float]] = {}
+    timings = Timings({}, {})
     for part in parts:
         timed = [(case, c[part]) for case, c in zip(cases, closures, strict=True) if part in c]
         if not timed:
@@ -400,23 +412,37 @@ def time_parts(cases: list[Case], warmup: int, repeat: int, parts: list[str]) ->
                 begin = time.perf_counter()
                 timed[case_index][1]()
                 times[case_index].append((time.perf_counter() - begin) * 1e3)
-        medians[part] = {case.name: statistics.median(t) for (case, _), t in zip(timed, times, strict=True)}
-        line = ", ".join(f"{k} {v:.1f} ms" for k, v in medians[part].items())
+        timings.medians[part] = {case.name: statistics.median(t) for (case, _), t in zip(timed, times, strict=True)}
+        if len(timed) == 2:
+            timings.pair_ratios[part] = [new / base for base, new in zip(*times, strict=True)]
+        line = ", ".join(f"{k} {v:.1f} ms" for k, v in timings.medians[part].items())
         print(f"  {part}: {line}", file=sys.stderr, flush=True)
-    return medians
+    return timings
 
 
-def format_table(medians: dict[str, dict[str, float]], names: list[str]) -> str:
+def ratio_spread(ratios: list[float]) -> str:
+    """``median (quartiles low-high)`` of per-repetition ratios, e.g. ``0.73 (0.71-0.76)``."""
+    if len(ratios) < 2:
+        return f"{ratios[0]:.2f}" if ratios else "-"
+    low, median, high = statistics.quantiles(ratios, n=4, method="inclusive")
+    return f"{median:.2f} ({low:.2f}-{high:.2f})"
+
+
+def format_table(timings: Timings, names: list[str]) -> str:
+    """The medians of every part and case, each case's share of its step; with two cases their ratio of
+    medians and the median (quartiles) of the per-repetition ratios."""
+    medians = timings.medians
     step = medians.get("step", {})
     header = ["part", *(f"{n} ms" for n in names), *(f"{n} share" for n in names[:1])]
     if len(names) == 2:
-        header += [f"{names[1]} share", f"{names[1]} / {names[0]}"]
+        header += [f"{names[1]} share", f"{names[1]} / {names[0]}", "per repetition (quartiles)"]
     rows = []
     for part, values in medians.items():
         row = [part, *(f"{values[n]:.1f}" if n in values else "-" for n in names)]
         row += [f"{100 * values[n] / step[n]:.0f}%" if n in step and n in values else "-" for n in names]
         if len(names) == 2:
             row.append(f"{values[names[1]] / values[names[0]]:.2f}" if len(values) == 2 else "-")
+            row.append(ratio_spread(timings.pair_ratios.get(part, [])))
         rows.append(row)
     return text_table(header, rows)
 
@@ -470,8 +496,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print("the baseline builds another architecture (different parameters): no weights copied, no check")
         cases = [base, new]
-    medians = time_parts(cases, args.warmup, args.repeat, [p for p in args.parts.split(",") if p])
-    print(format_table(medians, [c.name for c in cases]))
+    timings = time_parts(cases, args.warmup, args.repeat, [p for p in args.parts.split(",") if p])
+    print(format_table(timings, [c.name for c in cases]))
     return 0
 
 
