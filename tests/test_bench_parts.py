@@ -83,7 +83,9 @@ def test_a_baseline_of_another_architecture_gets_no_weights_and_no_check():
     options = {"num_classes": 3, "hidden_dim": 32, "nheads": 2, "enc_layers": 1, "dec_layers": 1, "num_queries": 5}
     full = build_deformable_detr(DeformableDETRConfig.from_dict(backbone={"name": "resnet18"}, **options))
     again = build_deformable_detr(DeformableDETRConfig.from_dict(backbone={"name": "resnet18"}, **options))
-    cut = build_deformable_detr(DeformableDETRConfig.from_dict(backbone={"name": "resnet18", "max_stride": 16}, **options))
+    cut = build_deformable_detr(
+        DeformableDETRConfig.from_dict(backbone={"name": "resnet18", "max_stride": 16}, **options)
+    )
     assert _same_shapes(full, again) and not _same_shapes(full, cut) and not _same_shapes(cut, full)
 
 
