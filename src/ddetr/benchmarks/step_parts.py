@@ -31,9 +31,8 @@ With ``--baseline REV`` the same parts also run with the ``ddetr`` package of gi
 and the current code one after the other (alternating which goes first), and the table gives the
 medians, their ratio (new / baseline; < 1 is faster), and the median and quartiles of the ratio within
 each repetition (the two runs back to back, so that a machine whose speed drifts between repetitions
-slows both alike). Before timing it checks that both give the
-same losses and gradients (``max |diff|`` printed; dropout off for this check). A baseline that
-builds another architecture (it lacks an option that changes the parameters, such as
+slows both alike). Before timing it checks that both give the same losses and gradients
+(``max |diff|`` printed; dropout off for this check). A baseline that builds another architecture (it lacks an option that changes the parameters, such as
 ``model.backbone.max_stride=16``) keeps its own random weights and is timed without that check.
 
 Threads: ``--threads`` (default 1: on a machine shared with other jobs, more threads than free cores
