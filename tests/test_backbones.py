@@ -102,7 +102,7 @@ def test_resnet_policy_frozen_stem_and_state_dict_names():
 
 @pytest.mark.parametrize("mode", [True, "auto"])
 def test_channels_last_backbone_computes_the_same_maps_and_gradients(mode):
-    """``true`` converts the weights and the input, ``auto`` (the default) the input only on the CPU; the
+    """``true`` converts the weights and the input, ``auto`` (the default) both on the CPU; the
     convolutions then run channels-last (their outputs are), with NCHW's maps and weight gradients."""
     images, mask = pad_images([torch.randn(3, 64, 96), torch.randn(3, 40, 96)])
     results = {}
@@ -115,7 +115,10 @@ def test_channels_last_backbone_computes_the_same_maps_and_gradients(mode):
         results[channels_last] = backbone, levels, grads
     (_, nchw_levels, nchw_grads), (backbone, levels, grads) = results[False], results[mode]
     assert all(f.is_contiguous() for f, _ in nchw_levels)
-    assert backbone.body.conv1.weight.is_contiguous(memory_format=torch.channels_last) == (mode is True)
+    weights = [p for p in backbone.parameters() if p.dim() == 4]
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in weights)  # 1x1: NCHW as well
+    assert not any(w.is_contiguous() for w in weights if w.shape[-1] > 1)
+    assert all(grads[name].stride() == p.stride() for name, p in backbone.named_parameters() if name in grads)
     assert all(f.is_contiguous(memory_format=torch.channels_last) and not f.is_contiguous() for f, _ in levels)
     for (a, mask_a), (b, mask_b) in zip(nchw_levels, levels, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
@@ -126,14 +129,37 @@ def test_channels_last_backbone_computes_the_same_maps_and_gradients(mode):
 
 
 def test_channels_last_auto_leaves_other_devices_as_they_were():
-    """``auto`` converts the input only on the CPU: on another device (here ``meta``, which computes shapes
-    and memory formats) the convolutions see NCHW memory, as with ``false``."""
+    """``auto`` runs channels-last on the CPU only: moved to another device (here ``meta``, which computes
+    shapes and memory formats) the weights go back to NCHW and the convolutions see NCHW memory, as with
+    ``false``; moved back to the CPU they are channels-last again."""
     backbone = build_backbone(micro_config(name="resnet18")).to("meta")
     assert backbone.channels_last == "auto"
+    assert all(p.is_contiguous() for p in backbone.parameters())
     images = torch.empty(2, 3, 64, 96, device="meta")
     mask = torch.zeros(2, 64, 96, dtype=torch.bool, device="meta")
     levels = backbone(images, mask)
     assert all(f.is_contiguous() and not f.is_contiguous(memory_format=torch.channels_last) for f, _ in levels)
+    backbone.to_empty(device="cpu")
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in backbone.parameters() if p.dim() == 4)
+
+
+def test_channels_last_auto_keeps_the_parameters_an_optimizer_holds():
+    """The weights are placed by swapping the parameters' data: after a dtype move (which re-places
+    them) the optimiser still holds the model's parameters and its step changes them."""
+    torch.manual_seed(0)
+    model = build_deformable_detr(micro_config(name="resnet18"))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    projection = model.input_proj[-1][0].weight  # the 3x3 projection of the extra level
+    assert projection.is_contiguous(memory_format=torch.channels_last) and not projection.is_contiguous()
+    model.double()
+    assert model.input_proj[-1][0].weight is projection and projection.dtype == torch.float64
+    assert projection.is_contiguous(memory_format=torch.channels_last) and not projection.is_contiguous()
+    before = projection.detach().clone()
+    images = torch.randn(2, 3, 128, 128, dtype=torch.float64)
+    outputs = model((images, torch.zeros(2, 128, 128, dtype=torch.bool)))
+    outputs["pred_logits"].square().sum().backward()
+    optimizer.step()
+    assert not torch.equal(projection, before)
 
 
 @pytest.mark.parametrize("value", ["yes", "on", 2])

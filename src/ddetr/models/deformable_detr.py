@@ -9,11 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ddetr.image_list import pad_images, resize_mask
 from ddetr.models.backbones import build_backbone
+from ddetr.models.backbones.base import place_conv_weights
 from ddetr.models.config import DeformableDETRConfig
 from ddetr.models.deformable_transformer import DeformableTransformer
 from ddetr.models.geometry import boxes_from_reference
-from ddetr.image_list import pad_images, resize_mask
 from ddetr.models.position_encoding import PositionEmbeddingSine
 
 Images = Sequence[torch.Tensor] | tuple[torch.Tensor, torch.Tensor]
@@ -82,6 +83,8 @@ class DeformableDETR(nn.Module):
             for level in range(len(backbone_channels), config.num_feature_levels)
         ]
         self.input_proj = nn.ModuleList(projections)
+        # the projections take the backbone's maps: their weights in the backbone's memory format
+        place_conv_weights(self.input_proj, self.backbone.channels_last)
         if not self.two_stage:
             self.query_embed = nn.Embedding(config.num_queries, hidden_dim * 2)
 
@@ -124,6 +127,13 @@ class DeformableDETR(nn.Module):
             masks.append(resize_mask(mask, src.shape[-2:]))
             srcs.append(src)
         return srcs, masks
+
+    def _apply(self, fn, recurse=True):
+        """``nn.Module``'s device and dtype moves; then the input projections' weights take the memory
+        format of the backbone's maps on the new device (``place_conv_weights``; the backbone places its own)."""
+        super()._apply(fn, recurse)
+        place_conv_weights(self.input_proj, self.backbone.channels_last)
+        return self
 
     def level_strides(self) -> list[int]:
         """Stride in input pixels of every feature level: the backbone's, then doubled for every extra

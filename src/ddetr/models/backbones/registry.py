@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-import torch
+from ddetr.models.backbones.base import place_conv_weights
 
 if TYPE_CHECKING:
     from ddetr.models.backbones.base import Backbone
@@ -58,11 +58,10 @@ def backbone_constructor(name: str) -> BackboneConstructor:
 def build_backbone(config: DeformableDETRConfig) -> Backbone:
     """The backbone named by ``config.backbone.name``, built from ``config``; with
     ``config.backbone.channels_last`` true its weights (and, in ``forward``, its input) in channels-last
-    memory, with ``auto`` its input on the CPU only (``Backbone.forward``)."""
+    memory, with ``auto`` both on the CPU only (``place_conv_weights``, ``Backbone.forward``)."""
     backbone = backbone_constructor(config.backbone.name)(config)
-    if config.backbone.channels_last is True:
-        backbone.to(memory_format=torch.channels_last)
     backbone.channels_last = config.backbone.channels_last
+    place_conv_weights(backbone, backbone.channels_last)
     if len(backbone.num_channels) != config.num_backbone_levels or len(backbone.strides) != config.num_backbone_levels:
         raise ValueError(
             f"backbone {config.backbone.name!r} declares {len(backbone.num_channels)} channel counts and "
