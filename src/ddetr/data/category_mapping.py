@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
+import numpy as np
+
 MappingMode = Literal["contiguous", "coco91"]
 UNUSED_NAME = "N/A"
 MAX_COCO91_ID = 100_000  # "coco91" makes one head output per id up to the largest
@@ -54,6 +56,35 @@ class CategoryMapping:
 
     def __repr__(self) -> str:
         return f"CategoryMapping(mode={self.mode!r}, num_classes={self.num_classes})"
+
+
+def placeholder_categories(
+    category_ids: Sequence[int],
+    names: Sequence[str],
+    supercategories: Sequence[str | None],
+    annotation_category_ids: np.ndarray,
+) -> list[int]:
+    """Ids of the categories that name another category's supercategory and have no annotation.
+
+    Roboflow's COCO export lists the dataset's name as category 0 with no boxes, the supercategory of
+    every real class (roboflow-100-benchmark #45); RF-DETR drops such a category by this rule (its PR
+    #1303). It takes no class slot and no AP row; any other category without boxes is kept.
+
+    Args:
+        category_ids, names: the categories' ids and names.
+        supercategories: each category's supercategory (None: none given; may be empty: none read).
+        annotation_category_ids: int64 (num_annotations,) the category id of every annotation.
+    """
+    used = set(np.unique(annotation_category_ids).tolist())
+    parents: dict[str, set[int]] = {}  # supercategory name -> ids of the categories naming it
+    for category_id, parent in zip(category_ids, supercategories):
+        if parent is not None:
+            parents.setdefault(parent, set()).add(int(category_id))
+    return [
+        int(category_id)
+        for category_id, name in zip(category_ids, names)
+        if int(category_id) not in used and parents.get(name, set()) - {int(category_id)}
+    ]
 
 
 class HasCategories:

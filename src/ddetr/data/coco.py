@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from ddetr.boxes import box_xyxy_to_cxcywh
 
 from .annotations import CleanAnnotations, clean_annotations
-from .category_mapping import CategoryMapping, HasCategories, MappingMode
+from .category_mapping import CategoryMapping, HasCategories, MappingMode, placeholder_categories
 from .column_reader import read_coco_columns
 from .image_loading import DEFAULT_MAX_IMAGE_PIXELS, ExifMode, ImageLoadError, load_rgb_image
 from .records import DetectionRecords
@@ -26,6 +26,8 @@ from .transforms import make_plain_transforms
 from .validation import DatasetError, gc_paused, positions_of, read_coco_json, validate_coco
 
 log = logging.getLogger(__name__)
+
+_WARNED_PLACEHOLDERS: set[tuple[int, str]] = set()  # warned once per process (train and val list the same)
 
 # (image, boxes, labels, seed=None) -> (image tensor, boxes, labels); see DetectionTransform
 Transform = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
@@ -126,10 +128,25 @@ class CocoDetection(HasCategories, Dataset):
             data, columns = read_coco_json(self.ann_file)
         else:
             columns = read_coco_columns(self.ann_file)
+        dropped = placeholder_categories(
+            columns.category_ids.tolist(),
+            columns.category_names,
+            columns.category_supercategories,
+            columns.annotation_category_ids,
+        )
         self.categories = [
             {"id": category_id, "name": name}
             for category_id, name in zip(columns.category_ids.tolist(), columns.category_names)
+            if category_id not in dropped
         ]
+        self.dropped_categories = [
+            (category_id, name)
+            for category_id, name in zip(columns.category_ids.tolist(), columns.category_names)
+            if category_id in dropped
+        ]
+        self._report_placeholders()
+        if dropped and data is not None:  # the evaluation's ground truth lists the model's classes only
+            data = {**data, "categories": [c for c in data["categories"] if c.get("id") not in dropped]}
         try:
             self.mapping = CategoryMapping(self.categories, category_mapping)
         except ValueError as exc:
@@ -145,6 +162,20 @@ class CocoDetection(HasCategories, Dataset):
             raise DatasetError(f"{self.ann_file}: boxes with category ids that are not among the categories")
         self.box_labels = labels[positions]  # (num_boxes,)
         return cleaned
+
+    def _report_placeholders(self) -> None:
+        """One warning per process naming each dropped placeholder category (`placeholder_categories`)."""
+        for category_id, name in self.dropped_categories:
+            level = logging.INFO if (category_id, name) in _WARNED_PLACEHOLDERS else logging.WARNING
+            _WARNED_PLACEHOLDERS.add((category_id, name))
+            log.log(
+                level,
+                "%s: category %d %r is the supercategory of other categories and has no boxes (an export's "
+                "placeholder): left out of the model's classes",
+                self.ann_file,
+                category_id,
+                name,
+            )
 
     # ------------------------------------------------------------------ category information
     # (num_classes, label_to_category_id, category_names: HasCategories, from self.mapping)

@@ -22,7 +22,13 @@ from .category_mapping import CategoryMapping, HasCategories, MappingMode
 from .coco import CocoDetection
 from .conversion import ConvertedSplit
 from .image_loading import DEFAULT_MAX_IMAGE_PIXELS, ExifMode
-from .samplers import ResumableDistributedSampler, UnpaddedDistributedSampler
+from .samplers import (
+    RepeatFactorSampler,
+    ResumableDistributedSampler,
+    UnpaddedDistributedSampler,
+    class_repeat_factors,
+    repeat_factors,
+)
 from .skips import SkipReport, pop_batch_skips
 from .synthetic import ensure_synthetic_dataset
 from .transforms import (
@@ -34,10 +40,14 @@ from .transforms import (
     normalize_images,
 )
 from .validation import DatasetError
-from .voc import VOC_CLASSES, read_voc_split
+from .voc import all_annotation_files, collect_class_names, read_voc_split
 from .yolo import read_yolo_split
 
 log = logging.getLogger(__name__)
+
+
+EVAL_SPLITS = ("val", "test", "train")
+SAMPLERS = ("random", "repeat_factor")
 
 
 def collate_detection(
@@ -109,6 +119,11 @@ class DetectionDataModule(HasCategories, LightningDataModule):
         pin_memory, persistent_workers: DataLoader options.
         uint8_batches: uint8 images in the batches, normalised in `on_after_batch_transfer` (above).
         pad_to_multiple: batch heights and widths rounded up to a multiple of this (`collate_detection`).
+        test_images, test_annotations: the test split's image folder and COCO JSON (optional; for `eval_split`).
+        eval_split: the split validation and `ddetr.eval` evaluate: "val" (default), "test" or "train".
+        sampler: "random" (each image once per epoch) or "repeat_factor" (LVIS's repeat-factor sampling,
+            `RepeatFactorSampler`: images of classes in fewer than `repeat_threshold` of the images repeated).
+        repeat_threshold: the repeat-factor threshold t (fraction of the images; LVIS uses 0.001).
     """
 
     def __init__(
@@ -132,17 +147,31 @@ class DetectionDataModule(HasCategories, LightningDataModule):
         persistent_workers: bool = False,
         uint8_batches: bool = True,
         pad_to_multiple: int = 1,
+        test_images: str | os.PathLike | None = None,
+        test_annotations: str | os.PathLike | None = None,
+        eval_split: str = "val",
+        sampler: str = "random",
+        repeat_threshold: float = 0.001,
     ):
         super().__init__()
         # plain strings, so checkpoints holding these hyper-parameters load with weights_only=True
         train_images, train_annotations = str(train_images), str(train_annotations)
         val_images, val_annotations = str(val_images), str(val_annotations)
+        test_images = None if test_images is None else str(test_images)
+        test_annotations = None if test_annotations is None else str(test_annotations)
+        if eval_split not in EVAL_SPLITS:
+            raise ValueError(f"eval_split must be one of {', '.join(EVAL_SPLITS)}, got {eval_split!r}")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
         self.save_hyperparameters(ignore=["train_transforms", "val_transforms"], logger=False)
         self.train_images, self.train_annotations = (
             Path(train_images),
             Path(train_annotations),
         )
         self.val_images, self.val_annotations = Path(val_images), Path(val_annotations)
+        self.test_images = None if test_images is None else Path(test_images)
+        self.test_annotations = None if test_annotations is None else Path(test_annotations)
+        self.eval_split, self.sampler, self.repeat_threshold = eval_split, sampler, float(repeat_threshold)
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers = num_workers
@@ -179,10 +208,14 @@ class DetectionDataModule(HasCategories, LightningDataModule):
     def build_dataset(
         self, split: str, transforms: DetectionTransform, keep_empty: bool, keep_coco: bool
     ) -> CocoDetection:
-        """The `split` ("train" or "val") dataset; subclasses for other formats convert their files here."""
-        images, annotations = (
-            (self.train_images, self.train_annotations) if split == "train" else (self.val_images, self.val_annotations)
-        )
+        """The `split` ("train", "val" or "test") dataset; subclasses for other formats convert their files here."""
+        images, annotations = {
+            "train": (self.train_images, self.train_annotations),
+            "val": (self.val_images, self.val_annotations),
+            "test": (self.test_images, self.test_annotations),
+        }[split]
+        if images is None or annotations is None:
+            raise DatasetError(f"eval_split={split}: set data.{split}_images and data.{split}_annotations")
         return CocoDetection(
             images,
             annotations,
@@ -204,10 +237,13 @@ class DetectionDataModule(HasCategories, LightningDataModule):
 
     @property
     def val_dataset(self) -> CocoDetection:
+        """The evaluated split (`eval_split`, "val" by default)."""
         # val keeps every image (negatives included) so that evaluation covers the whole split
         if self._val_dataset is None:
             self.ensure_files()
-            self._val_dataset = self.build_dataset("val", self.val_transforms, keep_empty=True, keep_coco=True)
+            self._val_dataset = self.build_dataset(
+                self.eval_split, self.val_transforms, keep_empty=True, keep_coco=True
+            )
         return self._val_dataset
 
     def setup(self, stage: str | None = None) -> None:
@@ -238,8 +274,28 @@ class DetectionDataModule(HasCategories, LightningDataModule):
         return self.val_dataset.coco
 
     # ------------------------------------------------------------------ loaders
+    def make_train_sampler(self) -> ResumableDistributedSampler:
+        """The training sampler of `sampler`: every image once per epoch, or repeat-factor sampling."""
+        dataset = self.train_dataset
+        if self.sampler == "random":
+            return ResumableDistributedSampler(dataset, seed=self.seed)
+        box_offsets, box_labels = dataset.records.box_offsets, dataset.box_labels
+        factors = repeat_factors(box_offsets, box_labels, dataset.num_classes, self.repeat_threshold)
+        sampler = RepeatFactorSampler(dataset, factors, seed=self.seed)
+        per_class = class_repeat_factors(box_offsets, box_labels, dataset.num_classes, self.repeat_threshold)
+        names = dataset.category_names
+        repeated = [f"{name} x{factor:.2f}" for name, factor in zip(names, per_class) if 1 < factor < float("inf")]
+        log.info(
+            "repeat-factor sampling (threshold %g): %d samples per epoch from %d images; classes repeated: %s",
+            self.repeat_threshold,
+            sampler.epoch_length,
+            len(dataset),
+            ", ".join(repeated) or "none",
+        )
+        return sampler
+
     def train_dataloader(self) -> DataLoader:
-        self._train_sampler = ResumableDistributedSampler(self.train_dataset, seed=self.seed)
+        self._train_sampler = self.make_train_sampler()
         if self._resume_state is not None:
             self._train_sampler.resume(self._resume_state["epoch"], self._resume_state["consumed_samples"])
             self._resume_state = None
@@ -341,6 +397,8 @@ class CocoDataModule(DetectionDataModule):
             train_annotations=root / "annotations" / "instances_train2017.json",
             val_images=root / "val2017",
             val_annotations=root / "annotations" / "instances_val2017.json",
+            test_images=root / "test2017",  # COCO's own test split has no public annotations: a copy's may
+            test_annotations=root / "annotations" / "instances_test2017.json",
             category_mapping=category_mapping,
             **kwargs,
         )
@@ -351,16 +409,24 @@ class _ConvertedDataModule(DetectionDataModule):
 
     Args:
         data_dir: the dataset (folder or file, see the subclass).
-        train_split, val_split: names of the two splits in it (default "train", "val").
+        train_split, val_split, test_split: names of the splits in it (default "train", "val", "test"; "val"
+            also finds "valid" and "validation", `split_names`).
         **kwargs: `DetectionDataModule` options.
     """
 
     crowd_label = "crowd"
 
-    def __init__(self, data_dir: str | os.PathLike, train_split: str = "train", val_split: str = "val", **kwargs: Any):
+    def __init__(
+        self,
+        data_dir: str | os.PathLike,
+        train_split: str = "train",
+        val_split: str = "val",
+        test_split: str = "test",
+        **kwargs: Any,
+    ):
         data_dir = str(data_dir)
         self.data_dir = Path(data_dir)
-        self.splits = {"train": train_split, "val": val_split}
+        self.splits = {"train": train_split, "val": val_split, "test": test_split}
         super().__init__(
             train_images=data_dir, train_annotations=data_dir, val_images=data_dir, val_annotations=data_dir, **kwargs
         )
@@ -392,7 +458,7 @@ class YoloDataModule(_ConvertedDataModule):
 
     Args:
         data_dir: the dataset folder or its YAML.
-        train_split, val_split: the YAML keys of the two splits (default "train", "val").
+        train_split, val_split, test_split: the YAML keys of the splits (default "train", "val", "test").
         **kwargs: `DetectionDataModule` options.
     """
 
@@ -406,13 +472,15 @@ class YoloDataModule(_ConvertedDataModule):
 
 
 class VocDataModule(_ConvertedDataModule):
-    """A Pascal VOC year folder (`Annotations/`, `JPEGImages/`, `ImageSets/Main/<split>.txt`; rules:
-    `ddetr.data.voc`). `difficult` objects are kept out of training and ignored by evaluation.
+    """A Pascal VOC dataset: a year folder (`Annotations/`, `JPEGImages/`, `ImageSets/Main/<split>.txt`) or one
+    folder per split with the XML files beside the images (rules: `ddetr.data.voc`). `difficult` objects are
+    kept out of training and ignored by evaluation.
 
     Args:
-        data_dir: the year folder (e.g. VOCdevkit/VOC2012).
-        train_split, val_split: names of the split lists (default "train", "val").
-        class_names: the classes, in head order (default: the 20 VOC classes).
+        data_dir: the year folder (e.g. VOCdevkit/VOC2012) or the folder of the split folders.
+        train_split, val_split, test_split: names of the split lists or folders (default "train", "val", "test").
+        class_names: the classes, in head order; None (default): every name in the dataset's XML files, sorted
+            (for VOC itself the 20 classes in their usual order).
         **kwargs: `DetectionDataModule` options.
     """
 
@@ -423,13 +491,23 @@ class VocDataModule(_ConvertedDataModule):
         data_dir: str | os.PathLike,
         train_split: str = "train",
         val_split: str = "val",
-        class_names: Sequence[str] = VOC_CLASSES,
+        class_names: Sequence[str] | None = None,
         **kwargs: Any,
     ):
-        self.class_names = [str(name) for name in class_names]
+        self.class_names = None if class_names is None else [str(name) for name in class_names]
         super().__init__(data_dir, train_split, val_split, **kwargs)
 
     def read_split(self, split: str) -> ConvertedSplit:
+        if self.class_names is None:
+            counts = collect_class_names(all_annotation_files(self.data_dir))
+            if not counts:
+                raise DatasetError(f"{self.data_dir}: no <object> in any XML file, so no class names to collect")
+            self.class_names = sorted(counts)
+            log.info(
+                "%s: class names from the XML files (boxes): %s",
+                self.data_dir,
+                ", ".join(f"{name} ({counts[name]})" for name in self.class_names),
+            )
         return read_voc_split(
             self.data_dir,
             self.splits[split],
@@ -449,6 +527,7 @@ GENERATION_OPTIONS = {
     "max_objects": "max_objects",
     "min_object_frac": "min_object_frac",
     "max_object_frac": "max_object_frac",
+    "rare_class_frac": "rare_class_frac",
 }
 
 
@@ -458,8 +537,8 @@ class SyntheticDataModule(DetectionDataModule):
     Args:
         root: dataset folder.
         **kwargs: the generation options `GENERATION_OPTIONS` (num_train, num_val, image_size, synthetic_seed,
-            max_objects, min_object_frac, max_object_frac: see `ensure_synthetic_dataset`, whose defaults
-            apply; `synthetic_seed` is its `seed`), and `DetectionDataModule` options (batch_size,
+            max_objects, min_object_frac, max_object_frac, rare_class_frac: see `ensure_synthetic_dataset`, whose
+            defaults apply; `synthetic_seed` is its `seed`), and `DetectionDataModule` options (batch_size,
             transforms, ...); the mapping is contiguous.
     """
 

@@ -14,6 +14,8 @@ from typing import BinaryIO
 
 from .validation import DatasetError
 
+MAX_TEXT_BYTES = 64 << 20  # a label file, split list, image list or dataset YAML beyond this is not one
+
 
 class NotRegularFileError(OSError):
     """The path exists but is not a regular file (a FIFO, socket, device or folder)."""
@@ -39,13 +41,25 @@ def open_regular_file(path: str | os.PathLike) -> BinaryIO:
         raise
 
 
-def read_text_lines(path: str | os.PathLike, what: str) -> list[str]:
-    """The lines of a UTF-8 text file (a split list, an image list); ``DatasetError`` naming the file and
-    ``what`` it is when it cannot be read."""
+def read_capped(path: str | os.PathLike, what: str, max_bytes: int = MAX_TEXT_BYTES) -> bytes:
+    """The bytes of a regular file of at most `max_bytes`; one ``DatasetError`` naming the file and ``what`` it
+    is when it cannot be read or is larger (nothing beyond `max_bytes` + 1 is read)."""
     try:
         with open_regular_file(path) as file:
-            return file.read().decode("utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
+            content = file.read(max_bytes + 1)
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read {what}: {exc}") from exc
+    if len(content) > max_bytes:
+        raise DatasetError(f"{path}: {what} is larger than {max_bytes >> 20} MiB")
+    return content
+
+
+def read_text_lines(path: str | os.PathLike, what: str) -> list[str]:
+    """The lines of a UTF-8 text file (a split list, an image list) of at most `MAX_TEXT_BYTES`; ``DatasetError``
+    naming the file and ``what`` it is when it cannot be read."""
+    try:
+        return read_capped(path, what).decode("utf-8").splitlines()
+    except UnicodeDecodeError as exc:
         raise DatasetError(f"{path}: cannot read {what}: {exc}") from exc
 
 

@@ -48,6 +48,7 @@ class ImageLoadError(OSError):
 
 
 DEFAULT_MAX_IMAGE_PIXELS = 178_956_970  # PIL's default limit (a 0.5 GB 24-bit image)
+IMAGE_SUFFIXES = frozenset({".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp"})  # of a dataset's images
 _ORIENTATION_TAG = 0x0112
 _SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
 

@@ -16,7 +16,9 @@ What an image holds:
   grey/low-saturation colours, plus pixel noise. Objects use saturated colours, so clutter is
   distracting but not confusable with an object.
 - 1 to `max_objects` shapes from `SHAPES` (circle, square, triangle, star, cross, ring), each
-  `min_object_frac`..`max_object_frac` of the image side, randomly rotated, filled with a solid
+  `min_object_frac`..`max_object_frac` of the image side, of a uniformly drawn kind (with
+  `rare_class_frac`: `RARE_SHAPE` drawn with that probability, the others sharing the rest, an
+  imbalanced set for rare-class sampling), randomly rotated, filled with a solid
   colour, stripes, a gradient, a checkerboard or noisy colour.
 - Overlaps are allowed, with one invariant: every annotated object keeps at least
   `min_visible_frac` of its pixels visible. A new shape that would hide more than that of an
@@ -59,6 +61,7 @@ MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 _SPLIT_CODES = {"train": 1, "val": 2}
 _PLACEMENT_TRIES = 8
+RARE_SHAPE = "star"  # the class `rare_class_frac` makes rare
 
 
 def ensure_synthetic_dataset(
@@ -73,6 +76,7 @@ def ensure_synthetic_dataset(
     min_visible_frac: float = 0.6,
     progress: bool = True,
     num_workers: int | None = None,
+    rare_class_frac: float | None = None,
 ) -> Path:
     """Generate the synthetic dataset under `root` unless a complete one with these parameters exists.
 
@@ -88,6 +92,9 @@ def ensure_synthetic_dataset(
         progress: show a tqdm progress bar.
         num_workers: processes drawing images (default: CPU count, at most 8; 0 draws in this
             process). The result does not depend on it.
+        rare_class_frac: None (default): every shape kind equally likely. A fraction in (0, 1): each
+            object is a `RARE_SHAPE` with this probability (so about this fraction of the boxes), another
+            kind otherwise.
 
     Returns:
         `root` as a Path.
@@ -105,6 +112,8 @@ def ensure_synthetic_dataset(
         "min_visible_frac": float(min_visible_frac),
         "shapes": list(SHAPES),
     }
+    if rare_class_frac is not None:  # only then a key: datasets generated without it keep their manifest
+        params["rare_class_frac"] = float(rare_class_frac)
     _check_params(params)
     if _read_manifest(root) == params:
         return root
@@ -134,6 +143,8 @@ def _check_params(params: dict) -> None:
         raise ValueError("need 0 < min_object_frac <= max_object_frac <= 1")
     if not 0 < params["min_visible_frac"] <= 1:
         raise ValueError("min_visible_frac must be in (0, 1]")
+    if not 0 < params.get("rare_class_frac", 0.5) < 1:
+        raise ValueError(f"rare_class_frac must be in (0, 1), got {params['rare_class_frac']}")
 
 
 def _read_manifest(root: Path) -> dict | None:
@@ -264,7 +275,7 @@ def render_image(rng: np.random.Generator, params: dict) -> tuple[np.ndarray, li
     target = int(rng.integers(1, params["max_objects"] + 1))
     for _ in range(target):
         for _try in range(_PLACEMENT_TRIES):
-            kind = int(rng.integers(len(SHAPES)))
+            kind = _draw_kind(rng, params.get("rare_class_frac"))
             mask = _shape_mask(
                 rng,
                 SHAPES[kind],
@@ -295,6 +306,17 @@ def render_image(rng: np.random.Generator, params: dict) -> tuple[np.ndarray, li
         box = [cols.start, rows.start, cols.stop - cols.start, rows.stop - rows.start]
         objects.append((kind, [int(v) for v in box], int(area)))
     return pixels, objects
+
+
+def _draw_kind(rng: np.random.Generator, rare_class_frac: float | None) -> int:
+    """Index into `SHAPES`: uniform, or `RARE_SHAPE` with probability `rare_class_frac` and the others uniform."""
+    if rare_class_frac is None:
+        return int(rng.integers(len(SHAPES)))
+    rare = SHAPES.index(RARE_SHAPE)
+    if rng.uniform() < rare_class_frac:
+        return rare
+    others = [index for index in range(len(SHAPES)) if index != rare]
+    return others[int(rng.integers(len(others)))]
 
 
 def _keeps_others_visible(owner: np.ndarray, mask: np.ndarray, full_areas: list[int], min_visible: float) -> bool:

@@ -124,11 +124,17 @@ def normalize_images(
     """uint8 images (..., 3, height, width) in 0..255 -> float32 `(pixels / 255 - mean) / std`, on their device.
 
     The one normalisation of the project: the transforms use it in the workers, the data modules on
-    the device (uint8 batches), so both give the same numbers."""
+    the device (uint8 batches), so both give the same numbers.
+
+    The result is contiguous, whatever the input's layout: the image of a transform is a permuted view of
+    its (height, width, 3) array, on which the arithmetic would run channel by channel, 3 elements per
+    inner loop (2-3x slower); converted into contiguous float32 first, the subtraction and the
+    multiplication run in place over whole planes, with the same float32 operations in the same order."""
     shape = (3, 1, 1)
     mean_t = torch.tensor(mean, dtype=torch.float32, device=images.device).view(shape) * 255  # (3, 1, 1)
     inv_std = 1 / (torch.tensor(std, dtype=torch.float32, device=images.device).view(shape) * 255)  # (3, 1, 1)
-    return (images.to(torch.float32) - mean_t) * inv_std
+    pixels = images.to(torch.float32, memory_format=torch.contiguous_format, copy=True)  # (..., 3, height, width)
+    return pixels.sub_(mean_t).mul_(inv_std)
 
 
 class DetectionTransform:

@@ -24,7 +24,7 @@ import os
 import re
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain, repeat
 from operator import itemgetter
 from pathlib import Path
@@ -118,6 +118,7 @@ class CocoColumns:
     (num_annotations,), `bboxes` float64 (num_annotations, 4) as (x, y, w, h), `iscrowd` bool
     (num_annotations,). `category_ids` int64 (num_categories,), `category_names` list of str.
     `annotation_image_index` int64 (num_annotations,): the position in `image_ids` of each annotation's image.
+    `category_supercategories`: each category's `supercategory` when it is a string, else None (empty: not read).
     """
 
     image_ids: np.ndarray
@@ -132,6 +133,7 @@ class CocoColumns:
     category_ids: np.ndarray
     category_names: list[str]
     annotation_image_index: np.ndarray | None = None  # int64 (num_annotations,): position of the image, once checked
+    category_supercategories: list[str | None] = field(default_factory=list)
 
 
 def validate_coco(data: Any, path: str | os.PathLike) -> CocoColumns:
@@ -199,7 +201,11 @@ def _fast_columns(data: dict) -> CocoColumns | None:
         iscrowd = np.fromiter(map(bool, crowd_flags), dtype=bool, count=len(crowd_flags))
     else:
         iscrowd = np.array([bool(flag) for flag in crowd_flags], dtype=bool)
-    return CocoColumns(**columns, bboxes=boxes.reshape(-1, 4), iscrowd=iscrowd)
+    supercategories = [c.get("supercategory") for c in categories]
+    supercategories = [name if isinstance(name, str) else None for name in supercategories]
+    return CocoColumns(
+        **columns, bboxes=boxes.reshape(-1, 4), iscrowd=iscrowd, category_supercategories=supercategories
+    )
 
 
 def _has_duplicates(ids: np.ndarray) -> bool:

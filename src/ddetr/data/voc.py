@@ -1,19 +1,26 @@
 """Pascal VOC detection datasets, read into the COCO form the rest of the pipeline uses.
 
-Layout (`data=voc data.data_dir=DIR`, a VOC year folder such as VOCdevkit/VOC2012):
+Two layouts (`data=voc data.data_dir=DIR`). A VOC year folder such as VOCdevkit/VOC2012:
 ```
 DIR/ImageSets/Main/<split>.txt   one image id per line (the first word of the line)
 DIR/Annotations/<id>.xml         <size><width/><height/></size> and one <object> per box:
                                  <name/>, <difficult/> (optional, 0/1), <bndbox><xmin/><ymin/><xmax/><ymax/></bndbox>
 DIR/JPEGImages/<id>.jpg
 ```
+or one folder per split with each image's XML beside it (Roboflow's "Pascal VOC" export):
+```
+DIR/train/a.jpg  DIR/train/a.xml    (the image: the file of the XML's stem with an image suffix)
+DIR/valid/b.jpg  DIR/valid/b.xml    (split folders named as `split_names.resolve_split` finds them)
+```
+Class names: `class_names` in head order, or None to collect them from the dataset's XML files
+(every XML of the layout, sorted by name; `collect_class_names` also counts their boxes).
 VOC pixel coordinates are 1-based and inclusive: a box becomes `(xmin - 1, ymin - 1, xmax, ymax)`
 in 0-based continuous pixels (COCO `bbox = [xmin - 1, ymin - 1, xmax - xmin + 1, ymax - ymin + 1]`).
 `difficult=1` objects become COCO crowd boxes (`iscrowd=1`): not trained on, ignored by the
 evaluation, counted as "difficult" in the cleaning summary. Category id == index in `class_names`.
 
-XML is parsed with `xml.etree.ElementTree` after refusing any document with a DTD (`<!DOCTYPE`) or
-an entity declaration, so entity expansion cannot be used against the reader. Every problem (an
+XML is parsed with `defusedxml` refusing any document type declaration (so no entity can be declared
+or expanded, whatever the file's encoding: UTF-16 included), at most `MAX_XML_BYTES` per file. Every problem (an
 unreadable or malformed file, a missing field, a non-number, a name not in `class_names`, an id that
 is not a plain file name) is one `DatasetError` naming the file (and the line or object number).
 A missing or zero `<size>` is read from the image header.
@@ -25,12 +32,18 @@ import logging
 import os
 import re
 import xml.etree.ElementTree as ET
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
+
+from defusedxml import DefusedXmlException
+from defusedxml.ElementTree import fromstring as defused_fromstring
 
 from .conversion import ConvertedSplit, ProblemLog, append_annotation
-from .files import open_regular_file, read_text_lines
-from .image_loading import DEFAULT_MAX_IMAGE_PIXELS, ImageLoadError, read_image_size
+from .files import read_capped, read_text_lines
+from .image_loading import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_SUFFIXES, ImageLoadError, read_image_size
+from .split_names import resolve_split
 from .validation import DatasetError
 
 log = logging.getLogger(__name__)
@@ -61,9 +74,76 @@ MAX_XML_BYTES = 16 << 20
 _SAFE_ID = re.compile(r"^[^/\\\x00]+$")
 
 
-def split_ids(data_dir: Path, split: str) -> list[str]:
-    """Image ids of ImageSets/Main/<split>.txt (first word of each non-empty line)."""
-    path = data_dir / "ImageSets" / "Main" / f"{split}.txt"
+class VocEntry(NamedTuple):
+    """One image of a split: its annotation, its image file and that file's name relative to the image folder."""
+
+    xml_path: Path
+    image_path: Path
+    file_name: str
+
+
+def is_year_folder(data_dir: Path) -> bool:
+    """Whether `data_dir` is a VOC year folder (it has Annotations/ and ImageSets/Main/)."""
+    return (data_dir / "Annotations").is_dir() and (data_dir / "ImageSets" / "Main").is_dir()
+
+
+def split_list(data_dir: Path, split: str) -> Path:
+    """ImageSets/Main/<split>.txt of a year folder (`split` or an alias of it that exists)."""
+    main = data_dir / "ImageSets" / "Main"
+    return main / f"{resolve_split(split, lambda name: (main / f'{name}.txt').is_file())}.txt"
+
+
+def split_folder(data_dir: Path, split: str) -> Path:
+    """The folder of `split` (or of an alias of it that exists) in the XML-beside-the-images layout."""
+    return data_dir / resolve_split(split, lambda name: (data_dir / name).is_dir())
+
+
+def split_entries(data_dir: Path, split: str) -> tuple[list[VocEntry], Path]:
+    """The images of `split` in either layout (module docstring) and the folder their file names are relative to."""
+    if is_year_folder(data_dir):
+        images = data_dir / "JPEGImages"
+        return [
+            VocEntry(data_dir / "Annotations" / f"{image_id}.xml", images / f"{image_id}.jpg", f"{image_id}.jpg")
+            for image_id in split_ids(split_list(data_dir, split))
+        ], images
+    folder = split_folder(data_dir, split)
+    if not folder.is_dir():
+        raise DatasetError(
+            f"{data_dir}: neither a VOC year folder (Annotations/, ImageSets/Main/) nor a folder with a "
+            f"'{split}' split folder of images and XML files"
+        )
+    xml_files = sorted(folder.glob("*.xml"))
+    if not xml_files:
+        raise DatasetError(f"{folder}: no XML annotation files")
+    images = {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
+    entries = []
+    for xml_path in xml_files:
+        image_path = images.get(xml_path.stem)
+        if image_path is None:
+            raise DatasetError(f"{xml_path}: no image {xml_path.stem}.* beside it")
+        entries.append(VocEntry(xml_path, image_path, image_path.name))
+    return entries, folder
+
+
+def all_annotation_files(data_dir: Path) -> list[Path]:
+    """Every XML of the dataset: Annotations/*.xml of a year folder, else the XMLs of its split folders."""
+    if is_year_folder(data_dir):
+        return sorted((data_dir / "Annotations").glob("*.xml"))
+    return sorted(p for folder in sorted(data_dir.iterdir()) if folder.is_dir() for p in folder.glob("*.xml"))
+
+
+def collect_class_names(xml_paths: Sequence[Path]) -> Counter:
+    """Class name -> number of <object>s with it over `xml_paths` (the names of a dataset without `class_names`)."""
+    counts: Counter = Counter()
+    for path in xml_paths:
+        for obj in parse_xml(path).iter("object"):
+            name_node = obj.find("name")
+            counts[(name_node.text or "").strip() if name_node is not None else ""] += 1
+    return counts
+
+
+def split_ids(path: Path) -> list[str]:
+    """Image ids of an ImageSets/Main/<split>.txt (first word of each non-empty line)."""
     lines = read_text_lines(path, "the split list")
     ids = []
     for number, line in enumerate(lines, start=1):
@@ -79,18 +159,12 @@ def split_ids(data_dir: Path, split: str) -> list[str]:
 
 
 def parse_xml(path: Path) -> ET.Element:
-    """The root of an annotation XML; no DTD or entity declarations accepted."""
+    """The root of an annotation XML; no document type (and so no entity) declarations accepted."""
+    content = read_capped(path, "the annotation", MAX_XML_BYTES)
     try:
-        with open_regular_file(path) as file:
-            content = file.read(MAX_XML_BYTES + 1)
-    except OSError as exc:
-        raise DatasetError(f"{path}: cannot read the annotation: {exc}") from exc
-    if len(content) > MAX_XML_BYTES:
-        raise DatasetError(f"{path}: annotation larger than {MAX_XML_BYTES >> 20} MiB")
-    if b"<!DOCTYPE" in content or b"<!ENTITY" in content:
-        raise DatasetError(f"{path}: DTD or entity declarations are not accepted in an annotation")
-    try:
-        return ET.fromstring(content)
+        return defused_fromstring(content, forbid_dtd=True, forbid_entities=True, forbid_external=True)
+    except DefusedXmlException as exc:
+        raise DatasetError(f"{path}: DTD or entity declarations are not accepted in an annotation ({exc})") from exc
     except ET.ParseError as exc:
         line, column = exc.position
         raise DatasetError(f"{path}: malformed XML at line {line} column {column + 1}") from exc
@@ -128,21 +202,22 @@ def _image_size(
 def read_voc_split(
     data_dir: str | os.PathLike,
     split: str,
-    class_names: Sequence[str] = VOC_CLASSES,
+    class_names: Sequence[str] | None = VOC_CLASSES,
     skip_bad_images: bool = True,
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> ConvertedSplit:
-    """The images of ImageSets/Main/<split>.txt with their boxes as a COCO dict (module docstring)."""
+    """The images of `split` with their boxes as a COCO dict (module docstring); `class_names` None: collected."""
     data_dir = Path(data_dir)
+    entries, image_dir = split_entries(data_dir, split)
+    if class_names is None:
+        class_names = sorted(collect_class_names(all_annotation_files(data_dir)))
     class_names = [str(name) for name in class_names]
     if len(set(class_names)) != len(class_names) or not class_names:
         raise DatasetError(f"class_names must be distinct and not empty, got {class_names}")
     category_of = {name: index for index, name in enumerate(class_names)}
     problems = ProblemLog(f"{data_dir} ({split})")
     images, annotations = [], []
-    for image_name in split_ids(data_dir, split):
-        xml_path = data_dir / "Annotations" / f"{image_name}.xml"
-        image_path = data_dir / "JPEGImages" / f"{image_name}.jpg"
+    for xml_path, image_path, file_name in entries:
         root = parse_xml(xml_path)
         size = _image_size(root, image_path, xml_path, max_image_pixels)
         if size is None:
@@ -151,7 +226,7 @@ def read_voc_split(
             problems.add("no <size> and an unreadable image, left out", str(xml_path))
             continue
         image_id = len(images) + 1
-        images.append({"id": image_id, "file_name": f"{image_name}.jpg", "width": size[0], "height": size[1]})
+        images.append({"id": image_id, "file_name": file_name, "width": size[0], "height": size[1]})
         for number, obj in enumerate(root.iter("object"), start=1):
             where = f"<object> {number}"
             name_node = obj.find("name")
@@ -176,4 +251,4 @@ def read_voc_split(
     problems.report(log)
     categories = [{"id": index, "name": name} for index, name in enumerate(class_names)]
     data = {"images": images, "annotations": annotations, "categories": categories}
-    return ConvertedSplit(data_dir / "JPEGImages", data, f"{data_dir} ({split})", problems.counts())
+    return ConvertedSplit(image_dir, data, f"{data_dir} ({split})", problems.counts())

@@ -5,7 +5,10 @@ Layout (`data=yolo data.data_dir=DIR`):
 DIR/data.yaml (or dataset.yaml):
   path: .               optional; the dataset root, relative to the YAML's folder (default: that folder)
   train: images/train   a folder of images (searched recursively), a .txt list of image paths, or a list of these
-  val: images/val       (relative to `path`; lines of a .txt list relative to the list's folder)
+  val: images/val       (relative to `path`; lines of a .txt list relative to the list's folder); the key may
+                        also be `valid` or `validation` (`split_names`); `test:` is the test split
+                        An entry starting with `../` that does not exist is taken without that `../`, as
+                        Ultralytics does: Roboflow's `train: ../train/images` finds DIR/train/images.
   names: [cat, dog]     a list, or a dict {0: cat, 1: dog}; `nc`, when given, must match
 DIR/images/train/a.jpg  ->  DIR/labels/train/a.txt   (the last /images/ of the path replaced by /labels/)
 ```
@@ -35,15 +38,14 @@ from typing import Any
 import yaml
 
 from .conversion import ConvertedSplit, ProblemLog, append_annotation
-from .files import open_regular_file, read_text_lines
-from .image_loading import DEFAULT_MAX_IMAGE_PIXELS, ImageLoadError, read_image_size
+from .files import read_capped, read_text_lines
+from .image_loading import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_SUFFIXES, ImageLoadError, read_image_size
+from .split_names import resolve_split
 from .validation import DatasetError
 
 log = logging.getLogger(__name__)
 
 YAML_NAMES = ("data.yaml", "dataset.yaml")
-IMAGE_SUFFIXES = {".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp"}
-MAX_LABEL_BYTES = 64 << 20  # a label file beyond this is not a label file
 OUTSIDE_TOLERANCE = 1e-4  # rounding in label files; beyond it a box outside the image is named in a warning
 
 
@@ -61,14 +63,13 @@ def find_yaml(data_dir: str | os.PathLike) -> Path:
 def read_yaml(path: Path) -> dict[str, Any]:
     """The dataset description (yaml.safe_load), checked to be a mapping."""
     try:
-        with open_regular_file(path) as file:
-            text = file.read().decode("utf-8")
+        text = read_capped(path, "the dataset YAML").decode("utf-8")
         config = yaml.safe_load(text)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
         raise DatasetError(f"{path}: malformed YAML{where}: {exc.problem}") from exc
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+    except (UnicodeDecodeError, yaml.YAMLError) as exc:
         raise DatasetError(f"{path}: cannot read the dataset YAML: {exc}") from exc
     if not isinstance(config, dict):
         raise DatasetError(f"{path}: expected a mapping with train, val and names")
@@ -111,13 +112,20 @@ def image_paths(config: dict[str, Any], split: str, root: Path, path: Path) -> l
     images: list[Path] = []
     for entry in entries:
         location = Path(entry) if os.path.isabs(entry) else root / entry
+        tried = [location]
+        if not location.exists() and entry.startswith("../"):  # Ultralytics: a missing ../x is taken as x
+            location = root / entry[3:]
+            tried.append(location)
         if location.is_dir():
             found = sorted(p for p in location.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
             images += found
         elif location.suffix == ".txt" and location.is_file():
             images += _listed_images(location)
         else:
-            raise DatasetError(f"{path}: '{split}' entry {entry!r} is neither a folder nor a .txt list ({location})")
+            raise DatasetError(
+                f"{path}: '{split}' entry {entry!r} is neither a folder nor a .txt list "
+                f"({' nor '.join(str(p) for p in tried)})"
+            )
     if not images:
         raise DatasetError(f"{path}: no images in '{split}' ({entries})")
     return images
@@ -148,15 +156,9 @@ def parse_label_file(path: Path, num_classes_of: dict[int, str], problems: Probl
     Raises:
         DatasetError: unreadable file, a wrong number of values, a non-number, a bad class index (file:line).
     """
-    try:
-        with open_regular_file(path) as file:
-            text = file.read(MAX_LABEL_BYTES + 1)
-    except FileNotFoundError:
+    if not path.exists():
         return []
-    except OSError as exc:
-        raise DatasetError(f"{path}: cannot read the label file: {exc}") from exc
-    if len(text) > MAX_LABEL_BYTES:
-        raise DatasetError(f"{path}: label file larger than {MAX_LABEL_BYTES >> 20} MiB")
+    text = read_capped(path, "the label file")
     try:
         lines = text.decode("utf-8").splitlines()
     except UnicodeDecodeError as exc:
@@ -201,9 +203,11 @@ def read_yolo_split(
     skip_bad_images: bool = True,
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> ConvertedSplit:
-    """The `split` ("train" or "val" key of the YAML) of a YOLO dataset as a COCO dict (module docstring)."""
+    """The `split` (a YAML key: "train", "val" or an alias, "test") of a YOLO dataset as a COCO dict (module
+    docstring)."""
     yaml_path = find_yaml(data_dir)
     config = read_yaml(yaml_path)
+    split = resolve_split(split, lambda key: config.get(key) is not None)
     root = Path(config.get("path") or ".")
     root = root if root.is_absolute() else yaml_path.parent / root
     names = class_names(config, yaml_path)
