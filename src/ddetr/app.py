@@ -145,20 +145,6 @@ def compose(overrides: list[str] | None = None, config_name: str = "train"):
         return hydra_compose(config_name=config_name, overrides=overrides or [])
 
 
-def trust_checkpoint(cfg: DictConfig) -> bool:
-    """``cfg.trust_checkpoint`` (false where the config has none): may the entry point unpickle checkpoint
-    files in full?
-
-    False (the default): every checkpoint is read weights-only (tensors and plain values); a file that asks
-    for any other class is refused (``ddetr.checkpoints``). True: such a file is unpickled, and a
-    hostile one runs whatever code it holds; only for files whose source you trust.
-    """
-    value = cfg.get("trust_checkpoint", False)
-    if not isinstance(value, bool):
-        raise ValueError(f"trust_checkpoint must be true or false, got {value!r}")
-    return value
-
-
 def apply_matmul_precision(cfg: DictConfig) -> None:
     """``ddetr.matmul_precision.set_matmul_precision(cfg.matmul_precision)`` when the config sets it
     (``high``, the default of train, eval and predict, allows TF32 on GPUs that have it)."""

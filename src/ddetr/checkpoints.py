@@ -9,6 +9,7 @@
 - ``atomic_save(obj, path)``: ``torch.save`` that leaves the previous file whole if it fails.
 - ``AtomicCheckpointIO``: Lightning's checkpoint reader and writer, weights-only and atomic.
 - ``check_resume_checkpoint(path)``: a ``ckpt_path`` to resume training from, checked before Lightning reads it.
+- ``trust_checkpoint(cfg)``: the entry points' policy, ``trust_checkpoint=true`` or not (the ``trust`` of the above).
 
 Safety: a checkpoint file is a pickle, and unpickling runs whatever code the file names. Every read
 here is ``torch.load(..., weights_only=True)``: tensors, plain Python values (dicts, lists, numbers,
@@ -33,7 +34,7 @@ import pickletools
 import re
 import tempfile
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,20 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 TRUST_OPTION = "trust_checkpoint=true"
+
+
+def trust_checkpoint(cfg: Mapping[str, Any]) -> bool:
+    """``cfg.trust_checkpoint`` (false where the config has none): may the entry point unpickle checkpoint
+    files in full?
+
+    False (the default): every checkpoint is read weights-only (tensors and plain values); a file that asks
+    for any other class is refused (``load_file``). True: such a file is unpickled, and a hostile one runs
+    whatever code it holds; only for files whose source you trust.
+    """
+    value = cfg.get("trust_checkpoint", False)
+    if not isinstance(value, bool):
+        raise ValueError(f"trust_checkpoint must be true or false, got {value!r}")
+    return value
 
 
 class CheckpointError(ValueError):

@@ -189,8 +189,7 @@ def max_abs_difference(expected: tuple[torch.Tensor, ...], actual: list[torch.Te
 def export(cfg: DictConfig) -> dict[str, Any]:
     """Exports as ``cfg`` says; returns ``{"path", "format", "exporter", "max_abs_diff"}`` and, for ONNX,
     ``"input_shapes"`` (input name -> dims, a name where the dimension is dynamic)."""
-    from ddetr.app import trust_checkpoint
-    from ddetr.checkpoints import load_module
+    from ddetr.checkpoints import load_module, trust_checkpoint
 
     if cfg.format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {cfg.format!r}")

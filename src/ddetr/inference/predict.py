@@ -16,11 +16,10 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ddetr.app import trust_checkpoint
 from ddetr.data.image_loading import ImageLoadError
 from ddetr.data.image_loading import load_rgb_image
 from ddetr.data.transforms import OFFICIAL_MAX_SIZE, OFFICIAL_VAL_SIZE, make_val_transforms
-from ddetr.checkpoints import load_module
+from ddetr.checkpoints import load_module, trust_checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -13,10 +13,9 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ddetr.app import trust_checkpoint
 from ddetr.models.ms_deform_attn import attention_backend, set_attention_backend
 from ddetr.training.callbacks import Preempted, RunTimer, WeightEMA, early_stopping, slurm_job_id
-from ddetr.checkpoints import check_resume_checkpoint, load_module, load_pretrained
+from ddetr.checkpoints import check_resume_checkpoint, load_module, load_pretrained, trust_checkpoint
 from ddetr.training.compilation import compile_options
 from ddetr.training.evaluation import METRIC_NAMES
 from ddetr.training.evaluation_pictures import write_evaluation_pictures, write_final_pictures
