@@ -39,7 +39,8 @@ def test_a_hand_built_image_gives_the_hand_counted_matrix():
             (2, [41, 0, 51, 10], 0.7),  # c on C1 (IoU 9/11): c -> c
             (0, [0, 0, 10, 10], 0.6),  # a again on A1, already taken: a false detection (background row)
             (1, [150, 150, 170, 170], 0.5),  # b on nothing: a false detection
-            (2, [110, 10, 130, 30], 0.5),  # c inside the crowd region: ignored
+            (1, [110, 10, 130, 30], 0.5),  # b inside the crowd region of b: ignored
+            (2, [110, 20, 130, 40], 0.5),  # c inside the crowd region of b: a false detection (COCOeval's rule)
             (1, [60, 0, 70, 10], 0.2),  # b on A2 below the threshold: dropped, so A2 is missed
         ]
     )
@@ -49,8 +50,8 @@ def test_a_hand_built_image_gives_the_hand_counted_matrix():
         [1, 0, 0, 1],  # a: A1 found, A2 missed
         [1, 0, 0, 0],  # b: B1 detected as a
         [0, 0, 1, 0],  # c: C1 found
-        [1, 1, 0, 0],
-    ]  # background: the duplicate a, the stray b; the crowd detection not counted
+        [1, 1, 1, 0],
+    ]  # background: the duplicate a, the stray b, the c in b's crowd; the b in b's crowd not counted
     assert confusion.matrix.tolist() == expected
     assert confusion.to_json() == {
         "labels": ["a", "b", "c", "background"],
@@ -61,6 +62,28 @@ def test_a_hand_built_image_gives_the_hand_counted_matrix():
     # with the threshold at 0.1 the b detection on A2 counts: A2 is found as b
     lower = coco_confusion_matrix(coco, {1: prediction}, [1, 2, 3], score_threshold=0.1)
     assert lower.matrix[0].tolist() == [1, 1, 0, 0]
+
+
+def test_a_crowd_ignores_only_detections_of_its_own_class_as_cocoeval_does():
+    # one crowd region of b; inside it a detection of each class, nothing else in the image
+    coco = coco_ground_truth({1: [(2, [0, 0, 100, 100], 1), (1, [150, 150, 20, 20], 0)]})
+    detections = [(0, [10, 10, 40, 40], 0.9), (1, [50, 50, 90, 90], 0.8), (2, [20, 60, 60, 95], 0.7)]
+    confusion = coco_confusion_matrix(coco, {1: image_prediction(detections)}, [1, 2, 3], score_threshold=0.3)
+    # the reference: COCOeval's detections at IoU 0.5 that match nothing and are not ignored, per category
+    evaluator = CocoEvaluator(coco, [1, 2, 3])
+    evaluator.update({1: image_prediction(detections)})
+    with contextlib.redirect_stdout(io.StringIO()):
+        reference = COCOeval(coco, coco.loadRes(evaluator.results_json()), "bbox")
+        reference.evaluate()
+    iou50 = int(np.argmin(np.abs(reference.params.iouThrs - 0.5)))
+    false_detections = dict.fromkeys((1, 2, 3), 0)
+    for image in reference.evalImgs:
+        if image is not None and image["aRng"] == reference.params.areaRng[0]:
+            unmatched = (image["dtMatches"][iou50] == 0) & ~image["dtIgnore"][iou50].astype(bool)
+            false_detections[image["category_id"]] += int(unmatched.sum())
+    assert false_detections == {1: 1, 2: 0, 3: 1}  # a and c count, b (in its own crowd) is ignored
+    assert confusion.matrix[3, :3].tolist() == [false_detections[c] for c in (1, 2, 3)]
+    assert confusion.matrix[0].tolist() == [0, 0, 0, 1]  # the a box: missed
 
 
 def test_a_detection_takes_its_own_class_first_then_another():

@@ -9,9 +9,10 @@ Matching, image by image, over the detections scoring at least ``score_threshold
 2. across classes: each detection left without a match, again in decreasing score order, takes the
    unmatched ground-truth box *of any class* with the highest IoU >= ``iou_threshold`` (a confusion);
 3. crowd regions (``iscrowd=1``) are not ground truth (no row counts them); a detection still
-   unmatched that lies in a crowd region of any class (intersection >= ``iou_threshold`` of the
-   detection's own area, COCOeval's crowd overlap) is ignored, as COCOeval ignores it, instead of
-   counting as a false detection.
+   unmatched that lies in a crowd region *of its own class* (intersection >= ``iou_threshold`` of
+   the detection's own area, COCOeval's crowd overlap) is ignored, as COCOeval ignores it, instead
+   of counting as a false detection. COCOeval evaluates each category alone, so a crowd of another
+   class ignores nothing: a detection there is a false detection (background row).
 
 Rows are ground-truth classes, columns predicted classes; the last row (background) counts the
 detections that matched nothing, the last column (background) the ground-truth boxes nothing
@@ -64,14 +65,16 @@ def match_image(
     det_classes: np.ndarray,
     det_scores: np.ndarray,
     crowd_boxes: np.ndarray,
+    crowd_classes: np.ndarray,
     num_classes: int,
     iou_threshold: float = DEFAULT_IOU_THRESHOLD,
 ) -> np.ndarray:
     """The confusion counts (num_classes + 1, num_classes + 1) of one image (module docstring).
 
     Boxes are absolute (x, y, width, height) as in COCO files: ``gt_boxes`` (num_gt, 4),
-    ``det_boxes`` (num_det, 4), ``crowd_boxes`` (num_crowd, 4); classes are row indices in
-    ``[0, num_classes)``. Every detection given is counted (filter by score before)."""
+    ``det_boxes`` (num_det, 4), ``crowd_boxes`` (num_crowd, 4); classes (``gt_classes`` (num_gt,),
+    ``det_classes`` (num_det,), ``crowd_classes`` (num_crowd,)) are row indices in ``[0, num_classes)``.
+    Every detection given is counted (filter by score before)."""
     from pycocotools import mask as mask_utils
 
     background = num_classes
@@ -96,7 +99,7 @@ def match_image(
     for det in range(num_det):
         if det_match[det] >= 0:
             counts[gt_classes[det_match[det]], det_classes[det]] += 1
-        elif not _in_crowd(det_boxes[det], crowd_boxes, iou_threshold):
+        elif not _in_crowd(det_boxes[det], crowd_boxes[crowd_classes == det_classes[det]], iou_threshold):
             counts[background, det_classes[det]] += 1
     for gt in np.flatnonzero(gt_match < 0):
         counts[gt_classes[gt], background] += 1
@@ -125,14 +128,23 @@ def coco_confusion_matrix(
     total = np.zeros((num_classes + 1, num_classes + 1), dtype=np.int64)
     for image_id in coco_gt.getImgIds():
         annotations = coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=[image_id]))
-        crowd = [a for a in annotations if a.get("iscrowd", 0)]
+        crowd = [a for a in annotations if a.get("iscrowd", 0) and a["category_id"] in row_of]
         plain = [a for a in annotations if not a.get("iscrowd", 0) and a["category_id"] in row_of]
         gt_boxes = np.array([a["bbox"] for a in plain], dtype=np.float64).reshape(-1, 4)
         gt_classes = np.array([row_of[a["category_id"]] for a in plain], dtype=np.int64)
         crowd_boxes = np.array([a["bbox"] for a in crowd], dtype=np.float64).reshape(-1, 4)
+        crowd_classes = np.array([row_of[a["category_id"]] for a in crowd], dtype=np.int64)
         det_boxes, det_classes, det_scores = _detections(predictions.get(image_id), head_to_row, score_threshold)
         total += match_image(
-            gt_boxes, gt_classes, det_boxes, det_classes, det_scores, crowd_boxes, num_classes, iou_threshold
+            gt_boxes,
+            gt_classes,
+            det_boxes,
+            det_classes,
+            det_scores,
+            crowd_boxes,
+            crowd_classes,
+            num_classes,
+            iou_threshold,
         )
     return ConfusionMatrix(labels, total, iou_threshold, score_threshold)
 
@@ -153,7 +165,8 @@ def _detections(prediction, head_to_row: np.ndarray, score_threshold: float):
 
 
 def _in_crowd(det_box: np.ndarray, crowd_boxes: np.ndarray, iou_threshold: float) -> bool:
-    """Whether a detection (x, y, w, h) lies in a crowd region: intersection / detection area >= threshold."""
+    """Whether a detection (x, y, w, h) lies in one of the crowd regions ``crowd_boxes`` (num_crowd, 4):
+    intersection / detection area >= threshold."""
     if not len(crowd_boxes):
         return False
     from pycocotools import mask as mask_utils
