@@ -1,4 +1,5 @@
-"""Data: synthetic dataset, COCO dataset + validation, YOLO and VOC readers, transforms, collate, DataModules."""
+"""Data: synthetic dataset, COCO dataset + validation, YOLO and VOC readers, dataset folder detection, transforms,
+samplers, collate, DataModules."""
 
 from .category_mapping import COCO91_NAMES, CategoryMapping
 from .coco import CocoDetection
@@ -10,9 +11,11 @@ from .datamodule import (
     YoloDataModule,
     collate_detection,
 )
+from .folder import FolderDataModule
+from .layouts import DatasetLayout, find_layout
 from .records import DetectionRecords, ImageRecord
 from .image_loading import ImageLoadError
-from .samplers import UnpaddedDistributedSampler
+from .samplers import RepeatFactorSampler, UnpaddedDistributedSampler, repeat_factors
 from .skips import SkipRecord, SkipReport, pop_batch_skips
 from .synthetic import SHAPES, ensure_synthetic_dataset
 from .validation import DatasetError
@@ -30,11 +33,14 @@ __all__ = [
     "CocoDataModule",
     "CocoDetection",
     "DatasetError",
+    "DatasetLayout",
     "DetectionDataModule",
     "DetectionRecords",
     "ImageRecord",
     "DetectionTransform",
+    "FolderDataModule",
     "ImageLoadError",
+    "RepeatFactorSampler",
     "SkipRecord",
     "SkipReport",
     "SyntheticDataModule",
@@ -43,8 +49,10 @@ __all__ = [
     "YoloDataModule",
     "collate_detection",
     "ensure_synthetic_dataset",
+    "find_layout",
     "make_plain_transforms",
     "make_train_transforms",
     "make_val_transforms",
     "pop_batch_skips",
+    "repeat_factors",
 ]

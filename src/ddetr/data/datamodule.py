@@ -40,7 +40,7 @@ from .transforms import (
     normalize_images,
 )
 from .validation import DatasetError
-from .voc import all_annotation_files, collect_class_names, read_voc_split
+from .voc import dataset_class_names, read_voc_split
 from .yolo import read_yolo_split
 
 log = logging.getLogger(__name__)
@@ -498,16 +498,8 @@ class VocDataModule(_ConvertedDataModule):
         super().__init__(data_dir, train_split, val_split, **kwargs)
 
     def read_split(self, split: str) -> ConvertedSplit:
-        if self.class_names is None:
-            counts = collect_class_names(all_annotation_files(self.data_dir))
-            if not counts:
-                raise DatasetError(f"{self.data_dir}: no <object> in any XML file, so no class names to collect")
-            self.class_names = sorted(counts)
-            log.info(
-                "%s: class names from the XML files (boxes): %s",
-                self.data_dir,
-                ", ".join(f"{name} ({counts[name]})" for name in self.class_names),
-            )
+        if self.class_names is None:  # collected once for every split
+            self.class_names = dataset_class_names(self.data_dir)
         return read_voc_split(
             self.data_dir,
             self.splits[split],

@@ -142,6 +142,19 @@ def collect_class_names(xml_paths: Sequence[Path]) -> Counter:
     return counts
 
 
+def dataset_class_names(data_dir: Path, logger: logging.Logger | None = None) -> list[str]:
+    """The sorted class names of every XML file of the dataset (`all_annotation_files`), logged with their box
+    counts in one line; ``DatasetError`` when no XML holds an object."""
+    counts = collect_class_names(all_annotation_files(data_dir))
+    if not counts:
+        raise DatasetError(f"{data_dir}: no <object> in any XML file, so no class names to collect")
+    names = sorted(counts)
+    (logger or log).info(
+        "%s: class names from the XML files (boxes): %s", data_dir, ", ".join(f"{n} ({counts[n]})" for n in names)
+    )
+    return names
+
+
 def split_ids(path: Path) -> list[str]:
     """Image ids of an ImageSets/Main/<split>.txt (first word of each non-empty line)."""
     lines = read_text_lines(path, "the split list")
@@ -210,7 +223,7 @@ def read_voc_split(
     data_dir = Path(data_dir)
     entries, image_dir = split_entries(data_dir, split)
     if class_names is None:
-        class_names = sorted(collect_class_names(all_annotation_files(data_dir)))
+        class_names = dataset_class_names(data_dir)
     class_names = [str(name) for name in class_names]
     if len(set(class_names)) != len(class_names) or not class_names:
         raise DatasetError(f"class_names must be distinct and not empty, got {class_names}")
