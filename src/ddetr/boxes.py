@@ -88,6 +88,27 @@ def generalized_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Ten
     return iou - (enclosing_area - union) / enclosing_area
 
 
+def _iou_union_elementwise(
+    boxes1: torch.Tensor, boxes2: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """IoU and union of boxes paired element by element (and the unbound coordinates of both)."""
+    x0_1, y0_1, x1_1, y1_1 = first = boxes1.unbind(-1)
+    x0_2, y0_2, x1_2, y1_2 = second = boxes2.unbind(-1)
+    area1 = (x1_1 - x0_1) * (y1_1 - y0_1)
+    area2 = (x1_2 - x0_2) * (y1_2 - y0_2)
+    intersection_width = (torch.min(x1_1, x1_2) - torch.max(x0_1, x0_2)).clamp(min=0)
+    intersection_height = (torch.min(y1_1, y1_2) - torch.max(y0_1, y0_2)).clamp(min=0)
+    intersection = intersection_width * intersection_height
+    union = area1 + area2 - intersection
+    return intersection / union, union, first, second
+
+
+def box_iou_elementwise(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+    """IoU of xyxy boxes paired element by element, broadcasting: (...) the broadcast shape without the
+    last dimension (the arithmetic of :func:`generalized_box_iou_elementwise`'s IoU)."""
+    return _iou_union_elementwise(boxes1, boxes2)[0]
+
+
 def generalized_box_iou_elementwise(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
     """Generalised IoU of boxes paired element by element, broadcasting (no degenerate-box check).
 
@@ -104,15 +125,7 @@ def generalized_box_iou_elementwise(boxes1: torch.Tensor, boxes2: torch.Tensor) 
     Returns:
         (...) the broadcast shape without the last dimension.
     """
-    x0_1, y0_1, x1_1, y1_1 = boxes1.unbind(-1)
-    x0_2, y0_2, x1_2, y1_2 = boxes2.unbind(-1)
-    area1 = (x1_1 - x0_1) * (y1_1 - y0_1)
-    area2 = (x1_2 - x0_2) * (y1_2 - y0_2)
-    intersection_width = (torch.min(x1_1, x1_2) - torch.max(x0_1, x0_2)).clamp(min=0)
-    intersection_height = (torch.min(y1_1, y1_2) - torch.max(y0_1, y0_2)).clamp(min=0)
-    intersection = intersection_width * intersection_height
-    union = area1 + area2 - intersection
-    iou = intersection / union
+    iou, union, (x0_1, y0_1, x1_1, y1_1), (x0_2, y0_2, x1_2, y1_2) = _iou_union_elementwise(boxes1, boxes2)
     enclosing_width = (torch.max(x1_1, x1_2) - torch.min(x0_1, x0_2)).clamp(min=0)
     enclosing_height = (torch.max(y1_1, y1_2) - torch.min(y0_1, y0_2)).clamp(min=0)
     enclosing_area = enclosing_width * enclosing_height

@@ -47,7 +47,8 @@ def build_criterion(
         cost_giou=loss.set_cost_giou,
         focal_gamma=loss.focal_gamma,
     )
-    weight_dict = build_weight_dict(config.dec_layers, config.aux_loss, config.two_stage, loss)
+    weight_dict = build_weight_dict(config.dec_layers, config.aux_loss, config.two_stage, loss, config)
+    alphas = {"varifocal": loss.varifocal_alpha, "ia_bce": loss.ia_bce_alpha}
     return SetCriterion(
         config.num_classes,
         matcher,
@@ -55,4 +56,7 @@ def build_criterion(
         losses=losses,
         focal_alpha=loss.focal_alpha,
         focal_gamma=loss.focal_gamma,
+        class_loss=loss.class_loss,
+        class_loss_alpha=alphas.get(loss.class_loss),
+        one2many_k=config.hybrid.k,
     )

@@ -88,6 +88,54 @@ class LayerConfig:
     attn_backend: str
 
 
+@dataclass
+class DenoisingConfig:
+    """Contrastive denoising (DINO's CDN; ``ddetr.models.denoising``): noised ground-truth boxes and labels as
+    extra decoder queries while training, a positive and a negative query per box and group.
+
+    ``num_queries`` is DINO's ``dn_number``: the positive denoising queries of a batch, split into
+    ``max(1, num_queries // most boxes of an image in the batch)`` groups (each group holds every box once as a
+    positive and once as a negative query). A label is replaced by a random class with probability
+    ``label_noise_ratio / 2``; a positive box's corners move by less than ``box_noise_scale`` times half its
+    size, a negative's by between one and two times that.
+    """
+
+    enabled: bool = False
+    num_queries: int = 100
+    label_noise_ratio: float = 0.5
+    box_noise_scale: float = 0.4
+
+    def __post_init__(self) -> None:
+        if self.num_queries < 1:
+            raise ValueError(f"denoising.num_queries must be at least 1, got {self.num_queries}")
+        if not 0 <= self.label_noise_ratio <= 1:
+            raise ValueError(f"denoising.label_noise_ratio must be in [0, 1], got {self.label_noise_ratio}")
+        if self.box_noise_scale < 0:
+            raise ValueError(f"denoising.box_noise_scale must be at least 0, got {self.box_noise_scale}")
+
+
+@dataclass
+class HybridConfig:
+    """H-DETR's hybrid matching (``ddetr.models.hybrid``): while training, ``num_queries`` more queries
+    decode beside the model's own (each set blind to the other in self-attention) and are matched one-to-many
+    to the ground truth repeated ``k`` times; their losses (``loss_*_one2many``) weigh ``loss_weight``.
+    ``num_queries`` null: five times the model's ``num_queries`` (H-DETR's 1500 beside 300)."""
+
+    enabled: bool = False
+    num_queries: int | None = None
+    k: int = 6
+    loss_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.num_queries is not None and self.num_queries < 1:
+            raise ValueError(f"hybrid.num_queries must be at least 1 or null, got {self.num_queries}")
+        if self.k < 1:
+            raise ValueError(f"hybrid.k must be at least 1, got {self.k}")
+
+
+QUERY_SELECTION = ("pure", "mixed")  # model.query_selection (two-stage)
+
+
 # the flat official option names of the backbone (official ``args``) -> BackboneConfig fields
 _FLAT_BACKBONE = {
     "dilation": "dilation",
@@ -124,10 +172,31 @@ class DeformableDETRConfig:
     aux_loss: bool = True
     attn_backend: str = "auto"  # auto | pytorch | cpu | cuda
     checkpointing: str = "none"  # none | encoder | all: activation checkpointing of those layers (less memory)
+    # DINO-class training switches (docs/convergence.md); all off is the official model
+    # the box of decoder layer l is refined from layer l-1's box with its gradient (DINO's look forward twice)
+    look_forward_twice: bool = False
+    # two-stage: pure (official) takes content and position queries from the top proposals; mixed (DINO) only
+    # the references and positions, the content queries are learned (transformer.tgt_embed)
+    query_selection: str = "pure"
+    denoising: DenoisingConfig = field(default_factory=DenoisingConfig)
+    hybrid: HybridConfig = field(default_factory=HybridConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.backbone, Mapping):
             self.backbone = _from_mapping(BackboneConfig, self.backbone, "backbone")
+        if isinstance(self.denoising, Mapping):
+            self.denoising = _from_mapping(DenoisingConfig, self.denoising, "denoising")
+        if isinstance(self.hybrid, Mapping):
+            self.hybrid = _from_mapping(HybridConfig, self.hybrid, "hybrid")
+        if self.query_selection not in QUERY_SELECTION:
+            raise ValueError(f"query_selection must be one of {QUERY_SELECTION}, got {self.query_selection!r}")
+        if self.query_selection == "mixed" and not self.two_stage:
+            raise ValueError("query_selection=mixed selects two-stage proposals: it needs two_stage=true")
+        if self.denoising.enabled and not self.two_stage:
+            raise ValueError(
+                "denoising needs two_stage=true: a denoising query's position embedding comes from its box "
+                "through the two-stage position projection (pos_trans)"
+            )
         if self.hidden_dim % 32:
             raise ValueError(
                 f"hidden_dim must be a multiple of 32 (GroupNorm(32) on the input projections), got {self.hidden_dim}"
@@ -136,6 +205,13 @@ class DeformableDETRConfig:
             raise ValueError(f"num_feature_levels must be at least 1, got {self.num_feature_levels}")
         if self.checkpointing not in CHECKPOINTING:
             raise ValueError(f"checkpointing must be one of {CHECKPOINTING}, got {self.checkpointing!r}")
+
+    @property
+    def num_one2many_queries(self) -> int:
+        """The hybrid branch's one-to-many queries (0 without it)."""
+        if not self.hybrid.enabled:
+            return 0
+        return self.hybrid.num_queries if self.hybrid.num_queries is not None else 5 * self.num_queries
 
     @property
     def num_backbone_levels(self) -> int:
@@ -184,17 +260,29 @@ class DeformableDETRConfig:
         )
 
 
+# DeformableDETRConfig fields the official command line does not have (ours: run-time choices and the
+# DINO-class training switches)
+NOT_OFFICIAL = (
+    "num_classes",
+    "backbone",
+    "aux_loss",
+    "attn_backend",
+    "checkpointing",
+    "look_forward_twice",
+    "query_selection",
+    "denoising",
+    "hybrid",
+)
 # the architecture options of the official command line (and of the converters): the backbone's name
 # and dilation, then every field of DeformableDETRConfig that the official has
 OFFICIAL_OPTIONS = (
     "backbone",
     "dilation",
-    *(
-        f.name
-        for f in dataclasses.fields(DeformableDETRConfig)
-        if f.name not in ("num_classes", "backbone", "aux_loss", "attn_backend", "checkpointing")
-    ),
+    *(f.name for f in dataclasses.fields(DeformableDETRConfig) if f.name not in NOT_OFFICIAL),
 )
+
+
+CLASS_LOSSES = ("focal", "varifocal", "ia_bce")  # model.loss.class_loss
 
 
 @dataclass
@@ -209,6 +297,15 @@ class LossConfig:
     giou_loss_coef: float = 2.0
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0  # the focal loss's exponent, in the loss and the matcher's class cost
+    # the class loss: focal (official) | varifocal (RT-DETR: the IoU as the positive's target) | ia_bce
+    # (Align-DETR: s^a * IoU^(1-a) as the positive's target); the matcher keeps the focal class cost
+    class_loss: str = "focal"
+    varifocal_alpha: float = 0.75  # varifocal: the weight of a negative, alpha * p^gamma (RT-DETR's 0.75)
+    ia_bce_alpha: float = 0.25  # ia_bce: the exponent a of the score in the target (Align-DETR's 0.25)
+
+    def __post_init__(self) -> None:
+        if self.class_loss not in CLASS_LOSSES:
+            raise ValueError(f"loss.class_loss must be one of {CLASS_LOSSES}, got {self.class_loss!r}")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None = None) -> LossConfig:

@@ -10,8 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddetr.boxes import box_cxcywh_to_xyxy, generalized_box_iou_elementwise
-from ddetr.models.config import LossConfig
+from ddetr.boxes import box_cxcywh_to_xyxy, box_iou_elementwise, generalized_box_iou_elementwise
+from ddetr.models.config import DeformableDETRConfig, LossConfig
+from ddetr.models.denoising import DenoisingQueries
+from ddetr.models.hybrid import repeat_targets
 from ddetr.models.matcher import HungarianMatcher, Indices, PaddedTargets, pad_targets
 
 Targets = list[dict[str, torch.Tensor]]
@@ -51,6 +53,50 @@ def sigmoid_focal_loss_terms(logits: torch.Tensor, targets: torch.Tensor, alpha:
         alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
         loss = alpha_t * loss
     return loss
+
+
+def iou_aware_targets(
+    kind: str, probabilities: torch.Tensor, ious: torch.Tensor, alpha: float = LossConfig.ia_bce_alpha
+) -> torch.Tensor:
+    """The soft class target of a matched (positive) prediction of an IoU-aware class loss.
+
+    Args:
+        kind: ``varifocal`` (VarifocalNet / RT-DETR: the IoU ``u``) or ``ia_bce`` (Align-DETR:
+            ``s ** alpha * u ** (1 - alpha)``).
+        probabilities: (num_matched,) the predicted score ``s`` at the target class (detached by the caller).
+        ious: (num_matched,) the IoU ``u`` of the predicted box with its target (detached by the caller).
+
+    Returns:
+        (num_matched,) targets in [0, 1].
+    """
+    if kind == "varifocal":
+        return ious
+    if kind == "ia_bce":
+        return probabilities.pow(alpha) * ious.pow(1 - alpha)
+    raise ValueError(f"unknown IoU-aware class loss {kind!r}; known: varifocal, ia_bce")
+
+
+def iou_aware_class_terms(
+    kind: str, logits: torch.Tensor, one_hot: torch.Tensor, soft_targets: torch.Tensor, alpha: float, gamma: float
+) -> torch.Tensor:
+    """The element losses of an IoU-aware class loss, same shape as ``logits``.
+
+    ``varifocal`` (RT-DETR's VFL): ``BCE(logit, q) * w``, ``q`` the soft target at the positive class and 0
+    elsewhere, ``w = q`` on positives and ``alpha * p^gamma`` on negatives. ``ia_bce`` (Align-DETR):
+    ``BCE(logit, t)`` on positives (weight 1) and ``p^gamma * BCE(logit, 0)`` on negatives.
+
+    Args:
+        logits: (..., num_classes).
+        one_hot: same shape, 1 at every positive (matched query, its class), else 0.
+        soft_targets: same shape, the positive's target (``iou_aware_targets``) at the positives, else 0.
+    """
+    probabilities = logits.sigmoid().detach()
+    negative_weight = probabilities.pow(gamma) * (1 - one_hot)
+    if kind == "varifocal":
+        weight = alpha * negative_weight + soft_targets
+    else:
+        weight = negative_weight + one_hot
+    return F.binary_cross_entropy_with_logits(logits, soft_targets, weight=weight.detach(), reduction="none")
 
 
 def average_num_boxes(targets: Targets, device: torch.device, sync: bool = True) -> torch.Tensor:
@@ -104,8 +150,10 @@ class SetCriterion(nn.Module):
     predictions to targets with ``matcher``, then compute each loss in ``losses``:
 
     - ``labels``: ``loss_ce`` = sigmoid focal loss over one-hot targets (unmatched queries are all
-      zeros) * num_queries; plus, final layer only, ``class_error`` = 100 - top-1 accuracy (%) of the
-      matched queries (logging only; 100 when the batch has no target, as in the official).
+      zeros) * num_queries (or, with ``class_loss`` ``varifocal`` / ``ia_bce``, the IoU-aware loss of
+      ``iou_aware_class_terms``, reduced the same way); plus, final layer only, ``class_error`` = 100 -
+      top-1 accuracy (%) of the matched queries (logging only; 100 when the batch has no target, as in the
+      official).
     - ``boxes``: ``loss_bbox`` = L1 and ``loss_giou`` = 1 - GIoU, summed over matched pairs.
     - ``cardinality``: ``cardinality_error`` = mean |#queries whose max sigmoid > 0.5 - #targets|
       (logging only, no gradient). This follows transformers; the official counts queries whose
@@ -113,6 +161,13 @@ class SetCriterion(nn.Module):
       sigmoid classification.
 
     Every loss (and the focal term) is divided by ``num_boxes``, see ``average_num_boxes``.
+
+    Training variants, from the model's outputs: ``interm_outputs`` (DINO's selected proposals, matched to
+    the real labels: ``<name>_interm``), ``one2many_outputs`` (hybrid matching: matched to the targets
+    repeated ``one2many_k`` times, normalised by that many boxes: ``<name>_one2many`` and
+    ``<name>_one2many_{i}``) and ``dn_outputs`` (denoising: each positive query assigned its own box, no
+    matching, normalised by ``num_boxes * num_groups``: ``loss_ce_dn``, ``loss_bbox_dn``, ``loss_giou_dn``
+    and ``_dn_{i}`` per earlier layer; zeros when the batch has no box).
 
     The decoder layers are treated as one stack (num_layers, batch_size, ...): one cost computation,
     one device-to-host transfer of all costs (with the encoder proposals'), one host-to-device
@@ -128,6 +183,9 @@ class SetCriterion(nn.Module):
         losses: Sequence[str] = DEFAULT_LOSSES,
         focal_alpha: float = LossConfig.focal_alpha,
         focal_gamma: float = LossConfig.focal_gamma,
+        class_loss: str = LossConfig.class_loss,
+        class_loss_alpha: float | None = None,
+        one2many_k: int = 1,
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
@@ -135,6 +193,12 @@ class SetCriterion(nn.Module):
         self.weight_dict = dict(weight_dict)
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
+        LossConfig(class_loss=class_loss)  # an unknown class loss fails here
+        self.class_loss = class_loss
+        # the IoU-aware losses' alpha: varifocal's negative weight, ia_bce's score exponent
+        defaults = {"varifocal": LossConfig.varifocal_alpha, "ia_bce": LossConfig.ia_bce_alpha}
+        self.class_loss_alpha = class_loss_alpha if class_loss_alpha is not None else defaults.get(class_loss)
+        self.one2many_k = one2many_k
         self.loss_table: dict[str, Callable[..., dict[str, torch.Tensor]]] = {
             "labels": self.loss_labels,
             "boxes": self.loss_boxes,
@@ -151,9 +215,21 @@ class SetCriterion(nn.Module):
         logits = matched.logits  # (N, B, Q, C)
         num_queries = logits.shape[2]
         one_hot = torch.zeros_like(logits)  # (N, B, Q, C)
-        one_hot[matched.layer, matched.image, matched.query, matched.labels] = 1
-        focal = sigmoid_focal_loss_terms(logits, one_hot, self.focal_alpha, self.focal_gamma)  # (N, B, Q, C)
-        loss_ce = focal.mean(2).sum((1, 2)) / num_boxes * num_queries  # (N,)
+        positives = (matched.layer, matched.image, matched.query, matched.labels)
+        one_hot[positives] = 1
+        if self.class_loss == "focal":
+            terms = sigmoid_focal_loss_terms(logits, one_hot, self.focal_alpha, self.focal_gamma)  # (N, B, Q, C)
+        else:
+            with torch.no_grad():
+                pred = matched.boxes[matched.layer, matched.image, matched.query]  # (M, 4)
+                ious = box_iou_elementwise(box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(matched.target_boxes))  # (M,)
+                scores = logits[positives].sigmoid()  # (M,)
+                soft = torch.zeros_like(logits)  # (N, B, Q, C)
+                soft[positives] = iou_aware_targets(self.class_loss, scores, ious, self.class_loss_alpha)
+            terms = iou_aware_class_terms(
+                self.class_loss, logits, one_hot, soft, self.class_loss_alpha, self.focal_gamma
+            )  # (N, B, Q, C)
+        loss_ce = terms.mean(2).sum((1, 2)) / num_boxes * num_queries  # (N,)
         losses = {"loss_ce": loss_ce}
         if log:
             last = matched.last_layer
@@ -215,14 +291,14 @@ class SetCriterion(nn.Module):
     def stack_losses(
         self,
         stacks: Sequence[tuple[torch.Tensor, torch.Tensor, PaddedTargets, bool]],
-        num_boxes: torch.Tensor,
+        num_boxes: torch.Tensor | Sequence[torch.Tensor],
     ) -> list[dict[str, torch.Tensor]]:
         """Matches and computes the losses of several stacks of layers.
 
         Args:
             stacks: ``(logits (N, B, Q, C), boxes (N, B, Q, 4), padded targets, log)`` per stack;
                 ``log`` adds the last layer's ``class_error``.
-            num_boxes: the normaliser.
+            num_boxes: the normaliser, or one per stack.
 
         Returns:
             Per stack, loss name -> (N,) values (``class_error`` a scalar).
@@ -236,10 +312,13 @@ class SetCriterion(nn.Module):
             host = host.pin_memory()
         on_device = host.to(device, non_blocking=True).split([part.shape[1] for part in packed], 1)
         matched_losses = self._compiled_losses or self.matched_losses
+        normalisers = [num_boxes] * len(stacks) if isinstance(num_boxes, torch.Tensor) else list(num_boxes)
         results = []
-        for (logits, boxes, padded, log), layer_indices, indices in zip(stacks, matches, on_device):
+        for (logits, boxes, padded, log), layer_indices, indices, normaliser in zip(
+            stacks, matches, on_device, normalisers, strict=True
+        ):
             matched = self._matched(logits, boxes, padded, layer_indices, indices.unbind(0))
-            results.append(matched_losses(matched, num_boxes, log))
+            results.append(matched_losses(matched, normaliser, log))
         return results
 
     def matched_losses(self, matched: Matched, num_boxes: torch.Tensor, log: bool) -> dict[str, torch.Tensor]:
@@ -288,7 +367,9 @@ class SetCriterion(nn.Module):
         Returns:
             Scalars: ``loss_ce, loss_bbox, loss_giou, class_error, cardinality_error`` for the final
             layer (those of the configured losses); ``<name>_{i}`` for ``aux_outputs[i]`` and
-            ``<name>_enc`` for ``enc_outputs`` (no ``class_error`` for either).
+            ``<name>_enc`` for ``enc_outputs`` (no ``class_error`` for either); with the training
+            variants' outputs (class docstring) ``<name>_interm``, ``<name>_one2many[_{i}]`` and
+            ``loss_{ce,bbox,giou}_dn[_{i}]``.
         """
         if outputs["pred_logits"].shape[-1] != self.num_classes:
             raise ValueError(
@@ -299,46 +380,124 @@ class SetCriterion(nn.Module):
         with torch.autocast(device.type, enabled=False):
             num_boxes = average_num_boxes(targets, device, sync=sync_num_boxes)
             padded = pad_targets(targets, device)
-            layers = [*(outputs.get("aux_outputs") or []), outputs]  # first layer first, final last
-            stacks = [
-                (
-                    torch.stack([layer["pred_logits"] for layer in layers]),
-                    torch.stack([layer["pred_boxes"] for layer in layers]),
-                    padded,
-                    True,
-                )
-            ]
+            # (suffix, layers first to final, padded targets, normaliser, log) of every matched stack
+            stacks = [("", _layers(outputs), padded, num_boxes, True)]
             if "enc_outputs" in outputs:
-                encoder = outputs["enc_outputs"]
+                stacks.append(("_enc", [outputs["enc_outputs"]], padded.class_agnostic(), num_boxes, False))
+            if "interm_outputs" in outputs:
+                stacks.append(("_interm", [outputs["interm_outputs"]], padded, num_boxes, False))
+            if "one2many_outputs" in outputs:
+                repeated = repeat_targets(targets, self.one2many_k)
                 stacks.append(
-                    (encoder["pred_logits"][None], encoder["pred_boxes"][None], padded.class_agnostic(), False)
+                    (
+                        "_one2many",
+                        _layers(outputs["one2many_outputs"]),
+                        pad_targets(repeated, device),
+                        average_num_boxes(repeated, device, sync=sync_num_boxes),
+                        False,
+                    )
                 )
-            results = self.stack_losses(stacks, num_boxes)
-        decoder = results[0]
-        losses = {name: value if name == "class_error" else value[-1] for name, value in decoder.items()}
-        for layer in range(len(layers) - 1):
-            losses.update({f"{name}_{layer}": value[layer] for name, value in decoder.items() if name != "class_error"})
-        if "enc_outputs" in outputs:
-            losses.update({f"{name}_enc": value[0] for name, value in results[1].items() if name != "class_error"})
+            results = self.stack_losses(
+                [(*_stacked(layers), stack_padded, log) for _, layers, stack_padded, _, log in stacks],
+                [normaliser for *_, normaliser, _ in stacks],
+            )
+            losses = {"class_error": results[0]["class_error"]} if "class_error" in results[0] else {}
+            for (suffix, layers, *_), result in zip(stacks, results, strict=True):
+                losses.update(_named_by_layer(result, suffix, len(layers)))
+            if "dn_outputs" in outputs:
+                losses.update(self.denoising_losses(outputs["dn_outputs"], outputs["denoising"], padded, num_boxes))
         return losses
 
+    def denoising_losses(
+        self, dn_outputs: dict, denoising: DenoisingQueries | None, padded: PaddedTargets, num_boxes: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """``loss_{ce,bbox,giou}_dn`` and ``_dn_{i}`` per earlier layer: each positive denoising query
+        assigned its own box (no matching), normalised by ``num_boxes * num_groups``; zeros (with the
+        outputs' gradient, none) when the batch had no box."""
+        layers = _layers(dn_outputs)
+        logits, boxes = _stacked(layers)
+        num_layers = len(layers)
+        if denoising is None:
+            zeros = logits.sum() * 0 + logits.new_zeros(num_layers)  # (N,), still in the graph
+            return _named_by_layer({"loss_ce": zeros, "loss_bbox": zeros, "loss_giou": zeros}, "_dn", num_layers)
+        num_positives = len(denoising.positive_query)
+        image, query, target = denoising.positive_image, denoising.positive_query, denoising.positive_target
+        matched = Matched(
+            logits=logits.float(),
+            boxes=boxes.float(),
+            layer=torch.arange(num_layers, device=logits.device).repeat_interleave(num_positives),
+            image=image.repeat(num_layers),
+            query=query.repeat(num_layers),
+            labels=padded.labels[image, target].repeat(num_layers),
+            target_boxes=padded.boxes[image, target].repeat(num_layers, 1),
+            num_targets=padded.valid.sum(1).float(),
+            last_layer=slice((num_layers - 1) * num_positives, None),
+        )
+        normaliser = num_boxes * denoising.num_groups
+        losses = {**self.loss_labels(matched, normaliser, log=False), **self.loss_boxes(matched, normaliser)}
+        return _named_by_layer(losses, "_dn", num_layers)
+
     def weighted_total(self, loss_dict: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``sum(loss_dict[name] * weight)`` over ``weight_dict``; every weighted name must be present."""
-        missing = [name for name in self.weight_dict if name not in loss_dict]
+        """``sum(loss_dict[name] * weight)`` over ``weight_dict``; every weighted name must be present, but
+        for the training-only branches' (``_dn``, ``_one2many``), which count where present (training)."""
+        missing = [name for name in self.weight_dict if name not in loss_dict and not _training_only(name)]
         if missing:
             raise KeyError(
                 f"SetCriterion.weighted_total: weighted loss(es) {missing} missing from the loss dict "
                 f"(has {sorted(loss_dict)}); do aux_loss / two_stage / dec_layers match the model's outputs?"
             )
-        return sum(loss_dict[name] * weight for name, weight in self.weight_dict.items())
+        return sum(loss_dict[name] * weight for name, weight in self.weight_dict.items() if name in loss_dict)
 
 
-def build_weight_dict(dec_layers: int, aux_loss: bool, two_stage: bool, loss: LossConfig) -> dict[str, float]:
-    """Weights of the final-layer losses plus ``_0``..``_{dec_layers-2}`` (aux) and ``_enc`` copies."""
+TRAINING_ONLY = ("_dn", "_one2many")  # loss-name parts of the branches that exist only in training
+
+
+def _training_only(name: str) -> bool:
+    return any(part in name for part in TRAINING_ONLY)
+
+
+def _layers(outputs: dict) -> list[dict[str, torch.Tensor]]:
+    """The layer outputs of a decoder output dict, first layer first, final (the dict itself) last."""
+    return [*(outputs.get("aux_outputs") or []), outputs]
+
+
+def _stacked(layers: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (N, B, Q, C), boxes (N, B, Q, 4)) of ``layers``."""
+    return torch.stack([layer["pred_logits"] for layer in layers]), torch.stack([layer["pred_boxes"] for layer in layers])
+
+
+def _named_by_layer(losses: dict[str, torch.Tensor], suffix: str, num_layers: int) -> dict[str, torch.Tensor]:
+    """(num_layers,) loss values as scalars: the last layer's ``<name><suffix>``, layer i's
+    ``<name><suffix>_{i}``; ``class_error`` left out."""
+    named = {}
+    for name, value in losses.items():
+        if name == "class_error":
+            continue
+        named[name + suffix] = value[-1]
+        named.update({f"{name}{suffix}_{layer}": value[layer] for layer in range(num_layers - 1)})
+    return named
+
+
+def build_weight_dict(
+    dec_layers: int,
+    aux_loss: bool,
+    two_stage: bool,
+    loss: LossConfig,
+    config: DeformableDETRConfig | None = None,
+) -> dict[str, float]:
+    """Weights of the final-layer losses plus ``_0``..``_{dec_layers-2}`` (aux) and ``_enc`` copies; with
+    ``config``'s training variants also the ``_dn[_{i}]`` copies (denoising) and the ``_one2many[_{i}]``
+    ones times ``hybrid.loss_weight``."""
     base = {"loss_ce": loss.cls_loss_coef, "loss_bbox": loss.bbox_loss_coef, "loss_giou": loss.giou_loss_coef}
-    suffixes: Iterable[str] = [""]
+    layers: Iterable[str] = [""]
     if aux_loss:
-        suffixes = [*suffixes, *(f"_{layer}" for layer in range(dec_layers - 1))]
+        layers = [*layers, *(f"_{layer}" for layer in range(dec_layers - 1))]
+    weights = {name + suffix: weight for suffix in layers for name, weight in base.items()}
     if two_stage:
-        suffixes = [*suffixes, "_enc"]
-    return {name + suffix: weight for suffix in suffixes for name, weight in base.items()}
+        weights.update({name + "_enc": weight for name, weight in base.items()})
+    if config is not None and config.denoising.enabled:
+        weights.update({f"{name}_dn{suffix}": weight for suffix in layers for name, weight in base.items()})
+    if config is not None and config.hybrid.enabled:
+        factor = config.hybrid.loss_weight
+        weights.update({f"{name}_one2many{suffix}": w * factor for suffix in layers for name, w in base.items()})
+    return weights

@@ -14,8 +14,12 @@ from ddetr.models.backbones import build_backbone
 from ddetr.models.backbones.base import place_conv_weights
 from ddetr.models.config import DeformableDETRConfig
 from ddetr.models.deformable_transformer import DeformableTransformer
+from ddetr.models.denoising import ContrastiveDenoising
 from ddetr.models.geometry import boxes_from_reference
+from ddetr.models.hybrid import split_queries
 from ddetr.models.position_encoding import PositionEmbeddingSine
+
+Targets = list[dict[str, torch.Tensor]]
 
 Images = Sequence[torch.Tensor] | tuple[torch.Tensor, torch.Tensor]
 
@@ -59,6 +63,11 @@ class DeformableDETR(nn.Module):
     head also refines the references for layer ``l + 1``. With ``two_stage`` separate heads
     ``enc_class_embed`` / ``enc_bbox_embed`` score the encoder proposals, and there is no
     ``query_embed`` (the queries come from the top proposals).
+
+    Training-only parts (absent from inference, its outputs and its exported graph): with
+    ``config.denoising.enabled`` the label book ``denoising.label_embed`` and the denoising queries built from
+    the targets; with ``config.hybrid.enabled`` the one-to-many queries (``query_embed_one2many`` for learned
+    queries; two-stage selects more proposals).
     """
 
     def __init__(self, config: DeformableDETRConfig) -> None:
@@ -87,6 +96,11 @@ class DeformableDETR(nn.Module):
         place_conv_weights(self.input_proj, self.backbone.channels_last)
         if not self.two_stage:
             self.query_embed = nn.Embedding(config.num_queries, hidden_dim * 2)
+            if config.num_one2many_queries:
+                self.query_embed_one2many = nn.Embedding(config.num_one2many_queries, hidden_dim * 2)
+        self.denoising = (
+            ContrastiveDenoising(config.num_classes, hidden_dim, config.denoising) if config.denoising.enabled else None
+        )
 
         num_heads = config.dec_layers if self.with_box_refine else 1
         self.class_embed = nn.ModuleList([nn.Linear(hidden_dim, config.num_classes) for _ in range(num_heads)])
@@ -143,12 +157,14 @@ class DeformableDETR(nn.Module):
             strides.append(strides[-1] * 2)
         return strides
 
-    def forward(self, images: Images) -> dict[str, object]:
+    def forward(self, images: Images, targets: Targets | None = None) -> dict[str, object]:
         """Detects objects.
 
         Args:
             images: a list of normalised (3, height_i, width_i) tensors, or a padded batch
                 ``(images (batch_size, 3, height, width), mask (batch_size, height, width) bool, True on padding)``.
+            targets: training with denoising only: one dict per image with ``labels`` (num_boxes,) int64 and
+                ``boxes`` (num_boxes, 4) normalised cxcywh, from which the denoising queries are built.
 
         Returns:
             dict with
@@ -158,6 +174,13 @@ class DeformableDETR(nn.Module):
               ``pred_boxes`` of the earlier layers, first layer first.
             - ``enc_outputs`` (two-stage): dict with ``pred_logits`` (batch_size, num_values, num_classes)
               and ``pred_boxes`` (batch_size, num_values, 4) of every encoder proposal.
+            In training only:
+            - ``dn_outputs`` (denoising): dict with ``pred_logits`` (batch_size, num_denoising, num_classes),
+              ``pred_boxes`` (batch_size, num_denoising, 4) and ``aux_outputs`` as above, of the denoising
+              queries (empty, num_denoising 0, when the batch has no box or no targets were given), and
+              ``denoising``: their ``DenoisingQueries`` (None when there are none).
+            - ``one2many_outputs`` (hybrid): dict with ``pred_logits`` (batch_size, num_one2many,
+              num_classes), ``pred_boxes`` (batch_size, num_one2many, 4) and ``aux_outputs``.
         """
         if isinstance(images, (list, tuple)) and len(images) == 2 and images[0].dim() == 4:
             batch, mask = images
@@ -167,13 +190,16 @@ class DeformableDETR(nn.Module):
         pos_embeds = [
             self.position_encoding(level_mask).to(src.dtype) for src, level_mask in zip(srcs, masks, strict=True)
         ]
+        training_denoising = self.denoising is not None and self.training
+        denoising = self.denoising(targets) if training_denoising and targets is not None else None
         decoded = self.transformer(
             srcs,
             masks,
             pos_embeds,
-            query_embed=None if self.two_stage else self.query_embed.weight,
+            query_embed=None if self.two_stage else self._query_embed(),
             box_heads=list(self.bbox_embed) if self.with_box_refine else None,
             proposal_heads=(self.enc_class_embed, self.enc_bbox_embed) if self.two_stage else None,
+            denoising=denoising,
         )
         hidden_states, references = decoded["hidden_states"], decoded["references"]
         if self.with_box_refine:  # one head per layer; the decoder already applied the box heads
@@ -187,9 +213,33 @@ class DeformableDETR(nn.Module):
             {"pred_logits": layer_logits, "pred_boxes": layer_boxes}
             for layer_logits, layer_boxes in zip(logits, boxes, strict=True)
         ]
+        extra_outputs = {}
+        num_denoising = 0 if denoising is None else denoising.num_queries
+        num_one2many = layer_outputs[0]["pred_logits"].shape[1] - num_denoising - self.num_queries
+        if training_denoising or num_one2many:
+            sets = split_queries(layer_outputs, (num_denoising, self.num_queries, num_one2many))
+            layer_outputs = sets[1]
+            if training_denoising:
+                if denoising is None:  # the label book joins the graph all the same (DDP expects its gradient)
+                    sets[0][0]["pred_logits"] = sets[0][0]["pred_logits"] + self.denoising.label_embed.weight[0, 0] * 0
+                extra_outputs["dn_outputs"] = self._with_aux(sets[0])
+                extra_outputs["denoising"] = denoising
+            if num_one2many:
+                extra_outputs["one2many_outputs"] = self._with_aux(sets[2])
+        outputs = self._with_aux(layer_outputs)
+        if self.two_stage:
+            outputs["enc_outputs"] = {"pred_logits": decoded["enc_logits"], "pred_boxes": decoded["enc_boxes"]}
+        return {**outputs, **extra_outputs}
+
+    def _with_aux(self, layer_outputs: list[dict[str, torch.Tensor]]) -> dict[str, object]:
+        """The last layer's outputs, with the earlier layers' as ``aux_outputs`` when ``aux_loss``."""
         outputs: dict[str, object] = dict(layer_outputs[-1])
         if self.aux_loss:
             outputs["aux_outputs"] = layer_outputs[:-1]
-        if self.two_stage:
-            outputs["enc_outputs"] = {"pred_logits": decoded["enc_logits"], "pred_boxes": decoded["enc_boxes"]}
         return outputs
+
+    def _query_embed(self) -> torch.Tensor:
+        """The learned queries (num_queries [+ num_one2many in training], 2 * hidden_dim)."""
+        if self.training and hasattr(self, "query_embed_one2many"):
+            return torch.cat([self.query_embed.weight, self.query_embed_one2many.weight], 0)
+        return self.query_embed.weight

@@ -14,11 +14,13 @@ import torch.utils.checkpoint
 from torch import nn
 
 from ddetr.models.config import CHECKPOINTING, DeformableDETRConfig, LayerConfig
+from ddetr.models.denoising import DenoisingQueries, self_attention_mask
 from ddetr.models.dropout import Dropout, MultiheadAttention
 from ddetr.models.geometry import (
     boxes_from_reference,
     encoder_output_proposals,
     encoder_reference_points,
+    inverse_sigmoid,
     proposal_position_embedding,
     valid_ratios,
 )
@@ -191,11 +193,13 @@ class DeformableDecoderLayer(nn.Module):
         reference_points: torch.Tensor,
         memory: torch.Tensor,
         levels: FlatLevels,
+        self_attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tgt, query_pos: (B, Q, D); reference_points: (B, Q, L, 2 or 4) scaled by the valid ratios;
-        memory: (B, S, D); levels: those of ``memory``. Returns (B, Q, D)."""
+        memory: (B, S, D); levels: those of ``memory``; self_attn_mask: (Q, Q) bool, True where a query may
+        not attend to another, or None. Returns (B, Q, D)."""
         query = tgt + query_pos
-        attended = self.self_attn(query, query, tgt, need_weights=False)[0]
+        attended = self.self_attn(query, query, tgt, need_weights=False, attn_mask=self_attn_mask)[0]
         tgt = self.self_attn_norm(tgt + self.dropout1(attended))
         attended = _attend(self.cross_attn, levels, memory, tgt + query_pos, reference_points)
         tgt = self.cross_attn_norm(tgt + self.dropout2(attended))
@@ -205,7 +209,8 @@ class DeformableDecoderLayer(nn.Module):
 class DeformableDecoder(nn.Module):
     """A stack of ``config.dec_layers`` decoder layers (``dec_n_points`` points each), optionally refining
     the references after every layer; with ``config.checkpointing == "all"`` each layer is recomputed in
-    backward."""
+    backward. With ``config.look_forward_twice`` (DINO) layer ``l``'s box is refined from layer ``l - 1``'s
+    box as predicted, gradient included, instead of from its detached copy; the forward values are the same."""
 
     def __init__(self, config: DeformableDETRConfig) -> None:
         super().__init__()
@@ -214,6 +219,7 @@ class DeformableDecoder(nn.Module):
         self.layers = nn.ModuleList([DeformableDecoderLayer(layer) for _ in range(config.dec_layers)])
         # recompute each layer in backward instead of keeping its activations
         self.checkpointing = config.checkpointing == "all"
+        self.look_forward_twice = config.look_forward_twice
 
     def forward(
         self,
@@ -221,6 +227,7 @@ class DeformableDecoder(nn.Module):
         memory: torch.Tensor,
         levels: FlatLevels,
         box_heads: Sequence[nn.Module] | None = None,
+        self_attn_mask: torch.Tensor | None = None,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
         """Decodes the queries.
 
@@ -231,6 +238,8 @@ class DeformableDecoder(nn.Module):
             box_heads: one box head per layer for iterative refinement: after layer ``l`` the
                 reference becomes ``boxes_from_reference(box_heads[l](hidden), reference)``, detached
                 (2-d references become boxes after the first layer). None keeps the references fixed.
+            self_attn_mask: (num_queries, num_queries) bool, True where a query may not attend to another
+                (denoising and one-to-many queries beside the matching ones), or None.
 
         Returns:
             hidden_states: num_layers tensors (batch_size, num_queries, hidden_dim), one per layer.
@@ -238,7 +247,8 @@ class DeformableDecoder(nn.Module):
                 used (in [0, 1], not scaled by the valid ratios).
             boxes: with ``box_heads``, num_layers tensors (batch_size, num_queries, 4), every layer's
                 refined boxes (the next layer's reference, not detached: they are the layer's predicted
-                boxes, so the detector does not run the box heads a second time); else an empty list.
+                boxes, so the detector does not run the box heads a second time); else an empty list. With
+                look-forward-twice, layer ``l``'s box is refined from ``boxes[l - 1]`` itself.
         """
         if box_heads is not None and len(box_heads) != self.num_layers:
             raise ValueError(f"need one box head per decoder layer ({self.num_layers}), got {len(box_heads)}")
@@ -247,15 +257,20 @@ class DeformableDecoder(nn.Module):
         hidden_states, references, boxes = [], [], []
         box_scale = torch.cat([ratios, ratios], -1)  # (B, L, 4): (x, y, w, h) scale like (x, y, x, y)
         reference_input = None  # fixed references (no box heads) are scaled once
+        previous_boxes = reference_points  # what look-forward-twice refines: the previous box with its gradient
         for index, layer in enumerate(self.layers):
             if reference_input is None or box_heads is not None:
                 scale = box_scale if reference_points.shape[-1] == 4 else ratios  # (B, L, 4 or 2)
                 reference_input = reference_points[:, :, None] * scale[:, None]  # (B, Q, L, 2 or 4)
-            output = _run_layer(layer, self.checkpointing, output, query_pos, reference_input, memory, levels)
+            output = _run_layer(
+                layer, self.checkpointing, output, query_pos, reference_input, memory, levels, self_attn_mask
+            )
             hidden_states.append(output)
             references.append(reference_points)
             if box_heads is not None:
-                boxes.append(boxes_from_reference(box_heads[index](output), reference_points))
+                refined = previous_boxes if self.look_forward_twice else reference_points
+                boxes.append(boxes_from_reference(box_heads[index](output), refined))
+                previous_boxes = boxes[-1]
                 reference_points = boxes[-1].detach()
         return hidden_states, references, boxes
 
@@ -265,8 +280,13 @@ class DeformableTransformer(nn.Module):
 
     Owns the learned ``level_embed`` and, without two-stage, the ``reference_points`` projection of the
     query position embedding; with two-stage ``enc_output`` + ``enc_output_norm`` (memory to proposal
-    features) and ``pos_trans`` + ``pos_trans_norm`` (proposal embedding to queries). Built from the
-    whole ``config`` (levels, two-stage and queries read there, once).
+    features) and ``pos_trans`` + ``pos_trans_norm`` (proposal embedding to queries), and with mixed query
+    selection the learned content queries ``tgt_embed`` (+ ``tgt_embed_one2many`` for the hybrid branch).
+    Built from the whole ``config`` (levels, two-stage and queries read there, once).
+
+    In training, denoising queries (given) come before the matching queries and the hybrid branch's
+    one-to-many queries after them (two-stage: more proposals selected; learned queries: the rows of
+    ``query_embed`` beyond ``num_queries``), all decoded at once under ``self_attention_mask``.
     """
 
     def __init__(self, config: DeformableDETRConfig) -> None:
@@ -277,6 +297,12 @@ class DeformableTransformer(nn.Module):
         self.decoder = DeformableDecoder(config)
         self.two_stage = config.two_stage
         self.num_queries = config.num_queries
+        self.num_one2many = config.num_one2many_queries  # hybrid matching's extra queries (training only)
+        self.mixed_selection = config.query_selection == "mixed"
+        if self.mixed_selection:
+            self.tgt_embed = nn.Embedding(config.num_queries, hidden_dim)
+            if self.num_one2many:
+                self.tgt_embed_one2many = nn.Embedding(self.num_one2many, hidden_dim)
         self.level_embed = nn.Parameter(torch.empty(config.num_feature_levels, hidden_dim))
         nn.init.normal_(self.level_embed)
         if self.two_stage:
@@ -299,6 +325,7 @@ class DeformableTransformer(nn.Module):
         query_embed: torch.Tensor | None = None,
         box_heads: Sequence[nn.Module] | None = None,
         proposal_heads: tuple[nn.Module, nn.Module] | None = None,
+        denoising: DenoisingQueries | None = None,
     ) -> dict[str, object]:
         """Runs encoder and decoder.
 
@@ -306,13 +333,15 @@ class DeformableTransformer(nn.Module):
             srcs: per level (batch_size, hidden_dim, height_l, width_l) projected features.
             masks: per level (batch_size, height_l, width_l) bool, True on padding.
             pos_embeds: per level (batch_size, hidden_dim, height_l, width_l).
-            query_embed: (num_queries, 2 * hidden_dim) learned queries (position | content), required
-                without two-stage.
+            query_embed: (num_queries [+ num_one2many], 2 * hidden_dim) learned queries (position | content),
+                required without two-stage; rows beyond ``num_queries`` are the hybrid branch's.
             box_heads: per decoder layer box heads for iterative refinement, or None.
             proposal_heads: (class_head, box_head) scoring the encoder proposals, required with two-stage.
+            denoising: denoising queries to decode before the matching ones (training), or None.
 
         Returns:
-            dict with ``hidden_states`` (list of dec_layers tensors (batch_size, num_queries, hidden_dim)),
+            dict with ``hidden_states`` (list of dec_layers tensors (batch_size, num_decoded, hidden_dim),
+            ``num_decoded`` = denoising + matching + one-to-many queries, in that order),
             ``references`` (list of dec_layers tensors (batch_size, num_queries, 2 or 4), the reference of
             each layer in [0, 1]), with ``box_heads`` ``boxes`` (list of dec_layers tensors
             (batch_size, num_queries, 4), each layer's refined boxes) and, with two-stage,
@@ -325,12 +354,23 @@ class DeformableTransformer(nn.Module):
         if self.two_stage:
             if proposal_heads is None:
                 raise ValueError("two-stage needs proposal_heads (class_head, box_head)")
-            queries, outputs["enc_logits"], outputs["enc_boxes"] = self.proposal_queries(memory, levels, proposal_heads)
+            num_selected = self.num_queries + (self.num_one2many if self.training else 0)
+            queries, outputs["enc_logits"], outputs["enc_boxes"] = self.proposal_queries(
+                memory, levels, proposal_heads, num_selected
+            )
         else:
             if query_embed is None:
                 raise ValueError("query_embed is required without two-stage")
             queries = self.learned_queries(query_embed, memory.shape[0])
-        hidden_states, references, boxes = self.decoder(queries, memory, levels, box_heads)
+        num_one2many = queries.content.shape[1] - self.num_queries
+        self_attn_mask = None
+        if denoising is not None or num_one2many:
+            num_denoising = 0 if denoising is None else denoising.num_queries
+            groups = 1 if denoising is None else denoising.num_groups
+            self_attn_mask = self_attention_mask(num_denoising, groups, self.num_queries, num_one2many, memory.device)
+        if denoising is not None:
+            queries = self.with_denoising(queries, denoising)
+        hidden_states, references, boxes = self.decoder(queries, memory, levels, box_heads, self_attn_mask)
         outputs["hidden_states"] = hidden_states
         outputs["references"] = references
         if box_heads is not None:
@@ -376,31 +416,64 @@ class DeformableTransformer(nn.Module):
         return src_flatten, pos_flatten, levels
 
     def proposal_queries(
-        self, memory: torch.Tensor, levels: FlatLevels, proposal_heads: tuple[nn.Module, nn.Module]
+        self,
+        memory: torch.Tensor,
+        levels: FlatLevels,
+        proposal_heads: tuple[nn.Module, nn.Module],
+        num_selected: int | None = None,
     ) -> tuple[DecoderQueries, torch.Tensor, torch.Tensor]:
-        """Two-stage: every memory position proposes a box; the ``num_queries`` best become the queries.
+        """Two-stage: every memory position proposes a box; the ``num_selected`` best (default
+        ``num_queries``) become the queries: their boxes the references, their box embeddings through
+        ``pos_trans`` the positions and (pure selection) the contents; mixed selection takes learned contents.
 
         Returns:
             queries: from the top proposals (references: their boxes, detached).
             enc_logits: (batch_size, num_values, num_classes) the proposals' class logits.
             enc_boxes: (batch_size, num_values, 4) the proposals' boxes, normalised cxcywh.
         """
-        if memory.shape[1] < self.num_queries:
+        num_selected = self.num_queries if num_selected is None else num_selected
+        if memory.shape[1] < num_selected:
             raise ValueError(
-                f"two-stage selects {self.num_queries} proposals but the feature maps hold only {memory.shape[1]}"
+                f"two-stage selects {num_selected} proposals but the feature maps hold only {memory.shape[1]}"
             )
         class_head, box_head = proposal_heads
         proposal_memory, proposals = encoder_output_proposals(memory, levels.padding_mask, levels.shapes)
         proposal_memory = self.enc_output_norm(self.enc_output(proposal_memory))
         enc_logits = class_head(proposal_memory)  # (B, S, C)
         enc_box_logits = box_head(proposal_memory) + proposals  # (B, S, 4)
-        top = torch.topk(enc_logits[..., 0], self.num_queries, dim=1)[1]  # (B, Q)
+        top = torch.topk(enc_logits[..., 0], num_selected, dim=1)[1]  # (B, Q)
         top_box_logits = torch.gather(enc_box_logits, 1, top.unsqueeze(-1).repeat(1, 1, 4)).detach()  # (B, Q, 4)
         reference_points = top_box_logits.sigmoid()
-        embedding = proposal_position_embedding(top_box_logits, self.hidden_dim // 2).to(memory.dtype)  # (B, Q, 2D)
+        query_pos, tgt = self.box_queries(top_box_logits, memory.dtype)
+        if self.mixed_selection:
+            tgt = self.content_queries(num_selected, memory.shape[0]).to(query_pos.dtype)
+        return DecoderQueries(tgt, query_pos, reference_points), enc_logits, enc_box_logits.sigmoid()
+
+    def box_queries(self, box_logits: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two-stage: (position, content) queries (batch_size, num_boxes, hidden_dim) each from box logits
+        (batch_size, num_boxes, 4): the boxes' sine embedding through ``pos_trans`` and ``pos_trans_norm``."""
+        embedding = proposal_position_embedding(box_logits, self.hidden_dim // 2).to(dtype)  # (B, Q, 2D)
         query = self.pos_trans_norm(self.pos_trans(embedding))
         query_pos, tgt = torch.split(query, self.hidden_dim, dim=2)  # (B, Q, D) each
-        return DecoderQueries(tgt, query_pos, reference_points), enc_logits, enc_box_logits.sigmoid()
+        return query_pos, tgt
+
+    def content_queries(self, num_selected: int, batch_size: int) -> torch.Tensor:
+        """Mixed selection: the learned contents (batch_size, num_selected, hidden_dim), the matching
+        queries' ``tgt_embed`` then, past ``num_queries``, the hybrid branch's ``tgt_embed_one2many``."""
+        content = self.tgt_embed.weight  # (Q, D)
+        if num_selected > self.num_queries:
+            content = torch.cat([content, self.tgt_embed_one2many.weight], 0)  # (Q + Q_one2many, D)
+        return content.unsqueeze(0).expand(batch_size, -1, -1)  # (B, Q, D)
+
+    def with_denoising(self, queries: DecoderQueries, denoising: DenoisingQueries) -> DecoderQueries:
+        """``queries`` with the denoising queries before them; a denoising query's position comes from its
+        noised box as a proposal's does (``box_queries``)."""
+        position, _ = self.box_queries(inverse_sigmoid(denoising.boxes), queries.position.dtype)
+        return DecoderQueries(
+            torch.cat([denoising.content.to(queries.content.dtype), queries.content], 1),  # (B, N + Q, D)
+            torch.cat([position, queries.position], 1),  # (B, N + Q, D)
+            torch.cat([denoising.boxes.to(queries.reference_points.dtype), queries.reference_points], 1),
+        )
 
     def learned_queries(self, query_embed: torch.Tensor, batch_size: int) -> DecoderQueries:
         """The learned queries ``query_embed`` (num_queries, 2 * hidden_dim) as (position | content) for every

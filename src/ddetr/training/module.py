@@ -13,6 +13,7 @@ from torch import nn
 
 from ddetr.models.build import build_criterion, build_deformable_detr
 from ddetr.models.config import DeformableDETRConfig, LossConfig, OptimConfig
+from ddetr.models.criterion import TRAINING_ONLY
 from ddetr.models.matcher import NonFinitePredictionError
 from ddetr.models.postprocess import PostProcess
 from ddetr.training.compilation import REDUCE_OVERHEAD, compile_options, compile_step, mark_step_begin
@@ -148,7 +149,8 @@ class DeformableDETRModule(L.LightningModule):
         deferred = self._fused_optimizer() is not None
         # a skipped step must leave no trace, also in the running statistics of batch norm
         buffers = {k: v.clone() for k, v in self.model.named_buffers()} if self.on_nonfinite_loss == "skip" else None
-        outputs = self.detector((images, mask))
+        # denoising builds extra queries from the targets; otherwise the detector sees the images only
+        outputs = self.detector((images, mask), targets) if self.config.denoising.enabled else self.detector((images, mask))
         try:
             loss_dict = self.criterion(outputs, targets)
             total = self.criterion.weighted_total(loss_dict)
@@ -178,6 +180,8 @@ class DeformableDETRModule(L.LightningModule):
     def _log_training_loss(self, total, loss_dict, batch_size: int, on_step: bool) -> None:
         self.log("train/loss", total, prog_bar=True, on_step=on_step, on_epoch=True, batch_size=batch_size)
         main_terms = {f"train/{k}": v for k, v in loss_dict.items() if "_" not in k.removeprefix("loss_")}
+        # the training-only branches' last-layer terms, each beside its matching twin (loss_ce_dn, ...)
+        main_terms.update({f"train/{k}": v for k, v in loss_dict.items() if k.endswith(TRAINING_ONLY)})
         self.log_dict(main_terms, on_step=False, on_epoch=True, batch_size=batch_size)
 
     @staticmethod
