@@ -6,6 +6,8 @@ debug-preset overrides of a training run and of ``ddetr.eval`` on its data, and 
 from __future__ import annotations
 
 import os
+import resource
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,62 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+
+# A test whose call takes longer than this on an idle 2-core machine is marked slow (`pytest -m "not slow"` is
+# the edit-test loop and must stay under two minutes); DDETR_SLOW_LIMIT_S=0 turns the check off.
+SLOW_LIMIT_S = float(os.environ.get("DDETR_SLOW_LIMIT_S", "10"))
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds of this process (all its threads) and of its finished child processes."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _load_per_core() -> float:
+    """The 1-minute load average per core, at least 1: how many times slower than idle wall time runs now."""
+    try:
+        return max(1.0, os.getloadavg()[0] / (os.cpu_count() or 1))
+    except OSError:
+        return 1.0
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    """Times the test's call phase (wall and CPU) for ``pytest_runtest_makereport``."""
+    wall, cpu = time.perf_counter(), _cpu_seconds()
+    try:
+        return (yield)
+    finally:
+        item._ddetr_call_times = (time.perf_counter() - wall, _cpu_seconds() - cpu, _load_per_core())
+
+
+def too_slow(wall_s: float, cpu_s: float, load_per_core: float, limit_s: float = SLOW_LIMIT_S) -> bool:
+    """Whether an unmarked test's call was over ``limit_s``: its wall time over the limit scaled by the load
+    per core (another job on the shared cores stretches wall time, not the work), and its CPU time (own
+    threads and finished subprocesses) over the limit too. Both, so neither a busy machine nor a test
+    that waits (a subprocess still running, a sleep) alone makes the check fail."""
+    return limit_s > 0 and wall_s > limit_s * load_per_core and cpu_s > limit_s
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Fails a passing test that is not marked ``slow`` but took over ``SLOW_LIMIT_S`` (``too_slow``)."""
+    report = yield
+    times = getattr(item, "_ddetr_call_times", None)
+    if report.when == "call" and report.passed and times and item.get_closest_marker("slow") is None:
+        wall_s, cpu_s, load = times
+        if too_slow(wall_s, cpu_s, load):
+            report.outcome = "failed"
+            report.longrepr = (
+                f"{item.nodeid} took {wall_s:.1f} s ({cpu_s:.1f} s of CPU, load {load:.1f} per core) and is not "
+                f"marked slow. Tests over {SLOW_LIMIT_S:g} s on an idle 2-core machine get @pytest.mark.slow "
+                f'(`pytest -m "not slow"` must stay under two minutes), or get faster: preset=debug / model=tiny, '
+                f"tiny images, a session fixture of tests/conftest.py instead of a training of their own, "
+                f"ddetr.app.compose + run(cfg) in-process instead of a subprocess."
+            )
+    return report
 
 
 def _debug_overrides(output_dir: Path, data_root: Path) -> list[str]:
