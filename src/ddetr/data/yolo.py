@@ -124,7 +124,7 @@ def image_paths(config: dict[str, Any], split: str, root: Path, path: Path) -> l
         else:
             raise DatasetError(
                 f"{path}: '{split}' entry {entry!r} is neither a folder nor a .txt list "
-                f"({' nor '.join(str(p) for p in tried)})"
+                f"({' nor '.join(os.path.normpath(p) for p in tried)})"
             )
     if not images:
         raise DatasetError(f"{path}: no images in '{split}' ({entries})")
