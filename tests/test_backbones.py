@@ -13,6 +13,7 @@ import torchvision
 from conftest import _micro_options
 from torch import nn
 
+from ddetr.checkpoints import CheckpointError
 from ddetr.image_list import pad_images
 from ddetr.models import DeformableDETRConfig, build_deformable_detr
 from ddetr.models.backbones import (
@@ -409,6 +410,25 @@ def test_a_timm_state_dict_file_loads_every_backbone_tensor_exactly(tmp_path, mo
     assert set(ours) == set(reference)
     for key, value in reference.items():
         assert torch.equal(ours[key], value), key
+
+
+def test_a_timm_safetensors_file_loads_as_timm_loads_it(tmp_path):
+    """A ``.safetensors`` file (the format timm's own weights come in) through the checkpoint reader: every
+    tensor as timm's own loader puts it into the same feature extractor."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "convnext_atto.safetensors"
+    save_file(random_state_dict(timm.create_model("convnext_atto"), seed=3), str(path))
+    ours = TimmBackbone("convnext_atto", norm="batch", weights=path).body.state_dict()
+    reference = timm.create_model(
+        "convnext_atto", features_only=True, pretrained=True, pretrained_cfg_overlay={"file": str(path)}
+    ).state_dict()
+    assert set(ours) == set(reference)
+    for key, value in reference.items():
+        assert torch.equal(ours[key], value), key
+    path.write_bytes(path.read_bytes()[:-100])  # an interrupted copy: one line naming the option and the file
+    with pytest.raises(CheckpointError, match=rf"^model.backbone.weights: cannot read {path}: a damaged"):
+        TimmBackbone("convnext_atto", weights=path)
 
 
 def test_a_wrong_weights_file_lists_the_keys(tmp_path):

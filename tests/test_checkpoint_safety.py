@@ -120,6 +120,10 @@ def entry_point_readers(tmp_path: Path, data_root: Path, debug_overrides) -> dic
         "ddetr.export": ("ckpt_path", lambda p: export(config("export", p, f"output={out}/m.onnx"))),
         "ddetr.train ckpt_path=": ("ckpt_path", lambda p: train(compose([*debug, f"ckpt_path={p}"]))),
         "ddetr.train model.init_from=": ("model.init_from", lambda p: train(compose([*debug, f"model.init_from={p}"]))),
+        "ddetr.train model.backbone.weights=": (
+            "model.backbone.weights",
+            lambda p: train(compose([*debug, f"model.backbone.weights={p}"])),
+        ),
         "ddetr.convert official": ("official checkpoint", lambda p: convert_main(["official", str(p), f"{out}.ckpt"])),
         "load_official": ("official checkpoint", lambda p: load_official(p)),
         "load_hf (a torch file)": ("transformers weights", lambda p: load_hf(p)),
@@ -138,6 +142,7 @@ ENTRY_POINTS = (
     "ddetr.export",
     "ddetr.train ckpt_path=",
     "ddetr.train model.init_from=",
+    "ddetr.train model.backbone.weights=",
     "ddetr.convert official",
     "load_official",
     "load_hf (a torch file)",
@@ -212,6 +217,33 @@ def test_a_trusted_file_with_a_foreign_class_loads_only_with_trust_checkpoint(tm
     assert predict(compose([*options, "trust_checkpoint=true"], config_name="predict"))["num_images"] == 1
     with pytest.raises(ValueError, match="trust_checkpoint must be true or false"):
         predict(compose([*options, "trust_checkpoint=yes"], config_name="predict"))
+
+
+def test_a_backbone_weights_file_with_a_foreign_class_loads_only_with_trust_checkpoint(tmp_path, data_root):
+    from fractions import Fraction
+
+    from hydra.utils import instantiate
+
+    from ddetr.training.run import build_module
+
+    def config(*extra: str):
+        return compose([*_debug_overrides(tmp_path, data_root), *extra])
+
+    datamodule = instantiate(config().data)
+    network = build_module(config(), datamodule).model.backbone.body
+    generator = torch.Generator().manual_seed(0)
+    weights = {
+        key: torch.rand(value.shape, generator=generator) + 0.5 if value.is_floating_point() else value + 7
+        for key, value in network.state_dict().items()
+    }
+    path = tmp_path / "backbone_with_a_class.pth"
+    torch.save({"state_dict": weights, "note": Fraction(1, 3)}, path)
+    with pytest.raises(CheckpointRefusedError, match=r"^model.backbone.weights: refused .*fractions.Fraction"):
+        build_module(config(f"model.backbone.weights={path}"), datamodule)
+    trusted = build_module(config(f"model.backbone.weights={path}", "trust_checkpoint=true"), datamodule)
+    loaded = trusted.model.backbone.body.state_dict()
+    for key, value in weights.items():
+        assert torch.equal(loaded[key], value), key
 
 
 def test_command_line_refuses_with_one_line(tmp_path):

@@ -1,6 +1,7 @@
 """Reading and writing checkpoints: the one place that knows their format.
 
 - ``load_file(path, what)``: whatever a checkpoint file holds, read safely (below).
+- ``load_tensor_file(path, what)``: a weights file (``model.backbone.weights``): safetensors, or as ``load_file``.
 - ``read_checkpoint(path, what)``: the dict of a ddetr/Lightning checkpoint.
 - ``load_module(path)``: a ``DeformableDETRModule`` from a training or converted checkpoint.
 - ``load_pretrained(model, path)``: initialise a detector from a checkpoint before training
@@ -77,6 +78,11 @@ ZIP_MAGIC = b"PK\x03\x04"
 PICKLE_PROTOCOL_2_PLUS = b"\x80"
 
 
+def is_safetensors_head(head: bytes) -> bool:
+    """Whether a file starting with ``head`` is a safetensors file: an 8-byte header length, then its JSON."""
+    return len(head) >= 9 and head[8:9] == b"{"
+
+
 def _why_unreadable(path: Path, error: BaseException) -> str:
     """The likely cause of ``torch.load`` failing on ``path``, from the file's first bytes."""
     size = path.stat().st_size
@@ -93,7 +99,7 @@ def _why_unreadable(path: Path, error: BaseException) -> str:
         if not any(name.endswith("data.pkl") for name in names):
             return "a zip file, but not a PyTorch checkpoint"
         return f"a PyTorch checkpoint torch cannot load ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
-    if len(head) >= 9 and head[8:9] == b"{":
+    if is_safetensors_head(head):
         return (
             "a safetensors file (transformers weights?): convert the model's directory first: "
             "python -m ddetr.convert hf MODEL_DIR converted.ckpt"
@@ -213,6 +219,37 @@ def load_file(
         "value, and unpickling a file from elsewhere can run any code it holds; only if you trust the file and its "
         f"source, load it with {TRUST_OPTION}"
     )
+
+
+def load_tensor_file(path: str | os.PathLike, what: str, trust: bool = False) -> Any:
+    """What a weights file holds: a safetensors file (the format timm's and Hugging Face's weights come in:
+    tensors only, nothing to unpickle, read by the ``safetensors`` package) as its dict of tensors, any other
+    file through ``load_file`` (weights-only unless ``trust``).
+
+    Raises:
+        CheckpointError: as ``load_file``; for a safetensors file, one that cannot be read or a missing package.
+    """
+    path = Path(path)
+    if path.is_file():
+        with open(path, "rb") as file:
+            head = file.read(9)
+        if is_safetensors_head(head):
+            try:
+                from safetensors.torch import load_file as load_safetensors
+            except ImportError:
+                raise CheckpointError(
+                    f"{what}: {path} is a safetensors file; reading it needs the safetensors package "
+                    "(pip install safetensors; timm installs it)"
+                ) from None
+            try:
+                return load_safetensors(str(path), device="cpu")
+            except Exception as error:  # noqa: BLE001 - one line naming the file
+                reason = str(error).splitlines()[0] if str(error) else ""
+                raise CheckpointError(
+                    f"{what}: cannot read {path}: a damaged or incomplete safetensors file ({type(error).__name__}: "
+                    f"{reason})"
+                ) from error
+    return load_file(path, what, trust=trust)
 
 
 def read_checkpoint(

@@ -10,12 +10,20 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from ddetr.models.backbones.weights import load_backbone_weights
 from ddetr.models.ms_deform_attn import attention_backend, set_attention_backend
 from ddetr.training.callbacks import Preempted, RunTimer, WeightEMA, early_stopping, slurm_job_id
-from ddetr.checkpoints import check_resume_checkpoint, load_module, load_pretrained, trust_checkpoint
+from ddetr.checkpoints import (
+    CheckpointError,
+    check_resume_checkpoint,
+    load_module,
+    load_pretrained,
+    trust_checkpoint,
+)
 from ddetr.training.compilation import compile_options
 from ddetr.training.evaluation import METRIC_NAMES
 from ddetr.training.evaluation_pictures import write_evaluation_pictures, write_final_pictures
@@ -46,18 +54,42 @@ def build_module(cfg: DictConfig, datamodule) -> L.LightningModule:
     except ValueError as error:  # one line naming the allowed settings
         raise RunConfigError(str(error)) from None
     init_from = model_cfg.pop("init_from", None)  # the start of training, not part of the model
-    if cfg.get("ckpt_path") and isinstance(model_cfg.get("backbone"), dict):
-        model_cfg["backbone"]["weights"] = None  # initial weights: a resumed run takes its weights from ckpt_path
-    module = instantiate(
-        model_cfg,
-        num_classes=model_cfg.get("num_classes") or datamodule.num_classes,
-        label_to_category_id=list(datamodule.label_to_category_id),
-        category_names=list(datamodule.category_names),
-        _convert_="all",
-    )
+    backbone = model_cfg.get("backbone") if isinstance(model_cfg.get("backbone"), dict) else {}
+    if cfg.get("ckpt_path") and backbone:
+        backbone["weights"] = None  # initial weights: a resumed run takes its weights from ckpt_path
+    trusted_weights = trusted_weights_file(backbone, trust_checkpoint(cfg))
+    try:
+        module = instantiate(
+            model_cfg,
+            num_classes=model_cfg.get("num_classes") or datamodule.num_classes,
+            label_to_category_id=list(datamodule.label_to_category_id),
+            category_names=list(datamodule.category_names),
+            _convert_="all",
+        )
+    except InstantiationException as error:  # a refused or unreadable weights file: its own one line
+        cause = error.__cause__
+        while isinstance(cause, InstantiationException):
+            cause = cause.__cause__
+        if isinstance(cause, CheckpointError):
+            raise cause from None
+        raise
+    if trusted_weights:
+        network = module.model.backbone.body
+        load_backbone_weights(network, trusted_weights, f"backbone {backbone.get('name')}", trust=True)
     if init_from and not cfg.get("ckpt_path"):  # a resumed run takes its weights from ckpt_path
         load_pretrained(module.model, init_from, trust=trust_checkpoint(cfg))
     return module
+
+
+def trusted_weights_file(backbone: dict[str, Any], trust: bool) -> str | None:
+    """With ``trust_checkpoint=true``, the local ``model.backbone.weights`` file, taken out of ``backbone`` (the
+    model is built without it and ``build_module`` loads it, unpickled in full); else None, and the backbone
+    reads its file itself, weights-only (a download name is not a file and stays)."""
+    weights = backbone.get("weights")
+    if not trust or not weights or not Path(weights).is_file():
+        return None
+    backbone["weights"] = None
+    return str(weights)
 
 
 def attention_backend_used(module: L.LightningModule) -> str:
@@ -252,6 +284,10 @@ def check_categories(module, datamodule, ckpt_path: str) -> None:
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Validates ``cfg.ckpt_path`` on ``cfg.data``; returns the COCO metrics (``val/AP`` ...)."""
+    if cfg.get("model_file") is not None or cfg.get("ckpt_path") is None:  # an exported model instead
+        from ddetr.inference.evaluate import evaluate_exported
+
+        return evaluate_exported(cfg)
     datamodule = instantiate(cfg.data)
     module = load_module(cfg.ckpt_path, "cpu", trust=trust_checkpoint(cfg))
     if cfg.get("attn_backend"):

@@ -11,7 +11,12 @@ Its entries are matched to the backbone's by name:
 - ``num_batches_tracked`` is loaded where the backbone has it (trainable batch norm) and ignored
   where it does not (frozen batch norm).
 Anything else (a missing tensor, an unexpected one inside a layer the backbone has, another shape)
-is a ``ValueError`` naming the file and listing the keys. The file is read with ``weights_only=True``.
+is a ``ValueError`` naming the file and listing the keys.
+
+The file is read by the checkpoint reader (``ddetr.checkpoints.load_tensor_file``), as every checkpoint:
+a ``.safetensors`` file (timm's own format) as it is, a torch file weights-only, so a file that asks to
+unpickle anything but tensors and plain values is refused (``CheckpointRefusedError``, one line naming
+``model.backbone.weights``) unless ``trust`` (``trust_checkpoint=true``).
 """
 
 from __future__ import annotations
@@ -21,19 +26,25 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ddetr.checkpoints import CheckpointError, load_tensor_file
+
 BATCHES_TRACKED = "num_batches_tracked"
+OPTION = "model.backbone.weights"  # the option that names the file, for the messages
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a state-dict file (``state_dict`` key unwrapped); ``FileNotFoundError`` naming it."""
+def read_state_dict(path: str | Path, trust: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of a state-dict file (``state_dict`` key unwrapped), read by ``load_tensor_file``.
+
+    Raises:
+        CheckpointNotFoundError (a ``FileNotFoundError``): no file at ``path``.
+        CheckpointRefusedError: a torch file that asks for other classes than tensors and plain values.
+        CheckpointError: any other file that cannot be read, or one that holds no dict."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"backbone weights file not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_tensor_file(path, OPTION, trust=trust)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise ValueError(f"backbone weights {path} hold a {type(state).__name__}, not a state dict")
+        raise CheckpointError(f"{OPTION}: {path} holds a {type(state).__name__}, not a state dict")
     return {str(key): value for key, value in state.items() if isinstance(value, torch.Tensor)}
 
 
@@ -50,19 +61,21 @@ def _in_dropped_layer(key: str, own: dict[str, torch.Tensor]) -> bool:
     return not any(name.startswith(prefixes) for name in own)
 
 
-def load_backbone_weights(network: nn.Module, path: str | Path, what: str) -> None:
+def load_backbone_weights(network: nn.Module, path: str | Path, what: str, trust: bool = False) -> None:
     """Loads the state-dict file at ``path`` into ``network`` (rules in the module docstring).
 
     Args:
         network: the backbone's network (its state-dict names as its library has them).
         path: a local file.
         what: the network, for the error message (``torchvision resnet50``, ``timm convnext_atto``).
+        trust: unpickle a torch file in full (``trust_checkpoint=true``): it may run any code it holds.
 
     Raises:
         FileNotFoundError: no file at ``path``.
+        CheckpointError: the file is refused or cannot be read (``read_state_dict``).
         ValueError: naming the file and ``what``, listing missing, unexpected and mismatched keys.
     """
-    load_state_dict(network, read_state_dict(path), str(path), what)
+    load_state_dict(network, read_state_dict(path, trust), str(path), what)
 
 
 def load_state_dict(network: nn.Module, state: dict[str, torch.Tensor], source: str, what: str) -> None:
