@@ -14,6 +14,7 @@ written here.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,8 +84,10 @@ OPTIONS: tuple[Option, ...] = (
 )
 
 
+@functools.cache
 def _composed(overrides: tuple[str, ...]):
-    """The ``train`` config composed with ``overrides``, unresolved, with Hydra's own node (the group choices)."""
+    """The ``train`` config composed with ``overrides``, unresolved, with Hydra's own node (the group choices);
+    once per process and override set."""
     from hydra import compose, initialize_config_dir
 
     from ddetr.app import CONFIG_DIR, register_resolvers
