@@ -16,8 +16,9 @@ compared with PyTorch's; the largest absolute difference is printed.
 
 from ddetr.app import hydra_app
 from ddetr.inference.export import export
+from ddetr.inference.runtime import one_line_errors
 
-main = hydra_app("export", export)
+main = hydra_app("export", one_line_errors(export))
 
 if __name__ == "__main__":
     main()

@@ -11,13 +11,18 @@ writes into ``output``:
 - with ``attention=true``, ``attention/<name>_<k>.png``: the last decoder layer's sampling locations
   of the ``attention_top_k`` best detections (see ``ddetr.pictures.attention``).
 
+``model_file=MODEL.onnx`` (onnxruntime) or ``model_file=MODEL.xml`` (OpenVINO IR) instead of
+``ckpt_path`` runs a model written by ``python -m ddetr.export``, with the same pre- and post-processing
+(its resize, normalisation and class names come from the file) and the same outputs.
+
 Images that cannot be read are skipped with a warning each and counted in the final summary.
 """
 
 from ddetr.app import hydra_app
 from ddetr.inference.predict import predict
+from ddetr.inference.runtime import one_line_errors
 
-main = hydra_app("predict", predict)
+main = hydra_app("predict", one_line_errors(predict))
 
 if __name__ == "__main__":
     main()

@@ -12,11 +12,14 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from ddetr.inference.metadata import KEY, ModelMetadata, metadata_of_module
 from ddetr.models.ms_deform_attn import set_attention_backend
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("onnx", "torch_export")
+FORMATS = ("onnx", "openvino", "torch_export")
+# the attention of ONNX and OpenVINO exports unless attn_backend says otherwise (docs/deploy.md: measured)
+DEFAULT_ONNX_BACKEND = "gather"
 OUTPUT_NAMES = ("pred_logits", "pred_boxes")
 
 
@@ -186,6 +189,120 @@ def max_abs_difference(expected: tuple[torch.Tensor, ...], actual: list[torch.Te
     return max(float((e.detach() - a.detach()).abs().max()) for e, a in zip(expected, actual, strict=True))
 
 
+def onnx_backend(name: str | None) -> str:
+    """The attention backend of an ONNX/OpenVINO export: ``gather`` (the default: no ``GridSample``)
+    or ``pytorch`` (``grid_sample``; ``attn_backend=grid_sample`` names it too)."""
+    backend = {None: DEFAULT_ONNX_BACKEND, "grid_sample": "pytorch"}.get(name, name)
+    if backend not in ("gather", "pytorch"):
+        raise ValueError(
+            f"ONNX/OpenVINO export needs attn_backend=gather (the default) or attn_backend=pytorch "
+            f"(grid_sample, also named grid_sample), got {name!r}"
+        )
+    return backend
+
+
+def write_onnx_metadata(path: str | os.PathLike, metadata: ModelMetadata) -> None:
+    """Stores ``metadata`` as the ``ddetr`` entry of the ONNX file's ``metadata_props``."""
+    import onnx
+
+    model = onnx.load(str(path))
+    model.metadata_props.add(key=KEY, value=metadata.to_json())
+    onnx.save(model, str(path))
+
+
+def export_metadata(cfg: DictConfig, module, backend: str) -> ModelMetadata:
+    """The pre- and post-processing settings the exported file carries (``ddetr.inference.metadata``):
+    the resize as ``python -m ddetr.predict`` resolves it (``size``/``max_size``, else the training
+    run's, else the official), the class names (``class_names``), ImageNet's normalisation."""
+    from ddetr.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from ddetr.inference.predict import resolve_class_names, resolve_resize
+
+    size, max_size, _ = resolve_resize(cfg.get("size"), cfg.get("max_size"), cfg.ckpt_path)
+    return metadata_of_module(
+        module,
+        size,
+        max_size,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        resolve_class_names(module, cfg.get("class_names", "auto")),
+        with_mask=bool(cfg.with_mask),
+        attn_backend=backend,
+        quantize=cfg.get("quantize"),
+        source=str(cfg.ckpt_path),
+    )
+
+
+def calibration_inputs(cfg: DictConfig, metadata: ModelMetadata) -> list[dict[str, Any]]:
+    """``cfg.calibration_images`` inputs from the train split of ``cfg.data`` (see ``ddetr.inference.quantize``)."""
+    from hydra.utils import instantiate
+
+    from ddetr.inference.quantize import calibration_batches, train_split_files
+
+    count = int(cfg.calibration_images)
+    if count < 1:
+        raise ValueError(f"calibration_images must be >= 1, got {count}")
+    datamodule = instantiate(cfg.data)
+    files = train_split_files(datamodule)
+    log.info("calibrating on %d of the %d train-split images of %s", count, len(files), cfg.data._target_)
+    return calibration_batches(
+        files, count, metadata.size, metadata.max_size, metadata.mean, metadata.std, metadata.with_mask
+    )
+
+
+def write_onnx_model(
+    cfg: DictConfig, detector: ExportableDetector, inputs: tuple[torch.Tensor, ...], path: Path, metadata: ModelMetadata
+) -> str:
+    """The ONNX file at ``path`` with its metadata, int8 when ``cfg.quantize``; returns the exporter's name."""
+    from ddetr.inference.quantize import quantize_onnx
+
+    dynamic_onnx = cfg.dynamo and cfg.dynamic
+    if dynamic_onnx:
+        check_dynamic_example(detector, inputs)
+    float_path = path.with_name(path.stem + ".fp32.onnx") if cfg.get("quantize") else path
+    exporter = export_onnx(detector, inputs, float_path, opset=cfg.opset, dynamo=cfg.dynamo, dynamic=cfg.dynamic)
+    write_onnx_metadata(float_path, metadata)
+    if cfg.get("quantize"):
+        quantize_onnx(float_path, path, calibration_inputs(cfg, metadata))
+        float_path.unlink()
+    return exporter
+
+
+def write_openvino_model(
+    cfg: DictConfig, detector: ExportableDetector, inputs: tuple[torch.Tensor, ...], path: Path, metadata: ModelMetadata
+) -> str:
+    """The OpenVINO IR (``path`` .xml and its .bin), converted from a dynamic ONNX export, with the
+    metadata as ``rt_info``; float32 weights (no fp16 compression), int8 through NNCF when ``cfg.quantize``."""
+    try:
+        import openvino
+    except ImportError:
+        raise ValueError(f"format=openvino (output {path}) needs the 'openvino' package: pip install 'ddetr[openvino]'") from None
+    import tempfile
+
+    from ddetr.inference.quantize import quantize_openvino
+
+    with tempfile.TemporaryDirectory() as folder:
+        onnx_path = Path(folder) / "model.onnx"
+        check_dynamic_example(detector, inputs)
+        exporter = export_onnx(detector, inputs, onnx_path, opset=cfg.opset, dynamo=True, dynamic=True)
+        model = openvino.convert_model(str(onnx_path))
+    if cfg.get("quantize"):
+        model = quantize_openvino(model, calibration_inputs(cfg, metadata))
+    model.set_rt_info(metadata.to_json(), KEY)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    openvino.save_model(model, str(path), compress_to_fp16=False)
+    return f"{exporter} ONNX, OpenVINO {openvino.get_version().split('-')[0]}"
+
+
+def run_exported(path: Path, inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+    """Runs the exported file at ``path`` (``ddetr.inference.runtime``) on the example ``inputs``."""
+    from ddetr.inference.runtime import ExportedModel
+
+    images = inputs[0]
+    mask = inputs[1] if len(inputs) == 2 else torch.zeros(images.shape[:1] + images.shape[2:], dtype=torch.bool)
+    outputs = ExportedModel(path)((images, mask))
+    return [outputs[name] for name in OUTPUT_NAMES]
+
+
 def export(cfg: DictConfig) -> dict[str, Any]:
     """Exports as ``cfg`` says; returns ``{"path", "format", "exporter", "max_abs_diff"}`` and, for ONNX,
     ``"input_shapes"`` (input name -> dims, a name where the dimension is dynamic)."""
@@ -193,33 +310,38 @@ def export(cfg: DictConfig) -> dict[str, Any]:
 
     if cfg.format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {cfg.format!r}")
-    backend = cfg.get("attn_backend") or ("pytorch" if cfg.format == "onnx" else "auto")
-    if cfg.format == "onnx" and backend != "pytorch":
-        raise ValueError(f"ONNX export needs attn_backend=pytorch (standard ops), got {backend!r}")
+    quantize = cfg.get("quantize")
+    if quantize not in (None, "int8") or (quantize and cfg.format == "torch_export"):
+        raise ValueError(f"quantize must be null or int8 (format onnx or openvino), got {quantize!r} for {cfg.format}")
+    if cfg.format == "torch_export":
+        backend = cfg.get("attn_backend") or "auto"
+    else:
+        backend = onnx_backend(cfg.get("attn_backend"))
     module = load_module(cfg.ckpt_path, "cpu", trust=trust_checkpoint(cfg))
     set_attention_backend(module.model, backend)
     detector = ExportableDetector(module.model, with_mask=cfg.with_mask)
-    dynamic_onnx = cfg.format == "onnx" and cfg.dynamo and cfg.dynamic
+    dynamic_onnx = cfg.format == "openvino" or (cfg.format == "onnx" and cfg.dynamo and cfg.dynamic)
     # torch.export fixes every dimension whose example value is 1: trace a dynamic batch with 2 images
     batch_size = max(cfg.batch_size, 2) if dynamic_onnx else cfg.batch_size
     inputs = example_inputs(batch_size, cfg.height, cfg.width, cfg.with_mask)
     path = Path(cfg.output)
     summary: dict[str, Any] = {"path": str(path), "format": cfg.format, "max_abs_diff": None}
-    if cfg.format == "onnx":
-        if dynamic_onnx:
-            check_dynamic_example(detector, inputs)
-        summary["exporter"] = export_onnx(
-            detector, inputs, path, opset=cfg.opset, dynamo=cfg.dynamo, dynamic=cfg.dynamic
-        )
-        summary["input_shapes"] = onnx_input_shapes(path)
-        dynamic = summary["exporter"] == "dynamo" and dynamic_onnx
+    if cfg.format in ("onnx", "openvino"):
+        metadata = export_metadata(cfg, module, backend)
+        write = write_onnx_model if cfg.format == "onnx" else write_openvino_model
+        summary["exporter"] = write(cfg, detector, inputs, path, metadata)
+        if cfg.format == "onnx":
+            summary["input_shapes"] = onnx_input_shapes(path)
+        dynamic = dynamic_onnx and "torchscript" not in summary["exporter"]
         if cfg.check:  # at the export size and, when dynamic, at another batch size and image size
             checks = [inputs]
             if dynamic:
                 other_size = (cfg.height + 32, max(cfg.width - 32, 64))
                 checks.append(example_inputs(batch_size + 1, *other_size, cfg.with_mask, seed=1))
             with torch.no_grad():
-                summary["max_abs_diff"] = max(max_abs_difference(detector(*x), run_onnx(path, x)) for x in checks)
+                summary["max_abs_diff"] = max(
+                    max_abs_difference(detector(*x), run_exported(path, x)) for x in checks
+                )
     else:
         program = export_program(detector, inputs, path)
         summary["exporter"] = "torch.export"
@@ -232,8 +354,12 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         )
     else:
         inputs_text = "images, mask" if cfg.with_mask else "images"
-        inputs_text += f" of {cfg.batch_size}x3x{cfg.height}x{cfg.width}"
-    print(f"wrote {path} ({cfg.format} via {summary['exporter']}, inputs {inputs_text}, attention backend {backend})")
+        inputs_text += " (batch, 3, height, width)" if dynamic_onnx else f" of {cfg.batch_size}x3x{cfg.height}x{cfg.width}"
+    quantized = ", int8" if quantize else ""
+    print(
+        f"wrote {path} ({cfg.format} via {summary['exporter']}{quantized}, inputs {inputs_text}, "
+        f"attention backend {backend})"
+    )
     if summary["max_abs_diff"] is not None:
         print(f"max abs difference to PyTorch on a random batch: {summary['max_abs_diff']:.3g}")
     return summary

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,13 @@ from tqdm import tqdm
 
 from ddetr.data.image_loading import ImageLoadError
 from ddetr.data.image_loading import load_rgb_image
-from ddetr.data.transforms import OFFICIAL_MAX_SIZE, OFFICIAL_VAL_SIZE, make_val_transforms
+from ddetr.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    OFFICIAL_MAX_SIZE,
+    OFFICIAL_VAL_SIZE,
+    make_val_transforms,
+)
 from ddetr.checkpoints import load_module, trust_checkpoint
 
 log = logging.getLogger(__name__)
@@ -165,9 +173,16 @@ class ImageFiles(Dataset):
     the file could not be read, else None).
     """
 
-    def __init__(self, files: Sequence[Path], size: int, max_size: int) -> None:
+    def __init__(
+        self,
+        files: Sequence[Path],
+        size: int,
+        max_size: int,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
         self.files = list(files)
-        self.transform = make_val_transforms(size=size, max_size=max_size)
+        self.transform = make_val_transforms(size=size, max_size=max_size, mean=mean, std=std)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -254,26 +269,123 @@ def save_attention_pictures(
             picture.save(path)
 
 
+@dataclass
+class Predictor:
+    """What prediction needs of a model, from a checkpoint or an exported file.
+
+    ``detect(images, orig_sizes)`` takes normalised (3, height_i, width_i) images and (batch_size, 2)
+    original sizes (h, w) and returns ``(outputs, detections)``: the model's ``pred_logits`` /
+    ``pred_boxes`` and one dict per image (``scores``, ``labels``, ``boxes`` xyxy in pixels of the file).
+    """
+
+    detect: Callable[[list[torch.Tensor], torch.Tensor], tuple[dict[str, Any], list[dict[str, torch.Tensor]]]]
+    size: int
+    max_size: int
+    resize_source: str
+    mean: Sequence[float]
+    std: Sequence[float]
+    class_names: list[str]
+    label_to_category_id: list[int]
+    module: Any = None  # the DeformableDETRModule (PyTorch only: attention pictures)
+
+
+def checkpoint_predictor(cfg: DictConfig, device: torch.device) -> Predictor:
+    """The PyTorch model of ``cfg.ckpt_path`` on ``device``."""
+    from ddetr.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    module = load_module(cfg.ckpt_path, device, trust=trust_checkpoint(cfg))
+    size, max_size, resize_source = resolve_resize(cfg.get("size"), cfg.get("max_size"), cfg.ckpt_path)
+
+    def detect(images: list[torch.Tensor], orig_sizes: torch.Tensor):
+        outputs = module.model([image.to(device) for image in images])
+        return outputs, module.postprocess(outputs, orig_sizes.to(device))
+
+    return Predictor(
+        detect,
+        size,
+        max_size,
+        resize_source,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        resolve_class_names(module, cfg.get("class_names", "auto")),
+        list(module.label_to_category_id),
+        module,
+    )
+
+
+def exported_predictor(cfg: DictConfig) -> Predictor:
+    """The exported model of ``cfg.model_file`` (``ddetr.inference.runtime``), with the resize,
+    normalisation and class names it carries (``size``/``max_size``/``class_names`` override them)."""
+    from ddetr.image_list import pad_images
+    from ddetr.inference.runtime import ExportedModel
+    from ddetr.models.postprocess import PostProcess
+
+    model = ExportedModel(cfg.model_file, threads=cfg.get("threads"))
+    metadata = model.metadata
+    postprocess = PostProcess(num_select=metadata.num_select)
+    names = cfg.get("class_names", "auto")
+    if names not in (None, "auto"):
+        if isinstance(names, str) or len(names) != len(metadata.class_names):
+            raise ValueError(f"class_names must be 'auto' or {len(metadata.class_names)} names for {cfg.model_file}")
+        names = [str(name) for name in names]
+    else:
+        names = list(metadata.class_names)
+
+    def detect(images: list[torch.Tensor], orig_sizes: torch.Tensor):
+        outputs = model(pad_images([image.cpu() for image in images]))
+        return outputs, postprocess(outputs, orig_sizes.cpu())
+
+    given = cfg.get("size") is not None or cfg.get("max_size") is not None
+    return Predictor(
+        detect,
+        int(cfg.size if cfg.get("size") is not None else metadata.size),
+        int(cfg.max_size if cfg.get("max_size") is not None else metadata.max_size),
+        "config" if given else f"{cfg.model_file}",
+        metadata.mean,
+        metadata.std,
+        names,
+        list(metadata.label_to_category_id),
+    )
+
+
+def load_predictor(cfg: DictConfig, device: torch.device) -> Predictor:
+    """A checkpoint (``ckpt_path``) or an exported file (``model_file``): exactly one of the two."""
+    from ddetr.inference.runtime import ExportedModelError
+
+    model_file, ckpt_path = cfg.get("model_file"), cfg.get("ckpt_path")
+    if model_file is not None and ckpt_path is not None:
+        raise ExportedModelError(
+            f"give either ckpt_path ({ckpt_path}) or model_file ({model_file}), not both: "
+            "an exported file carries its own settings"
+        )
+    if model_file is None and ckpt_path is None:
+        raise ExportedModelError("give ckpt_path=CHECKPOINT or model_file=MODEL.onnx|MODEL.xml")
+    if model_file is None:
+        return checkpoint_predictor(cfg, device)
+    if cfg.attention:
+        raise ExportedModelError(f"attention=true needs the PyTorch model (ckpt_path), not the exported {model_file}")
+    return exported_predictor(cfg)
+
+
 def predict(cfg: DictConfig) -> dict[str, Any]:
     """Runs prediction as ``cfg`` says (see the module docstring); returns a summary dict with
     ``num_images``, ``num_detections``, ``skipped`` (list of (file, reason)) and the written paths."""
     from ddetr.pictures.attention import DecoderAttentionRecorder
 
     device = resolve_device(cfg.device)
-    module = load_module(cfg.ckpt_path, device, trust=trust_checkpoint(cfg))
-    model = module.model
+    predictor = load_predictor(cfg, device)
     root, files = list_images(cfg.input)
     ids = image_ids(root, files, cfg.get("annotations"))
-    size, max_size, resize_source = resolve_resize(cfg.get("size"), cfg.get("max_size"), cfg.ckpt_path)
-    class_names = resolve_class_names(module, cfg.get("class_names", "auto"))
-    log.info("resize: shortest side %d, longest at most %d (%s)", size, max_size, resize_source)
+    size, max_size = predictor.size, predictor.max_size
+    class_names = predictor.class_names
+    log.info("resize: shortest side %d, longest at most %d (%s)", size, max_size, predictor.resize_source)
 
     output = Path(cfg.output)
     (output / "images").mkdir(parents=True, exist_ok=True)
     if cfg.attention:
         (output / "attention").mkdir(parents=True, exist_ok=True)
     loader = DataLoader(
-        ImageFiles(files, size, max_size),
+        ImageFiles(files, size, max_size, predictor.mean, predictor.std),
         batch_size=cfg.batch_size,
         num_workers=cfg.num_workers,
         collate_fn=list,
@@ -282,20 +394,14 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     images_json: list[dict[str, Any]] = []
     skipped: list[tuple[str, str]] = []
     taken: set[str] = set()
-    recorder = DecoderAttentionRecorder(model)
+    recorder = DecoderAttentionRecorder(predictor.module.model) if cfg.attention else contextlib.nullcontext()
     for batch in tqdm(loader, desc="predict", unit="batch", disable=not cfg.progress_bar):
         batch = readable_items(batch, files, skipped)
         if not batch:
             continue
-        images = [item["image"].to(device) for item in batch]
-        orig_sizes = torch.tensor([item["pixels"].shape[:2] for item in batch], device=device)  # (B, 2) as (h, w)
-        with torch.no_grad():
-            if cfg.attention:
-                with recorder:
-                    outputs = model(images)
-            else:
-                outputs = model(images)
-            detections = module.postprocess(outputs, orig_sizes)
+        orig_sizes = torch.tensor([item["pixels"].shape[:2] for item in batch])  # (B, 2) as (h, w)
+        with torch.no_grad(), recorder:
+            outputs, detections = predictor.detect([item["image"] for item in batch], orig_sizes)
         for item, detection in zip(batch, detections):
             file = files[item["index"]]
             keep = detection["scores"] >= cfg.threshold
@@ -305,11 +411,12 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
             images_json.append(
                 {"id": image_id, "file_name": file.relative_to(root).as_posix(), "width": width, "height": height}
             )
-            results += coco_results(image_id, detection, module.label_to_category_id)
+            results += coco_results(image_id, detection, predictor.label_to_category_id)
             name = output_name(root, file, taken)
             save_detection_picture(output / "images" / f"{name}.png", item["pixels"], detection, class_names)
             item["name"] = name
         if cfg.attention:
+            model = predictor.module.model
             save_attention_pictures(output / "attention", recorder, outputs, model, batch, cfg, class_names)
 
     return write_results(output, cfg, results, images_json, skipped)

@@ -2,7 +2,8 @@
 
 ``ms_deform_attn`` is the one entry point; ``backend`` chooses the implementation:
 ``"auto"`` (compiled kernel for the tensors' device when it is available, else PyTorch),
-``"pytorch"``, ``"cpu"`` or ``"cuda"``.
+``"pytorch"``, ``"cpu"``, ``"cuda"`` or ``"gather"`` (index arithmetic and row gathers instead of
+``grid_sample``, for export: ``ddetr.ops.gather_sampling``).
 
 The compiled kernels live in ``csrc/`` and are built on first use (see ``ddetr.ops._build``) or with
 ``python -m ddetr.ops build``. Importing this package never needs a compiler.
@@ -15,9 +16,10 @@ from collections.abc import Sequence
 import torch
 
 from ddetr.ops import _build
+from ddetr.ops.gather_sampling import ms_deform_attn_gather
 from ddetr.ops.reference import ms_deform_attn_pytorch, spatial_shapes_list
 
-BACKENDS = ("auto", "pytorch", "cpu", "cuda")
+BACKENDS = ("auto", "pytorch", "cpu", "cuda", "gather")
 
 __all__ = ["BACKENDS", "compiled_op_available", "level_shapes", "ms_deform_attn", "ms_deform_attn_pytorch"]
 
@@ -125,7 +127,8 @@ def ms_deform_attn(
             in [0, 1]; samples outside the map read zeros.
         attention_weights: (batch_size, num_queries, num_heads, num_levels, num_points).
         backend: "auto" (compiled kernel for the tensors' device if available, else PyTorch),
-            "pytorch", "cpu" or "cuda" (the compiled kernel; raises if it cannot be used).
+            "pytorch", "cpu" or "cuda" (the compiled kernel; raises if it cannot be used), or
+            "gather" (``ms_deform_attn_gather``: no ``grid_sample``, the export form for TensorRT).
         shapes: the level shapes as Python ints (or SymInts), when ``spatial_shapes`` is a tensor:
             then used instead of reading it.
 
@@ -141,6 +144,10 @@ def ms_deform_attn(
         sampling_locations.to(location_dtype),
         attention_weights.to(location_dtype),
     )
+    if backend == "gather":  # the shapes as data: no host read, no per-level graph
+        if not isinstance(spatial_shapes, torch.Tensor):
+            spatial_shapes = torch.tensor(list(spatial_shapes), dtype=torch.int64, device=value.device)
+        return ms_deform_attn_gather(value, spatial_shapes, sampling_locations, attention_weights)
     shapes = level_shapes(spatial_shapes, level_start_index, shapes)
     if backend == "pytorch":
         return ms_deform_attn_pytorch(value, shapes, None, sampling_locations, attention_weights)
