@@ -121,3 +121,46 @@ def test_valid_large_but_fitting_ids_load(tmp_path):
     dataset = CocoDetection(tmp_path, _write(tmp_path, data))
     assert dataset.records.image_ids.tolist() == [2**63 - 1] and dataset.label_to_category_id == [2**62]
     np.testing.assert_array_equal(dataset.records.boxes, [[1, 2, 11, 7]])
+
+
+def test_voc_xml_in_utf16_with_an_entity_is_refused(tmp_path):
+    """The DTD guard works on the parsed document, not on raw bytes: a UTF-16 file hides `<!ENTITY` from a byte
+    search but not from defusedxml."""
+    from ddetr.data.voc import parse_xml
+
+    text = '<?xml version="1.0" encoding="UTF-16"?><!DOCTYPE a [<!ENTITY e "boom">]><annotation>&e;</annotation>'
+    path = tmp_path / "a.xml"
+    path.write_bytes(text.encode("utf-16"))
+    assert b"<!ENTITY" not in path.read_bytes()
+    with pytest.raises(DatasetError, match=r"a\.xml: DTD or entity declarations are not accepted"):
+        parse_xml(path)
+    plain = tmp_path / "b.xml"
+    plain.write_bytes('<?xml version="1.0" encoding="UTF-16"?><annotation><size/></annotation>'.encode("utf-16"))
+    assert parse_xml(plain).find("size") is not None  # UTF-16 itself is fine
+
+
+def test_oversized_yaml_and_split_lists_are_one_error(tmp_path):
+    """Dataset YAMLs, VOC split lists and YOLO image lists are capped like label and XML files (sparse files
+    one byte over the cap: nothing beyond it is read)."""
+    from ddetr.data import VocDataModule, YoloDataModule
+    from ddetr.data.files import MAX_TEXT_BYTES
+
+    def oversized(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as file:
+            file.truncate(MAX_TEXT_BYTES + 1)
+        return path
+
+    yolo = tmp_path / "yolo"
+    oversized(yolo / "data.yaml")
+    with pytest.raises(DatasetError, match=r"data\.yaml: the dataset YAML is larger than 64 MiB$"):
+        YoloDataModule(yolo, num_workers=0).val_dataset
+    (yolo / "data.yaml").write_text("train: list.txt\nval: list.txt\nnames: [x]\n")
+    oversized(yolo / "list.txt")
+    with pytest.raises(DatasetError, match=r"list\.txt: the image list is larger than 64 MiB$"):
+        YoloDataModule(yolo, num_workers=0).val_dataset
+    voc = tmp_path / "voc"
+    (voc / "Annotations").mkdir(parents=True)
+    oversized(voc / "ImageSets" / "Main" / "val.txt")
+    with pytest.raises(DatasetError, match=r"val\.txt: the split list is larger than 64 MiB$"):
+        VocDataModule(voc, class_names=["x"], num_workers=0).val_dataset
