@@ -354,7 +354,9 @@ class DeformableTransformer(nn.Module):
         if self.two_stage:
             if proposal_heads is None:
                 raise ValueError("two-stage needs proposal_heads (class_head, box_head)")
-            num_selected = self.num_queries + (self.num_one2many if self.training else 0)
+            # the hybrid branch's proposals, as many as the maps hold beyond the matching queries'
+            num_one2many = min(self.num_one2many, max(memory.shape[1] - self.num_queries, 0)) if self.training else 0
+            num_selected = self.num_queries + num_one2many
             queries, outputs["enc_logits"], outputs["enc_boxes"] = self.proposal_queries(
                 memory, levels, proposal_heads, num_selected
             )
