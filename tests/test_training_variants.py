@@ -306,3 +306,76 @@ def test_iou_aware_losses_train(micro_options, class_loss):
     torch.testing.assert_close(aware["loss_bbox"], focal["loss_bbox"])  # same matches, same box losses
     with pytest.raises(ValueError, match="class_loss"):
         LossConfig(class_loss="softmax")
+
+
+# ---------------------------------------------------------------- DDP: a rank whose batch has no box
+
+DDP_SWITCHES = {
+    "query_selection": "mixed",
+    "look_forward_twice": True,
+    "denoising": {"enabled": True},
+    "hybrid": {"enabled": True, "num_queries": 12, "k": 2},
+}
+
+
+def _ddp_worker(rank: int, store_path: str, result_dir: str, options: dict) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)  # a forked child must not enter an OpenMP region the parent used (it hangs)
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)  # the same initial weights on both ranks
+        config = DeformableDETRConfig.from_dict(options, num_classes=NUM_CLASSES)
+        model = build_deformable_detr(config).train()
+        criterion = build_criterion(config, LossConfig())
+        ddp = DistributedDataParallel(model)  # find_unused_parameters=False: every parameter needs a gradient
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        inputs, targets = batch()
+        # rank 0: one image with boxes and one without; rank 1: no box in its whole batch
+        targets = [targets[0], no_boxes(1)[0]] if rank == 0 else no_boxes()
+        torch.manual_seed(1 + rank)
+        losses = []
+        for _ in range(2):
+            optimizer.zero_grad()
+            total = criterion.weighted_total(criterion(ddp(inputs, targets), targets))
+            total.backward()
+            optimizer.step()
+            losses.append(total.item())
+        checksum = torch.stack([p.detach().double().sum() for p in model.parameters()])
+        torch.save({"losses": losses, "checksum": checksum}, f"{result_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_rank_without_boxes_neither_crashes_nor_hangs(tmp_path, micro_options):
+    """Denoising + hybrid on 2 gloo ranks, one of which has no box in its batch: both ranks finish two
+    steps (DDP reduces every parameter's gradient, the label book's included) with the same weights."""
+    import time
+
+    options = micro_options(
+        backbone={"name": "resnet18", "norm": "frozen"},
+        dropout=0.0,
+        num_feature_levels=2,
+        with_box_refine=True,
+        two_stage=True,
+        **DDP_SWITCHES,
+    )
+    start_method = "spawn" if torch.cuda.is_initialized() else "fork"
+    workers = torch.multiprocessing.start_processes(
+        _ddp_worker,
+        args=(str(tmp_path / "store"), str(tmp_path), options),
+        nprocs=2,
+        join=False,
+        start_method=start_method,
+    )
+    deadline = time.monotonic() + 240
+    while not workers.join(timeout=1):  # raises if a worker failed
+        if time.monotonic() > deadline:
+            for process in workers.processes:
+                process.kill()
+            pytest.fail("the gloo workers did not finish within 240 s (a hang)")
+    results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    assert all(math.isfinite(loss) for result in results for loss in result["losses"])
+    torch.testing.assert_close(results[0]["checksum"], results[1]["checksum"])
