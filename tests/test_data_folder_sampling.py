@@ -100,6 +100,14 @@ def test_data_module_with_repeat_factor_sampling(tmp_path):
     assert isinstance(loader.sampler, RepeatFactorSampler) and np.array_equal(loader.sampler.factors, factors)
     assert len(loader) == math.ceil(loader.sampler.epoch_length / 2)
     assert sum(len(batch[2]) for batch in loader) == loader.sampler.epoch_length
+    # a checkpoint's data state (epoch 1, 4 samples consumed) resumes the repeated epoch after them
+    loader.sampler.set_epoch(1)
+    full = list(loader.sampler)
+    resumed = FolderDataModule(root, num_workers=0, batch_size=2, sampler="repeat_factor", repeat_threshold=0.9)
+    resumed.load_state_dict({"epoch": 1, "consumed_samples": 4})
+    sampler = resumed.train_dataloader().sampler
+    sampler.set_epoch(1)
+    assert list(sampler) == full[4:] and len(full) == loader.sampler.epoch_length
     with pytest.raises(ValueError, match="sampler must be one of random, repeat_factor"):
         FolderDataModule(root, sampler="balanced")
 
