@@ -17,6 +17,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from ddetr.image_list import pad_images
+from ddetr.lightning_internals import processed_batches
 
 from .category_mapping import CategoryMapping, HasCategories, MappingMode
 from .coco import CocoDetection
@@ -315,7 +316,7 @@ class DetectionDataModule(HasCategories, LightningDataModule):
         trainer = getattr(self, "trainer", None)
         if trainer is None:
             return {}
-        consumed_batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        consumed_batches = processed_batches(trainer)  # not public API: ddetr.lightning_internals
         return {"epoch": trainer.current_epoch, "consumed_samples": consumed_batches * self.batch_size}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
