@@ -95,6 +95,39 @@ def test_folder_datasets_hold_the_coco_records(layouts, caplog):
     assert placeholder and len(warned) <= 1  # one warning per process (earlier tests may have given it)
 
 
+def _imperfect_detections(image, wrong_first: bool) -> dict:
+    """Detections of a TinyImage in its pixels: shifted true boxes (with `wrong_first` the first with the wrong
+    class) and one false positive, so that AP lies strictly between 0 and 1."""
+    import torch
+
+    rows = [
+        ((label + 1) % 3 if k == 0 and wrong_first else label, [x + 2, y + 1, x + w + 1, y + h - 2])
+        for k, (label, x, y, w, h) in enumerate(image.boxes)
+    ] + [(0, [0, 0, image.width / 3, image.height / 3])]
+    return {
+        "scores": torch.linspace(0.9, 0.3, len(rows)),
+        "labels": torch.tensor([r[0] for r in rows]),
+        "boxes": torch.tensor([r[1] for r in rows], dtype=torch.float32),
+    }
+
+
+def test_the_same_detections_score_the_same_on_every_layouts_test_split(layouts):
+    """The evaluation's ground truth of every layout's test split (data.eval_split=test) is that of the COCO
+    files: fixed detections get the same metrics and the same per-class rows (no row for Roboflow's placeholder)."""
+    from ddetr.training.evaluation import CocoEvaluator
+
+    results = {}
+    for name, root in layouts.items():
+        module = FolderDataModule(root, num_workers=0, eval_split="test")
+        evaluator = CocoEvaluator(module.val_coco, module.label_to_category_id)
+        evaluator.update({i + 1: _imperfect_detections(image, i == 0) for i, image in enumerate(TINY["test"])})
+        results[name] = (evaluator.compute(), evaluator.per_class)
+    metrics, per_class = results["coco"]
+    assert 0 < metrics["AP"] < 1 and list(per_class) == CLASSES
+    for name, result in results.items():
+        assert result == results["coco"], name
+
+
 def _train_and_test(data: list[str], output: Path) -> tuple[dict, dict]:
     metrics = train(compose([*data, *TINY_TRANSFORMS, *TINY_RUN, f"paths.output_dir={output}"]))
     checkpoint = next(output.rglob("last.ckpt"))
