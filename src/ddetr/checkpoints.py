@@ -394,7 +394,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return read_checkpoint(path, "ckpt_path", trust=weights_only is False, map_location=map_location)
 
 
-CLASS_HEAD_MARKERS = ("class_embed",)
+# the weights sized by the class count: the class heads and the denoising label book (num_classes rows)
+CLASS_HEAD_MARKERS = ("class_embed", "denoising.label_embed")
 
 
 def load_pretrained(model: nn.Module, path: str, trust: bool = False) -> None:

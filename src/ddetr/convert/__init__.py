@@ -1,10 +1,11 @@
-"""Loading official Deformable DETR and transformers checkpoints into ddetr.
+"""Loading official Deformable DETR, transformers and IDEA-Research/DINO checkpoints into ddetr.
 
-``load_official(path, **flags)`` and ``load_hf(path, **flags)`` return a ``DeformableDETRModule`` in
-eval mode; ``python -m ddetr.convert {official,hf} IN OUT [key=value ...]`` writes a Lightning-style
-checkpoint that ``DeformableDETRModule.load_from_checkpoint`` (and training, evaluation and
-prediction) accept (``ddetr.convert.cli.main``). The name mappings live in ``official`` and ``transformers``; the options and
-their defaults are those of ``DeformableDETRConfig`` (``OFFICIAL_OPTIONS``).
+``load_official(path, **flags)``, ``load_hf(path, **flags)`` and ``load_dino(path, **options)`` return a
+``DeformableDETRModule`` in eval mode; ``python -m ddetr.convert {official,hf,dino} IN OUT [key=value ...]``
+writes a Lightning-style checkpoint that ``DeformableDETRModule.load_from_checkpoint`` (and training,
+evaluation and prediction) accept (``ddetr.convert.cli.main``). The name mappings live in ``official``,
+``transformers`` and ``dino``; the official options and their defaults are those of ``DeformableDETRConfig``
+(``OFFICIAL_OPTIONS``), DINO's come from its checkpoint's ``args`` (``ddetr.convert.dino``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from ddetr.convert.official import (
     verify_flags,
 )
 from ddetr.convert.transformers import hf_config_to_flags, hf_to_ddetr, hf_to_official
+from ddetr.convert.dino import load_dino
 from ddetr.models.config import OFFICIAL_OPTIONS, DeformableDETRConfig
 
 __all__ = [
@@ -33,6 +35,7 @@ __all__ = [
     "hf_to_ddetr",
     "hf_to_official",
     "infer_official_flags",
+    "load_dino",
     "load_hf",
     "load_official",
     "official_to_ddetr",

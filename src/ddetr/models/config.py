@@ -34,11 +34,13 @@ def _plain(value: Any) -> Any:
 
 
 LEVEL_STRIDES = (8, 16, 32)  # the strides of the backbone levels the detector can use, finest first
+FINE_STRIDE = 4  # the stride-4 level a backbone adds with backbone.min_stride=4 (DINO's 5 scales)
 
 
-def strides_up_to(max_stride: int) -> tuple[int, ...]:
-    """The strides of ``LEVEL_STRIDES`` up to ``max_stride`` (``BackboneConfig.max_stride``)."""
-    return tuple(stride for stride in LEVEL_STRIDES if stride <= max_stride)
+def strides_up_to(max_stride: int, min_stride: int = LEVEL_STRIDES[0]) -> tuple[int, ...]:
+    """The strides of ``LEVEL_STRIDES`` (and 4 when ``min_stride`` is 4) from ``min_stride`` up to
+    ``max_stride`` (``BackboneConfig.min_stride``, ``BackboneConfig.max_stride``)."""
+    return tuple(stride for stride in (FINE_STRIDE, *LEVEL_STRIDES) if min_stride <= stride <= max_stride)
 
 
 CHANNELS_LAST = (True, False, "auto")  # model.backbone.channels_last
@@ -63,6 +65,9 @@ class BackboneConfig:
     # detector's strided convolutions make the coarser levels (docs/default_run.md: the small model's
     # layer4 cost a third of its backbone's time at 96 pixels)
     max_stride: int = 32
+    # the finest backbone stage used, by its stride (8 | 4): 4 adds the stride-4 stage (ResNet layer1) as the
+    # finest level, as DINO's 5-scale models do
+    min_stride: int = 8
 
     def __post_init__(self) -> None:
         self.kwargs = _plain(self.kwargs or {})
@@ -70,6 +75,8 @@ class BackboneConfig:
             raise ValueError(f"backbone.channels_last must be true, false or auto, got {self.channels_last!r}")
         if self.max_stride not in LEVEL_STRIDES:
             raise ValueError(f"backbone.max_stride must be one of {LEVEL_STRIDES}, got {self.max_stride!r}")
+        if self.min_stride not in (FINE_STRIDE, LEVEL_STRIDES[0]):
+            raise ValueError(f"backbone.min_stride must be {FINE_STRIDE} or {LEVEL_STRIDES[0]}, got {self.min_stride!r}")
 
 
 CHECKPOINTING = ("none", "encoder", "all")  # model.checkpointing: which layer stacks recompute in backward
@@ -134,6 +141,7 @@ class HybridConfig:
 
 
 QUERY_SELECTION = ("pure", "mixed")  # model.query_selection (two-stage)
+VARIANTS = ("deformable", "dino")  # model.variant: the decoder and its heads (docs/dino.md)
 
 
 # the flat official option names of the backbone (official ``args``) -> BackboneConfig fields
@@ -180,6 +188,12 @@ class DeformableDETRConfig:
     query_selection: str = "pure"
     denoising: DenoisingConfig = field(default_factory=DenoisingConfig)
     hybrid: HybridConfig = field(default_factory=HybridConfig)
+    # deformable (official) | dino: DINO's model (ddetr.models.dino_transformer): query positions from the
+    # anchors' sine embedding (ref_point_head), a LayerNorm on every decoder layer's output, one class and one
+    # box head shared by the layers, proposals ranked by their best class and trained on the real labels
+    # (interm_outputs); needs two_stage, with_box_refine and query_selection=mixed
+    variant: str = "deformable"
+    position_temperature: float = 10000.0  # the sine position encoding's temperature (DINO: 20)
 
     def __post_init__(self) -> None:
         if isinstance(self.backbone, Mapping):
@@ -203,6 +217,12 @@ class DeformableDETRConfig:
             )
         if self.num_feature_levels < 1:
             raise ValueError(f"num_feature_levels must be at least 1, got {self.num_feature_levels}")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        if self.variant == "dino" and not (
+            self.two_stage and self.with_box_refine and self.query_selection == "mixed"
+        ):
+            raise ValueError("variant=dino needs two_stage=true, with_box_refine=true and query_selection=mixed")
         if self.checkpointing not in CHECKPOINTING:
             raise ValueError(f"checkpointing must be one of {CHECKPOINTING}, got {self.checkpointing!r}")
 
@@ -217,7 +237,7 @@ class DeformableDETRConfig:
     def num_backbone_levels(self) -> int:
         """Levels taken from the backbone (strides 8, 16, 32 up to ``backbone.max_stride``; the last
         ones when fewer); the other ``num_feature_levels`` come from strided convolutions in the detector."""
-        return min(self.num_feature_levels, len(strides_up_to(self.backbone.max_stride)))
+        return min(self.num_feature_levels, len(strides_up_to(self.backbone.max_stride, self.backbone.min_stride)))
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None = None, **overrides: Any) -> DeformableDETRConfig:
@@ -272,6 +292,8 @@ NOT_OFFICIAL = (
     "query_selection",
     "denoising",
     "hybrid",
+    "variant",
+    "position_temperature",
 )
 # the architecture options of the official command line (and of the converters): the backbone's name
 # and dilation, then every field of DeformableDETRConfig that the official has

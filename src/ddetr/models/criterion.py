@@ -493,8 +493,9 @@ def build_weight_dict(
     if aux_loss:
         layers = [*layers, *(f"_{layer}" for layer in range(dec_layers - 1))]
     weights = {name + suffix: weight for suffix in layers for name, weight in base.items()}
-    if two_stage:
-        weights.update({name + "_enc": weight for name, weight in base.items()})
+    if two_stage:  # DINO's encoder loss is on its selected proposals (interm_outputs)
+        encoder = "_interm" if config is not None and config.variant == "dino" else "_enc"
+        weights.update({name + encoder: weight for name, weight in base.items()})
     if config is not None and config.denoising.enabled:
         weights.update({f"{name}_dn{suffix}": weight for suffix in layers for name, weight in base.items()})
     if config is not None and config.hybrid.enabled:

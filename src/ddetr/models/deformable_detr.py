@@ -14,6 +14,7 @@ from ddetr.models.backbones import build_backbone
 from ddetr.models.backbones.base import place_conv_weights
 from ddetr.models.config import DeformableDETRConfig
 from ddetr.models.deformable_transformer import DeformableTransformer
+from ddetr.models.dino_transformer import DinoTransformer
 from ddetr.models.denoising import ContrastiveDenoising
 from ddetr.models.geometry import boxes_from_reference
 from ddetr.models.hybrid import split_queries
@@ -74,8 +75,13 @@ class DeformableDETR(nn.Module):
         super().__init__()
         hidden_dim = config.hidden_dim
         self.backbone = build_backbone(config)
-        self.position_encoding = PositionEmbeddingSine(hidden_dim // 2, normalize=True)
-        self.transformer = DeformableTransformer(config)
+        dino = config.variant == "dino"  # DINO's model (docs/dino.md): its position offset, transformer, shared heads
+        self.position_encoding = PositionEmbeddingSine(
+            hidden_dim // 2, temperature=config.position_temperature, normalize=True, offset=0.0 if dino else 0.5
+        )
+        self.transformer = DinoTransformer(config) if dino else DeformableTransformer(config)
+        self.variant = config.variant
+        self.dec_layers = config.dec_layers
         self.num_classes = config.num_classes
         self.num_queries = config.num_queries
         self.num_feature_levels = config.num_feature_levels
@@ -102,7 +108,7 @@ class DeformableDETR(nn.Module):
             ContrastiveDenoising(config.num_classes, hidden_dim, config.denoising) if config.denoising.enabled else None
         )
 
-        num_heads = config.dec_layers if self.with_box_refine else 1
+        num_heads = config.dec_layers if self.with_box_refine and not dino else 1
         self.class_embed = nn.ModuleList([nn.Linear(hidden_dim, config.num_classes) for _ in range(num_heads)])
         self.bbox_embed = nn.ModuleList([MLP(hidden_dim, hidden_dim, 4, 3) for _ in range(num_heads)])
         if self.two_stage:
@@ -174,6 +180,9 @@ class DeformableDETR(nn.Module):
               ``pred_boxes`` of the earlier layers, first layer first.
             - ``enc_outputs`` (two-stage): dict with ``pred_logits`` (batch_size, num_values, num_classes)
               and ``pred_boxes`` (batch_size, num_values, 4) of every encoder proposal.
+            - ``interm_outputs`` (``variant=dino``, instead of ``enc_outputs``): dict with ``pred_logits``
+              (batch_size, num_queries, num_classes) and ``pred_boxes`` (batch_size, num_queries, 4) of the
+              selected proposals.
             In training only:
             - ``dn_outputs`` (denoising): dict with ``pred_logits`` (batch_size, num_denoising, num_classes),
               ``pred_boxes`` (batch_size, num_denoising, 4) and ``aux_outputs`` as above, of the denoising
@@ -197,13 +206,14 @@ class DeformableDETR(nn.Module):
             masks,
             pos_embeds,
             query_embed=None if self.two_stage else self._query_embed(),
-            box_heads=list(self.bbox_embed) if self.with_box_refine else None,
+            box_heads=self._layer_heads(self.bbox_embed) if self.with_box_refine else None,
             proposal_heads=(self.enc_class_embed, self.enc_bbox_embed) if self.two_stage else None,
             denoising=denoising,
         )
         hidden_states, references = decoded["hidden_states"], decoded["references"]
         if self.with_box_refine:  # one head per layer; the decoder already applied the box heads
-            logits = [head(hidden) for head, hidden in zip(self.class_embed, hidden_states, strict=True)]
+            heads = self._layer_heads(self.class_embed)
+            logits = [head(hidden) for head, hidden in zip(heads, hidden_states, strict=True)]
             boxes = decoded["boxes"]
         else:  # shared heads: all layers at once, (num_layers, B, Q, D) -> (num_layers, B, Q, C or 4)
             stacked = torch.stack(hidden_states)
@@ -228,8 +238,14 @@ class DeformableDETR(nn.Module):
                 extra_outputs["one2many_outputs"] = self._with_aux(sets[2])
         outputs = self._with_aux(layer_outputs)
         if self.two_stage:
-            outputs["enc_outputs"] = {"pred_logits": decoded["enc_logits"], "pred_boxes": decoded["enc_boxes"]}
+            # DINO: the selected proposals, matched to the real labels; official: every proposal, class-agnostic
+            encoder_key = "interm_outputs" if self.variant == "dino" else "enc_outputs"
+            outputs[encoder_key] = {"pred_logits": decoded["enc_logits"], "pred_boxes": decoded["enc_boxes"]}
         return {**outputs, **extra_outputs}
+
+    def _layer_heads(self, heads: nn.ModuleList) -> list[nn.Module]:
+        """One head per decoder layer: ``heads`` itself, or its one head repeated (DINO shares them)."""
+        return list(heads) if len(heads) == self.dec_layers else [heads[0]] * self.dec_layers
 
     def _with_aux(self, layer_outputs: list[dict[str, torch.Tensor]]) -> dict[str, object]:
         """The last layer's outputs, with the earlier layers' as ``aux_outputs`` when ``aux_loss``."""

@@ -12,7 +12,8 @@ class PositionEmbeddingSine(nn.Module):
     """The DETR sine encoding with the Deformable DETR offset: positions are ``cumsum - 0.5``.
 
     For every pixel the row (y) and column (x) positions count the valid pixels up to it; when
-    ``normalize`` they become ``(count - 0.5) / (total + 1e-6) * scale``. Each axis is encoded with
+    ``normalize`` they become ``(count - offset) / (total + 1e-6) * scale`` (``offset`` 0.5, the
+    Deformable DETR one; DINO's ``PositionEmbeddingSineHW`` has 0 and ``temperature`` 20). Each axis is encoded with
     ``num_pos_feats`` sines and cosines at frequencies ``temperature ** (2 * (i // 2) / num_pos_feats)``;
     the y encoding comes first in the channels.
     """
@@ -23,6 +24,7 @@ class PositionEmbeddingSine(nn.Module):
         temperature: float = 10000.0,
         normalize: bool = True,
         scale: float | None = None,
+        offset: float = 0.5,
     ) -> None:
         super().__init__()
         if scale is not None and not normalize:
@@ -33,6 +35,7 @@ class PositionEmbeddingSine(nn.Module):
         self.temperature = temperature
         self.normalize = normalize
         self.scale = 2 * math.pi if scale is None else scale
+        self.offset = offset
 
     def forward(self, mask: torch.Tensor) -> torch.Tensor:
         """Encodes the positions of a padded batch.
@@ -48,8 +51,8 @@ class PositionEmbeddingSine(nn.Module):
         x_embed = not_mask.cumsum(2, dtype=torch.float32)
         if self.normalize:
             eps = 1e-6
-            y_embed = (y_embed - 0.5) / (y_embed[:, -1:, :] + eps) * self.scale
-            x_embed = (x_embed - 0.5) / (x_embed[:, :, -1:] + eps) * self.scale
+            y_embed = (y_embed - self.offset) / (y_embed[:, -1:, :] + eps) * self.scale
+            x_embed = (x_embed - self.offset) / (x_embed[:, :, -1:] + eps) * self.scale
         dim_t = torch.arange(self.num_pos_feats, dtype=torch.float32, device=mask.device)
         dim_t = self.temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / self.num_pos_feats)
         pos_x = x_embed[:, :, :, None] / dim_t  # (batch_size, height, width, num_pos_feats)

@@ -31,9 +31,12 @@ if TYPE_CHECKING:
     from ddetr.models.config import DeformableDETRConfig
 
 
-def backbone_strides(num_levels: int, max_stride: int = LEVEL_STRIDES[-1]) -> tuple[int, ...]:
-    """The strides of ``num_levels`` backbone levels: the last ones of 8, 16, 32 up to ``max_stride``."""
-    strides = strides_up_to(max_stride)
+def backbone_strides(
+    num_levels: int, max_stride: int = LEVEL_STRIDES[-1], min_stride: int = LEVEL_STRIDES[0]
+) -> tuple[int, ...]:
+    """The strides of ``num_levels`` backbone levels: the last ones of 8, 16, 32 (4, 8, 16, 32 with
+    ``min_stride=4``) up to ``max_stride``."""
+    strides = strides_up_to(max_stride, min_stride)
     if not 1 <= num_levels <= len(strides):
         raise ValueError(f"a backbone up to stride {max_stride} returns 1 to {len(strides)} levels, got {num_levels}")
     return strides[len(strides) - num_levels :]
@@ -41,12 +44,13 @@ def backbone_strides(num_levels: int, max_stride: int = LEVEL_STRIDES[-1]) -> tu
 
 def shared_options(config: DeformableDETRConfig) -> dict[str, Any]:
     """The keyword arguments every built-in backbone constructor takes from ``config``: ``num_levels``
-    (``config.num_backbone_levels``), ``max_stride`` and the training policy of ``config.backbone``
+    (``config.num_backbone_levels``), ``max_stride``, ``min_stride`` and the training policy of ``config.backbone``
     (``train_backbone``, ``weights``, ``norm``, ``freeze_stem``)."""
     backbone = config.backbone
     return {
         "num_levels": config.num_backbone_levels,
         "max_stride": backbone.max_stride,
+        "min_stride": backbone.min_stride,
         "train_backbone": backbone.train_backbone,
         "weights": backbone.weights,
         "norm": backbone.norm,

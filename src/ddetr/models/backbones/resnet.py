@@ -33,6 +33,7 @@ BOTTLENECK_RESNETS = ("resnet50", "resnet101")
 RESNET_LAYOUTS = {name: (depths[2], name in BOTTLENECK_RESNETS) for name, depths in RESNET_DEPTHS.items()}
 RESNETS = tuple(RESNET_LAYOUTS)
 STAGES = ("layer2", "layer3", "layer4")  # the stages at strides 8, 16, 32
+STAGE_OF_STRIDE = {4: "layer1", **dict(zip(LEVEL_STRIDES, STAGES))}  # layer1: the stride-4 level (min_stride=4)
 NORM_LAYERS = {"frozen": FrozenBatchNorm2d, "batch": nn.BatchNorm2d}
 TORCHVISION_WEIGHT_NAMES = {"DEFAULT", "IMAGENET1K_V1", "IMAGENET1K_V2"}
 _WEIGHT_ENUMS = {"resnet18": "ResNet18", "resnet34": "ResNet34", "resnet50": "ResNet50", "resnet101": "ResNet101"}
@@ -61,7 +62,8 @@ class ResNetBackbone(Backbone):
     """A torchvision ResNet returning its last ``num_levels`` stages.
 
     ``num_levels`` of 1, 2 or 3 returns ``layer4``; ``layer3, layer4``; ``layer2, layer3, layer4``
-    (strides 8, 16, 32; 16 for ``layer4`` with ``dilation``, the DC5 variant). ``max_stride=16``
+    (strides 8, 16, 32; 16 for ``layer4`` with ``dilation``, the DC5 variant); ``min_stride=4`` adds
+    ``layer1`` (stride 4) as the finest level, so 4 levels return ``layer1..layer4``. ``max_stride=16``
     (or 8) ends the network after ``layer3`` (``layer2``): the last ``num_levels`` stages up to that
     stride are returned and the later stages are not built. As in the official
     model (``norm="frozen"``, ``freeze_stem=True``) batch norm is frozen, the stem and ``layer1``
@@ -84,13 +86,14 @@ class ResNetBackbone(Backbone):
         norm: str = BackboneConfig.norm,
         freeze_stem: bool = BackboneConfig.freeze_stem,
         max_stride: int = BackboneConfig.max_stride,
+        min_stride: int = BackboneConfig.min_stride,
     ) -> None:
         super().__init__()
         if norm not in NORM_LAYERS:
             raise ValueError(f"unknown backbone norm {norm!r}; expected one of {sorted(NORM_LAYERS)}")
         if name not in RESNETS:
             raise ValueError(f"unknown ResNet {name!r}; expected one of {RESNETS}")
-        strides = list(backbone_strides(num_levels, max_stride))
+        strides = list(backbone_strides(num_levels, max_stride, min_stride))
         if dilation and not RESNET_LAYOUTS[name][1]:
             raise ValueError(f"dilation (DC5) needs a bottleneck ResNet (resnet50/101); {name} has basic blocks")
         if dilation and max_stride < LEVEL_STRIDES[-1]:
@@ -104,7 +107,7 @@ class ResNetBackbone(Backbone):
             norm_layer=NORM_LAYERS[norm],
         )
         resnet.maxpool = channels_last_max_pool(resnet.maxpool)  # faster on the CPU without a gradient
-        stages = [STAGES[LEVEL_STRIDES.index(stride)] for stride in strides]
+        stages = [STAGE_OF_STRIDE[stride] for stride in strides]
         # IntermediateLayerGetter keeps the modules up to the last returned stage: later ones are dropped
         self.body = IntermediateLayerGetter(resnet, return_layers={stage: stage for stage in stages})
         if weights is not None and not Path(weights).is_file() and str(weights) in TORCHVISION_WEIGHT_NAMES:

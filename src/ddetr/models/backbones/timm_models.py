@@ -107,8 +107,11 @@ class TimmBackbone(Backbone):
         freeze_stem: bool = BackboneConfig.freeze_stem,
         kwargs: dict[str, Any] | None = None,
         max_stride: int = BackboneConfig.max_stride,
+        min_stride: int = BackboneConfig.min_stride,
     ) -> None:
         super().__init__()
+        if min_stride != LEVEL_STRIDES[0]:
+            raise ValueError(f"timm backbones return levels from stride 8; backbone.min_stride={min_stride} is not supported")
         if norm not in NORMS:
             raise ValueError(f"unknown backbone norm {norm!r}; expected one of {sorted(NORMS)}")
         timm = import_timm(PREFIX + model_name)
