@@ -15,7 +15,7 @@ import numpy as np
 
 from .coco import CocoDetection
 from .conversion import ConvertedSplit
-from .datamodule import _ConvertedDataModule
+from .datamodule import DetectionDataModule, _ConvertedDataModule
 from .layouts import DatasetLayout, find_layout
 from .transforms import DetectionTransform
 from .validation import DatasetError
@@ -70,18 +70,12 @@ class FolderDataModule(_ConvertedDataModule):
         self, split: str, transforms: DetectionTransform, keep_empty: bool, keep_coco: bool
     ) -> CocoDetection:
         if self.layout.format != "coco":
-            return super().build_dataset(split, transforms, keep_empty, keep_coco)
+            return super().build_dataset(split, transforms, keep_empty, keep_coco)  # read_split, converted
         self._split_name(split)
         images, annotations = self.layout.coco_files[split]
-        return CocoDetection(
-            images,
-            annotations,
-            transforms,
-            keep_empty=keep_empty,
-            keep_coco=keep_coco,
-            uint8_images=self.uint8_batches,
-            **self.dataset_options,
-        )
+        setattr(self, f"{split}_images", images)
+        setattr(self, f"{split}_annotations", annotations)
+        return DetectionDataModule.build_dataset(self, split, transforms, keep_empty, keep_coco)  # the JSON as is
 
     # ------------------------------------------------------------------ the detection summary
     @property
