@@ -1,5 +1,5 @@
 """One small in-memory detection dataset written out in every layout `data=folder` reads (COCO JSON plain and
-Roboflow's, YOLO plain and Roboflow's, Pascal VOC year folder and Roboflow's XML beside the images), so
+Roboflow's, YOLO as Roboflow and CVAT export it, Pascal VOC year folder and Roboflow's XML beside the images), so
 that tests compare the layouts on identical data.
 
 `TINY` has three splits (train, val, test) of a few small images with boxes in whole pixels; the pixels
@@ -127,6 +127,25 @@ def write_yolo_roboflow(root: Path, splits: dict[str, list[TinyImage]] = TINY) -
     return root
 
 
+def write_yolo_cvat(root: Path, splits: dict[str, list[TinyImage]] = TINY) -> Path:
+    """CVAT's "YOLO 1.1" export: obj.data and lists with darknet's `data/` paths, obj.names, obj_<subset>_data/
+    with each label file beside its image (CVAT writes the subsets train and valid; a test list is added here so
+    that every layout has the same three splits)."""
+    keys = {"train": "train", "val": "valid", "test": "test"}
+    lines = [f"classes = {len(CLASSES)}", "names = data/obj.names", "backup = backup/"]
+    (root).mkdir(parents=True)
+    (root / "obj.names").write_text("".join(f"{name}\n" for name in CLASSES))
+    for split, images in splits.items():
+        folder = root / f"obj_{keys[split]}_data"
+        _save_images(folder, images)
+        for image in images:
+            (folder / f"{image.stem}.txt").write_text(_yolo_lines(image))  # a negative: an empty file
+        (root / f"{keys[split]}.txt").write_text("".join(f"data/{folder.name}/{i.stem}.png\n" for i in images))
+        lines.append(f"{keys[split]} = data/{keys[split]}.txt")
+    (root / "obj.data").write_text("\n".join(lines) + "\n")
+    return root
+
+
 def _voc_xml(image: TinyImage) -> str:
     objects = "".join(
         f"<object><name>{CLASSES[label]}</name><difficult>0</difficult><bndbox><xmin>{x + 1}</xmin>"
@@ -166,6 +185,7 @@ WRITERS = {
     "coco": write_coco,
     "coco_roboflow": write_coco_roboflow,
     "yolo_roboflow": write_yolo_roboflow,
+    "yolo_cvat": write_yolo_cvat,
     "voc_roboflow": write_voc_roboflow,
     "voc_year": write_voc_year,
 }

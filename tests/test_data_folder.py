@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from _layout_writers import CLASSES, TINY, WRITERS, coco_dict, write_coco, write_coco_roboflow, write_voc_roboflow
-from _layout_writers import write_yolo_roboflow
+from _layout_writers import write_yolo_cvat, write_yolo_roboflow
 from ddetr.app import compose
 from ddetr.data import DatasetError, FolderDataModule, VocDataModule, YoloDataModule, find_layout
 from ddetr.training.run import evaluate, train
@@ -58,7 +58,7 @@ def test_each_layout_is_detected_with_its_splits(layouts, name):
     layout = find_layout(layouts[name])
     assert layout.format == name.split("_")[0]
     assert set(layout.splits) == {"train", "val", "test"}
-    expected_val = "valid" if name.endswith("roboflow") and name != "yolo_roboflow" else "val"
+    expected_val = "valid" if name in ("coco_roboflow", "voc_roboflow") else "val"
     assert layout.splits["val"] == expected_val
 
 
@@ -68,6 +68,7 @@ def test_folder_datasets_hold_the_coco_records(layouts, caplog):
     reference = FolderDataModule(layouts["coco"], num_workers=0)
     modules = {name: FolderDataModule(root, num_workers=0, eval_split="test") for name, root in layouts.items()}
     modules["data=yolo"] = YoloDataModule(layouts["yolo_roboflow"], num_workers=0, eval_split="test")
+    modules["data=yolo cvat"] = YoloDataModule(layouts["yolo_cvat"], num_workers=0, eval_split="test")
     modules["data=voc"] = VocDataModule(layouts["voc_roboflow"], num_workers=0, eval_split="test")
     reference_test = FolderDataModule(layouts["coco"], num_workers=0, eval_split="test").val_dataset
     with caplog.at_level(logging.INFO, logger="ddetr.data"):
@@ -214,10 +215,16 @@ def test_bad_folders_are_one_line_naming_the_path(tmp_path):
     with pytest.raises(DatasetError, match=r"no test split in this Roboflow COCO JSON dataset \(found: train, val\)"):
         FolderDataModule(no_test, num_workers=0, eval_split="test").val_dataset
 
-    cvat = tmp_path / "cvat"
-    (cvat / "obj_train_data").mkdir(parents=True)
-    (cvat / "obj.data").write_text("classes = 1\ntrain = data/train.txt\nnames = data/obj.names\n")
-    with pytest.raises(DatasetError, match=r"CVAT's 'YOLO 1\.1' export, obj\.data/obj\.names, is not read yet"):
+    studio = tmp_path / "label_studio"
+    (studio / "images").mkdir(parents=True)
+    (studio / "labels").mkdir()
+    (studio / "classes.txt").write_text("bird\n")
+    with pytest.raises(DatasetError, match=r"Label Studio's YOLO export, classes\.txt, is not read yet"):
+        find_layout(studio)
+
+    cvat = write_yolo_cvat(tmp_path / "cvat")
+    (cvat / "obj.data").write_text("classes = 3\nnames: data/obj.names\n")
+    with pytest.raises(DatasetError, match=r"obj\.data:2: expected 'key = value', got 'names: data/obj\.names'"):
         find_layout(cvat)
 
 

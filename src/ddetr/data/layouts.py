@@ -6,14 +6,14 @@ val, valid, validation; test):
   `instances_<split>2017.json` under DIR/annotations (COCO's own), or Roboflow's
   `DIR/<split>/_annotations.coco.json`. The images: the JSON's folder for Roboflow's, else the first
   folder of DIR/<split>, DIR/images/<split>, DIR/<split>2017, DIR/images.
-- YOLO: DIR/data.yaml or DIR/dataset.yaml (its keys name the splits; `ddetr.data.yolo`).
+- YOLO: DIR/data.yaml or DIR/dataset.yaml (its keys name the splits; `ddetr.data.yolo`), or CVAT's
+  "YOLO 1.1" export, DIR/obj.data (`ddetr.data.darknet`).
 - Pascal VOC: a year folder (DIR/Annotations/, DIR/ImageSets/Main/<split>.txt) or split folders
   DIR/<split>/ holding XML files beside the images (`ddetr.data.voc`).
 
 A folder in which none is found, or more than one, or a split with two annotation files, is one
-`DatasetError` naming the folder and what was found (or looked for). CVAT's "YOLO 1.1" export
-(`obj.data`, `obj.names`) and Label Studio's YOLO export (`classes.txt` without a data.yaml) are
-recognised only to say that they are not read yet.
+`DatasetError` naming the folder and what was found (or looked for). Label Studio's YOLO export
+(`classes.txt` without a data.yaml, one split) is recognised only to say that it is not read yet.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from pathlib import Path
 from .split_names import SPLIT_ALIASES
 from .validation import DatasetError
 from .voc import is_year_folder, split_list
-from .yolo import YAML_NAMES, read_yaml
+from .darknet import DARKNET_DATA
+from .yolo import YAML_NAMES, read_description
 
 FORMATS = ("coco", "yolo", "voc")
 ROBOFLOW_COCO_FILE = "_annotations.coco.json"
@@ -81,14 +82,13 @@ def find_layout(data_dir: str | os.PathLike) -> DatasetLayout:
 def _looked_for() -> str:
     return (
         "looked for COCO JSON (instances_<split>.json or <split>.json in the folder or annotations/, "
-        f"<split>/{ROBOFLOW_COCO_FILE}), YOLO ({' or '.join(YAML_NAMES)}) and Pascal VOC (Annotations/ with "
+        f"<split>/{ROBOFLOW_COCO_FILE}), YOLO ({' or '.join((*YAML_NAMES, DARKNET_DATA))}) and Pascal VOC "
+        "(Annotations/ with "
         "ImageSets/Main/, or <split>/ folders with XML files beside the images)"
     )
 
 
 def _unsupported(root: Path) -> str:
-    if (root / "obj.data").is_file() or (root / "obj.names").is_file():
-        return " (CVAT's 'YOLO 1.1' export, obj.data/obj.names, is not read yet: write a data.yaml for it)"
     if (root / "classes.txt").is_file():
         return " (Label Studio's YOLO export, classes.txt, is not read yet: write a data.yaml for it)"
     return ""
@@ -134,18 +134,19 @@ def _coco_images(root: Path, name: str, annotations: Path) -> Path:
 
 
 def _yolo(root: Path) -> DatasetLayout | None:
-    yamls = [root / name for name in YAML_NAMES if (root / name).is_file()]
+    yamls = [root / name for name in (*YAML_NAMES, DARKNET_DATA) if (root / name).is_file()]
     if not yamls:
         return None
     if len(yamls) > 1:
-        raise DatasetError(f"{root}: two dataset YAMLs ({', '.join(map(str, yamls))}); keep one")
-    config = read_yaml(yamls[0])
+        raise DatasetError(f"{root}: two YOLO dataset descriptions ({', '.join(map(str, yamls))}); keep one")
+    config = read_description(yamls[0])
     splits = {}
     for split, aliases in SPLIT_ALIASES.items():
         present = [name for name in aliases if config.get(name) is not None]
         if present:
             splits[split] = present[0]
-    return DatasetLayout("yolo", root, f"YOLO {yamls[0].name}", splits, [str(yamls[0])])
+    kind = "CVAT YOLO 1.1 obj.data" if yamls[0].name == DARKNET_DATA else f"YOLO {yamls[0].name}"
+    return DatasetLayout("yolo", root, kind, splits, [str(yamls[0])])
 
 
 def _voc(root: Path) -> DatasetLayout | None:

@@ -12,6 +12,7 @@ DIR/data.yaml (or dataset.yaml):
   names: [cat, dog]     a list, or a dict {0: cat, 1: dog}; `nc`, when given, must match
 DIR/images/train/a.jpg  ->  DIR/labels/train/a.txt   (the last /images/ of the path replaced by /labels/)
 ```
+CVAT's "YOLO 1.1" export (obj.data, obj.names, train.txt) is read as such a description (`darknet`).
 A label file has one `class cx cy w h` line per box, normalised to [0, 1]; a line with more
 values is a polygon `class x1 y1 x2 y2 ...` (its bounding box is used). An image without a label
 file, or with an empty one, is a negative.
@@ -38,6 +39,7 @@ from typing import Any
 import yaml
 
 from .conversion import ConvertedSplit, ProblemLog, append_annotation
+from .darknet import DARKNET_DATA, darknet_path, read_darknet_data
 from .files import read_capped, read_text_lines
 from .image_loading import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_SUFFIXES, ImageLoadError, read_image_size
 from .split_names import resolve_split
@@ -50,14 +52,21 @@ OUTSIDE_TOLERANCE = 1e-4  # rounding in label files; beyond it a box outside the
 
 
 def find_yaml(data_dir: str | os.PathLike) -> Path:
-    """`data_dir` itself when it is a YAML file, else its data.yaml or dataset.yaml."""
+    """`data_dir` itself when it is a file, else its data.yaml, dataset.yaml or (CVAT's YOLO 1.1) obj.data."""
     data_dir = Path(data_dir)
     if data_dir.is_file():
         return data_dir
-    for name in YAML_NAMES:
+    for name in (*YAML_NAMES, DARKNET_DATA):
         if (data_dir / name).is_file():
             return data_dir / name
-    raise DatasetError(f"{data_dir}: no {' or '.join(YAML_NAMES)} (the YOLO dataset description)")
+    raise DatasetError(
+        f"{data_dir}: no {' or '.join((*YAML_NAMES, DARKNET_DATA))} (the YOLO dataset description)"
+    )
+
+
+def read_description(path: Path) -> dict[str, Any]:
+    """The dataset description: a data.yaml (`read_yaml`) or CVAT's obj.data (`darknet.read_darknet_data`)."""
+    return read_darknet_data(path) if path.name == DARKNET_DATA else read_yaml(path)
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -137,7 +146,7 @@ def _listed_images(list_file: Path) -> list[Path]:
     for line in lines:
         line = line.strip()
         if line:
-            images.append(Path(line) if os.path.isabs(line) else list_file.parent / line)
+            images.append(Path(line) if os.path.isabs(line) else darknet_path(list_file.parent, line))
     return images
 
 
@@ -206,7 +215,7 @@ def read_yolo_split(
     """The `split` (a YAML key: "train", "val" or an alias, "test") of a YOLO dataset as a COCO dict (module
     docstring)."""
     yaml_path = find_yaml(data_dir)
-    config = read_yaml(yaml_path)
+    config = read_description(yaml_path)
     split = resolve_split(split, lambda key: config.get(key) is not None)
     root = Path(config.get("path") or ".")
     root = root if root.is_absolute() else yaml_path.parent / root
