@@ -19,6 +19,7 @@ def _table_rows(out: str) -> dict[str, list[str]]:
     }
 
 
+@pytest.mark.slow
 def test_small_setup_times_its_parts(tmp_path):
     result = run_ok(
         "ddetr.bench",
@@ -89,6 +90,7 @@ def test_a_baseline_of_another_architecture_gets_no_weights_and_no_check():
     assert _same_shapes(full, again) and not _same_shapes(full, cut) and not _same_shapes(cut, full)
 
 
+@pytest.mark.slow
 def test_loss_backward_part_reaches_every_trainable_weight_and_changes_none():
     """``loss+backward`` (the step as issue 23 states it: forward, criterion, backward) runs a backward
     that reaches every trainable parameter, then clears the gradients; it updates no weight (``step`` does)."""

@@ -6,10 +6,12 @@ import json
 import re
 from collections import Counter
 
+import pytest
 from _runs import run_entry
 from PIL import Image
 
 
+@pytest.mark.slow
 def test_pictures_summary_and_overfit_line(tmp_path):
     out = tmp_path / "check"
     options = ["preset=debug", f"output={out}", "overfit=true", "overfit_steps=3", "overfit_images=4"]
