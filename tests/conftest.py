@@ -86,6 +86,21 @@ def _debug_overrides(output_dir: Path, data_root: Path) -> list[str]:
     ]
 
 
+# The data overrides that make any data group (custom, yolo, voc, folder) run like the debug preset: 64-pixel
+# training and validation sizes, batches of 2, no worker processes.
+TINY_DATA_OVERRIDES = [
+    "data.num_workers=0",
+    "data.batch_size=2",
+    "data.train_transforms.scales=[48,64]",
+    "data.train_transforms.max_size=96",
+    "data.train_transforms.crop_resize_scales=[48,64]",
+    "data.train_transforms.crop_min_size=32",
+    "data.train_transforms.crop_max_size=64",
+    "data.val_transforms.size=64",
+    "data.val_transforms.max_size=96",
+]
+
+
 @pytest.fixture
 def debug_overrides():
     """``debug_overrides(output_dir, data_root) -> list[str]`` for ``ddetr.app.compose`` or the CLI."""

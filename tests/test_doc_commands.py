@@ -17,23 +17,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from _doc_blocks import Block, blocks, checked, commands, documents
+from _layout_writers import write_voc_year, write_yolo_roboflow
 from _runs import run_ok
+from conftest import TINY_DATA_OVERRIDES
 from PIL import Image
 
 DOCUMENTS = documents()
 HYDRA_ENTRIES = {"ddetr.train", "ddetr.eval", "ddetr.predict", "ddetr.export", "ddetr.check_data"}
 # what makes a run of an entry point on the files of `workspace` small: the tiny model, 64-pixel images, one epoch
-SMALL_DATA = [
-    "data.batch_size=2",
-    "data.num_workers=0",
-    "data.train_transforms.scales=[48,64]",
-    "data.train_transforms.max_size=96",
-    "data.train_transforms.crop_resize_scales=[48,64]",
-    "data.train_transforms.crop_min_size=32",
-    "data.train_transforms.crop_max_size=64",
-    "data.val_transforms.size=64",
-    "data.val_transforms.max_size=96",
-]
+SMALL_DATA = TINY_DATA_OVERRIDES
 SMALL_SYNTHETIC = [
     "data.num_train=12",
     "data.num_val=6",
@@ -75,56 +67,6 @@ def _write_coco_set(root: Path, synthetic: Path) -> None:
             shutil.copy(synthetic / split / image["file_name"], root / "images" / name)
             image["file_name"] = name
         (root / f"{split}.json").write_text(json.dumps(coco))
-
-
-def _write_yolo_set(root: Path, coco_root: Path) -> None:
-    """An Ultralytics layout of the same images and boxes (``data.yaml``, ``images/``, ``labels/``)."""
-    names = None
-    for split in ("train", "val"):
-        coco = json.loads((coco_root / f"{split}.json").read_text())
-        categories = sorted(category["id"] for category in coco["categories"])
-        names = {c["id"]: c["name"] for c in coco["categories"]}
-        (root / "images" / split).mkdir(parents=True)
-        (root / "labels" / split).mkdir(parents=True)
-        for image in coco["images"]:
-            shutil.copy(coco_root / "images" / image["file_name"], root / "images" / split / image["file_name"])
-            lines = [
-                f"{categories.index(a['category_id'])} {(a['bbox'][0] + a['bbox'][2] / 2) / image['width']} "
-                f"{(a['bbox'][1] + a['bbox'][3] / 2) / image['height']} {a['bbox'][2] / image['width']} "
-                f"{a['bbox'][3] / image['height']}"
-                for a in coco["annotations"]
-                if a["image_id"] == image["id"]
-            ]
-            (root / "labels" / split / f"{Path(image['file_name']).stem}.txt").write_text("\n".join(lines))
-    listed = "".join(f"  {index}: {names[key]}\n" for index, key in enumerate(sorted(names)))
-    (root / "data.yaml").write_text(f"train: images/train\nval: images/val\nnames:\n{listed}")
-
-
-def _write_voc_set(root: Path, coco_root: Path) -> None:
-    """A Pascal VOC year folder of the same images (1-based inclusive corners), split into train and val."""
-    for folder in ("Annotations", "JPEGImages", "ImageSets/Main"):
-        (root / folder).mkdir(parents=True)
-    for split in ("train", "val"):
-        coco = json.loads((coco_root / f"{split}.json").read_text())
-        names = {c["id"]: c["name"] for c in coco["categories"]}
-        stems = []
-        for image in coco["images"]:
-            stem = Path(image["file_name"]).stem
-            stems.append(stem)
-            shutil.copy(coco_root / "images" / image["file_name"], root / "JPEGImages" / f"{stem}.jpg")
-            objects = "".join(
-                f"<object><name>{names[a['category_id']]}</name><difficult>0</difficult><bndbox>"
-                f"<xmin>{round(a['bbox'][0]) + 1}</xmin><ymin>{round(a['bbox'][1]) + 1}</ymin>"
-                f"<xmax>{round(a['bbox'][0] + a['bbox'][2])}</xmax><ymax>{round(a['bbox'][1] + a['bbox'][3])}</ymax>"
-                "</bndbox></object>"
-                for a in coco["annotations"]
-                if a["image_id"] == image["id"]
-            )
-            (root / "Annotations" / f"{stem}.xml").write_text(
-                f"<annotation><filename>{stem}.jpg</filename><size><width>{image['width']}</width>"
-                f"<height>{image['height']}</height><depth>3</depth></size>{objects}</annotation>"
-            )
-        (root / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(stems) + "\n")
 
 
 def run_command(command: str, cwd: Path, substitutions: dict[str, str], log_dir: Path) -> None:
@@ -198,8 +140,8 @@ def workspace(tmp_path_factory):
     (run,) = (root / "logs" / "train" / "runs").iterdir()
     shutil.copy(run / "checkpoints" / "last.ckpt", root / "last.ckpt")
     _write_coco_set(root / "my_set", root / "data" / "synthetic")
-    _write_yolo_set(root / "my_yolo_set", root / "my_set")
-    _write_voc_set(root / "VOCdevkit" / "VOC2012", root / "my_set")
+    write_yolo_roboflow(root / "my_yolo_set")
+    write_voc_year(root / "VOCdevkit" / "VOC2012")
     (root / "photos").mkdir()
     rng = np.random.default_rng(0)
     for index in range(2):
