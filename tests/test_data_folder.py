@@ -10,9 +10,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _layout_writers import (
+    CLASSES,
+    TINY,
+    WRITERS,
+    coco_dict,
+    write_coco,
+    write_coco_roboflow,
+    write_voc_roboflow,
+    write_yolo_cvat,
+    write_yolo_roboflow,
+)
 
-from _layout_writers import CLASSES, TINY, WRITERS, coco_dict, write_coco, write_coco_roboflow, write_voc_roboflow
-from _layout_writers import write_yolo_cvat, write_yolo_roboflow
 from ddetr.app import compose
 from ddetr.data import DatasetError, FolderDataModule, VocDataModule, YoloDataModule, find_layout
 from ddetr.training.run import evaluate, train
@@ -85,7 +94,9 @@ def test_folder_datasets_hold_the_coco_records(layouts, caplog):
     np.testing.assert_array_equal(reference.train_dataset.records[0].boxes, expected)
     messages = [r.getMessage() for r in caplog.records]
     summary = [m for m in messages if m.startswith(f"data=folder: {layouts['coco_roboflow']}:")]
-    assert len(summary) == 1 and "Roboflow COCO JSON" in summary[0] and "left out as placeholders: 'peixos'" in summary[0]
+    assert (
+        len(summary) == 1 and "Roboflow COCO JSON" in summary[0] and "left out as placeholders: 'peixos'" in summary[0]
+    )
     train_boxes = sum(len(image.boxes) for image in TINY["train"])
     assert f"train = train ({layouts['coco_roboflow'] / 'train' / '_annotations.coco.json'}) (6 images, " in summary[0]
     assert f"{train_boxes} boxes)" in summary[0] and "test = test" in summary[0] and ", evaluated)" in summary[0]
@@ -194,12 +205,16 @@ def test_bad_folders_are_one_line_naming_the_path(tmp_path):
 
     two = write_coco(tmp_path / "two")
     (two / "train.json").write_text(json.dumps(coco_dict(TINY["train"])))
-    with pytest.raises(DatasetError, match=r"2 annotation files for the train split \(.*/two/train\.json, .*/two/annotations/"):
+    with pytest.raises(
+        DatasetError, match=r"2 annotation files for the train split \(.*/two/train\.json, .*/two/annotations/"
+    ):
         find_layout(two)
 
     both = write_yolo_roboflow(tmp_path / "both")
     write_voc_roboflow(both)
-    with pytest.raises(DatasetError, match=r"more than one dataset layout \(YOLO data\.yaml: .*; VOC XML beside the images"):
+    with pytest.raises(
+        DatasetError, match=r"more than one dataset layout \(YOLO data\.yaml: .*; VOC XML beside the images"
+    ):
         find_layout(both)
 
     yolo = write_yolo_roboflow(tmp_path / "yolo")
@@ -248,3 +263,31 @@ def test_voc_class_names_are_collected_sorted_and_other_empty_classes_kept(tmp_p
 
     dataset = CocoDetection(root / "train", tmp_path / "train.json")
     assert dataset.category_names == [*CLASSES, "zebra"] and dataset.dropped_categories == []
+
+
+def test_eval_split_of_the_file_by_file_modules(layouts):
+    """data=custom evaluates its test files with eval_split=test, says which keys are missing without them, and
+    refuses an unknown split name; data=coco's test split is test2017/ with instances_test2017.json."""
+    from ddetr.data import CocoDataModule, DetectionDataModule
+
+    root = layouts["coco"]
+    files = {
+        f"{split}_{kind}": root / (split if kind == "images" else f"annotations/instances_{split}.json")
+        for split in ("train", "val")
+        for kind in ("images", "annotations")
+    }
+    tested = DetectionDataModule(
+        **files,
+        test_images=root / "test",
+        test_annotations=root / "annotations" / "instances_test.json",
+        eval_split="test",
+        num_workers=0,
+    )
+    assert len(tested.val_dataset) == len(TINY["test"]) and tested.val_dataset.ann_file.name == "instances_test.json"
+    with pytest.raises(DatasetError, match=r"^eval_split=test: set data\.test_images and data\.test_annotations$"):
+        DetectionDataModule(**files, eval_split="test", num_workers=0).val_dataset
+    with pytest.raises(ValueError, match=r"eval_split must be one of val, test, train, got 'holdout'"):
+        DetectionDataModule(**files, eval_split="holdout")
+    coco = CocoDataModule(root, eval_split="test", num_workers=0)
+    with pytest.raises(DatasetError, match=r"annotations/instances_test2017\.json: cannot read annotation file"):
+        coco.val_dataset

@@ -9,8 +9,8 @@ from collections import Counter
 
 import numpy as np
 import pytest
-
 from _layout_writers import write_coco_roboflow
+
 from ddetr.data import FolderDataModule, RepeatFactorSampler, ensure_synthetic_dataset, repeat_factors
 from ddetr.data.synthetic import RARE_SHAPE, SHAPES
 

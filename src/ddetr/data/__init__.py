@@ -12,19 +12,19 @@ from .datamodule import (
     collate_detection,
 )
 from .folder import FolderDataModule
+from .image_loading import ImageLoadError
 from .layouts import DatasetLayout, find_layout
 from .records import DetectionRecords, ImageRecord
-from .image_loading import ImageLoadError
 from .samplers import RepeatFactorSampler, UnpaddedDistributedSampler, repeat_factors
 from .skips import SkipRecord, SkipReport, pop_batch_skips
 from .synthetic import SHAPES, ensure_synthetic_dataset
-from .validation import DatasetError
 from .transforms import (
     DetectionTransform,
     make_plain_transforms,
     make_train_transforms,
     make_val_transforms,
 )
+from .validation import DatasetError
 
 __all__ = [
     "COCO91_NAMES",
@@ -36,10 +36,10 @@ __all__ = [
     "DatasetLayout",
     "DetectionDataModule",
     "DetectionRecords",
-    "ImageRecord",
     "DetectionTransform",
     "FolderDataModule",
     "ImageLoadError",
+    "ImageRecord",
     "RepeatFactorSampler",
     "SkipRecord",
     "SkipReport",

@@ -22,10 +22,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .darknet import DARKNET_DATA
 from .split_names import SPLIT_ALIASES
 from .validation import DatasetError
 from .voc import is_year_folder, split_list
-from .darknet import DARKNET_DATA
 from .yolo import YAML_NAMES, read_description
 
 FORMATS = ("coco", "yolo", "voc")

@@ -59,9 +59,7 @@ def find_yaml(data_dir: str | os.PathLike) -> Path:
     for name in (*YAML_NAMES, DARKNET_DATA):
         if (data_dir / name).is_file():
             return data_dir / name
-    raise DatasetError(
-        f"{data_dir}: no {' or '.join((*YAML_NAMES, DARKNET_DATA))} (the YOLO dataset description)"
-    )
+    raise DatasetError(f"{data_dir}: no {' or '.join((*YAML_NAMES, DARKNET_DATA))} (the YOLO dataset description)")
 
 
 def read_description(path: Path) -> dict[str, Any]:
