@@ -379,3 +379,34 @@ def test_ddp_rank_without_boxes_neither_crashes_nor_hangs(tmp_path, micro_option
     results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
     assert all(math.isfinite(loss) for result in results for loss in result["losses"])
     torch.testing.assert_close(results[0]["checksum"], results[1]["checksum"])
+
+
+# ---------------------------------------------------------------- export: the training-only parts are absent
+
+
+def _onnx_graph(model, path) -> tuple[list[str], dict[str, tuple[int, ...]]]:
+    """(the node op types in order, initializer name -> shape) of ``model`` exported as ONNX."""
+    import onnx
+
+    from ddetr.inference.export import ExportableDetector, example_inputs, export_onnx
+    from ddetr.models.ms_deform_attn import set_attention_backend
+
+    set_attention_backend(model, "pytorch")  # the op as exportable PyTorch
+    inputs = example_inputs(1, 64, 80, with_mask=False)
+    export_onnx(ExportableDetector(model.eval()), inputs, path, dynamic=False)  # static: a quicker export
+    graph = onnx.load(str(path)).graph
+    return [node.op_type for node in graph.node], {init.name: tuple(init.dims) for init in graph.initializer}
+
+
+@pytest.mark.slow
+def test_exported_graph_is_the_same_with_denoising_and_hybrid(tmp_path, micro_options):
+    """Denoising and the hybrid branch never reach inference: the ONNX graph has the same nodes and weights
+    with them as without, and neither the label book nor the one-to-many queries are in it."""
+    graphs = {}
+    for name, extra in (("plain", {}), ("switches", {"denoising": {"enabled": True}, "hybrid": {"enabled": True, "num_queries": 12}})):
+        torch.manual_seed(0)
+        config = variant_config(micro_options, query_selection="mixed", look_forward_twice=True, **extra)
+        graphs[name] = _onnx_graph(build_deformable_detr(config), tmp_path / f"{name}.onnx")
+    assert graphs["switches"][0] == graphs["plain"][0]
+    assert graphs["switches"][1] == graphs["plain"][1]
+    assert not any("label_embed" in name or "one2many" in name for name in graphs["switches"][1])
