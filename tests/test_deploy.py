@@ -146,7 +146,10 @@ def test_gather_onnx_has_no_grid_sample_and_matches_pytorch_at_other_sizes(train
     path = exported("gather.onnx")
     types = op_types(path)
     assert "GridSample" not in types and "Gather" in types
-    dims = {arg.name: [d.dim_param or d.dim_value for d in arg.type.tensor_type.shape.dim] for arg in onnx.load(str(path)).graph.input}
+    dims = {
+        arg.name: [d.dim_param or d.dim_value for d in arg.type.tensor_type.shape.dim]
+        for arg in onnx.load(str(path)).graph.input
+    }
     assert dims == {"images": ["batch", 3, "height", "width"], "mask": ["batch", "height", "width"]}
     assert_matches_pytorch_at_other_sizes(path, trained["ckpt"])
 
@@ -175,7 +178,10 @@ def test_exported_files_carry_what_inference_needs(trained, exported):
         assert metadata.class_names == list(module.category_names)
         assert metadata.label_to_category_id == list(module.label_to_category_id)
         assert (metadata.size, metadata.max_size, metadata.with_mask) == (64, 96, True)
-        assert metadata.mean == pytest.approx([0.485, 0.456, 0.406]) and metadata.num_select == module.postprocess.num_select
+        assert (
+            metadata.mean == pytest.approx([0.485, 0.456, 0.406])
+            and metadata.num_select == module.postprocess.num_select
+        )
 
 
 # ---------------------------------------------------------------- int8
@@ -226,7 +232,9 @@ def test_predict_from_exported_files_gives_the_same_detections(trained, exported
     names = ["gather.onnx"] + (["model.xml"] if HAS_OPENVINO else [])
     for name in names:
         actual = predict_with(trained, tmp_path / name, f"model_file={exported(name)}")
-        assert [(d["image_id"], d["category_id"]) for d in actual] == [(d["image_id"], d["category_id"]) for d in expected]
+        assert [(d["image_id"], d["category_id"]) for d in actual] == [
+            (d["image_id"], d["category_id"]) for d in expected
+        ]
         boxes, expected_boxes = np.array([d["bbox"] for d in actual]), np.array([d["bbox"] for d in expected])
         assert np.abs(boxes - expected_boxes).max() < 1e-4, name
         scores = np.array([d["score"] for d in actual]) - np.array([d["score"] for d in expected])
@@ -284,13 +292,20 @@ def test_missing_openvino_extra_is_one_line(tmp_path, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino raises ImportError
     (tmp_path / "model.xml").write_text("<net/>")
-    with pytest.raises(ExportedModelError, match=r"model\.xml needs the 'openvino' package: pip install 'ddetr\[openvino\]'"):
+    with pytest.raises(
+        ExportedModelError, match=r"model\.xml needs the 'openvino' package: pip install 'ddetr\[openvino\]'"
+    ):
         ExportedModel(tmp_path / "model.xml")
 
 
 def test_checkpoint_and_model_file_together_is_one_error(tmp_path):
     cfg = compose(
-        [f"ckpt_path={tmp_path}/a.ckpt", f"model_file={tmp_path}/a.onnx", f"input={tmp_path}", f"output={tmp_path}/out"],
+        [
+            f"ckpt_path={tmp_path}/a.ckpt",
+            f"model_file={tmp_path}/a.onnx",
+            f"input={tmp_path}",
+            f"output={tmp_path}/out",
+        ],
         config_name="predict",
     )
     with pytest.raises(ExportedModelError, match="either ckpt_path .* or model_file .*, not both"):

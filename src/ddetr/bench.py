@@ -2,7 +2,8 @@
 ``python -m ddetr.bench model ...`` (the whole detector against transformers, ``ddetr.benchmarks.model``)
 ``python -m ddetr.bench step ...`` (operators, host reads and saved activations of one train step,
 ``ddetr.benchmarks.step_census``), ``python -m ddetr.bench data ...`` (start-up, memory and loader
-speed of the training data, ``ddetr.benchmarks.data``) and ``python -m ddetr.bench parts ...`` (the parts
+speed of the training data, ``ddetr.benchmarks.data``), ``python -m ddetr.bench infer ...`` (batch-1 latency
+of every deployment path: PyTorch, onnxruntime, OpenVINO, int8, ``ddetr.benchmarks.infer``) and ``python -m ddetr.bench parts ...`` (the parts
 of a CPU train step against a baseline revision, ``ddetr.benchmarks.step_parts``)."""
 
 import sys
@@ -22,6 +23,10 @@ def main(argv: list[str] | None = None) -> int:
         from ddetr.benchmarks.step_parts import main as parts_main
 
         return parts_main(argv[1:])
+    if argv[:1] == ["infer"]:
+        from ddetr.benchmarks.infer import main as infer_main
+
+        return infer_main(argv[1:])
     if argv[:1] == ["model"]:
         from ddetr.benchmarks.model import main as model_main
 

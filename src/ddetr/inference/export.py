@@ -275,7 +275,9 @@ def write_openvino_model(
     try:
         import openvino
     except ImportError:
-        raise ValueError(f"format=openvino (output {path}) needs the 'openvino' package: pip install 'ddetr[openvino]'") from None
+        raise ValueError(
+            f"format=openvino (output {path}) needs the 'openvino' package: pip install 'ddetr[openvino]'"
+        ) from None
     import tempfile
 
     from ddetr.inference.quantize import quantize_openvino
@@ -339,9 +341,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
                 other_size = (cfg.height + 32, max(cfg.width - 32, 64))
                 checks.append(example_inputs(batch_size + 1, *other_size, cfg.with_mask, seed=1))
             with torch.no_grad():
-                summary["max_abs_diff"] = max(
-                    max_abs_difference(detector(*x), run_exported(path, x)) for x in checks
-                )
+                summary["max_abs_diff"] = max(max_abs_difference(detector(*x), run_exported(path, x)) for x in checks)
     else:
         program = export_program(detector, inputs, path)
         summary["exporter"] = "torch.export"
@@ -354,7 +354,9 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         )
     else:
         inputs_text = "images, mask" if cfg.with_mask else "images"
-        inputs_text += " (batch, 3, height, width)" if dynamic_onnx else f" of {cfg.batch_size}x3x{cfg.height}x{cfg.width}"
+        inputs_text += (
+            " (batch, 3, height, width)" if dynamic_onnx else f" of {cfg.batch_size}x3x{cfg.height}x{cfg.width}"
+        )
     quantized = ", int8" if quantize else ""
     print(
         f"wrote {path} ({cfg.format} via {summary['exporter']}{quantized}, inputs {inputs_text}, "

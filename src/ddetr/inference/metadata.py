@@ -59,7 +59,13 @@ class ModelMetadata:
 
 
 def metadata_of_module(
-    module, size: int, max_size: int, mean: Sequence[float], std: Sequence[float], class_names: Sequence[str], **how: Any
+    module,
+    size: int,
+    max_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    class_names: Sequence[str],
+    **how: Any,
 ) -> ModelMetadata:
     """The metadata of a ``DeformableDETRModule`` evaluated at ``size`` / ``max_size``; ``how`` gives
     ``with_mask``, ``attn_backend``, ``quantize`` and ``source``."""

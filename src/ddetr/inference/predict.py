@@ -18,8 +18,8 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ddetr.data.image_loading import ImageLoadError
-from ddetr.data.image_loading import load_rgb_image
+from ddetr.checkpoints import load_module, trust_checkpoint
+from ddetr.data.image_loading import ImageLoadError, load_rgb_image
 from ddetr.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -27,7 +27,6 @@ from ddetr.data.transforms import (
     OFFICIAL_VAL_SIZE,
     make_val_transforms,
 )
-from ddetr.checkpoints import load_module, trust_checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,12 @@ def train_split_files(datamodule) -> list[Path]:
 
 
 def calibration_batches(
-    files: Sequence[Path], count: int, size: int, max_size: int, mean: Sequence[float], std: Sequence[float],
+    files: Sequence[Path],
+    count: int,
+    size: int,
+    max_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
     with_mask: bool,
 ) -> list[dict[str, np.ndarray]]:
     """The inputs of ``count`` calibration images (the first ``count`` of ``files`` that can be read), one
@@ -109,4 +114,3 @@ def quantize_openvino(model, batches: list[dict[str, np.ndarray]]):
         raise missing_extra("nncf", "openvino", "quantize=int8 with format=openvino") from None
     dataset = nncf.Dataset(batches)
     return nncf.quantize(model, dataset, subset_size=len(batches), model_type=nncf.ModelType.TRANSFORMER)
-
