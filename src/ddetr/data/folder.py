@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 
 class FolderDataModule(_ConvertedDataModule):
-    """The dataset in `data_dir`, its format and splits detected at construction (`layouts.find_layout`).
+    """The dataset in `data_dir`, its format and splits detected on first use (`layouts.find_layout`; at the first
+    dataset or category access, so that an entry point reports a bad folder in one line).
 
     Splits: "train", "val" (the dataset's val, valid or validation) and "test"; `eval_split` picks the
     evaluated one. Once the datasets a run needs are read, one line is logged: the layout, each split's
@@ -39,16 +40,26 @@ class FolderDataModule(_ConvertedDataModule):
         **kwargs: `DetectionDataModule` options.
 
     Raises:
-        DatasetError: (at construction) no layout, several, two annotation files for one split (one line
-            naming the folder and the candidates); (when read) a split the dataset does not have.
+        DatasetError: no layout, several, two annotation files for one split (one line naming the folder and
+            the candidates); a split the dataset does not have.
     """
 
     def __init__(self, data_dir: str | os.PathLike, class_names: Sequence[str] | None = None, **kwargs: Any):
-        self.layout: DatasetLayout = find_layout(data_dir)
         self.class_names = None if class_names is None else [str(name) for name in class_names]
         super().__init__(data_dir, **kwargs)
-        self.crowd_label = "difficult" if self.layout.format == "voc" else "crowd"
+        self._layout: DatasetLayout | None = None
         self._reported = False
+
+    @property
+    def layout(self) -> DatasetLayout:
+        if self._layout is None:
+            self._layout = find_layout(self.data_dir)
+        return self._layout
+
+    @property
+    def crowd_label(self) -> str:
+        """What the summary calls boxes with iscrowd=1: VOC's "difficult", else "crowd"."""
+        return "difficult" if self.layout.format == "voc" else "crowd"
 
     # ------------------------------------------------------------------ reading a split
     def _split_name(self, split: str) -> str:
