@@ -61,18 +61,39 @@ def claim_run_dir(parent: str | os.PathLike, name: str) -> Path:
 
 
 @functools.cache
-def run_dir(parent: str) -> str:
-    """The run directory under ``parent``: ``slurm_<job id>`` in a SLURM batch job (a requeued job finds its
-    checkpoints again), else a new directory named after the start time (``claim_run_dir``). Once per process:
-    resolving the config again (Lightning's DDP launcher reads it to start the other ranks) gives the same."""
+def run_dir(parent: str, ckpt_path: str | None = None, overrides: tuple[str, ...] = ()) -> str:
+    """The run directory under ``parent`` (the runs folder of the task). Once per process: resolving the config
+    again (Lightning's DDP launcher reads it to start the other ranks) gives the same.
+
+    - In a SLURM batch job: ``slurm_<job id>`` (a requeued job finds its checkpoints; ``ckpt_path=null`` acts as
+      ``auto`` there, ``ddetr.training.run.resume_path``).
+    - ``ckpt_path=auto``: the directory of the newest unfinished run of the same ``overrides`` (the command line's,
+      ``ckpt_path`` aside) that has a checkpoint, to resume in (``find_unfinished_run``); none: a new one.
+    - Under torchrun: one name every rank derives alike (``torchrun_run_name``).
+    - Else a new directory named after the start time (``claim_run_dir``)."""
     from datetime import datetime
 
     from ddetr.training.callbacks import slurm_job_id
+    from ddetr.training.run_directory import find_unfinished_run, torchrun_run_name
 
     job_id = slurm_job_id()
     if job_id:
         return str(Path(parent) / f"slurm_{job_id}")
+    if ckpt_path == "auto":
+        unfinished = find_unfinished_run(parent, overrides)
+        if unfinished is not None:
+            return str(unfinished)
+    torchrun_name = torchrun_run_name()
+    if torchrun_name:
+        folder = Path(parent) / torchrun_name
+        folder.mkdir(parents=True, exist_ok=True)  # every rank: the same directory
+        return str(folder)
     return str(claim_run_dir(parent, datetime.now().strftime("%Y-%m-%d_%H-%M-%S")))
+
+
+def resolve_run_dir(parent: str, ckpt_path: Any = None, overrides: Any = ()) -> str:
+    """``${ddetr.run_dir:PARENT,CKPT_PATH,OVERRIDES}``: ``run_dir`` with the overrides (a list node) as a tuple."""
+    return run_dir(str(parent), None if ckpt_path is None else str(ckpt_path), tuple(str(o) for o in overrides or ()))
 
 
 def model_schema() -> dict[str, Any]:
@@ -107,7 +128,7 @@ def register_resolvers() -> None:
     from hydra.core.config_store import ConfigStore
 
     OmegaConf.register_new_resolver("ddetr.wandb_offline", wandb_offline, replace=True)
-    OmegaConf.register_new_resolver("ddetr.run_dir", run_dir, replace=True)
+    OmegaConf.register_new_resolver("ddetr.run_dir", resolve_run_dir, replace=True)
     ConfigStore.instance().store(group="model", name="official", node=OmegaConf.create(model_schema()))
     register_optuna_direction()
 

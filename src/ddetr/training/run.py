@@ -27,6 +27,7 @@ from ddetr.checkpoints import (
 from ddetr.training.compilation import compile_options
 from ddetr.training.evaluation import METRIC_NAMES
 from ddetr.training.evaluation_pictures import write_evaluation_pictures, write_final_pictures
+from ddetr.training.run_directory import resumable_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -160,20 +161,27 @@ def report_metrics(
 
 def resume_path(cfg: DictConfig) -> str | None:
     """``cfg.ckpt_path``, where ``auto`` (the default under SLURM, so a requeued job resumes by itself) is the
-    newest of ``checkpoints/preempted.ckpt`` and ``checkpoints/last.ckpt`` in the run directory, or None."""
+    newest of ``checkpoints/preempted.ckpt`` and ``checkpoints/last.ckpt`` in the run directory, or None.
+
+    Outside SLURM the run directory of ``ckpt_path=auto`` is the newest unfinished run of the same overrides
+    (``ddetr.app.run_dir``), so this finds that run's checkpoint; one line says which, or that none was found
+    and the run starts fresh."""
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is None and slurm_job_id() is not None:
         ckpt_path = "auto"
     if ckpt_path != "auto":
         return ckpt_path
-    folder = Path(cfg.paths.output_dir) / "checkpoints"
-    found = [path for path in (folder / "preempted.ckpt", folder / "last.ckpt") if path.is_file()]
-    if not found:
-        log.info("ckpt_path=auto: no checkpoint in %s yet, starting from the beginning", folder)
+    run_dir = Path(cfg.paths.output_dir)
+    newest = resumable_checkpoint(run_dir)
+    if newest is None:
+        log.warning(
+            "ckpt_path=auto: no unfinished run of these overrides with a checkpoint under %s: starting fresh in %s",
+            run_dir.parent,
+            run_dir,
+        )
         return None
-    newest = str(max(found, key=lambda path: path.stat().st_mtime))
-    log.warning("ckpt_path=auto: resuming from %s", newest)
-    return newest
+    log.warning("ckpt_path=auto: resuming from %s (the unfinished run %s, in its own directory)", newest, run_dir)
+    return str(newest)
 
 
 def run_end_callbacks(cfg: DictConfig) -> list[L.Callback]:
