@@ -21,22 +21,12 @@ from _layout_writers import (
     write_yolo_cvat,
     write_yolo_roboflow,
 )
+from conftest import TINY_DATA_OVERRIDES
 
 from ddetr.app import compose
 from ddetr.data import DatasetError, FolderDataModule, VocDataModule, YoloDataModule, find_layout
 from ddetr.training.run import evaluate, train
 
-TINY_TRANSFORMS = [
-    "data.num_workers=0",
-    "data.batch_size=2",
-    "data.train_transforms.scales=[48,64]",
-    "data.train_transforms.max_size=96",
-    "data.train_transforms.crop_resize_scales=[48,64]",
-    "data.train_transforms.crop_min_size=32",
-    "data.train_transforms.crop_max_size=64",
-    "data.val_transforms.size=64",
-    "data.val_transforms.max_size=96",
-]
 TINY_RUN = [
     "model=tiny",
     "trainer.accelerator=cpu",
@@ -141,7 +131,7 @@ def test_the_same_detections_score_the_same_on_every_layouts_test_split(layouts)
 
 
 def _train_and_test(data: list[str], output: Path) -> tuple[dict, dict]:
-    metrics = train(compose([*data, *TINY_TRANSFORMS, *TINY_RUN, f"paths.output_dir={output}"]))
+    metrics = train(compose([*data, *TINY_DATA_OVERRIDES, *TINY_RUN, f"paths.output_dir={output}"]))
     checkpoint = next(output.rglob("last.ckpt"))
     tested = evaluate(
         compose(
@@ -149,7 +139,7 @@ def _train_and_test(data: list[str], output: Path) -> tuple[dict, dict]:
                 f"ckpt_path={checkpoint}",
                 *data,
                 "data.eval_split=test",
-                *TINY_TRANSFORMS,
+                *TINY_DATA_OVERRIDES,
                 "trainer.accelerator=cpu",
                 "+trainer.enable_progress_bar=false",
                 f"paths.output_dir={output}/eval",
