@@ -206,3 +206,25 @@ def test_dino_debug_run_trains_evaluates_predicts_and_exports(tmp_path, debug_ov
         assert (onnx_logits - logits).abs().max() < 1e-4 and (onnx_boxes - boxes).abs().max() < 1e-4
     assert json.loads((run / "metrics.json").read_text())["epochs"] == 1
     assert Path(checkpoint).is_file()
+
+
+def test_stride_4_level_of_a_resnet_and_not_of_timm():
+    """backbone.min_stride=4 adds ResNet's layer1 (stride 4) as the finest level; 5 levels are layer1..layer4
+    and one strided convolution; timm backbones start at stride 8 and say so."""
+    from ddetr.models.backbones.resnet import ResNetBackbone
+    from ddetr.models.backbones.timm_models import TimmBackbone
+
+    backbone = ResNetBackbone("resnet18", num_levels=4, min_stride=4, norm="batch")
+    assert backbone.strides == [4, 8, 16, 32] and backbone.num_channels == [64, 128, 256, 512]
+    maps = backbone.feature_maps(torch.randn(1, 3, 64, 96))
+    assert [tuple(m.shape[-2:]) for m in maps] == [(16, 24), (8, 12), (4, 6), (2, 3)]
+    config = DeformableDETRConfig.from_dict(
+        num_classes=3, num_feature_levels=5, backbone={"name": "resnet18", "norm": "batch", "min_stride": 4},
+        hidden_dim=32, nheads=2, enc_layers=1, dec_layers=1, dim_feedforward=32, num_queries=5,
+    )
+    assert config.num_backbone_levels == 4
+    assert build_deformable_detr(config).level_strides() == [4, 8, 16, 32, 64]
+    with pytest.raises(ValueError, match="min_stride must be 4 or 8"):
+        DeformableDETRConfig.from_dict(num_classes=3, backbone={"min_stride": 2})
+    with pytest.raises(ValueError, match="min_stride=4 is not supported"):
+        TimmBackbone("resnet18", num_levels=3, min_stride=4)
