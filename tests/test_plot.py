@@ -23,7 +23,7 @@ epoch,step,train/loss_step,train/loss_epoch,val/loss,val/AP,val/AP50
 
 
 def write_run(tmp_path: Path) -> Path:
-    (tmp_path / "csv").mkdir()
+    (tmp_path / "csv").mkdir(parents=True)
     (tmp_path / "csv" / "metrics.csv").write_text(METRICS_CSV)
     return tmp_path
 
@@ -60,3 +60,21 @@ def test_command_line_default_output(tmp_path, capsys):
 def test_missing_log_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="metrics.csv"):
         plot_learning_curves(tmp_path)
+
+
+def test_validation_steps_and_several_runs_compared(tmp_path):
+    """The validation values by training steps done (the log's step + 1); two runs drawn into one picture."""
+    from ddetr.pictures.plots import plot_runs_compared, read_validation_steps
+
+    first = write_run(tmp_path / "a")
+    series = read_validation_steps(first / "csv" / "metrics.csv")
+    assert series["val/AP50"] == [(20, 0.05), (40, 0.45), (60, 0.62)]
+    assert "train/loss_step" not in series
+    second = write_run(tmp_path / "b")
+    out = plot_runs_compared([first, second], tmp_path / "compared.png")
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.size[0] > 100
+    main([str(first), str(second), "--out", str(tmp_path / "cli.png")])
+    assert (tmp_path / "cli.png").is_file()
+    with pytest.raises(FileNotFoundError, match="metrics.csv"):
+        plot_runs_compared([first, tmp_path], tmp_path / "x.png")
