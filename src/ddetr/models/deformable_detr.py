@@ -14,8 +14,8 @@ from ddetr.models.backbones import build_backbone
 from ddetr.models.backbones.base import place_conv_weights
 from ddetr.models.config import DeformableDETRConfig
 from ddetr.models.deformable_transformer import DeformableTransformer
-from ddetr.models.dino_transformer import DinoTransformer
 from ddetr.models.denoising import ContrastiveDenoising
+from ddetr.models.dino_transformer import DinoTransformer
 from ddetr.models.geometry import boxes_from_reference
 from ddetr.models.hybrid import split_queries
 from ddetr.models.position_encoding import PositionEmbeddingSine
@@ -100,9 +100,10 @@ class DeformableDETR(nn.Module):
         self.input_proj = nn.ModuleList(projections)
         # the projections take the backbone's maps: their weights in the backbone's memory format
         place_conv_weights(self.input_proj, self.backbone.channels_last)
+        self.num_one2many = config.num_one2many_queries  # the hybrid branch's queries (training only)
         if not self.two_stage:
             self.query_embed = nn.Embedding(config.num_queries, hidden_dim * 2)
-            if config.num_one2many_queries:
+            if self.num_one2many:
                 self.query_embed_one2many = nn.Embedding(config.num_one2many_queries, hidden_dim * 2)
         self.denoising = (
             ContrastiveDenoising(config.num_classes, hidden_dim, config.denoising) if config.denoising.enabled else None
@@ -256,6 +257,6 @@ class DeformableDETR(nn.Module):
 
     def _query_embed(self) -> torch.Tensor:
         """The learned queries (num_queries [+ num_one2many in training], 2 * hidden_dim)."""
-        if self.training and hasattr(self, "query_embed_one2many"):
+        if self.training and self.num_one2many:
             return torch.cat([self.query_embed.weight, self.query_embed_one2many.weight], 0)
         return self.query_embed.weight
