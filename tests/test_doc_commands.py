@@ -97,6 +97,8 @@ def run_command(command: str, cwd: Path, substitutions: dict[str, str], log_dir:
         entry.main()
     except SystemExit as stop:
         assert stop.code in (0, None), f"{command}: exit {stop.code}"
+    except Exception as error:  # name the documented command, not only the frame it failed in
+        raise AssertionError(f"{command} (run as {sys.argv}): {type(error).__name__}: {error}") from error
     finally:
         sys.argv = saved
         GlobalHydra.instance().clear()
