@@ -51,7 +51,7 @@ def small_overrides(module: str, args: list[str]) -> list[str]:
         data = SMALL_DATA if switched else SMALL_SYNTHETIC
         return ["trainer.accelerator=cpu", "+trainer.enable_progress_bar=false", *data]
     if module == "ddetr.predict":
-        return ["size=64", "max_size=96", "device=cpu", "progress_bar=false"]
+        return ["size=64", "max_size=96", "progress_bar=false"]
     if module == "ddetr.export":
         return ["height=64", "width=64"]
     return []
