@@ -216,7 +216,7 @@ def measure(setup: str, runners: dict[str, Callable], warmup: int, repeat: int) 
                 continue
             if round_index >= warmup:
                 row.times.append(elapsed)
-        print(f"[{setup}] round {round_index + 1}/{warmup + repeat} done", flush=True)
+            print(f"[{setup}] round {round_index + 1} {name}: {elapsed:.1f} ms", flush=True)
     return list(rows.values())
 
 
