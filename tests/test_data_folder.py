@@ -216,6 +216,16 @@ def test_bad_folders_are_one_line_naming_the_path(tmp_path):
     assert "\n" not in message and "'val' entry '../missing/images' is neither a folder nor a .txt list" in message
     assert f"{yolo.parent / 'missing' / 'images'} nor {yolo / 'missing' / 'images'}" in message
 
+    for labels in (yolo / "valid" / "labels", yolo / "train" / "labels"):
+        labels.rename(labels.with_name("annotations"))  # labels where Ultralytics does not look
+    with pytest.raises(DatasetError) as error:
+        FolderDataModule(yolo, num_workers=0).train_dataset
+    assert str(error.value) == (
+        f"{yolo / 'data.yaml'}: no label file for any of the 6 images of 'train' (looked for "
+        f"{yolo / 'train' / 'labels' / TINY['train'][0].stem}.txt and the like: an image's path with its last "
+        "/images/ replaced by /labels/, suffix .txt)"
+    )
+
     no_test = write_coco_roboflow(tmp_path / "no_test", {"train": TINY["train"], "val": TINY["val"]})
     with pytest.raises(DatasetError, match=r"no test split in this Roboflow COCO JSON dataset \(found: train, val\)"):
         FolderDataModule(no_test, num_workers=0, eval_split="test").val_dataset

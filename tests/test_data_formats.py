@@ -225,6 +225,8 @@ def test_yolo_unreadable_image_is_counted_or_an_error(tmp_path):
     (root / "images").mkdir(parents=True)
     Image.new("RGB", (20, 20)).save(root / "images" / "good.jpg")
     (root / "images" / "broken.jpg").write_bytes(b"not an image")
+    (root / "labels").mkdir()
+    (root / "labels" / "good.txt").write_text("")  # a negative with its (empty) label file
     (root / "data.yaml").write_text("train: images\nval: images\nnames: [x]\n")
     dataset = YoloDataModule(root, num_workers=0).val_dataset
     assert len(dataset) == 1 and dataset.reader_problems == {"unreadable image (cannot read image header), left out": 1}

@@ -15,7 +15,8 @@ DIR/images/train/a.jpg  ->  DIR/labels/train/a.txt   (the last /images/ of the p
 CVAT's "YOLO 1.1" export (obj.data, obj.names, train.txt) is read as such a description (`darknet`).
 A label file has one `class cx cy w h` line per box, normalised to [0, 1]; a line with more
 values is a polygon `class x1 y1 x2 y2 ...` (its bounding box is used). An image without a label
-file, or with an empty one, is a negative.
+file, or with an empty one, is a negative; a split in which no image has a label file is an error
+(the labels are elsewhere).
 
 `read_yolo_split(data_dir, split)` returns a `ConvertedSplit`: the image folder (the deepest folder
 holding every image), a COCO detection dict (image ids 1.., category id == class index, boxes in
@@ -223,6 +224,7 @@ def read_yolo_split(
     problems = ProblemLog(f"{yaml_path} ({split})")
 
     images, annotations = [], []
+    label_files = 0
     for image_path in paths:
         try:
             width, height = read_image_size(image_path, max_image_pixels)
@@ -240,13 +242,21 @@ def read_yolo_split(
                 "height": height,
             }
         )
-        for index, (cx, cy, w, h) in parse_label_file(label_path(image_path), names, problems):
+        labels = label_path(image_path)
+        label_files += labels.exists()
+        for index, (cx, cy, w, h) in parse_label_file(labels, names, problems):
             # pixels, rounded to 1e-6 so that whole-pixel boxes come out whole (no spurious "clipped")
             x0, y0 = round((cx - w / 2) * width, 6), round((cy - h / 2) * height, 6)
             x1, y1 = round((cx + w / 2) * width, 6), round((cy + h / 2) * height, 6)
             append_annotation(annotations, image_id, index, [x0, y0, x1 - x0, y1 - y0])
     if not images:
         raise DatasetError(f"{yaml_path}: no readable images in '{split}'")
+    if not label_files:  # labels in the wrong place would otherwise train on negatives only
+        raise DatasetError(
+            f"{yaml_path}: no label file for any of the {len(images)} images of '{split}' (looked for "
+            f"{label_path(image_dir / images[0]['file_name'])} and the like: an image's path with its last "
+            "/images/ replaced by /labels/, suffix .txt)"
+        )
     problems.report(log)
     categories = [{"id": index, "name": name} for index, name in names.items()]
     data = {"images": images, "annotations": annotations, "categories": categories}
