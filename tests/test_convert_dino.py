@@ -34,10 +34,18 @@ def _assert_matches_dino(model: torch.nn.Module, reference: dict) -> None:
     with torch.no_grad():
         outputs = model((reference["images"], reference["mask"]))
     layers = [*outputs["aux_outputs"], outputs]
-    torch.testing.assert_close(torch.stack([layer["pred_logits"] for layer in layers]), reference["layer_logits"], atol=TOLERANCE, rtol=0)
-    torch.testing.assert_close(torch.stack([layer["pred_boxes"] for layer in layers]), reference["layer_boxes"], atol=TOLERANCE, rtol=0)
-    torch.testing.assert_close(outputs["interm_outputs"]["pred_logits"], reference["interm_logits"], atol=TOLERANCE, rtol=0)
-    torch.testing.assert_close(outputs["interm_outputs"]["pred_boxes"], reference["interm_boxes"], atol=TOLERANCE, rtol=0)
+    torch.testing.assert_close(
+        torch.stack([layer["pred_logits"] for layer in layers]), reference["layer_logits"], atol=TOLERANCE, rtol=0
+    )
+    torch.testing.assert_close(
+        torch.stack([layer["pred_boxes"] for layer in layers]), reference["layer_boxes"], atol=TOLERANCE, rtol=0
+    )
+    torch.testing.assert_close(
+        outputs["interm_outputs"]["pred_logits"], reference["interm_logits"], atol=TOLERANCE, rtol=0
+    )
+    torch.testing.assert_close(
+        outputs["interm_outputs"]["pred_boxes"], reference["interm_boxes"], atol=TOLERANCE, rtol=0
+    )
     detections = PostProcess(reference["num_select"])(outputs, reference["target_sizes"])
     for index, detection in enumerate(detections):
         assert torch.equal(detection["labels"], reference["labels"][index])
@@ -98,7 +106,9 @@ def test_dino_options_name_what_ddetr_does_not_build():
 def test_fine_tuning_from_dino_reinitialises_only_the_class_sized_weights(converted):
     checkpoint = torch.load(converted, map_location="cpu", weights_only=True)
     weights = {key.removeprefix("model."): value for key, value in checkpoint["state_dict"].items()}
-    architecture = {k: v for k, v in checkpoint["hyper_parameters"].items() if k in DeformableDETRConfig.__dataclass_fields__}
+    architecture = {
+        k: v for k, v in checkpoint["hyper_parameters"].items() if k in DeformableDETRConfig.__dataclass_fields__
+    }
     model = build_deformable_detr(DeformableDETRConfig.from_dict(architecture, num_classes=3))
     fresh = {key: value.clone() for key, value in model.state_dict().items()}
     load_pretrained(model, str(converted))

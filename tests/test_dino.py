@@ -20,7 +20,7 @@ from ddetr.models.position_encoding import PositionEmbeddingSine
 
 
 def dino_config(micro_options, **overrides) -> DeformableDETRConfig:
-    options = dict(variant="dino", two_stage=True, with_box_refine=True, query_selection="mixed")
+    options = {"variant": "dino", "two_stage": True, "with_box_refine": True, "query_selection": "mixed"}
     options.update(look_forward_twice=True, position_temperature=20.0)
     return DeformableDETRConfig.from_dict(num_classes=5, **micro_options(**{**options, **overrides}))
 
@@ -32,12 +32,22 @@ def test_dino_experiments_follow_dinos_configs(name, levels, min_stride, batch, 
     model = cfg.model
     assert (model.variant, model.num_feature_levels, model.backbone.min_stride) == ("dino", levels, min_stride)
     assert (model.backbone.name, model.hidden_dim, model.nheads, model.enc_layers, model.dec_layers) == (
-        "resnet50", 256, 8, 6, 6)
+        "resnet50",
+        256,
+        8,
+        6,
+        6,
+    )
     assert (model.num_queries, model.dim_feedforward, model.dropout, model.position_temperature) == (900, 2048, 0.0, 20)
     assert (model.enc_n_points, model.dec_n_points) == (4, 4)
     assert model.two_stage and model.with_box_refine and model.look_forward_twice
     assert model.query_selection == "mixed"
-    assert dict(model.denoising) == {"enabled": True, "num_queries": 100, "label_noise_ratio": 0.5, "box_noise_scale": 0.4}
+    assert dict(model.denoising) == {
+        "enabled": True,
+        "num_queries": 100,
+        "label_noise_ratio": 0.5,
+        "box_noise_scale": 0.4,
+    }
     loss = model.loss
     assert (loss.set_cost_class, loss.set_cost_bbox, loss.set_cost_giou, loss.focal_alpha) == (2.0, 5.0, 2.0, 0.25)
     assert (loss.cls_loss_coef, loss.bbox_loss_coef, loss.giou_loss_coef) == (1.0, 5.0, 2.0)
@@ -143,7 +153,13 @@ def test_dino_debug_run_trains_evaluates_predicts_and_exports(tmp_path, debug_ov
 
     data_root = tmp_path / "synthetic"
     run = tmp_path / "run"
-    tiny = ["model.num_queries=10", "model.denoising.num_queries=6", "model.num_select=20", "data=synthetic", "trainer=default"]
+    tiny = [
+        "model.num_queries=10",
+        "model.denoising.num_queries=6",
+        "model.num_select=20",
+        "data=synthetic",
+        "trainer=default",
+    ]
     cfg = compose(["experiment=dino", *debug_overrides(run, data_root), *tiny])
     assert cfg.model.variant == "dino" and cfg.model.denoising.enabled and cfg.model.hidden_dim == 32
     metrics = train(cfg)
@@ -191,7 +207,14 @@ def test_dino_debug_run_trains_evaluates_predicts_and_exports(tmp_path, debug_ov
     assert summary["num_images"] == 6 and not summary["skipped"]
 
     onnx_path = tmp_path / "dino.onnx"
-    options = [f"ckpt_path={checkpoint}", f"output={onnx_path}", "batch_size=2", "height=128", "width=160", "with_mask=true"]
+    options = [
+        f"ckpt_path={checkpoint}",
+        f"output={onnx_path}",
+        "batch_size=2",
+        "height=128",
+        "width=160",
+        "with_mask=true",
+    ]
     export(compose([*options, f"paths.log_dir={tmp_path}/logs"], config_name="export"))
     import onnxruntime
 
@@ -219,8 +242,15 @@ def test_stride_4_level_of_a_resnet_and_not_of_timm():
     maps = backbone.feature_maps(torch.randn(1, 3, 64, 96))
     assert [tuple(m.shape[-2:]) for m in maps] == [(16, 24), (8, 12), (4, 6), (2, 3)]
     config = DeformableDETRConfig.from_dict(
-        num_classes=3, num_feature_levels=5, backbone={"name": "resnet18", "norm": "batch", "min_stride": 4},
-        hidden_dim=32, nheads=2, enc_layers=1, dec_layers=1, dim_feedforward=32, num_queries=5,
+        num_classes=3,
+        num_feature_levels=5,
+        backbone={"name": "resnet18", "norm": "batch", "min_stride": 4},
+        hidden_dim=32,
+        nheads=2,
+        enc_layers=1,
+        dec_layers=1,
+        dim_feedforward=32,
+        num_queries=5,
     )
     assert config.num_backbone_levels == 4
     assert build_deformable_detr(config).level_strides() == [4, 8, 16, 32, 64]

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ddetr.convert.dino import load_dino
 from ddetr.convert.official import (
     StateDict,
     check_flags,
@@ -26,7 +27,6 @@ from ddetr.convert.official import (
     verify_flags,
 )
 from ddetr.convert.transformers import hf_config_to_flags, hf_to_ddetr, hf_to_official
-from ddetr.convert.dino import load_dino
 from ddetr.models.config import OFFICIAL_OPTIONS, DeformableDETRConfig
 
 __all__ = [
@@ -54,10 +54,11 @@ def model_config(num_classes: int, flags: Mapping[str, Any]) -> DeformableDETRCo
     return DeformableDETRConfig.from_official(num_classes=num_classes, **check_flags(flags))
 
 
-def _build_module(state_dict: StateDict, config: DeformableDETRConfig, source: str):
+def _build_module(state_dict: StateDict, config: DeformableDETRConfig, source: str, **options: Any):
+    """A ``DeformableDETRModule`` of ``config`` (and its keyword ``options``) holding ``state_dict``, in eval mode."""
     from ddetr.training.module import DeformableDETRModule
 
-    module = DeformableDETRModule(config)
+    module = DeformableDETRModule(config, **options)
     missing, unexpected = module.model.load_state_dict(state_dict, strict=False)
     if missing or unexpected:
         raise ValueError(

@@ -12,10 +12,10 @@ import argparse
 import json
 from typing import Any
 
+from ddetr.checkpoints import CheckpointError, save_checkpoint
 from ddetr.convert import load_hf, load_official
 from ddetr.convert.dino import load_dino
 from ddetr.models.config import OFFICIAL_OPTIONS
-from ddetr.checkpoints import CheckpointError, save_checkpoint
 
 
 def _parse_value(text: str) -> Any:

@@ -96,7 +96,15 @@ _SAME_NAME = (
     "dec_n_points",
 )
 _OTHER_OPTIONS = ("dilation", "use_detached_boxes_dec_out", "decoder_layer_noise", "dn_labelbook_size")
-_LOSS_NAMES = ("set_cost_class", "set_cost_bbox", "set_cost_giou", "cls_loss_coef", "bbox_loss_coef", "giou_loss_coef", "focal_alpha")
+_LOSS_NAMES = (
+    "set_cost_class",
+    "set_cost_bbox",
+    "set_cost_giou",
+    "cls_loss_coef",
+    "bbox_loss_coef",
+    "giou_loss_coef",
+    "focal_alpha",
+)
 _LEVELS = {(1, 2, 3): 8, (0, 1, 2, 3): 4}  # DINO's return_interm_indices -> backbone.min_stride
 _DROPPED = ("transformer.decoder.class_embed.", "transformer.decoder.bbox_embed.")
 _RENAMED = {
@@ -162,7 +170,9 @@ def _shared_head(state_dict: Mapping[str, torch.Tensor], name: str, dec_layers: 
         if match:
             heads.setdefault(int(match.group(1)), {})[match.group(2)] = value
     if sorted(heads) != list(range(dec_layers)):
-        raise ValueError(f"expected {name}.0..{dec_layers - 1} (dec_layers={dec_layers}), found indices {sorted(heads)}")
+        raise ValueError(
+            f"expected {name}.0..{dec_layers - 1} (dec_layers={dec_layers}), found indices {sorted(heads)}"
+        )
     for index, head in heads.items():
         if head.keys() != heads[0].keys() or any(not torch.equal(head[k], heads[0][k]) for k in head):
             raise ValueError(f"{name}.{index} differs from {name}.0: ddetr converts DINO's shared heads only")
@@ -219,7 +229,7 @@ def load_dino(path: str | Path, trust_checkpoint: bool = False, num_select: int 
         overrides: DINO option names over the saved ``args`` (for a file without ``args``, e.g.
             ``num_feature_levels=5 return_interm_indices=[0,1,2,3]``); defaults: DINO-4scale's.
     """
-    from ddetr.training.module import DeformableDETRModule
+    from ddetr.convert import _build_module  # the package imports this module first
 
     known = {*_REQUIRED, *_SAME_NAME, *DINO_4SCALE, *_LOSS_NAMES, *_OTHER_OPTIONS}
     unknown = sorted(set(overrides) - known)
@@ -234,11 +244,4 @@ def load_dino(path: str | Path, trust_checkpoint: bool = False, num_select: int 
     config = DeformableDETRConfig.from_dict(options, num_classes=num_classes)
     converted = dino_to_ddetr(state_dict, num_classes, config.dec_layers, config.denoising.enabled)
     select = num_select if num_select is not None else int(args["num_select"])
-    module = DeformableDETRModule(config, loss=dino_loss(args), num_select=select)
-    missing, unexpected = module.model.load_state_dict(converted, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"{path}: converted weights do not fit the model (check the options): missing {missing[:10]} "
-            f"({len(missing)}), unexpected {unexpected[:10]} ({len(unexpected)})"
-        )
-    return module.eval()
+    return _build_module(converted, config, str(path), loss=dino_loss(args), num_select=select)

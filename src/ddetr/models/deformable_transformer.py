@@ -434,15 +434,7 @@ class DeformableTransformer(nn.Module):
             enc_boxes: (batch_size, num_values, 4) the proposals' boxes, normalised cxcywh.
         """
         num_selected = self.num_queries if num_selected is None else num_selected
-        if memory.shape[1] < num_selected:
-            raise ValueError(
-                f"two-stage selects {num_selected} proposals but the feature maps hold only {memory.shape[1]}"
-            )
-        class_head, box_head = proposal_heads
-        proposal_memory, proposals = encoder_output_proposals(memory, levels.padding_mask, levels.shapes)
-        proposal_memory = self.enc_output_norm(self.enc_output(proposal_memory))
-        enc_logits = class_head(proposal_memory)  # (B, S, C)
-        enc_box_logits = box_head(proposal_memory) + proposals  # (B, S, 4)
+        enc_logits, enc_box_logits = self.scored_proposals(memory, levels, proposal_heads, num_selected)
         top = torch.topk(enc_logits[..., 0], num_selected, dim=1)[1]  # (B, Q)
         top_box_logits = torch.gather(enc_box_logits, 1, top.unsqueeze(-1).repeat(1, 1, 4)).detach()  # (B, Q, 4)
         reference_points = top_box_logits.sigmoid()
@@ -450,6 +442,25 @@ class DeformableTransformer(nn.Module):
         if self.mixed_selection:
             tgt = self.content_queries(num_selected, memory.shape[0]).to(query_pos.dtype)
         return DecoderQueries(tgt, query_pos, reference_points), enc_logits, enc_box_logits.sigmoid()
+
+    def scored_proposals(
+        self,
+        memory: torch.Tensor,
+        levels: FlatLevels,
+        proposal_heads: tuple[nn.Module, nn.Module],
+        num_selected: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two-stage: every memory position's proposal, scored: class logits (batch_size, num_values,
+        num_classes) and box logits (batch_size, num_values, 4), before the sigmoid. Raises ``ValueError``
+        when the maps hold fewer than ``num_selected`` positions."""
+        if memory.shape[1] < num_selected:
+            raise ValueError(
+                f"two-stage selects {num_selected} proposals but the feature maps hold only {memory.shape[1]}"
+            )
+        class_head, box_head = proposal_heads
+        proposal_memory, proposals = encoder_output_proposals(memory, levels.padding_mask, levels.shapes)
+        proposal_memory = self.enc_output_norm(self.enc_output(proposal_memory))
+        return class_head(proposal_memory), box_head(proposal_memory) + proposals  # (B, S, C), (B, S, 4)
 
     def box_queries(self, box_logits: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Two-stage: (position, content) queries (batch_size, num_boxes, hidden_dim) each from box logits

@@ -23,7 +23,6 @@ from ddetr.models.config import DeformableDETRConfig
 from ddetr.models.deformable_transformer import DecoderQueries, DeformableTransformer, FlatLevels
 from ddetr.models.denoising import DenoisingQueries
 from ddetr.models.dino_decoder import DINO_EPS, DinoDecoder
-from ddetr.models.geometry import encoder_output_proposals
 
 
 class DinoTransformer(DeformableTransformer):
@@ -52,15 +51,7 @@ class DinoTransformer(DeformableTransformer):
             boxes: (B, num_queries, 4) their boxes, normalised cxcywh, with their gradient.
         """
         num_selected = self.num_queries if num_selected is None else num_selected
-        if memory.shape[1] < num_selected:
-            raise ValueError(
-                f"two-stage selects {num_selected} proposals but the feature maps hold only {memory.shape[1]}"
-            )
-        class_head, box_head = proposal_heads
-        proposal_memory, proposals = encoder_output_proposals(memory, levels.padding_mask, levels.shapes)
-        proposal_memory = self.enc_output_norm(self.enc_output(proposal_memory))
-        enc_logits = class_head(proposal_memory)  # (B, S, C)
-        enc_box_logits = box_head(proposal_memory) + proposals  # (B, S, 4)
+        enc_logits, enc_box_logits = self.scored_proposals(memory, levels, proposal_heads, num_selected)
         top = torch.topk(enc_logits.max(-1)[0], num_selected, dim=1)[1]  # (B, num_selected)
         top_box_logits = torch.gather(enc_box_logits, 1, top.unsqueeze(-1).expand(-1, -1, 4))  # (B, num_selected, 4)
         top_logits = torch.gather(enc_logits, 1, top.unsqueeze(-1).expand(-1, -1, enc_logits.shape[-1]))
