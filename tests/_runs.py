@@ -59,3 +59,22 @@ def error_line(result: subprocess.CompletedProcess) -> str:
     assert result.returncode == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     return result.stderr.strip().splitlines()[-1]
+
+
+def run_workers(worker, args: tuple, nprocs: int, timeout: float) -> None:
+    """``worker(rank, *args)`` in ``nprocs`` processes (forked: no second torch import, unsafe once CUDA is
+    initialised, then spawned), failing the test if one raises or all have not finished within ``timeout``
+    seconds (a hang); the processes are killed then."""
+    import time
+
+    import pytest
+    import torch
+
+    start_method = "spawn" if torch.cuda.is_initialized() else "fork"
+    workers = torch.multiprocessing.start_processes(worker, args=args, nprocs=nprocs, join=False, start_method=start_method)
+    deadline = time.monotonic() + timeout
+    while not workers.join(timeout=1):  # raises if a worker failed
+        if time.monotonic() > deadline:
+            for process in workers.processes:
+                process.kill()
+            pytest.fail(f"the workers did not finish within {timeout:.0f} s (a hang)")

@@ -1,18 +1,17 @@
 """SetCriterion: hand-computed terms, transformers' loss as an oracle, empty batches, num_boxes across ranks."""
 
 import math
-import time
 
 import pytest
 import torch
-import torch.multiprocessing
+from _runs import run_workers
 
+from ddetr.models.build import build_criterion
 from ddetr.models.criterion import (
     SetCriterion,
     average_num_boxes,
     sigmoid_focal_loss,
 )
-from ddetr.models.build import build_criterion
 from ddetr.models.matcher import HungarianMatcher
 
 LN2 = math.log(2)
@@ -234,21 +233,7 @@ def _num_boxes_worker(rank: int, store_path: str, result_dir: str) -> None:
 
 
 def test_num_boxes_is_averaged_across_ranks(tmp_path):
-    # fork saves re-importing torch in every worker (~10 s); it is unsafe once CUDA is initialised
-    start_method = "spawn" if torch.cuda.is_initialized() else "fork"
-    workers = torch.multiprocessing.start_processes(
-        _num_boxes_worker,
-        args=(str(tmp_path / "store"), str(tmp_path)),
-        nprocs=len(RANK_SIZES),
-        join=False,
-        start_method=start_method,
-    )
-    deadline = time.monotonic() + 60
-    while not workers.join(timeout=1):  # raises if a worker failed
-        if time.monotonic() > deadline:
-            for process in workers.processes:
-                process.kill()
-            pytest.fail("the gloo workers did not finish within 60 s")
+    run_workers(_num_boxes_worker, (str(tmp_path / "store"), str(tmp_path)), nprocs=len(RANK_SIZES), timeout=60)
     criterion = build_criterion(num_classes=5, dec_layers=2)
     for rank, size in enumerate(RANK_SIZES):
         result = torch.load(tmp_path / f"rank{rank}.pt")

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from _runs import run_workers
 
 from ddetr.boxes import box_cxcywh_to_xyxy
 from ddetr.models.build import build_criterion, build_deformable_detr
@@ -38,7 +39,10 @@ def batch() -> tuple[tuple[torch.Tensor, torch.Tensor], list[dict[str, torch.Ten
     mask = torch.zeros(2, 64, 80, dtype=torch.bool)
     mask[1, :, 64:] = True  # the second image is narrower: padding
     targets = [
-        {"labels": torch.tensor([1, 3, 0]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.3], [0.2, 0.3, 0.1, 0.2], [0.7, 0.6, 0.2, 0.2]])},
+        {
+            "labels": torch.tensor([1, 3, 0]),
+            "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.3], [0.2, 0.3, 0.1, 0.2], [0.7, 0.6, 0.2, 0.2]]),
+        },
         {"labels": torch.tensor([4]), "boxes": torch.tensor([[0.4, 0.5, 0.3, 0.5]])},
     ]
     return (images, mask), targets
@@ -243,7 +247,9 @@ def test_hybrid_branch_is_blind_and_training_only(micro_options, two_stage):
     config = variant_config(micro_options, **switches)
     if not two_stage:
         config = DeformableDETRConfig.from_dict(
-            micro_options(backbone={"name": "resnet18", "norm": "frozen"}, dropout=0.0, with_box_refine=True, **switches),
+            micro_options(
+                backbone={"name": "resnet18", "norm": "frozen"}, dropout=0.0, with_box_refine=True, **switches
+            ),
             num_classes=NUM_CLASSES,
         )
     model = build_deformable_detr(config)
@@ -326,7 +332,7 @@ def _ddp_worker(rank: int, store_path: str, result_dir: str, options: dict) -> N
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2)
     try:
         torch.manual_seed(0)  # the same initial weights on both ranks
-        config = DeformableDETRConfig.from_dict(options, num_classes=NUM_CLASSES)
+        config = DeformableDETRConfig.from_dict(options)
         model = build_deformable_detr(config).train()
         criterion = build_criterion(config, LossConfig())
         ddp = DistributedDataParallel(model)  # find_unused_parameters=False: every parameter needs a gradient
@@ -352,30 +358,8 @@ def _ddp_worker(rank: int, store_path: str, result_dir: str, options: dict) -> N
 def test_ddp_rank_without_boxes_neither_crashes_nor_hangs(tmp_path, micro_options):
     """Denoising + hybrid on 2 gloo ranks, one of which has no box in its batch: both ranks finish two
     steps (DDP reduces every parameter's gradient, the label book's included) with the same weights."""
-    import time
-
-    options = micro_options(
-        backbone={"name": "resnet18", "norm": "frozen"},
-        dropout=0.0,
-        num_feature_levels=2,
-        with_box_refine=True,
-        two_stage=True,
-        **DDP_SWITCHES,
-    )
-    start_method = "spawn" if torch.cuda.is_initialized() else "fork"
-    workers = torch.multiprocessing.start_processes(
-        _ddp_worker,
-        args=(str(tmp_path / "store"), str(tmp_path), options),
-        nprocs=2,
-        join=False,
-        start_method=start_method,
-    )
-    deadline = time.monotonic() + 240
-    while not workers.join(timeout=1):  # raises if a worker failed
-        if time.monotonic() > deadline:
-            for process in workers.processes:
-                process.kill()
-            pytest.fail("the gloo workers did not finish within 240 s (a hang)")
+    options = variant_config(micro_options, **DDP_SWITCHES).to_dict()
+    run_workers(_ddp_worker, (str(tmp_path / "store"), str(tmp_path), options), nprocs=2, timeout=240)
     results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
     assert all(math.isfinite(loss) for result in results for loss in result["losses"])
     torch.testing.assert_close(results[0]["checksum"], results[1]["checksum"])
@@ -403,10 +387,73 @@ def test_exported_graph_is_the_same_with_denoising_and_hybrid(tmp_path, micro_op
     """Denoising and the hybrid branch never reach inference: the ONNX graph has the same nodes and weights
     with them as without, and neither the label book nor the one-to-many queries are in it."""
     graphs = {}
-    for name, extra in (("plain", {}), ("switches", {"denoising": {"enabled": True}, "hybrid": {"enabled": True, "num_queries": 12}})):
+    for name, extra in (
+        ("plain", {}),
+        ("switches", {"denoising": {"enabled": True}, "hybrid": {"enabled": True, "num_queries": 12}}),
+    ):
         torch.manual_seed(0)
         config = variant_config(micro_options, query_selection="mixed", look_forward_twice=True, **extra)
         graphs[name] = _onnx_graph(build_deformable_detr(config), tmp_path / f"{name}.onnx")
     assert graphs["switches"][0] == graphs["plain"][0]
     assert graphs["switches"][1] == graphs["plain"][1]
     assert not any("label_embed" in name or "one2many" in name for name in graphs["switches"][1])
+
+
+# ---------------------------------------------------------------- experiment=hybrid end to end
+
+
+@pytest.mark.slow
+def test_hybrid_debug_run_trains_evaluates_predicts_and_exports(tmp_path, debug_overrides):
+    """experiment=hybrid at debug size: trains with the one-to-many losses logged, evaluates the checkpoint
+    to the same AP, predicts, and exports ONNX with dynamic sizes that onnxruntime runs at another size."""
+    import onnxruntime
+
+    from ddetr.app import compose
+    from ddetr.checkpoints import load_module
+    from ddetr.inference.export import ExportableDetector, example_inputs, export
+    from ddetr.inference.predict import predict
+    from ddetr.models.ms_deform_attn import set_attention_backend
+    from ddetr.training.run import train
+
+    data_root, run = tmp_path / "synthetic", tmp_path / "run"
+    tiny = ["data=synthetic", "trainer=default", "model.hybrid.num_queries=12", "model.num_select=20"]
+    cfg = compose(["experiment=hybrid", *debug_overrides(run, data_root), *tiny])
+    assert cfg.model.hybrid.enabled and cfg.model.query_selection == "mixed" and cfg.model.hidden_dim == 32
+    metrics = train(cfg)
+    assert 0.0 <= metrics["val/AP"] <= 1.0
+    columns = (run / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "train/loss_ce_one2many" in columns
+    checkpoint = run / "checkpoints" / "last.ckpt"
+    summary = predict(
+        compose(
+            [
+                f"ckpt_path={checkpoint}",
+                f"input={data_root / 'val'}",
+                f"output={tmp_path / 'predict'}",
+                "device=cpu",
+                "progress_bar=false",
+                f"paths.log_dir={tmp_path / 'predict' / 'logs'}",
+            ],
+            config_name="predict",
+        )
+    )
+    assert summary["num_images"] == 6 and not summary["skipped"]
+    onnx_path = tmp_path / "hybrid.onnx"
+    export(
+        compose(
+            [f"ckpt_path={checkpoint}", f"output={onnx_path}", f"paths.log_dir={tmp_path}/logs"], config_name="export"
+        )
+    )
+    module = load_module(checkpoint)
+    set_attention_backend(module.model, "pytorch")
+    session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    inputs = example_inputs(1, 80, 112, with_mask=False)
+    (images,) = inputs
+    feed = {session.get_inputs()[0].name: images.numpy()}
+    if len(session.get_inputs()) == 2:
+        feed[session.get_inputs()[1].name] = torch.zeros(1, 80, 112, dtype=torch.bool).numpy()
+    logits, boxes = session.run(["pred_logits", "pred_boxes"], feed)
+    with torch.no_grad():
+        expected = ExportableDetector(module.model)(images)
+    assert logits.shape == (1, cfg.model.num_queries, expected[0].shape[-1])
+    torch.testing.assert_close(torch.from_numpy(boxes), expected[1], rtol=1e-4, atol=1e-4)

@@ -16,7 +16,9 @@ Targets = list[dict[str, torch.Tensor]]
 def repeat_targets(targets: Targets, k: int) -> Targets:
     """Every image's ``labels`` and ``boxes`` repeated ``k`` times (``[a, b] -> [a, b, a, b, ...]``); the
     other keys are kept as they are."""
-    return [{**target, "labels": target["labels"].repeat(k), "boxes": target["boxes"].repeat(k, 1)} for target in targets]
+    return [
+        {**target, "labels": target["labels"].repeat(k), "boxes": target["boxes"].repeat(k, 1)} for target in targets
+    ]
 
 
 def split_queries(
