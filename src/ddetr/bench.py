@@ -3,8 +3,9 @@
 ``python -m ddetr.bench step ...`` (operators, host reads and saved activations of one train step,
 ``ddetr.benchmarks.step_census``), ``python -m ddetr.bench data ...`` (start-up, memory and loader
 speed of the training data, ``ddetr.benchmarks.data``), ``python -m ddetr.bench infer ...`` (batch-1 latency
-of every deployment path: PyTorch, onnxruntime, OpenVINO, int8, ``ddetr.benchmarks.infer``) and ``python -m ddetr.bench parts ...`` (the parts
-of a CPU train step against a baseline revision, ``ddetr.benchmarks.step_parts``)."""
+of every deployment path: PyTorch, onnxruntime, OpenVINO, int8, ``ddetr.benchmarks.infer``) ``python -m ddetr.bench parts ...`` (the parts
+of a CPU train step against a baseline revision, ``ddetr.benchmarks.step_parts``) and ``python -m ddetr.bench
+keys`` (the CUDA graph keys of ``model.compile=reduce-overhead``, ``ddetr.benchmarks.graph_keys``)."""
 
 import sys
 
@@ -19,6 +20,10 @@ def main(argv: list[str] | None = None) -> int:
         from ddetr.benchmarks.data import main as data_main
 
         return data_main(argv[1:])
+    if argv[:1] == ["keys"]:
+        from ddetr.benchmarks.graph_keys import main as keys_main
+
+        return keys_main(argv[1:])
     if argv[:1] == ["parts"]:
         from ddetr.benchmarks.step_parts import main as parts_main
 

@@ -129,7 +129,9 @@ class Matched:
     batch_size, num_queries, 4) float32; ``layer``, ``image``, ``query`` (num_matched,) int64 on the
     device, the matched predictions of every layer one after another; ``labels`` (num_matched,) and
     ``target_boxes`` (num_matched, 4) their targets; ``num_targets`` (batch_size,) float32;
-    ``last_layer`` the slice of the matched entries of the last layer (Python ints).
+    ``last_layer`` the slice of the matched entries of the last layer (Python ints); ``valid``
+    (num_matched,) float32, 1 for a real pair and 0 for padding (``pad_matched``), or None: every
+    entry is a real pair.
     """
 
     logits: torch.Tensor
@@ -141,6 +143,49 @@ class Matched:
     target_boxes: torch.Tensor
     num_targets: torch.Tensor
     last_layer: slice
+    valid: torch.Tensor | None = None
+
+
+PADDING_BOX = (0.5, 0.5, 1.0, 1.0)  # the target of a padding pair: any box with an area keeps GIoU finite
+
+
+def pair_bound(logits: torch.Tensor) -> int:
+    """The most pairs a stack can match: every query of every layer and image (num_layers * batch_size
+    * num_queries of ``logits`` (N, B, Q, C)); the Hungarian matching gives ``min(Q, num_targets)`` per
+    layer and image."""
+    num_layers, batch_size, num_queries = logits.shape[:3]
+    return num_layers * batch_size * num_queries
+
+
+def pad_matched(matched: Matched, size: int) -> Matched:
+    """``matched`` with its pairs padded to ``size`` entries and ``valid`` marking the real ones: the
+    losses see one number of pairs whatever the matching found (one CUDA graph under
+    ``model.compile=reduce-overhead``). A padding pair points at layer 0, image 0, query 0, class 0,
+    its target ``PADDING_BOX``; the masked losses give it no weight and no gradient.
+
+    Raises:
+        ValueError: ``matched`` has more than ``size`` pairs.
+    """
+    num_matched = matched.layer.shape[0]
+    if num_matched > size:
+        raise ValueError(f"pad_matched: {num_matched} matched pairs exceed the bound of {size}")
+    extra = size - num_matched
+    device = matched.layer.device
+    indices = torch.zeros(extra, dtype=matched.layer.dtype, device=device)  # (extra,)
+    filler = torch.tensor(PADDING_BOX, dtype=matched.target_boxes.dtype, device=device).expand(extra, 4)
+    valid = torch.cat([torch.ones(num_matched, device=device), torch.zeros(extra, device=device)])  # (size,)
+    return Matched(
+        logits=matched.logits,
+        boxes=matched.boxes,
+        layer=torch.cat([matched.layer, indices]),
+        image=torch.cat([matched.image, indices]),
+        query=torch.cat([matched.query, indices]),
+        labels=torch.cat([matched.labels, indices.to(matched.labels.dtype)]),
+        target_boxes=torch.cat([matched.target_boxes, filler]),  # (size, 4)
+        num_targets=matched.num_targets,
+        last_layer=slice(matched.last_layer.start, num_matched),
+        valid=valid if matched.valid is None else torch.cat([matched.valid, valid[num_matched:]]),
+    )
 
 
 class SetCriterion(nn.Module):
@@ -209,6 +254,7 @@ class SetCriterion(nn.Module):
             raise ValueError(f"SetCriterion: unknown loss(es) {unknown}; known: {sorted(self.loss_table)}")
         self.losses = tuple(losses)
         self._compiled_losses: Callable[..., dict[str, torch.Tensor]] | None = None  # compile_losses
+        self.pad_pairs = False  # compile_losses(pad_pairs=True): every stack's pairs padded to pair_bound
 
     def loss_labels(self, matched: Matched, num_boxes: torch.Tensor, log: bool = True) -> dict[str, torch.Tensor]:
         """``loss_ce`` (num_layers,) and, when ``log``, ``class_error`` of the last layer (scalar)."""
@@ -216,7 +262,11 @@ class SetCriterion(nn.Module):
         num_queries = logits.shape[2]
         one_hot = torch.zeros_like(logits)  # (N, B, Q, C)
         positives = (matched.layer, matched.image, matched.query, matched.labels)
-        one_hot[positives] = 1
+        valid = matched.valid
+        if valid is None:
+            one_hot[positives] = 1
+        else:  # real pairs are distinct; padding pairs add 0 where they point
+            one_hot.index_put_(positives, valid, accumulate=True)
         if self.class_loss == "focal":
             terms = sigmoid_focal_loss_terms(logits, one_hot, self.focal_alpha, self.focal_gamma)  # (N, B, Q, C)
         else:
@@ -225,17 +275,33 @@ class SetCriterion(nn.Module):
                 ious = box_iou_elementwise(box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(matched.target_boxes))  # (M,)
                 scores = logits[positives].sigmoid()  # (M,)
                 soft = torch.zeros_like(logits)  # (N, B, Q, C)
-                soft[positives] = iou_aware_targets(self.class_loss, scores, ious, self.class_loss_alpha)
+                soft_targets = iou_aware_targets(self.class_loss, scores, ious, self.class_loss_alpha)  # (M,)
+                if valid is None:
+                    soft[positives] = soft_targets
+                else:
+                    soft.index_put_(positives, soft_targets * valid, accumulate=True)
             terms = iou_aware_class_terms(
                 self.class_loss, logits, one_hot, soft, self.class_loss_alpha, self.focal_gamma
             )  # (N, B, Q, C)
         loss_ce = terms.mean(2).sum((1, 2)) / num_boxes * num_queries  # (N,)
         losses = {"loss_ce": loss_ce}
-        if log:
+        if log and valid is None:
             last = matched.last_layer
             last_logits = logits[-1][matched.image[last], matched.query[last]]  # (M_last, C)
             losses["class_error"] = 100 - self._top1_accuracy(last_logits, matched.labels[last])
+        elif log:
+            in_last = valid * (matched.layer == logits.shape[0] - 1)  # (M,) the real pairs of the last layer
+            matched_logits = logits[matched.layer, matched.image, matched.query]  # (M, C)
+            losses["class_error"] = 100 - self._masked_top1_accuracy(matched_logits, matched.labels, in_last)
         return losses
+
+    @staticmethod
+    @torch.no_grad()
+    def _masked_top1_accuracy(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """``_top1_accuracy`` of the rows whose weight is 1 (weights 0 or 1); 0 without such rows."""
+        count = weights.sum()
+        correct = ((logits.argmax(-1) == labels).float() * weights).sum()
+        return torch.where(count > 0, correct / count.clamp(min=1) * 100, torch.zeros_like(count))
 
     @staticmethod
     @torch.no_grad()
@@ -258,9 +324,12 @@ class SetCriterion(nn.Module):
         target = matched.target_boxes  # (M, 4)
         l1 = F.l1_loss(pred, target, reduction="none").sum(1)  # (M,)
         giou = generalized_box_iou_elementwise(box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(target))  # (M,)
+        giou_cost = 1 - giou  # (M,)
+        if matched.valid is not None:  # padding pairs: no value, no gradient
+            l1, giou_cost = l1 * matched.valid, giou_cost * matched.valid
         zeros = matched.boxes.new_zeros(matched.boxes.shape[0])  # (N,)
         loss_bbox = zeros.index_add(0, matched.layer, l1) / num_boxes
-        loss_giou = zeros.index_add(0, matched.layer, 1 - giou) / num_boxes
+        loss_giou = zeros.index_add(0, matched.layer, giou_cost) / num_boxes
         return {"loss_bbox": loss_bbox, "loss_giou": loss_giou}
 
     def _matched(self, logits, boxes, padded: PaddedTargets, layer_indices: list[Indices], index_on_device) -> Matched:
@@ -318,6 +387,8 @@ class SetCriterion(nn.Module):
             stacks, matches, on_device, normalisers, strict=True
         ):
             matched = self._matched(logits, boxes, padded, layer_indices, indices.unbind(0))
+            if self.pad_pairs:
+                matched = pad_matched(matched, pair_bound(logits))
             results.append(matched_losses(matched, normaliser, log))
         return results
 
@@ -330,9 +401,13 @@ class SetCriterion(nn.Module):
             losses.update(self.loss_table[loss](matched, num_boxes, **kwargs))
         return losses
 
-    def compile_losses(self, **options) -> None:
+    def compile_losses(self, pad_pairs: bool = False, **options) -> None:
         """Runs ``matched_losses`` through ``torch.compile(**options)`` from now on; the matching before
-        it stays eager (scipy on the host). Like ``nn.Module.compile``: in place, nothing registered."""
+        it stays eager (scipy on the host). Like ``nn.Module.compile``: in place, nothing registered.
+        ``pad_pairs``: every stack's matched pairs padded to ``pair_bound`` with a mask (``pad_matched``),
+        so the compiled losses see one number of pairs per stack shape (the same losses within float32
+        rounding)."""
+        self.pad_pairs = pad_pairs
         self._compiled_losses = torch.compile(self.matched_losses, **options)
 
     def layer_losses(

@@ -9,7 +9,10 @@
 The Hungarian matcher always runs eagerly between the two (scipy on the host). With
 ``"reduce-overhead"`` inductor replays each compiled graph as a CUDA graph on a GPU (one recorded
 per distinct input shape: per padded image size for the forward, per number of matched pairs for
-the losses); on the CPU it runs the same compiled code without graphs. A run-time choice: nothing
+the losses); on the CPU it runs the same compiled code without graphs. So that a run records few
+graphs, ``"reduce-overhead"`` bounds both: the batch is padded to an image-size bucket
+(``shape_buckets.pad_to_bucket``, in ``DeformableDETRModule``) and the matched pairs to a fixed maximum
+with a mask (``SetCriterion.compile_losses(pad_pairs=True)``); docs/speed.md, "CUDA graph keys". A run-time choice: nothing
 of it is saved with the model, and the compiled callables are functions, not modules, so state
 dict names and checkpoints are those of the eager model.
 """
@@ -23,6 +26,7 @@ import torch
 from torch import nn
 
 from ddetr.models.criterion import SetCriterion
+from ddetr.training.shape_buckets import pad_to_bucket
 
 REDUCE_OVERHEAD = "reduce-overhead"
 COMPILE_SETTINGS = (False, True, REDUCE_OVERHEAD)
@@ -52,7 +56,7 @@ def compile_step(model: nn.Module, criterion: SetCriterion, setting: bool | str)
     if options is None:
         return None
     if setting == REDUCE_OVERHEAD:
-        criterion.compile_losses(**options)
+        criterion.compile_losses(pad_pairs=True, **options)
     return torch.compile(model.forward, **options)
 
 
@@ -62,3 +66,12 @@ def mark_step_begin(setting: bool | str) -> None:
     ``DeformableDETRModule``). Nothing otherwise."""
     if setting == REDUCE_OVERHEAD:
         torch.compiler.cudagraph_mark_step_begin()
+
+
+def bucket_batch(setting: bool | str, images: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """With ``"reduce-overhead"``: ``images`` (B, 3, H, W) and ``mask`` (B, H, W) padded to their
+    image-size bucket (``shape_buckets.pad_to_bucket``), so few CUDA graphs are recorded. Otherwise
+    the batch as it is."""
+    if setting == REDUCE_OVERHEAD:
+        return pad_to_bucket(images, mask)
+    return images, mask

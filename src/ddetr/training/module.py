@@ -16,7 +16,13 @@ from ddetr.models.config import DeformableDETRConfig, LossConfig, OptimConfig
 from ddetr.models.criterion import TRAINING_ONLY
 from ddetr.models.matcher import NonFinitePredictionError
 from ddetr.models.postprocess import PostProcess
-from ddetr.training.compilation import REDUCE_OVERHEAD, compile_options, compile_step, mark_step_begin
+from ddetr.training.compilation import (
+    REDUCE_OVERHEAD,
+    bucket_batch,
+    compile_options,
+    compile_step,
+    mark_step_begin,
+)
 from ddetr.training.lr_scaling import scale_to_batch
 from ddetr.training.schedules import lr_schedulers
 
@@ -146,6 +152,7 @@ class DeformableDETRModule(L.LightningModule):
         self._settle_pending_step()
         mark_step_begin(self.compile_setting)  # the previous step's values are read: CUDA graphs may reuse them
         images, mask, targets = batch
+        images, mask = bucket_batch(self.compile_setting, images, mask)  # reduce-overhead: few image shapes
         deferred = self._fused_optimizer() is not None
         # a skipped step must leave no trace, also in the running statistics of batch norm
         buffers = {k: v.clone() for k, v in self.model.named_buffers()} if self.on_nonfinite_loss == "skip" else None
@@ -294,6 +301,7 @@ class DeformableDETRModule(L.LightningModule):
         """Logs the validation loss and feeds the detections (original-image coordinates) to the
         evaluator; returns ``{"detections": list of {scores, labels, boxes}}`` for callbacks."""
         images, mask, targets = batch
+        images, mask = bucket_batch(self.compile_setting, images, mask)  # reduce-overhead: few image shapes
         mark_step_begin(self.compile_setting)
         outputs = self.detector((images, mask))
         # ranks may run different numbers of val steps: nothing collective per step
