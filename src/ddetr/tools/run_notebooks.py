@@ -4,9 +4,9 @@ detections, attention maps and curves:
     python -m ddetr.tools.run_notebooks                 # all three, full settings, outputs stored
     python -m ddetr.tools.run_notebooks --tiny --check  # CI-size run in a temporary folder, nothing stored
 
-Each notebook runs in a temporary folder (what it writes stays there). Of the outputs only text and PNG
-pictures are kept (HTML and other rich copies of the same output, widget state and execution timings are
-dropped), so a stored notebook stays small and reviewable.
+Each notebook runs in a temporary folder (what it writes stays there). Of the outputs only standard output,
+text and PNG pictures are kept (stderr's warnings and progress bars, HTML and other rich copies of the same
+output, widget state and execution timings are dropped), so a stored notebook stays small and reviewable.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def kernel_name() -> str:
     return "python3"
 
 
-def execute(path: Path, cwd: Path, tiny: bool, timeout: int = 1800):
+def execute(path: Path, cwd: Path, tiny: bool, timeout: int = 3600):
     """The notebook at ``path`` executed from top to bottom in ``cwd`` (``DDETR_NOTEBOOK_TINY=1`` when
     ``tiny``), its outputs slimmed (``slim``); raises nbclient's ``CellExecutionError`` naming the failing cell."""
     import nbformat
@@ -63,10 +63,11 @@ def slim(notebook):
         cell.metadata.pop("execution", None)
         if cell.cell_type != "code":
             continue
+        # stderr (library warnings, progress bars) is noise on a stored page; errors stay (holds_outputs refuses them)
+        cell.outputs = [output for output in cell.outputs if output.get("name") != "stderr"]
         for output in cell.outputs:
             if "data" in output:
                 output["data"] = {key: value for key, value in output["data"].items() if key in KEPT_OUTPUT_TYPES}
-            output.pop("metadata", None) if output.get("output_type") == "stream" else None
     return notebook
 
 
@@ -89,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("names", nargs="*", help="notebook names (default: all of notebooks/)")
     parser.add_argument("--tiny", action="store_true", help="CI-size settings (DDETR_NOTEBOOK_TINY=1)")
     parser.add_argument("--check", action="store_true", help="run only; store nothing")
+    parser.add_argument("--timeout", type=int, default=3600, help="seconds a cell may take (default 3600)")
     args = parser.parse_args(argv)
     import nbformat
 
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     for path in paths:
         print(f"{path.name}: running ({'tiny' if args.tiny else 'full'} settings)", flush=True)
         with tempfile.TemporaryDirectory(prefix=f"{path.stem}_") as folder:
-            notebook = execute(path, Path(folder), tiny=args.tiny)
+            notebook = execute(path, Path(folder), tiny=args.tiny, timeout=args.timeout)
         problems = holds_outputs(notebook)
         if problems:
             print(f"{path.name}: {'; '.join(problems)}", file=sys.stderr)
