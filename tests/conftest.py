@@ -130,6 +130,29 @@ def _eval_overrides(
     ]
 
 
+@pytest.fixture(scope="session")
+def debug_run(tmp_path_factory):
+    """The README's train command (``python -m ddetr.train``, as written there) with ``preset=debug``, run once
+    per session through its own ``main()`` in a fresh folder (``DDETR_ROOT``, the working directory). Returns
+    ``(folder, run_dir)``: ``folder/data/synthetic`` holds its data, ``run_dir/checkpoints/last.ckpt`` the
+    one-epoch checkpoint that tests needing only a trained model share (they read it and write elsewhere)."""
+    from _doc_blocks import ROOT, blocks, commands
+    from _entry_points import run_command
+
+    folder = tmp_path_factory.mktemp("debug_run")
+    (train,) = [block for block in blocks(ROOT / "README.md") if block.marker == "train-command"]
+    command = commands(train)[0].split("&&")[-1].strip()  # after its pip install
+    monkey = pytest.MonkeyPatch()
+    monkey.chdir(folder)
+    monkey.setenv("DDETR_ROOT", str(folder))
+    try:
+        run_command(command, folder, {}, folder / "logs")
+    finally:
+        monkey.undo()
+    (run_dir,) = (folder / "logs" / "train" / "runs").iterdir()
+    return folder, run_dir
+
+
 @pytest.fixture
 def eval_overrides():
     """``eval_overrides(ckpt_path, data_root, output_dir, log_dir, batch_size=4) -> list[str]`` for

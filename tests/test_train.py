@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 from _runs import run_ok
-from conftest import _debug_overrides
 
 from ddetr.app import compose
 from ddetr.data import ensure_synthetic_dataset
@@ -22,12 +21,10 @@ def data_root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def one_epoch_checkpoint(tmp_path_factory, data_root) -> Path:
-    """last.ckpt of a one-epoch ``preset=debug`` run, shared by the tests that resume or fine-tune from it
-    (they read it and write elsewhere)."""
-    run = tmp_path_factory.mktemp("one_epoch")
-    train(compose(_debug_overrides(run, data_root)))
-    return run / "checkpoints" / "last.ckpt"
+def one_epoch_checkpoint(debug_run) -> Path:
+    """last.ckpt of a one-epoch ``preset=debug`` run (the session's ``debug_run``), shared by the tests that resume
+    or fine-tune from it (they read it and write elsewhere)."""
+    return debug_run[1] / "checkpoints" / "last.ckpt"
 
 
 def test_default_run_trains_evaluates_and_writes_metrics(tmp_path, data_root, debug_overrides):
