@@ -114,7 +114,18 @@ def test_criterion_pads_every_stack_to_its_bound():
 
 @pytest.mark.parametrize(
     ("side", "bucket"),
-    [(1, 64), (64, 64), (65, 128), (200, 256), (385, 512), (513, 640), (800, 896), (1025, 1344), (1333, 1344), (1345, 1408)],
+    [
+        (1, 64),
+        (64, 64),
+        (65, 128),
+        (200, 256),
+        (385, 512),
+        (513, 640),
+        (800, 896),
+        (1025, 1344),
+        (1333, 1344),
+        (1345, 1408),
+    ],
 )
 def test_bucket_side_rounds_up_to_the_next_bucket(side, bucket):
     assert bucket_side(side) == bucket
