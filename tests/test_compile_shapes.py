@@ -87,7 +87,8 @@ class PairRecorder(SetCriterion):
 
 
 def test_criterion_pads_every_stack_to_its_bound():
-    """With ``pad_pairs`` every stack (decoder layers, encoder proposals) reaches the losses with
+    """With ``pad_pairs`` every stack (decoder layers, encoder proposals, hybrid one-to-many layers with
+    the targets repeated twice) reaches the losses with
     num_layers * batch_size * num_queries pairs whatever the targets, and the loss dict is the
     unpadded criterion's within 1e-6."""
     generator = torch.Generator().manual_seed(3)
@@ -99,9 +100,16 @@ def test_criterion_pads_every_stack_to_its_bound():
                 "pred_boxes": torch.rand(2, queries, 4, generator=generator) * 0.5 + 0.25,
             }
 
-        return {**layer(num_queries), "aux_outputs": [layer(num_queries)], "enc_outputs": layer(num_proposals)}
+        one2many = {**layer(9), "aux_outputs": [layer(9)]}
+        return {
+            **layer(num_queries),
+            "aux_outputs": [layer(num_queries)],
+            "enc_outputs": layer(num_proposals),
+            "one2many_outputs": one2many,
+        }
 
-    eager, padding = SetCriterion(3, HungarianMatcher(), {}), PairRecorder(3, HungarianMatcher(), {})
+    eager = SetCriterion(3, HungarianMatcher(), {}, one2many_k=2)
+    padding = PairRecorder(3, HungarianMatcher(), {}, one2many_k=2)
     padding.pad_pairs = True
     for counts in ((2, 3), (0, 1), (5, 4)):
         batch, targets = outputs(7, 11), random_targets(generator, counts)
@@ -109,7 +117,7 @@ def test_criterion_pads_every_stack_to_its_bound():
         assert sorted(actual) == sorted(expected)
         for name in expected:
             torch.testing.assert_close(actual[name], expected[name], rtol=1e-6, atol=1e-6)
-    assert padding.pairs == [((2, 2, 7), 28), ((1, 2, 11), 22)] * 3
+    assert padding.pairs == [((2, 2, 7), 28), ((1, 2, 11), 22), ((2, 2, 9), 36)] * 3
 
 
 @pytest.mark.parametrize(

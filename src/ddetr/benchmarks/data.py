@@ -216,6 +216,12 @@ def loader_images_per_second(ann_file: Path, workers: int, uint8: bool, num_batc
     return count / (time.perf_counter() - start)
 
 
+def coco_like_size(rng: np.random.Generator) -> tuple[int, int]:
+    """(height, width) of a COCO-like image: long side 640, short side 300..640, 70% landscape."""
+    short, landscape = int(rng.integers(300, 641)), rng.uniform() < 0.7
+    return (short, 640) if landscape else (640, short)
+
+
 def batch_shapes(num_images: int, batch_size: int = 2, seed: int = 0) -> dict[int, dict[str, float]]:
     """Distinct padded shapes and padding cost per `pad_to_multiple` over one shuffled pass (see item 4)."""
     from ddetr.data import make_train_transforms
@@ -224,8 +230,7 @@ def batch_shapes(num_images: int, batch_size: int = 2, seed: int = 0) -> dict[in
     transform = make_train_transforms(normalize=False)
     sizes = []
     for index in range(num_images):
-        short, landscape = int(rng.integers(300, 641)), rng.uniform() < 0.7
-        height, width = (short, 640) if landscape else (640, short)
+        height, width = coco_like_size(rng)
         image = np.zeros((height, width, 3), dtype=np.uint8)
         out, _, _ = transform(image, np.array([[0, 0, width / 2, height / 2]]), np.array([0]), seed=index)
         sizes.append(tuple(out.shape[-2:]))

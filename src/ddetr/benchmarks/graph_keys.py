@@ -42,14 +42,14 @@ class RecordingCriterion(SetCriterion):
 
 def coco_like_samples(num_images: int, seed: int, num_classes: int = 91) -> list[tuple[torch.Tensor, dict]]:
     """``num_images`` samples of the official training augmentation (uint8 images, cxcywh targets)."""
+    from ddetr.benchmarks.data import coco_like_size
     from ddetr.data import make_train_transforms
 
     rng = np.random.default_rng(seed)
     transform = make_train_transforms(normalize=False)
     samples = []
     for index in range(num_images):
-        short, landscape = int(rng.integers(300, 641)), rng.uniform() < 0.7
-        height, width = (short, 640) if landscape else (640, short)
+        height, width = coco_like_size(rng)
         count = 0 if rng.uniform() < COCO_EMPTY_SHARE else min(int(rng.geometric(1 / COCO_MEAN_BOXES)), COCO_MAX_BOXES)
         corners = rng.uniform(0, 1, (count, 2)) * [width * 0.8, height * 0.8]  # (count, 2) x0, y0
         sizes = rng.uniform(0.05, 0.2, (count, 2)) * [width, height] + 4  # (count, 2) w, h
