@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import _debug_overrides, _eval_overrides
+from conftest import _eval_overrides
 
 from ddetr.app import compose
 from ddetr.checkpoints import load_module
@@ -24,7 +24,7 @@ from ddetr.inference.runtime import ExportedModel, ExportedModelError
 from ddetr.models.ms_deform_attn import set_attention_backend
 from ddetr.ops import ms_deform_attn_pytorch
 from ddetr.ops.gather_sampling import ms_deform_attn_gather
-from ddetr.training.run import evaluate, train
+from ddetr.training.run import evaluate
 
 try:
     import openvino  # noqa: F401
@@ -69,12 +69,11 @@ def test_gather_sampling_hand_computed_corner():
 
 # ---------------------------------------------------------------- one trained checkpoint, exported once per form
 @pytest.fixture(scope="session")
-def trained(tmp_path_factory) -> dict[str, Path]:
-    """A debug-preset run (one epoch, tiny model): its last checkpoint and its synthetic data."""
-    root = tmp_path_factory.mktemp("deploy_run")
-    cfg = compose(_debug_overrides(root / "run", root / "data"), config_name="train")
-    train(cfg)
-    return {"ckpt": root / "run" / "checkpoints" / "last.ckpt", "data": root / "data", "root": root}
+def trained(debug_run) -> dict[str, Path]:
+    """A debug-preset run (one epoch, tiny model; the session's ``debug_run``): its last checkpoint and its
+    synthetic data (read only)."""
+    folder, run_dir = debug_run
+    return {"ckpt": run_dir / "checkpoints" / "last.ckpt", "data": folder / "data" / "synthetic", "root": folder}
 
 
 def export_to(trained: dict[str, Path], output: Path, *extra: str) -> dict:
@@ -102,7 +101,7 @@ def exported(trained, tmp_path_factory):
     int8.onnx, model.xml), each written once per session."""
     folder = tmp_path_factory.mktemp("exported")
     forms = {
-        "gather.onnx": [],
+        "gather.onnx": ["attn_backend=gather"],
         "grid_sample.onnx": ["attn_backend=grid_sample"],
         "int8.onnx": ["quantize=int8", "calibration_images=4"],
         "model.xml": ["format=openvino"],

@@ -18,8 +18,10 @@ from ddetr.models.ms_deform_attn import set_attention_backend
 log = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "openvino", "torch_export")
-# the attention of ONNX and OpenVINO exports unless attn_backend says otherwise (docs/deploy.md: measured)
-DEFAULT_ONNX_BACKEND = "gather"
+# the attention of ONNX and OpenVINO exports unless attn_backend says otherwise (docs/deploy.md): GridSample ran
+# faster than the gather graph in onnxruntime on the CPU (small model, 93 against 126 ms); the gather graph is
+# OpenVINO's (the one measured there) and the one to give TensorRT (attn_backend=gather)
+DEFAULT_BACKENDS = {"onnx": "pytorch", "openvino": "gather"}
 OUTPUT_NAMES = ("pred_logits", "pred_boxes")
 
 
@@ -189,14 +191,14 @@ def max_abs_difference(expected: tuple[torch.Tensor, ...], actual: list[torch.Te
     return max(float((e.detach() - a.detach()).abs().max()) for e, a in zip(expected, actual, strict=True))
 
 
-def onnx_backend(name: str | None) -> str:
-    """The attention backend of an ONNX/OpenVINO export: ``gather`` (the default: no ``GridSample``)
-    or ``pytorch`` (``grid_sample``; ``attn_backend=grid_sample`` names it too)."""
-    backend = {None: DEFAULT_ONNX_BACKEND, "grid_sample": "pytorch"}.get(name, name)
+def onnx_backend(name: str | None, format: str = "onnx") -> str:
+    """The attention backend of an ONNX/OpenVINO export: ``gather`` (no ``GridSample``) or ``pytorch``
+    (``grid_sample``; ``attn_backend=grid_sample`` names it too); None: ``DEFAULT_BACKENDS[format]``."""
+    backend = {None: DEFAULT_BACKENDS[format], "grid_sample": "pytorch"}.get(name, name)
     if backend not in ("gather", "pytorch"):
         raise ValueError(
-            f"ONNX/OpenVINO export needs attn_backend=gather (the default) or attn_backend=pytorch "
-            f"(grid_sample, also named grid_sample), got {name!r}"
+            f"ONNX/OpenVINO export needs attn_backend=gather (no GridSample) or attn_backend=pytorch "
+            f"(GridSample, also named grid_sample), got {name!r}"
         )
     return backend
 
@@ -318,7 +320,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     if cfg.format == "torch_export":
         backend = cfg.get("attn_backend") or "auto"
     else:
-        backend = onnx_backend(cfg.get("attn_backend"))
+        backend = onnx_backend(cfg.get("attn_backend"), cfg.format)
     module = load_module(cfg.ckpt_path, "cpu", trust=trust_checkpoint(cfg))
     set_attention_backend(module.model, backend)
     detector = ExportableDetector(module.model, with_mask=cfg.with_mask)
