@@ -199,6 +199,7 @@ def _rank(rank: int, port: int, out) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # over 10 s of CPU on 2 cores (the conftest check, 2026-12-08)
 def test_the_validated_average_is_the_same_on_every_rank():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -135,6 +135,7 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_checkpoints_finite(tmp_p
     assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
 
 
+@pytest.mark.slow  # over 10 s of CPU on 2 cores (the conftest check, 2026-12-08)
 def test_nonfinite_loss_can_skip_the_step(tmp_path, data_root, debug_overrides):
     cfg = compose(debug_overrides(tmp_path, data_root) + ["trainer.max_epochs=2", "model.on_nonfinite_loss=skip"])
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}

@@ -136,6 +136,7 @@ def scaled_float16() -> list:
     return [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**12))]
 
 
+@pytest.mark.slow  # over 10 s of CPU on 2 cores (the conftest check, 2026-12-08)
 @pytest.mark.parametrize(
     "plugins", [scaled_float16, lambda: [MixedPrecision("bf16-mixed", "cpu")]], ids=["16-scaler", "bf16"]
 )
