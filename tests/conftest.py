@@ -20,6 +20,10 @@ os.environ.setdefault("HYDRA_FULL_ERROR", "1")
 # A test whose call takes longer than this on an idle 2-core machine is marked slow (`pytest -m "not slow"` is
 # the edit-test loop and must stay under two minutes); DDETR_SLOW_LIMIT_S=0 turns the check off.
 SLOW_LIMIT_S = float(os.environ.get("DDETR_SLOW_LIMIT_S", "10"))
+# fail (the default: the edit-test loop) | report: list such tests at the end instead of failing them (.ci/run:
+# a call's time on a shared machine is no reason to refuse a submission, so CI names them and passes)
+SLOW_CHECK = os.environ.get("DDETR_SLOW_CHECK", "fail")
+_REPORTED: list[str] = []
 
 
 def _cpu_seconds() -> float:
@@ -63,15 +67,27 @@ def pytest_runtest_makereport(item, call):
     if report.when == "call" and report.passed and times and item.get_closest_marker("slow") is None:
         wall_s, cpu_s, load = times
         if too_slow(wall_s, cpu_s, load):
-            report.outcome = "failed"
-            report.longrepr = (
+            message = (
                 f"{item.nodeid} took {wall_s:.1f} s ({cpu_s:.1f} s of CPU, load {load:.1f} per core) and is not "
                 f"marked slow. Tests over {SLOW_LIMIT_S:g} s on an idle 2-core machine get @pytest.mark.slow "
                 f'(`pytest -m "not slow"` must stay under two minutes), or get faster: preset=debug / model=tiny, '
                 f"tiny images, a session fixture of tests/conftest.py instead of a training of their own, "
                 f"ddetr.app.compose + run(cfg) in-process instead of a subprocess."
             )
+            if SLOW_CHECK == "report":
+                _REPORTED.append(message)
+            else:
+                report.outcome = "failed"
+                report.longrepr = message
     return report
+
+
+def pytest_terminal_summary(terminalreporter):
+    """With ``DDETR_SLOW_CHECK=report``: the unmarked tests over the limit, one line each."""
+    if _REPORTED:
+        terminalreporter.section(f"unmarked tests over {SLOW_LIMIT_S:g} s (DDETR_SLOW_CHECK=report)")
+        for message in _REPORTED:
+            terminalreporter.line(message)
 
 
 def _debug_overrides(output_dir: Path, data_root: Path) -> list[str]:

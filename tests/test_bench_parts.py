@@ -43,6 +43,7 @@ def test_small_setup_times_its_parts(tmp_path):
     assert all(float(row[0]) > 0 for row in rows.values())
 
 
+@pytest.mark.slow  # 12 s on an idle 2-core machine (two R50 builds, one step each)
 @pytest.mark.skipif(
     subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], check=False, capture_output=True).returncode != 0,
     reason="needs this checkout's git history",
