@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ddetr.models.config import DeformableDETRConfig
-from ddetr.models.deformable_transformer import DecoderQueries, DeformableDecoderLayer, FlatLevels, _run_layer
+from ddetr.models.deformable_transformer import DecoderQueries, DeformableDecoder, FlatLevels, _run_layer
 from ddetr.models.geometry import inverse_sigmoid
 
 DINO_EPS = 1e-3  # DINO's inverse_sigmoid clamp (util.misc.inverse_sigmoid)
@@ -51,7 +51,7 @@ def refine(box_delta: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     return (box_delta + inverse_sigmoid(reference, eps=DINO_EPS)).sigmoid()
 
 
-class DinoDecoder(nn.Module):
+class DinoDecoder(DeformableDecoder):
     """``config.dec_layers`` Deformable DETR decoder layers with DINO's anchor-derived query positions
     (``ref_point_head``) and output norm (``norm``); the same interface as ``DeformableDecoder``.
 
@@ -61,18 +61,13 @@ class DinoDecoder(nn.Module):
     """
 
     def __init__(self, config: DeformableDETRConfig) -> None:
-        super().__init__()
+        super().__init__(config)  # the layer stack, checkpointing and look-forward-twice of the base decoder
         from ddetr.models.deformable_detr import MLP  # the detector's MLP (its module imports this one)
 
         hidden_dim = config.hidden_dim
-        layer = config.layer(config.dec_n_points)
         self.hidden_dim = hidden_dim
-        self.num_layers = config.dec_layers
-        self.layers = nn.ModuleList([DeformableDecoderLayer(layer) for _ in range(config.dec_layers)])
         self.ref_point_head = MLP(2 * hidden_dim, hidden_dim, hidden_dim, 2)
         self.norm = nn.LayerNorm(hidden_dim)
-        self.checkpointing = config.checkpointing == "all"
-        self.look_forward_twice = config.look_forward_twice
 
     def forward(
         self,
